@@ -1,0 +1,311 @@
+//! The `custody` command: argument parsing, progress and error rendering
+//! only; the work happens in the libraries.
+
+mod progress;
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use custody_oci::copy::{self, CopyOptions, Destination, Source};
+use custody_oci::registry::{self, CredentialSource, RegistryOptions, auth};
+use custody_oci::{Location, Reference};
+
+#[derive(Parser)]
+#[command(
+    name = "custody",
+    version,
+    about = "Builds whose outputs can be trusted",
+    propagate_version = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Copy an image to a registry (or a layout), preserving every digest.
+    ///
+    /// SRC is `oci:PATH[:TAG]` (an OCI image layout; TAG selects by
+    /// `org.opencontainers.image.ref.name`, and may be left out when the layout
+    /// holds one image), `docker-archive:PATH` (a `docker save` tar) or a
+    /// registry reference. DEST is a registry reference (`host[:port]/repo[:tag]`)
+    /// or `oci:PATH[:TAG]`. Blobs the destination already has are skipped; a
+    /// layout that lacks blobs (sparse) pushes when the destination has them.
+    /// On success stdout carries exactly `REFERENCE@sha256:…`.
+    Push(CopyArgs),
+    /// Copy an image from a registry into an OCI image layout.
+    ///
+    /// SRC is a registry reference; DEST is `oci:PATH[:TAG]` (created if
+    /// absent). Every digest is verified; blobs already in the layout are not
+    /// fetched again. Any source and destination `push` accepts work here too.
+    Pull(CopyArgs),
+    /// List the manifests that refer to an image (attestations, signatures).
+    ///
+    /// Uses the OCI 1.1 referrers API, or the `sha256-<hex>` tag schema on
+    /// registries without it.
+    Referrers(ReferrersArgs),
+}
+
+#[derive(Args)]
+struct RegistryArgs {
+    /// Directory holding one `host[:port]` directory per registry, the Docker
+    /// certs.d layout: `*.crt` CA roots, `*.cert` + `*.key` client pairs.
+    /// Searched before custody's own and the system certs.d directories.
+    #[arg(long, value_name = "DIR", env = "CUSTODY_CERTS_DIR")]
+    certs_dir: Option<PathBuf>,
+    /// Talk plain HTTP to this registry (repeatable). Only for registries
+    /// you trust on a network you trust.
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+    insecure_registries: Vec<String>,
+    /// Credentials for the registries, `USER:PASSWORD`. Prefer `--authfile`
+    /// or `docker login`: arguments are visible to other local users.
+    #[arg(long, value_name = "USER:PASS", conflicts_with = "authfile")]
+    creds: Option<String>,
+    /// A docker `config.json` or containers `auth.json` to read credentials
+    /// from (default: `$REGISTRY_AUTH_FILE`, containers' `auth.json`, then
+    /// `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`).
+    #[arg(long, value_name = "FILE")]
+    authfile: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct CopyArgs {
+    #[command(flatten)]
+    registry: RegistryArgs,
+    /// Blobs transferred at once.
+    #[arg(long, short = 'j', default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
+    jobs: u16,
+    /// Also write the pushed manifest digest (`sha256:…`) to this file.
+    #[arg(long, value_name = "FILE")]
+    digestfile: Option<PathBuf>,
+    /// A repository on the destination registry to mount blobs from instead
+    /// of uploading them (repeatable).
+    #[arg(long, value_name = "REPOSITORY")]
+    mount_from: Vec<String>,
+    /// Upload in chunks of this many bytes (PATCH) instead of one streaming
+    /// PUT, for registries or proxies that limit request sizes.
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1024..))]
+    chunk_size: Option<u64>,
+    /// Where the image comes from.
+    #[arg(value_name = "SRC")]
+    source: String,
+    /// Where it goes.
+    #[arg(value_name = "DEST")]
+    destination: String,
+}
+
+#[derive(Args)]
+struct ReferrersArgs {
+    #[command(flatten)]
+    registry: RegistryArgs,
+    /// Only referrers of this artifact type.
+    #[arg(long, value_name = "MEDIA-TYPE")]
+    artifact_type: Option<String>,
+    /// Print the descriptors as JSON.
+    #[arg(long)]
+    json: bool,
+    /// The image: `host[:port]/repo:tag` or `…@sha256:…`.
+    #[arg(value_name = "REF")]
+    reference: String,
+}
+
+/// A failure in how custody was called or set up: exit code 2.
+#[derive(Debug)]
+struct UsageError;
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("usage error")
+    }
+}
+impl std::error::Error for UsageError {}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Both rustls providers may be linked in; pick ours explicitly.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CUSTODY_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("the runtime starts");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => report(&err),
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Push(args) | Command::Pull(args) => copy_image(args).await,
+        Command::Referrers(args) => referrers(args).await,
+    }
+}
+
+fn registry_options(args: &RegistryArgs) -> anyhow::Result<RegistryOptions> {
+    let credentials = match (&args.creds, &args.authfile) {
+        (Some(creds), _) => CredentialSource::Explicit(auth::parse_creds(creds).map_err(usage)?),
+        (None, Some(file)) => CredentialSource::File(file.clone()),
+        (None, None) => CredentialSource::Default,
+    };
+    Ok(RegistryOptions {
+        certs_dirs: registry::certs::default_search_path(args.certs_dir.as_deref()),
+        insecure_hosts: args.insecure_registries.clone(),
+        credentials,
+        ..RegistryOptions::default()
+    })
+}
+
+fn usage(err: impl Into<anyhow::Error>) -> anyhow::Error {
+    err.into().context(UsageError)
+}
+
+fn parse_location(text: &str) -> anyhow::Result<Location> {
+    text.parse::<Location>().map_err(usage)
+}
+
+async fn copy_image(args: CopyArgs) -> anyhow::Result<()> {
+    let source_location = parse_location(&args.source)?;
+    let destination_location = parse_location(&args.destination)?;
+    let mut options = registry_options(&args.registry)?;
+    options.chunk_size = args.chunk_size;
+    let progress: Arc<dyn copy::Progress> = if std::io::stderr().is_terminal() {
+        Arc::new(progress::Bars::new())
+    } else {
+        Arc::new(copy::NoProgress)
+    };
+    let copy_options = CopyOptions {
+        jobs: usize::from(args.jobs),
+        mount_from: args.mount_from.clone(),
+        progress,
+    };
+    let what = format!("failed to copy `{source_location}` to `{destination_location}`");
+    let source = Source::open(&source_location, &options)
+        .await
+        .map_err(classify)
+        .context(what.clone())?;
+    let destination = Destination::open(&destination_location, &options)
+        .await
+        .map_err(classify)
+        .context(what.clone())?;
+    let report = copy::copy(&source, &destination, &copy_options)
+        .await
+        .map_err(classify)
+        .context(what)?;
+    tracing::info!(
+        copied = report.blobs_copied,
+        present = report.blobs_present,
+        mounted = report.blobs_mounted,
+        bytes = report.bytes_copied,
+        "copy finished"
+    );
+    if let Some(path) = &args.digestfile {
+        fs_write(path, report.descriptor.digest().to_string().as_bytes())?;
+    }
+    print_line(&report.pinned)
+}
+
+async fn referrers(args: ReferrersArgs) -> anyhow::Result<()> {
+    let reference: Reference = args.reference.parse().map_err(usage)?;
+    let options = registry_options(&args.registry)?;
+    let what = format!("failed to list referrers of `{reference}`");
+    let client = registry::Client::new(reference.api_host(), &options)
+        .await
+        .map_err(classify)
+        .context(what.clone())?;
+    let digest = match reference.digest() {
+        Some(digest) => digest.clone(),
+        None => {
+            let (descriptor, _) = client
+                .manifest(reference.repository(), &reference.manifest_ref())
+                .await
+                .map_err(classify)
+                .context(what.clone())?;
+            descriptor.digest().clone()
+        }
+    };
+    let found = client
+        .referrers(
+            reference.repository(),
+            &digest,
+            args.artifact_type.as_deref(),
+        )
+        .await
+        .map_err(classify)
+        .context(what)?;
+    if args.json {
+        let text = serde_json::to_string_pretty(&found).expect("descriptors serialise");
+        return print_line(&text);
+    }
+    for descriptor in &found {
+        let artifact_type = descriptor
+            .artifact_type()
+            .as_ref()
+            .map(|t| t.to_string())
+            .unwrap_or_else(|| "-".into());
+        print_line(&format!(
+            "{}\t{}\t{}",
+            descriptor.digest(),
+            artifact_type,
+            descriptor.size()
+        ))?;
+    }
+    Ok(())
+}
+
+/// Marks library errors that are the caller's to fix as usage errors.
+fn classify(err: custody_oci::Error) -> anyhow::Error {
+    if err.is_usage() {
+        usage(err)
+    } else {
+        err.into()
+    }
+}
+
+fn fs_write(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    std::fs::write(path, bytes).with_context(|| format!("failed to write `{}`", path.display()))
+}
+
+/// Prints one line of data; a closed pipe is not an error.
+fn print_line(line: &str) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match writeln!(stdout, "{line}").and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("failed to write to stdout"),
+    }
+}
+
+/// Prints `error:` / `Caused by:` / `hint:` and picks the exit code.
+fn report(err: &anyhow::Error) -> ExitCode {
+    let mut chain = err.chain().filter(|e| !e.is::<UsageError>());
+    let mut text = String::new();
+    if let Some(top) = chain.next() {
+        text.push_str(&format!("error: {top}\n"));
+    }
+    for cause in chain {
+        text.push_str(&format!("  Caused by: {cause}\n"));
+    }
+    if let Some(hint) = err
+        .chain()
+        .find_map(|e| e.downcast_ref::<custody_oci::Error>())
+        .and_then(|e| e.hint())
+    {
+        text.push_str(&format!("hint: {hint}\n"));
+    }
+    let _ = std::io::stderr().write_all(text.as_bytes());
+    if err.chain().any(|e| e.is::<UsageError>()) {
+        ExitCode::from(2)
+    } else {
+        ExitCode::from(1)
+    }
+}
