@@ -114,16 +114,6 @@ struct ReferrersArgs {
     reference: String,
 }
 
-/// A failure in how custody was called or set up: exit code 2.
-#[derive(Debug)]
-struct UsageError;
-impl std::fmt::Display for UsageError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("usage error")
-    }
-}
-impl std::error::Error for UsageError {}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Both rustls providers may be linked in; pick ours explicitly.
@@ -154,7 +144,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn registry_options(args: &RegistryArgs) -> anyhow::Result<RegistryOptions> {
     let credentials = match (&args.creds, &args.authfile) {
-        (Some(creds), _) => CredentialSource::Explicit(auth::parse_creds(creds).map_err(usage)?),
+        (Some(creds), _) => CredentialSource::Explicit(auth::parse_creds(creds)?),
         (None, Some(file)) => CredentialSource::File(file.clone()),
         (None, None) => CredentialSource::Default,
     };
@@ -166,17 +156,14 @@ fn registry_options(args: &RegistryArgs) -> anyhow::Result<RegistryOptions> {
     })
 }
 
-fn usage(err: impl Into<anyhow::Error>) -> anyhow::Error {
-    err.into().context(UsageError)
-}
-
 fn parse_location(text: &str) -> anyhow::Result<Location> {
-    text.parse::<Location>().map_err(usage)
+    Ok(text.parse::<Location>()?)
 }
 
 async fn copy_image(args: CopyArgs) -> anyhow::Result<()> {
     let source_location = parse_location(&args.source)?;
     let destination_location = parse_location(&args.destination)?;
+    destination_location.check_writable()?;
     let mut options = registry_options(&args.registry)?;
     options.chunk_size = args.chunk_size;
     let progress: Arc<dyn copy::Progress> = if std::io::stderr().is_terminal() {
@@ -192,15 +179,12 @@ async fn copy_image(args: CopyArgs) -> anyhow::Result<()> {
     let what = format!("failed to copy `{source_location}` to `{destination_location}`");
     let source = Source::open(&source_location, &options)
         .await
-        .map_err(classify)
         .context(what.clone())?;
     let destination = Destination::open(&destination_location, &options)
         .await
-        .map_err(classify)
         .context(what.clone())?;
     let report = copy::copy(&source, &destination, &copy_options)
         .await
-        .map_err(classify)
         .context(what)?;
     tracing::info!(
         copied = report.blobs_copied,
@@ -216,12 +200,11 @@ async fn copy_image(args: CopyArgs) -> anyhow::Result<()> {
 }
 
 async fn referrers(args: ReferrersArgs) -> anyhow::Result<()> {
-    let reference: Reference = args.reference.parse().map_err(usage)?;
+    let reference: Reference = args.reference.parse()?;
     let options = registry_options(&args.registry)?;
     let what = format!("failed to list referrers of `{reference}`");
     let client = registry::Client::new(reference.api_host(), &options)
         .await
-        .map_err(classify)
         .context(what.clone())?;
     let digest = match reference.digest() {
         Some(digest) => digest.clone(),
@@ -229,7 +212,6 @@ async fn referrers(args: ReferrersArgs) -> anyhow::Result<()> {
             let (descriptor, _) = client
                 .manifest(reference.repository(), &reference.manifest_ref())
                 .await
-                .map_err(classify)
                 .context(what.clone())?;
             descriptor.digest().clone()
         }
@@ -241,7 +223,6 @@ async fn referrers(args: ReferrersArgs) -> anyhow::Result<()> {
             args.artifact_type.as_deref(),
         )
         .await
-        .map_err(classify)
         .context(what)?;
     if args.json {
         let text = serde_json::to_string_pretty(&found).expect("descriptors serialise");
@@ -263,15 +244,6 @@ async fn referrers(args: ReferrersArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Marks library errors that are the caller's to fix as usage errors.
-fn classify(err: custody_oci::Error) -> anyhow::Error {
-    if err.is_usage() {
-        usage(err)
-    } else {
-        err.into()
-    }
-}
-
 fn fs_write(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
     std::fs::write(path, bytes).with_context(|| format!("failed to write `{}`", path.display()))
 }
@@ -287,7 +259,7 @@ fn print_line(line: &str) -> anyhow::Result<()> {
 
 /// Prints `error:` / `Caused by:` / `hint:` and picks the exit code.
 fn report(err: &anyhow::Error) -> ExitCode {
-    let mut chain = err.chain().filter(|e| !e.is::<UsageError>());
+    let mut chain = err.chain();
     let mut text = String::new();
     if let Some(top) = chain.next() {
         text.push_str(&format!("error: {top}\n"));
@@ -295,15 +267,13 @@ fn report(err: &anyhow::Error) -> ExitCode {
     for cause in chain {
         text.push_str(&format!("  Caused by: {cause}\n"));
     }
-    if let Some(hint) = err
-        .chain()
-        .find_map(|e| e.downcast_ref::<custody_oci::Error>())
-        .and_then(|e| e.hint())
-    {
+    let cause = err.downcast_ref::<custody_oci::Error>();
+    if let Some(hint) = cause.and_then(custody_oci::Error::hint) {
         text.push_str(&format!("hint: {hint}\n"));
     }
     let _ = std::io::stderr().write_all(text.as_bytes());
-    if err.chain().any(|e| e.is::<UsageError>()) {
+    // Exit 2 when the fault is in how custody was called or set up.
+    if cause.is_some_and(custody_oci::Error::is_usage) {
         ExitCode::from(2)
     } else {
         ExitCode::from(1)

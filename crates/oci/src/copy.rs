@@ -245,9 +245,7 @@ impl Destination {
                     tag: tag.clone(),
                 })
             }
-            Location::DockerArchive { .. } => Err(Error::Unsupported(format!(
-                "`{location}`: docker archives can only be read; write to `oci:PATH[:TAG]` or a registry"
-            ))),
+            Location::DockerArchive { .. } => Err(crate::reference::read_only(location)),
             Location::Registry(reference) => Ok(Destination::Registry {
                 client: Arc::new(Client::new(reference.api_host(), options).await?),
                 reference: reference.clone(),

@@ -239,6 +239,20 @@ impl Location {
     pub fn is_local(&self) -> bool {
         !matches!(self, Location::Registry(_))
     }
+
+    /// Checks that images can be written here, before any work starts.
+    pub fn check_writable(&self) -> Result<(), Error> {
+        match self {
+            Location::DockerArchive { .. } => Err(read_only(self)),
+            _ => Ok(()),
+        }
+    }
+}
+
+pub(crate) fn read_only(location: &Location) -> Error {
+    Error::Unsupported(format!(
+        "`{location}`: docker archives can only be read; write to `oci:PATH[:TAG]` or a registry"
+    ))
 }
 
 impl fmt::Display for Location {

@@ -206,7 +206,9 @@ impl Client {
                 continue;
             }
             let detail = error_detail(response).await;
-            return Err(self.auth.refused(format!("{action} was refused: {detail}")));
+            return Err(self
+                .auth
+                .refused(format!("{action} answered 401 Unauthorized: {detail}")));
         }
         unreachable!("the loop returns on its second attempt")
     }

@@ -1,0 +1,824 @@
+//! `custody push`, `pull` and `referrers` against real registries (Debian's
+//! docker-registry), checked with skopeo where a second opinion matters.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use custody_testkit::Registry;
+use custody_testkit::image::{self, Image, LayoutWriter};
+
+/// What a user sees from one run of the binary.
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn custody(args: &[&str]) -> Run {
+    custody_with_env(args, &[])
+}
+
+fn custody_with_env(args: &[&str], env: &[(&str, &str)]) -> Run {
+    let home = tempfile::tempdir().unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_custody"));
+    command
+        .args(args)
+        // No credentials or certs.d from the machine running the tests.
+        .env("HOME", home.path())
+        .env_remove("DOCKER_CONFIG")
+        .env_remove("REGISTRY_AUTH_FILE")
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("CUSTODY_CERTS_DIR")
+        .env("NO_PROXY", "127.0.0.1,localhost");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let output = command.output().expect("custody runs");
+    Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+impl Run {
+    #[track_caller]
+    fn success(self) -> Self {
+        assert_eq!(self.code, 0, "custody failed:\n{}", self.stderr);
+        self
+    }
+
+    #[track_caller]
+    fn failure(self, code: i32) -> Self {
+        assert_eq!(
+            self.code, code,
+            "expected exit {code}; stdout: {}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
+        assert!(
+            self.stdout.is_empty(),
+            "a failed run printed data: {}",
+            self.stdout
+        );
+        self
+    }
+
+    #[track_caller]
+    fn stderr_has(self, needle: &str) -> Self {
+        assert!(
+            self.stderr.contains(needle),
+            "stderr lacks {needle:?}:\n{}",
+            self.stderr
+        );
+        self
+    }
+}
+
+/// A layout holding `image` tagged `v1`.
+fn layout_with(dir: &Path, image: &Image) -> PathBuf {
+    let root = dir.join("layout");
+    LayoutWriter::new(&root)
+        .image(image)
+        .tag("v1", &image.manifest);
+    root
+}
+
+fn oci(path: &Path, tag: &str) -> String {
+    format!("oci:{}:{tag}", path.display())
+}
+
+/// The manifest digest skopeo sees at `reference`.
+fn skopeo_digest(registry: &Registry, reference: &str) -> String {
+    let mut command = Command::new("skopeo");
+    command.args(["inspect", "--raw"]);
+    match registry.certs_dir() {
+        Some(dir) => command.arg(format!(
+            "--cert-dir={}",
+            dir.join(registry.host()).display()
+        )),
+        None => command.arg("--tls-verify=false"),
+    };
+    if let Some((user, pass)) = registry.credentials() {
+        command.arg(format!("--creds={user}:{pass}"));
+    }
+    let output = command
+        .arg(format!("docker://{reference}"))
+        .output()
+        .expect("skopeo runs");
+    assert!(
+        output.status.success(),
+        "skopeo inspect {reference}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    image::sha256(&output.stdout)
+}
+
+fn push_args<'a>(registry: &'a Registry, extra: &[&'a str]) -> Vec<String> {
+    let mut args = vec!["push".to_owned()];
+    if let Some(dir) = registry.certs_dir() {
+        args.push(format!("--certs-dir={}", dir.display()));
+    } else {
+        args.push(format!("--insecure-registry={}", registry.host()));
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn run_push(registry: &Registry, extra: &[&str]) -> Run {
+    let args = push_args(registry, extra);
+    custody(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+#[test]
+fn push_then_pull_round_trips_with_identical_digests() {
+    let registry = Registry::builder().start();
+    let dir = tempfile::tempdir().unwrap();
+    let image = Image::random(1, &[200_000, 3_000, 70_000]);
+    let layout = layout_with(dir.path(), &image);
+    let destination = format!("{}/team/app:v1", registry.host());
+    let digestfile = dir.path().join("digest");
+
+    let run = run_push(
+        &registry,
+        &[
+            "--digestfile",
+            digestfile.to_str().unwrap(),
+            &oci(&layout, "v1"),
+            &destination,
+        ],
+    )
+    .success();
+    assert_eq!(
+        run.stdout,
+        format!("{destination}@{}\n", image.manifest.digest)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&digestfile).unwrap(),
+        image.manifest.digest
+    );
+    assert_eq!(
+        skopeo_digest(&registry, &destination),
+        image.manifest.digest
+    );
+
+    let pulled = dir.path().join("pulled");
+    let run = custody(&[
+        "pull",
+        "--insecure-registry",
+        registry.host(),
+        &destination,
+        &oci(&pulled, "copy"),
+    ])
+    .success();
+    assert_eq!(
+        run.stdout,
+        format!("oci:{}:copy@{}\n", pulled.display(), image.manifest.digest)
+    );
+    for blob in image.blobs().chain([&image.manifest]) {
+        let bytes = std::fs::read(pulled.join("blobs/sha256").join(blob.hex())).unwrap();
+        assert_eq!(
+            bytes, blob.bytes,
+            "blob {} differs after the round trip",
+            blob.digest
+        );
+    }
+    // skopeo reads the pulled layout too.
+    let output = Command::new("skopeo")
+        .args(["inspect", "--raw", &oci(&pulled, "copy")])
+        .output()
+        .unwrap();
+    assert_eq!(image::sha256(&output.stdout), image.manifest.digest);
+}
+
+#[test]
+fn a_second_push_uploads_nothing() {
+    let registry = Registry::builder().start();
+    let proxy = custody_testkit::FaultProxy::start(registry.addr());
+    let dir = tempfile::tempdir().unwrap();
+    let image = Image::random(2, &[500_000, 400_000]);
+    let layout = layout_with(dir.path(), &image);
+    let destination = format!("{}/team/app:v1", proxy.host());
+    let push = || {
+        custody(&[
+            "push",
+            "--insecure-registry",
+            &proxy.host(),
+            &oci(&layout, "v1"),
+            &destination,
+        ])
+        .success()
+    };
+
+    push();
+    let first = proxy.bytes_up();
+    assert!(first > 900_000, "the first push sent only {first} bytes");
+    push();
+    let second = proxy.bytes_up() - first;
+    assert!(
+        second < 20_000,
+        "the second push sent {second} bytes; it should only check and re-tag"
+    );
+}
+
+#[test]
+fn image_indexes_push_and_pull_with_every_platform() {
+    let registry = Registry::builder().start();
+    let dir = tempfile::tempdir().unwrap();
+    let amd64 = Image::random(3, &[10_000]);
+    let arm64 = Image::random(4, &[12_000]);
+    let index = image::index_of(&[(&amd64, "amd64"), (&arm64, "arm64")]);
+    let root = dir.path().join("layout");
+    LayoutWriter::new(&root)
+        .image(&amd64)
+        .image(&arm64)
+        .blob(&index)
+        .tag("multi", &index);
+    let destination = format!("{}/team/multi:v1", registry.host());
+
+    let run = run_push(&registry, &[&oci(&root, "multi"), &destination]).success();
+    assert_eq!(run.stdout.trim(), format!("{destination}@{}", index.digest));
+    assert_eq!(skopeo_digest(&registry, &destination), index.digest);
+    assert_eq!(
+        skopeo_digest(
+            &registry,
+            &format!("{}/team/multi@{}", registry.host(), arm64.manifest.digest)
+        ),
+        arm64.manifest.digest
+    );
+
+    let pulled = dir.path().join("pulled");
+    custody(&[
+        "pull",
+        "--insecure-registry",
+        registry.host(),
+        &destination,
+        &oci(&pulled, "multi"),
+    ])
+    .success();
+    for blob in amd64
+        .blobs()
+        .chain(arm64.blobs())
+        .chain([&amd64.manifest, &arm64.manifest, &index])
+    {
+        assert!(
+            pulled.join("blobs/sha256").join(blob.hex()).is_file(),
+            "pull left out {}",
+            blob.digest
+        );
+    }
+}
+
+#[test]
+fn docker_archives_push_with_their_config_and_layers_unchanged() {
+    let registry = Registry::builder().start();
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("image.tar");
+    let (config_digest, diff_ids) =
+        image::write_docker_archive(&archive, 5, &[30_000, 5_000], "team/app:v1");
+    let destination = format!("{}/team/fromarchive:v1", registry.host());
+
+    run_push(
+        &registry,
+        &[
+            &format!("docker-archive:{}", archive.display()),
+            &destination,
+        ],
+    )
+    .success();
+    let output = Command::new("skopeo")
+        .args([
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            &format!("docker://{destination}"),
+        ])
+        .output()
+        .unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(manifest["config"]["digest"], config_digest.as_str());
+    let layers: Vec<&str> = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        layers, diff_ids,
+        "uncompressed archive layers keep their diff ids as digests"
+    );
+}
+
+#[test]
+fn a_sparse_layout_pushes_where_the_blobs_are_and_names_each_missing_one_elsewhere() {
+    let registry = Registry::builder().start();
+    let dir = tempfile::tempdir().unwrap();
+    let image = Image::random(6, &[20_000, 30_000]);
+    let full = layout_with(dir.path(), &image);
+    run_push(
+        &registry,
+        &[
+            &oci(&full, "v1"),
+            &format!("{}/team/base:v1", registry.host()),
+        ],
+    )
+    .success();
+
+    let sparse = dir.path().join("sparse");
+    LayoutWriter::new(&sparse)
+        .image_without_layers(&image)
+        .tag("v2", &image.manifest);
+
+    // Where the destination has the layers, the sparse layout pushes.
+    run_push(
+        &registry,
+        &[
+            &oci(&sparse, "v2"),
+            &format!("{}/team/base:v2", registry.host()),
+        ],
+    )
+    .success();
+
+    // Elsewhere, each missing blob is named and nothing is tagged.
+    let elsewhere = format!("{}/team/other:v2", registry.host());
+    let run = run_push(&registry, &[&oci(&sparse, "v2"), &elsewhere]).failure(1);
+    for layer in &image.layers {
+        assert!(
+            run.stderr.contains(&layer.digest),
+            "{} is not named:\n{}",
+            layer.digest,
+            run.stderr
+        );
+    }
+    assert!(run.stderr.contains("hint:"), "{}", run.stderr);
+
+    // Mounting from the repository that has them makes it work.
+    run_push(
+        &registry,
+        &["--mount-from", "team/base", &oci(&sparse, "v2"), &elsewhere],
+    )
+    .success();
+    assert_eq!(skopeo_digest(&registry, &elsewhere), image.manifest.digest);
+}
+
+#[test]
+fn a_tampered_blob_is_refused_before_it_is_uploaded() {
+    let registry = Registry::builder().start();
+    let dir = tempfile::tempdir().unwrap();
+    let image = Image::random(7, &[50_000]);
+    let layout = layout_with(dir.path(), &image);
+    let layer = &image.layers[0];
+    let path = layout.join("blobs/sha256").join(layer.hex());
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[10_000] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+
+    let destination = format!("{}/team/tampered:v1", registry.host());
+    run_push(&registry, &[&oci(&layout, "v1"), &destination])
+        .failure(1)
+        .stderr_has(&format!(
+            "blob `{}` does not match its digest",
+            layer.digest
+        ));
+    assert!(
+        !registry.has_blob("team/tampered", &layer.digest),
+        "the tampered blob reached the registry"
+    );
+    assert!(
+        !registry.has_manifest("team/tampered", "v1"),
+        "the tag was written"
+    );
+}
+
+#[test]
+fn chunked_uploads_produce_the_same_image() {
+    let registry = Registry::builder().start();
+    let dir = tempfile::tempdir().unwrap();
+    let image = Image::random(8, &[300_000]);
+    let layout = layout_with(dir.path(), &image);
+    let destination = format!("{}/team/chunked:v1", registry.host());
+    run_push(
+        &registry,
+        &["--chunk-size", "65536", &oci(&layout, "v1"), &destination],
+    )
+    .success();
+    assert_eq!(
+        skopeo_digest(&registry, &destination),
+        image.manifest.digest
+    );
+}
+
+#[test]
+fn tls_registries_are_trusted_through_certs_d_only() {
+    let registry = Registry::builder().tls().start();
+    let dir = tempfile::tempdir().unwrap();
+    let image = Image::random(9, &[10_000]);
+    let layout = layout_with(dir.path(), &image);
+    let destination = format!("{}/team/tls:v1", registry.host());
+
+    run_push(&registry, &[&oci(&layout, "v1"), &destination]).success();
+    assert_eq!(
+        skopeo_digest(&registry, &destination),
+        image.manifest.digest
+    );
+
+    // Without the CA, the certificate is not trusted, and the message says so.
+    custody(&["push", &oci(&layout, "v1"), &destination])
+        .failure(1)
+        .stderr_has(registry.host())
+        .stderr_has("certificate")
+        .stderr_has("certs.d");
+}
+
+#[test]
+fn half_a_client_certificate_pair_is_an_error_naming_both_files() {
+    let registry = Registry::builder().tls().start();
+    let dir = tempfile::tempdir().unwrap();
+    let image = Image::random(10, &[1_000]);
+    let layout = layout_with(dir.path(), &image);
+    let host_dir = registry.certs_dir().unwrap().join(registry.host());
+    std::fs::write(
+        host_dir.join("client.cert"),
+        "-----BEGIN CERTIFICATE-----\n",
+    )
+    .unwrap();
+
+    run_push(
+        &registry,
+        &[
+            &oci(&layout, "v1"),
+            &format!("{}/team/x:v1", registry.host()),
+        ],
+    )
+    .failure(2)
+    .stderr_has("client.cert")
+    .stderr_has("client.key");
+}
+
+#[test]
+fn client_certificates_from_certs_d_are_presented() {
+    let registry = Registry::builder().tls().client_certs().start();
+    let dir = tempfile::tempdir().unwrap();
+    let image = Image::random(11, &[5_000]);
+    let layout = layout_with(dir.path(), &image);
+    let destination = format!("{}/team/mtls:v1", registry.host());
+    run_push(&registry, &[&oci(&layout, "v1"), &destination]).success();
+
+    // The same CA without the client pair: the registry refuses the handshake.
+    let no_client = dir.path().join("certs-no-client");
+    let host_dir = no_client.join(registry.host());
+    std::fs::create_dir_all(&host_dir).unwrap();
+    std::fs::copy(
+        registry
+            .certs_dir()
+            .unwrap()
+            .join(registry.host())
+            .join("ca.crt"),
+        host_dir.join("ca.crt"),
+    )
+    .unwrap();
+    custody(&[
+        "push",
+        "--certs-dir",
+        no_client.to_str().unwrap(),
+        &oci(&layout, "v1"),
+        &destination,
+    ])
+    .failure(1)
+    .stderr_has(registry.host());
+}
+
+#[test]
+fn basic_auth_uses_the_given_credentials_and_explains_a_refusal() {
+    let registry = Registry::builder()
+        .tls()
+        .basic_auth("alice", "s3cret")
+        .start();
+    let dir = tempfile::tempdir().unwrap();
+    let image = Image::random(12, &[5_000]);
+    let layout = layout_with(dir.path(), &image);
+    let destination = format!("{}/team/auth:v1", registry.host());
+
+    run_push(
+        &registry,
+        &["--creds", "alice:s3cret", &oci(&layout, "v1"), &destination],
+    )
+    .success();
+
+    let run = run_push(
+        &registry,
+        &["--creds", "alice:wrong", &oci(&layout, "v1"), &destination],
+    )
+    .failure(1)
+    .stderr_has(registry.host())
+    .stderr_has("`alice`")
+    .stderr_has("401");
+    assert!(
+        !run.stderr.contains("wrong"),
+        "the password leaked into the message:\n{}",
+        run.stderr
+    );
+
+    run_push(&registry, &[&oci(&layout, "v1"), &destination])
+        .failure(1)
+        .stderr_has("no credentials")
+        .stderr_has("docker login");
+
+    // A docker config.json found through DOCKER_CONFIG.
+    let docker_config =
+        custody_testkit::write_docker_config(dir.path(), registry.host(), "alice", "s3cret");
+    let args = push_args(&registry, &[&oci(&layout, "v1"), &destination]);
+    custody_with_env(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &[("DOCKER_CONFIG", docker_config.to_str().unwrap())],
+    )
+    .success();
+}
+
+#[test]
+fn bearer_tokens_are_scoped_to_the_repository() {
+    let registry = Registry::builder()
+        .tls()
+        .token_auth("alice", "s3cret")
+        .start();
+    let dir = tempfile::tempdir().unwrap();
+    let image = Image::random(13, &[5_000, 6_000]);
+    let layout = layout_with(dir.path(), &image);
+    let destination = format!("{}/team/app:v1", registry.host());
+
+    run_push(
+        &registry,
+        &["--creds", "alice:s3cret", &oci(&layout, "v1"), &destination],
+    )
+    .success();
+    assert_eq!(
+        skopeo_digest(&registry, &destination),
+        image.manifest.digest
+    );
+    let scopes: Vec<String> = registry
+        .token_requests()
+        .into_iter()
+        .flat_map(|r| r.scopes)
+        .collect();
+    assert!(
+        scopes.iter().any(|s| s == "repository:team/app:pull,push"),
+        "scopes asked: {scopes:?}"
+    );
+    assert!(
+        scopes.iter().all(|s| s.starts_with("repository:team/app:")),
+        "scopes asked: {scopes:?}"
+    );
+
+    // A mount asks for pull on the source repository as well.
+    let sparse = dir.path().join("sparse");
+    LayoutWriter::new(&sparse)
+        .image_without_layers(&image)
+        .tag("v1", &image.manifest);
+    run_push(
+        &registry,
+        &[
+            "--creds",
+            "alice:s3cret",
+            "--mount-from",
+            "team/app",
+            &oci(&sparse, "v1"),
+            &format!("{}/team/copy:v1", registry.host()),
+        ],
+    )
+    .success();
+    let scopes: Vec<String> = registry
+        .token_requests()
+        .into_iter()
+        .flat_map(|r| r.scopes)
+        .collect();
+    assert!(
+        scopes.iter().any(|s| s == "repository:team/app:pull"),
+        "scopes asked: {scopes:?}"
+    );
+
+    run_push(
+        &registry,
+        &["--creds", "alice:nope", &oci(&layout, "v1"), &destination],
+    )
+    .failure(1)
+    .stderr_has("token server");
+}
+
+#[test]
+fn redirected_blob_downloads_do_not_carry_credentials_to_another_host() {
+    let registry = Registry::builder()
+        .basic_auth("alice", "s3cret")
+        .redirect_blobs()
+        .start();
+    let dir = tempfile::tempdir().unwrap();
+    let image = Image::random(14, &[40_000]);
+    let layout = layout_with(dir.path(), &image);
+    let destination = format!("{}/team/redirect:v1", registry.host());
+    run_push(
+        &registry,
+        &["--creds", "alice:s3cret", &oci(&layout, "v1"), &destination],
+    )
+    .success();
+
+    let pulled = dir.path().join("pulled");
+    custody(&[
+        "pull",
+        "--insecure-registry",
+        registry.host(),
+        "--creds",
+        "alice:s3cret",
+        &destination,
+        &oci(&pulled, "v1"),
+    ])
+    .success();
+    let redirected = registry.redirect_requests();
+    assert!(
+        !redirected.is_empty(),
+        "the registry did not redirect blob downloads"
+    );
+    assert!(
+        redirected.iter().all(|r| !r.had_authorization),
+        "credentials followed a redirect: {redirected:?}"
+    );
+    let layer = &image.layers[0];
+    assert_eq!(
+        std::fs::read(pulled.join("blobs/sha256").join(layer.hex())).unwrap(),
+        layer.bytes
+    );
+}
+
+#[test]
+fn a_registry_that_dies_mid_push_gives_a_clear_error_and_a_rerun_finishes() {
+    let registry = Registry::builder().start();
+    let proxy = custody_testkit::FaultProxy::start(registry.addr());
+    let dir = tempfile::tempdir().unwrap();
+    let image = Image::random(15, &[2_000_000, 2_000_000]);
+    let layout = layout_with(dir.path(), &image);
+    let destination = format!("{}/team/flaky:v1", proxy.host());
+    let push = || {
+        custody(&[
+            "push",
+            "--insecure-registry",
+            &proxy.host(),
+            &oci(&layout, "v1"),
+            &destination,
+        ])
+    };
+
+    proxy.die_after(1_000_000);
+    push()
+        .failure(1)
+        .stderr_has(&format!("cannot talk to `{}`", proxy.host()));
+    assert!(!registry.has_manifest("team/flaky", "v1"));
+
+    proxy.revive();
+    push().success();
+    assert_eq!(
+        skopeo_digest(&registry, &format!("{}/team/flaky:v1", registry.host())),
+        image.manifest.digest
+    );
+}
+
+#[test]
+fn referrers_are_listed_through_the_tag_schema_fallback() {
+    let registry = Registry::builder().start();
+    let dir = tempfile::tempdir().unwrap();
+    let image = Image::random(16, &[1_000]);
+    let layout = layout_with(dir.path(), &image);
+    let subject = format!("{}/team/app:v1", registry.host());
+    run_push(&registry, &[&oci(&layout, "v1"), &subject]).success();
+
+    // An artifact whose subject is the image, pushed from a layout.
+    let empty = image::Blob::new("application/vnd.oci.empty.v1+json", b"{}".to_vec());
+    let payload = image::Blob::new("application/vnd.in-toto+json", b"{\"hello\":1}".to_vec());
+    let artifact = image::Blob::new(
+        "application/vnd.oci.image.manifest.v1+json",
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "artifactType": "application/vnd.example.test",
+            "config": empty.descriptor(),
+            "layers": [payload.descriptor()],
+            "subject": image.manifest.descriptor(),
+        }))
+        .unwrap(),
+    );
+    let artifact_layout = dir.path().join("artifact");
+    LayoutWriter::new(&artifact_layout)
+        .blob(&empty)
+        .blob(&payload)
+        .blob(&artifact)
+        .tag("att", &artifact);
+    let pushed = custody_oci_push_referrer(&registry, &artifact_layout, &image.manifest.digest);
+    assert_eq!(pushed, artifact.digest);
+
+    let run = custody(&[
+        "referrers",
+        "--insecure-registry",
+        registry.host(),
+        &subject,
+    ])
+    .success();
+    assert_eq!(
+        run.stdout,
+        format!(
+            "{}\tapplication/vnd.example.test\t{}\n",
+            artifact.digest, artifact.size
+        )
+    );
+    let run = custody(&[
+        "referrers",
+        "--insecure-registry",
+        registry.host(),
+        "--artifact-type",
+        "application/other",
+        &subject,
+    ])
+    .success();
+    assert_eq!(run.stdout, "");
+    // The fallback tag is a real index that other tools can read.
+    let fallback = format!(
+        "{}/team/app:sha256-{}",
+        registry.host(),
+        image.manifest.hex()
+    );
+    skopeo_digest(&registry, &fallback);
+}
+
+/// Pushes the artifact in `layout` as a referrer through the library, the
+/// way attestations will be attached.
+fn custody_oci_push_referrer(registry: &Registry, layout: &Path, subject: &str) -> String {
+    use custody_oci::registry::{Client, RegistryOptions};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let options = RegistryOptions {
+            insecure_hosts: vec![registry.host().to_owned()],
+            ..RegistryOptions::default()
+        };
+        let client = Client::new(registry.host(), &options).await.unwrap();
+        let layout = custody_oci::layout::Layout::open(layout).unwrap();
+        let descriptor = layout.resolve(Some("att")).unwrap();
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&layout.read_small_blob(&descriptor).unwrap()).unwrap();
+        for blob in [&manifest["config"], &manifest["layers"][0]] {
+            let blob: custody_oci::oci_spec::image::Descriptor =
+                serde_json::from_value(blob.clone()).unwrap();
+            let path = layout.blob_path(blob.digest());
+            client
+                .upload_blob("team/app", &blob, None, || {
+                    custody_oci::stream::from_file(path.clone(), None, blob.clone())
+                })
+                .await
+                .unwrap();
+        }
+        let mut listed = descriptor.clone();
+        listed.set_annotations(None);
+        let bytes = bytes::Bytes::from(layout.read_small_blob(&descriptor).unwrap());
+        let subject = custody_oci::digest::parse(subject).unwrap();
+        client
+            .put_referrer("team/app", &subject, &listed, &bytes)
+            .await
+            .unwrap();
+        listed.digest().to_string()
+    })
+}
+
+#[test]
+fn bad_references_are_usage_errors_that_show_the_reference() {
+    custody(&["push", "oci:/nonexistent:v1", "127.0.0.1:5000/Team/App:v1"])
+        .failure(2)
+        .stderr_has("`127.0.0.1:5000/Team/App:v1`")
+        .stderr_has("lowercase");
+    custody(&["push", "oci:/x", "docker-archive:/tmp/out.tar"])
+        .failure(2)
+        .stderr_has("can only be read");
+    custody(&["push", "--jobs", "0", "oci:/x", "127.0.0.1:1/a"]).failure(2);
+}
+
+#[test]
+fn help_explains_every_flag() {
+    let run = custody(&["push", "--help"]).success();
+    for flag in [
+        "--certs-dir",
+        "--insecure-registry",
+        "--creds",
+        "--authfile",
+        "--jobs",
+        "--digestfile",
+        "--mount-from",
+        "--chunk-size",
+        "oci:PATH[:TAG]",
+        "docker-archive:PATH",
+    ] {
+        assert!(
+            run.stdout.contains(flag),
+            "push --help does not mention {flag}"
+        );
+    }
+    let run = custody(&["pull", "--help"]).success();
+    assert!(run.stdout.contains("--certs-dir") && run.stdout.contains("verified"));
+}

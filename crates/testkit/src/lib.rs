@@ -1,0 +1,42 @@
+//! Test support for custody: real registries (Debian's `docker-registry`)
+//! in every mode the client must handle, the servers around them (token
+//! issuer, redirect target, a proxy that dies), and image fixtures built
+//! without the code under test.
+//!
+//! ```ignore
+//! let registry = Registry::builder().tls().basic_auth("alice", "s3cret").start();
+//! ```
+
+pub mod certs;
+mod http;
+pub mod image;
+mod proxy;
+mod registry;
+mod token;
+
+use std::path::{Path, PathBuf};
+
+pub use proxy::FaultProxy;
+pub use registry::{RedirectRequest, Registry, RegistryBuilder};
+pub use token::TokenRequest;
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Writes `dir/docker/config.json` with credentials for `host`; returns the
+/// directory to use as `DOCKER_CONFIG`.
+pub fn write_docker_config(dir: &Path, host: &str, user: &str, password: &str) -> PathBuf {
+    use base64::Engine as _;
+    let docker = dir.join("docker");
+    std::fs::create_dir_all(&docker).unwrap();
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    let config = serde_json::json!({"auths": {host: {"auth": auth}}});
+    std::fs::write(docker.join("config.json"), config.to_string()).unwrap();
+    docker
+}
