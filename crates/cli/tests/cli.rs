@@ -222,6 +222,44 @@ fn a_second_push_uploads_nothing() {
 }
 
 #[test]
+fn a_pull_fetches_only_what_the_layout_lacks() {
+    let registry = Registry::builder().start();
+    let proxy = custody_testkit::FaultProxy::start(registry.addr());
+    let dir = tempfile::tempdir().unwrap();
+    let image = Image::random(20, &[600_000, 500_000]);
+    let layout = layout_with(dir.path(), &image);
+    let source = format!("{}/team/app:v1", proxy.host());
+    custody(&["push", "--insecure-registry", &proxy.host(), &oci(&layout, "v1"), &source]).success();
+
+    let pulled = dir.path().join("pulled");
+    let pull = || custody(&["pull", "--insecure-registry", &proxy.host(), &source, &oci(&pulled, "v1")]).success();
+    let before = proxy.bytes_down();
+    pull();
+    let first = proxy.bytes_down() - before;
+    assert!(first > 1_100_000, "the first pull fetched only {first} bytes");
+
+    // Lose one layer: the next pull fetches that one alone.
+    std::fs::remove_file(pulled.join("blobs/sha256").join(image.layers[1].hex())).unwrap();
+    let before = proxy.bytes_down();
+    pull();
+    let second = proxy.bytes_down() - before;
+    assert!(second > 500_000 && second < 560_000, "the second pull fetched {second} bytes");
+    assert_eq!(std::fs::read(pulled.join("blobs/sha256").join(image.layers[1].hex())).unwrap(), image.layers[1].bytes);
+}
+
+#[test]
+fn pulling_an_unknown_image_names_it_and_leaves_no_layout_behind() {
+    let registry = Registry::builder().start();
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("pulled");
+    custody(&["pull", "--insecure-registry", registry.host(), &format!("{}/team/none:v1", registry.host()), &oci(&target, "v1")])
+        .failure(1)
+        .stderr_has("`team/none:v1`")
+        .stderr_has("404");
+    assert!(!target.exists(), "a failed pull created {}", target.display());
+}
+
+#[test]
 fn image_indexes_push_and_pull_with_every_platform() {
     let registry = Registry::builder().start();
     let dir = tempfile::tempdir().unwrap();

@@ -239,7 +239,7 @@ impl Destination {
         match location {
             Location::Layout { path, tag } => {
                 let path = path.clone();
-                let layout = blocking(move || Layout::open_or_create(path)).await?;
+                let layout = blocking(move || Layout::for_writing(path)).await?;
                 Ok(Destination::Layout {
                     layout,
                     tag: tag.clone(),
@@ -361,6 +361,11 @@ pub async fn copy(
     options: &CopyOptions,
 ) -> Result<CopyReport, Error> {
     let (root, root_bytes) = source.root().await?;
+    if let Destination::Layout { layout, .. } = destination {
+        // Created only now, so a source that cannot be read leaves nothing behind.
+        let layout = layout.clone();
+        blocking(move || layout.create_if_missing()).await?;
+    }
     if let Destination::Registry { reference, .. } = destination {
         if let Some(pinned) = reference.digest() {
             if pinned != root.digest() {

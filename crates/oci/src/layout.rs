@@ -53,8 +53,10 @@ impl Layout {
         }
     }
 
-    /// Opens the layout at `root`, creating an empty one if nothing is there.
-    pub fn open_or_create(root: impl Into<PathBuf>) -> Result<Self, Error> {
+    /// A layout to write to: an existing one, or one to create at `root`
+    /// (nothing is created until [`Layout::create_if_missing`]). A directory
+    /// that holds other things is refused.
+    pub fn for_writing(root: impl Into<PathBuf>) -> Result<Self, Error> {
         let root = root.into();
         if root.join(LAYOUT_FILE).exists() {
             return Self::open(root);
@@ -65,11 +67,17 @@ impl Layout {
                 reason: "the directory is not empty and is not an OCI image layout".into(),
             });
         }
-        fs::create_dir_all(root.join("blobs"))?;
-        let layout = Self { root };
-        write_atomically(&layout.root.join(LAYOUT_FILE), LAYOUT_VERSION.as_bytes())?;
-        layout.write_index(&empty_index())?;
-        Ok(layout)
+        Ok(Self { root })
+    }
+
+    /// Writes the `oci-layout` marker and an empty index if they are absent.
+    pub fn create_if_missing(&self) -> Result<(), Error> {
+        if self.root.join(LAYOUT_FILE).exists() {
+            return Ok(());
+        }
+        fs::create_dir_all(self.root.join("blobs"))?;
+        write_atomically(&self.root.join(LAYOUT_FILE), LAYOUT_VERSION.as_bytes())?;
+        self.write_index(&empty_index())
     }
 
     pub fn root(&self) -> &Path {

@@ -10,6 +10,7 @@ use std::time::Duration;
 struct Shared {
     target: SocketAddr,
     bytes_up: AtomicU64,
+    bytes_down: AtomicU64,
     /// Die once this many client→server bytes have passed (0: never).
     die_after: AtomicU64,
     dead: AtomicBool,
@@ -29,6 +30,7 @@ impl FaultProxy {
         let shared = Arc::new(Shared {
             target,
             bytes_up: AtomicU64::new(0),
+            bytes_down: AtomicU64::new(0),
             die_after: AtomicU64::new(0),
             dead: AtomicBool::new(false),
             connections: Mutex::new(Vec::new()),
@@ -44,6 +46,11 @@ impl FaultProxy {
     /// Bytes clients have sent through the proxy so far.
     pub fn bytes_up(&self) -> u64 {
         self.shared.bytes_up.load(Ordering::SeqCst)
+    }
+
+    /// Bytes servers have sent back through the proxy so far.
+    pub fn bytes_down(&self) -> u64 {
+        self.shared.bytes_down.load(Ordering::SeqCst)
     }
 
     /// After `bytes` more client bytes, cut every connection and refuse new
@@ -120,7 +127,9 @@ fn pump(mut from: TcpStream, mut to: TcpStream, shared: Arc<Shared>, upstream: b
             if shared.dead.load(Ordering::SeqCst) {
                 break;
             }
-            if upstream {
+            if !upstream {
+                shared.bytes_down.fetch_add(n as u64, Ordering::SeqCst);
+            } else {
                 let total = shared.bytes_up.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
                 let limit = shared.die_after.load(Ordering::SeqCst);
                 if limit != 0 && total >= limit {

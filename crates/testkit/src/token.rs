@@ -22,6 +22,7 @@ pub struct TokenRequest {
     /// The user whose Basic credentials came with it, if any.
     pub user: Option<String>,
     pub granted: bool,
+    pub user_agent: Option<String>,
 }
 
 pub struct TokenServer {
@@ -61,6 +62,7 @@ impl TokenServer {
                     scopes: scopes.clone(),
                     user: authorization.as_ref().map(|_| user.clone()),
                     granted,
+                    user_agent: request.headers.get("user-agent").cloned(),
                 });
                 if authorization.is_some() && !granted {
                     return Response::new(
