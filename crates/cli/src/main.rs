@@ -245,7 +245,7 @@ async fn referrers(args: ReferrersArgs) -> anyhow::Result<()> {
 }
 
 fn fs_write(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
-    std::fs::write(path, bytes).with_context(|| format!("failed to write `{}`", path.display()))
+    Ok(fs_err::write(path, bytes)?)
 }
 
 /// Prints one line of data; a closed pipe is not an error.

@@ -154,7 +154,7 @@ fn push_then_pull_round_trips_with_identical_digests() {
         format!("{destination}@{}\n", image.manifest.digest)
     );
     assert_eq!(
-        std::fs::read_to_string(&digestfile).unwrap(),
+        fs_err::read_to_string(&digestfile).unwrap(),
         image.manifest.digest
     );
     assert_eq!(
@@ -176,7 +176,7 @@ fn push_then_pull_round_trips_with_identical_digests() {
         format!("oci:{}:copy@{}\n", pulled.display(), image.manifest.digest)
     );
     for blob in image.blobs().chain([&image.manifest]) {
-        let bytes = std::fs::read(pulled.join("blobs/sha256").join(blob.hex())).unwrap();
+        let bytes = fs_err::read(pulled.join("blobs/sha256").join(blob.hex())).unwrap();
         assert_eq!(
             bytes, blob.bytes,
             "blob {} differs after the round trip",
@@ -229,22 +229,47 @@ fn a_pull_fetches_only_what_the_layout_lacks() {
     let image = Image::random(20, &[600_000, 500_000]);
     let layout = layout_with(dir.path(), &image);
     let source = format!("{}/team/app:v1", proxy.host());
-    custody(&["push", "--insecure-registry", &proxy.host(), &oci(&layout, "v1"), &source]).success();
+    custody(&[
+        "push",
+        "--insecure-registry",
+        &proxy.host(),
+        &oci(&layout, "v1"),
+        &source,
+    ])
+    .success();
 
     let pulled = dir.path().join("pulled");
-    let pull = || custody(&["pull", "--insecure-registry", &proxy.host(), &source, &oci(&pulled, "v1")]).success();
+    let pull = || {
+        custody(&[
+            "pull",
+            "--insecure-registry",
+            &proxy.host(),
+            &source,
+            &oci(&pulled, "v1"),
+        ])
+        .success()
+    };
     let before = proxy.bytes_down();
     pull();
     let first = proxy.bytes_down() - before;
-    assert!(first > 1_100_000, "the first pull fetched only {first} bytes");
+    assert!(
+        first > 1_100_000,
+        "the first pull fetched only {first} bytes"
+    );
 
     // Lose one layer: the next pull fetches that one alone.
-    std::fs::remove_file(pulled.join("blobs/sha256").join(image.layers[1].hex())).unwrap();
+    fs_err::remove_file(pulled.join("blobs/sha256").join(image.layers[1].hex())).unwrap();
     let before = proxy.bytes_down();
     pull();
     let second = proxy.bytes_down() - before;
-    assert!(second > 500_000 && second < 560_000, "the second pull fetched {second} bytes");
-    assert_eq!(std::fs::read(pulled.join("blobs/sha256").join(image.layers[1].hex())).unwrap(), image.layers[1].bytes);
+    assert!(
+        second > 500_000 && second < 560_000,
+        "the second pull fetched {second} bytes"
+    );
+    assert_eq!(
+        fs_err::read(pulled.join("blobs/sha256").join(image.layers[1].hex())).unwrap(),
+        image.layers[1].bytes
+    );
 }
 
 #[test]
@@ -252,11 +277,21 @@ fn pulling_an_unknown_image_names_it_and_leaves_no_layout_behind() {
     let registry = Registry::builder().start();
     let dir = tempfile::tempdir().unwrap();
     let target = dir.path().join("pulled");
-    custody(&["pull", "--insecure-registry", registry.host(), &format!("{}/team/none:v1", registry.host()), &oci(&target, "v1")])
-        .failure(1)
-        .stderr_has("`team/none:v1`")
-        .stderr_has("404");
-    assert!(!target.exists(), "a failed pull created {}", target.display());
+    custody(&[
+        "pull",
+        "--insecure-registry",
+        registry.host(),
+        &format!("{}/team/none:v1", registry.host()),
+        &oci(&target, "v1"),
+    ])
+    .failure(1)
+    .stderr_has("`team/none:v1`")
+    .stderr_has("404");
+    assert!(
+        !target.exists(),
+        "a failed pull created {}",
+        target.display()
+    );
 }
 
 #[test]
@@ -407,9 +442,9 @@ fn a_tampered_blob_is_refused_before_it_is_uploaded() {
     let layout = layout_with(dir.path(), &image);
     let layer = &image.layers[0];
     let path = layout.join("blobs/sha256").join(layer.hex());
-    let mut bytes = std::fs::read(&path).unwrap();
+    let mut bytes = fs_err::read(&path).unwrap();
     bytes[10_000] ^= 0xff;
-    std::fs::write(&path, bytes).unwrap();
+    fs_err::write(&path, bytes).unwrap();
 
     let destination = format!("{}/team/tampered:v1", registry.host());
     run_push(&registry, &[&oci(&layout, "v1"), &destination])
@@ -475,7 +510,7 @@ fn half_a_client_certificate_pair_is_an_error_naming_both_files() {
     let image = Image::random(10, &[1_000]);
     let layout = layout_with(dir.path(), &image);
     let host_dir = registry.certs_dir().unwrap().join(registry.host());
-    std::fs::write(
+    fs_err::write(
         host_dir.join("client.cert"),
         "-----BEGIN CERTIFICATE-----\n",
     )
@@ -505,8 +540,8 @@ fn client_certificates_from_certs_d_are_presented() {
     // The same CA without the client pair: the registry refuses the handshake.
     let no_client = dir.path().join("certs-no-client");
     let host_dir = no_client.join(registry.host());
-    std::fs::create_dir_all(&host_dir).unwrap();
-    std::fs::copy(
+    fs_err::create_dir_all(&host_dir).unwrap();
+    fs_err::copy(
         registry
             .certs_dir()
             .unwrap()
@@ -680,7 +715,7 @@ fn redirected_blob_downloads_do_not_carry_credentials_to_another_host() {
     );
     let layer = &image.layers[0];
     assert_eq!(
-        std::fs::read(pulled.join("blobs/sha256").join(layer.hex())).unwrap(),
+        fs_err::read(pulled.join("blobs/sha256").join(layer.hex())).unwrap(),
         layer.bytes
     );
 }

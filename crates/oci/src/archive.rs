@@ -64,7 +64,8 @@ impl DockerArchive {
         file.seek(SeekFrom::Start(0)).map_err(Error::Read)?;
 
         let mut files: HashMap<String, Range> = HashMap::new();
-        let mut archive = tar::Archive::new(&mut file);
+        // The archive borrows the file only while its index is read.
+        let mut archive = tar::Archive::new(file.file_mut());
         let entries = archive
             .entries()
             .map_err(|e| bad(format!("it is not a tar archive: {e}")))?;
@@ -87,7 +88,6 @@ impl DockerArchive {
                 },
             );
         }
-        drop(archive);
 
         let read_member = |file: &mut fs::File, name: &str, limit: u64| -> Result<Vec<u8>, Error> {
             let range = files

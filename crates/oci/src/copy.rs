@@ -366,15 +366,14 @@ pub async fn copy(
         let layout = layout.clone();
         blocking(move || layout.create_if_missing()).await?;
     }
-    if let Destination::Registry { reference, .. } = destination {
-        if let Some(pinned) = reference.digest() {
-            if pinned != root.digest() {
-                return Err(Error::Unsupported(format!(
-                    "the destination is pinned to `{pinned}`, but the image is `{}`",
-                    root.digest()
-                )));
-            }
-        }
+    if let Destination::Registry { reference, .. } = destination
+        && let Some(pinned) = reference.digest()
+        && pinned != root.digest()
+    {
+        return Err(Error::Unsupported(format!(
+            "the destination is pinned to `{pinned}`, but the image is `{}`",
+            root.digest()
+        )));
     }
     let mut manifests = Vec::new();
     let mut blobs = Vec::new();
@@ -502,13 +501,11 @@ fn mount_candidates(source: &Source, destination: &Destination, named: &[String]
     if let Source::Registry {
         reference: from, ..
     } = source
+        && from.registry() == to.registry()
+        && from.repository() != to.repository()
+        && !candidates.contains(&from.repository().to_owned())
     {
-        if from.registry() == to.registry()
-            && from.repository() != to.repository()
-            && !candidates.contains(&from.repository().to_owned())
-        {
-            candidates.push(from.repository().to_owned());
-        }
+        candidates.push(from.repository().to_owned());
     }
     candidates
 }

@@ -125,12 +125,12 @@ impl FromStr for Reference {
             }
             None => (name_and_tag, None),
         };
-        if let Some(tag) = tag {
-            if !is_valid_tag(tag) {
-                return Err(invalid(&format!(
-                    "tag `{tag}` must be 1 to 128 letters, digits, `_`, `.` or `-`, not starting with `.` or `-`"
-                )));
-            }
+        if let Some(tag) = tag
+            && !is_valid_tag(tag)
+        {
+            return Err(invalid(&format!(
+                "tag `{tag}` must be 1 to 128 letters, digits, `_`, `.` or `-`, not starting with `.` or `-`"
+            )));
         }
         let (registry, repository) = match name.split_once('/') {
             Some((first, rest))
@@ -306,12 +306,14 @@ impl FromStr for Location {
             });
         }
         let reference = text.strip_prefix("docker://").unwrap_or(text);
-        if let Some((transport, _)) = reference.split_once(':') {
-            if !transport.contains('.') && !transport.contains('/') && reference.contains(":/") {
-                return Err(invalid(&format!(
-                    "unknown transport `{transport}:`; use `oci:PATH[:TAG]`, `docker-archive:PATH` or a registry reference"
-                )));
-            }
+        if let Some((transport, _)) = reference.split_once(':')
+            && !transport.contains('.')
+            && !transport.contains('/')
+            && reference.contains(":/")
+        {
+            return Err(invalid(&format!(
+                "unknown transport `{transport}:`; use `oci:PATH[:TAG]`, `docker-archive:PATH` or a registry reference"
+            )));
         }
         Ok(Location::Registry(Reference::from_str(reference)?))
     }

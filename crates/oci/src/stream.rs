@@ -58,10 +58,10 @@ pub fn from_file(path: PathBuf, range: Option<(u64, u64)>, descriptor: Descripto
                 buf.truncate(filled);
                 hasher.update(&buf);
                 total += filled as u64;
-                if let Some(previous) = held.replace(Bytes::from(buf)) {
-                    if tx.blocking_send(Ok(previous)).is_err() {
-                        return Ok(()); // the consumer gave up
-                    }
+                if let Some(previous) = held.replace(Bytes::from(buf))
+                    && tx.blocking_send(Ok(previous)).is_err()
+                {
+                    return Ok(()); // the consumer gave up
                 }
             }
             crate::layout::check_written(&descriptor, total, hasher.finish())?;

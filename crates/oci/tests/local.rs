@@ -23,7 +23,7 @@ async fn file_streams_verify_and_withhold_the_end_of_wrong_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let blob = image::Blob::new("application/octet-stream", image::random_bytes(1, 700_000));
     let path = dir.path().join("blob");
-    std::fs::write(&path, &blob.bytes).unwrap();
+    fs_err::write(&path, &blob.bytes).unwrap();
     let good = collect(stream::from_file(path.clone(), None, descriptor(&blob)))
         .await
         .unwrap();
@@ -31,7 +31,7 @@ async fn file_streams_verify_and_withhold_the_end_of_wrong_bytes() {
 
     let mut tampered = blob.bytes.clone();
     tampered[699_999] ^= 1;
-    std::fs::write(&path, &tampered).unwrap();
+    fs_err::write(&path, &tampered).unwrap();
     let mut received = 0usize;
     let mut stream = stream::from_file(path.clone(), None, descriptor(&blob));
     let err = loop {
@@ -50,7 +50,7 @@ async fn file_streams_verify_and_withhold_the_end_of_wrong_bytes() {
     // A longer file is caught as well.
     let mut longer = blob.bytes.clone();
     longer.push(0);
-    std::fs::write(&path, &longer).unwrap();
+    fs_err::write(&path, &longer).unwrap();
     let err = collect(stream::from_file(path, None, descriptor(&blob)))
         .await
         .unwrap_err();
@@ -99,7 +99,7 @@ async fn layout_to_layout_copies_keep_every_byte_and_tag() {
     );
     for blob in image.blobs().chain([&image.manifest]) {
         assert_eq!(
-            std::fs::read(target.join("blobs/sha256").join(blob.hex())).unwrap(),
+            fs_err::read(target.join("blobs/sha256").join(blob.hex())).unwrap(),
             blob.bytes
         );
     }
@@ -155,7 +155,7 @@ fn docker_archives_are_read_in_place() {
     }
     assert_eq!(archive.repo_tags, ["team/app:v1"]);
 
-    std::fs::write(
+    fs_err::write(
         &path,
         b"not a tar at all, just some bytes that go on for a while..........",
     )

@@ -78,11 +78,11 @@ impl Certs {
     /// certs.d layout Docker and custody read.
     pub fn write_certs_d(&self, root: &Path, host: &str, with_client: bool) {
         let dir = root.join(host);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("ca.crt"), &self.ca.cert_pem).unwrap();
+        fs_err::create_dir_all(&dir).unwrap();
+        fs_err::write(dir.join("ca.crt"), &self.ca.cert_pem).unwrap();
         if with_client {
-            std::fs::write(dir.join("client.cert"), &self.client.cert_pem).unwrap();
-            std::fs::write(dir.join("client.key"), &self.client.key_pem).unwrap();
+            fs_err::write(dir.join("client.cert"), &self.client.cert_pem).unwrap();
+            fs_err::write(dir.join("client.key"), &self.client.key_pem).unwrap();
         }
     }
 }

@@ -166,8 +166,8 @@ pub struct LayoutWriter {
 
 impl LayoutWriter {
     pub fn new(root: &Path) -> Self {
-        std::fs::create_dir_all(root.join("blobs/sha256")).unwrap();
-        std::fs::write(root.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        fs_err::create_dir_all(root.join("blobs/sha256")).unwrap();
+        fs_err::write(root.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
         Self {
             root: root.to_owned(),
             tags: BTreeMap::new(),
@@ -176,7 +176,7 @@ impl LayoutWriter {
     }
 
     pub fn blob(&mut self, blob: &Blob) -> &mut Self {
-        std::fs::write(self.root.join("blobs/sha256").join(blob.hex()), &blob.bytes).unwrap();
+        fs_err::write(self.root.join("blobs/sha256").join(blob.hex()), &blob.bytes).unwrap();
         self
     }
 
@@ -216,7 +216,7 @@ impl LayoutWriter {
             .collect();
         manifests.extend(self.untagged.iter().map(Blob::descriptor));
         let index = serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": manifests});
-        std::fs::write(
+        fs_err::write(
             self.root.join("index.json"),
             serde_json::to_vec(&index).unwrap(),
         )
@@ -264,7 +264,7 @@ pub fn write_docker_archive(
         "Config": config_name, "RepoTags": [repo_tag], "Layers": layer_names,
     }]))
     .unwrap();
-    let file = std::fs::File::create(path).unwrap();
+    let file = fs_err::File::create(path).unwrap();
     let mut archive = tar::Builder::new(file);
     let mut add = |name: &str, bytes: &[u8]| {
         let mut header = tar::Header::new_gnu();

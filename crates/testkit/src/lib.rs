@@ -34,9 +34,9 @@ pub fn free_port() -> u16 {
 pub fn write_docker_config(dir: &Path, host: &str, user: &str, password: &str) -> PathBuf {
     use base64::Engine as _;
     let docker = dir.join("docker");
-    std::fs::create_dir_all(&docker).unwrap();
+    fs_err::create_dir_all(&docker).unwrap();
     let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
     let config = serde_json::json!({"auths": {host: {"auth": auth}}});
-    std::fs::write(docker.join("config.json"), config.to_string()).unwrap();
+    fs_err::write(docker.join("config.json"), config.to_string()).unwrap();
     docker
 }

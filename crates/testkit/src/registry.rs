@@ -61,7 +61,7 @@ impl RegistryBuilder {
     pub fn start(self) -> Registry {
         let dir = tempfile::tempdir().expect("a temp dir");
         let storage = dir.path().join("storage");
-        std::fs::create_dir_all(&storage).unwrap();
+        fs_err::create_dir_all(&storage).unwrap();
         let port = crate::free_port();
         let host = format!("127.0.0.1:{port}");
         let mut config = format!(
@@ -82,7 +82,7 @@ impl RegistryBuilder {
                 if relative.split('/').any(|c| c == "..") {
                     return Response::new(400, "text/plain", "bad path");
                 }
-                match std::fs::read(root.join(relative)) {
+                match fs_err::read(root.join(relative)) {
                     Ok(bytes) => Response::new(200, "application/octet-stream", bytes),
                     Err(_) => Response::new(404, "text/plain", "not found"),
                 }
@@ -103,7 +103,7 @@ impl RegistryBuilder {
         if let Some(certs) = &certs {
             let write = |name: &str, text: &str| {
                 let path = dir.path().join(name);
-                std::fs::write(&path, text).unwrap();
+                fs_err::write(&path, text).unwrap();
                 path
             };
             let cert = write("server.crt", &certs.server.cert_pem);
@@ -129,7 +129,7 @@ impl RegistryBuilder {
                 .expect("htpasswd (apache2-utils) is installed; run scripts/setup");
             assert!(output.status.success(), "htpasswd failed");
             let path = dir.path().join("htpasswd");
-            std::fs::write(&path, &output.stdout).unwrap();
+            fs_err::write(&path, &output.stdout).unwrap();
             config.push_str(&format!(
                 "auth:\n  htpasswd:\n    realm: custody-test\n    path: {}\n",
                 path.display()
@@ -138,7 +138,7 @@ impl RegistryBuilder {
         let token_server = self.token_auth.as_ref().map(|(user, password)| {
             let server = TokenServer::start(user, password);
             let bundle = dir.path().join("token.crt");
-            std::fs::write(&bundle, &server.cert_pem).unwrap();
+            fs_err::write(&bundle, &server.cert_pem).unwrap();
             config.push_str(&format!(
                 "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
                 server.realm(),
@@ -150,7 +150,7 @@ impl RegistryBuilder {
         });
 
         let config_path = dir.path().join("config.yml");
-        std::fs::write(&config_path, &config).unwrap();
+        fs_err::write(&config_path, &config).unwrap();
         let credentials = self.basic_auth.clone().or(self.token_auth.clone());
         let mut registry = Registry {
             dir,
@@ -252,13 +252,13 @@ impl Registry {
     /// waits until it answers.
     pub fn restart(&mut self) {
         self.stop();
-        let log = std::fs::File::create(self.dir.path().join("registry.log")).unwrap();
+        let log = fs_err::File::create(self.dir.path().join("registry.log")).unwrap();
         let child = Command::new(REGISTRY_BIN)
             .arg("serve")
             .arg(&self.config_path)
             .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
+            .stdout(log.try_clone().unwrap().into_parts().0)
+            .stderr(log.into_parts().0)
             .spawn()
             .expect("docker-registry is installed; run scripts/setup");
         self.child = Some(child);
@@ -284,7 +284,7 @@ impl Registry {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+        fs_err::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
     }
 
     /// Whether the registry answers 200 for `HEAD /v2/<repo>/blobs/<digest>`,

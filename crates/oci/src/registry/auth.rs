@@ -82,10 +82,10 @@ impl CredentialSource {
             }
             CredentialSource::Default => {
                 for path in default_auth_files() {
-                    if path.is_file() {
-                        if let Some(found) = lookup_in_file(&path, host)? {
-                            return Ok(Some(found));
-                        }
+                    if path.is_file()
+                        && let Some(found) = lookup_in_file(&path, host)?
+                    {
+                        return Ok(Some(found));
                     }
                 }
                 Ok(None)
@@ -352,10 +352,10 @@ impl Authenticator {
                     .refused("the registry requires a login and no credentials were found".into())),
             },
             Some(Challenge::Bearer { realm, service }) => {
-                if let Some((token, expires)) = self.tokens.lock().await.get(scope) {
-                    if Instant::now() < *expires {
-                        return Ok(Some(sensitive(&format!("Bearer {}", token.expose()))));
-                    }
+                if let Some((token, expires)) = self.tokens.lock().await.get(scope)
+                    && Instant::now() < *expires
+                {
+                    return Ok(Some(sensitive(&format!("Bearer {}", token.expose()))));
                 }
                 let (token, lifetime) = self
                     .fetch_token(http, &realm, service.as_deref(), scope)

@@ -326,7 +326,8 @@ impl Client {
         let scope = Scope::push(repository);
         let started = std::sync::Mutex::new(started);
         self.retrying(|| async {
-            let location = match started.lock().expect("upload location lock").take() {
+            let resumed = started.lock().expect("upload location lock").take();
+            let location = match resumed {
                 Some(url) => url,
                 None => {
                     let url = self.url(&format!("v2/{repository}/blobs/uploads/"));
