@@ -609,6 +609,69 @@ fn basic_auth_uses_the_given_credentials_and_explains_a_refusal() {
 }
 
 #[test]
+fn credential_helpers_and_containers_auth_files_are_used() {
+    let registry = Registry::builder()
+        .tls()
+        .basic_auth("alice", "s3cret")
+        .start();
+    let dir = tempfile::tempdir().unwrap();
+    let image = Image::random(21, &[2_000]);
+    let layout = layout_with(dir.path(), &image);
+    let destination = format!("{}/team/helper:v1", registry.host());
+    let args = push_args(&registry, &[&oci(&layout, "v1"), &destination]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+
+    // A credential helper speaking the docker-credential protocol: the
+    // server URL on stdin, JSON on stdout.
+    let bin = dir.path().join("bin");
+    fs_err::create_dir_all(&bin).unwrap();
+    let helper = bin.join("docker-credential-testkit");
+    fs_err::write(
+        &helper,
+        format!(
+            "#!/bin/sh\nread server\n[ \"$1\" = get ] && [ \"$server\" = {host} ] || exit 1\necho '{{\"ServerURL\":\"{host}\",\"Username\":\"alice\",\"Secret\":\"s3cret\"}}'\n",
+            host = registry.host()
+        ),
+    )
+    .unwrap();
+    fs_err::set_permissions(&helper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let docker = dir.path().join("docker");
+    fs_err::create_dir_all(&docker).unwrap();
+    fs_err::write(docker.join("config.json"), r#"{"credsStore":"testkit"}"#).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    custody_with_env(
+        &args,
+        &[("DOCKER_CONFIG", docker.to_str().unwrap()), ("PATH", &path)],
+    )
+    .success();
+
+    // containers' auth.json through REGISTRY_AUTH_FILE.
+    let auth_dir = custody_testkit::write_docker_config(
+        &dir.path().join("containers"),
+        registry.host(),
+        "alice",
+        "s3cret",
+    );
+    custody_with_env(
+        &args,
+        &[(
+            "REGISTRY_AUTH_FILE",
+            auth_dir.join("config.json").to_str().unwrap(),
+        )],
+    )
+    .success();
+
+    // A helper that fails is named, and its output is not echoed.
+    fs_err::write(docker.join("config.json"), r#"{"credsStore":"missing"}"#).unwrap();
+    custody_with_env(
+        &args,
+        &[("DOCKER_CONFIG", docker.to_str().unwrap()), ("PATH", &path)],
+    )
+    .failure(2)
+    .stderr_has("docker-credential-missing");
+}
+
+#[test]
 fn bearer_tokens_are_scoped_to_the_repository() {
     let registry = Registry::builder()
         .tls()

@@ -132,6 +132,18 @@ fn lookup_in_file(path: &std::path::Path, host: &str) -> Result<Option<Credentia
         keys.push("docker.io".to_owned());
     }
     let bytes = fs_err::read(path)?;
+    let helper_name = |key: &str| -> String {
+        let config: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        config
+            .pointer(&format!(
+                "/credHelpers/{}",
+                key.replace('~', "~0").replace('/', "~1")
+            ))
+            .or_else(|| config.get("credsStore"))
+            .and_then(|v| v.as_str())
+            .unwrap_or("?")
+            .to_owned()
+    };
     for key in keys {
         match docker_credential::get_credential_from_reader(bytes.as_slice(), &key) {
             Ok(DockerCredential::UsernamePassword(user, password)) => {
@@ -150,12 +162,27 @@ fn lookup_in_file(path: &std::path::Path, host: &str) -> Result<Option<Credentia
                     reason: format!("`{}` is not a valid auth file", path.display()),
                 });
             }
-            Err(E::HelperFailure { helper, .. }) => {
-                // The helper's output may hold secrets: name it, do not echo it.
+            Err(E::HelperCommunicationError) => {
                 return Err(Error::Credentials {
                     host: host.to_owned(),
                     reason: format!(
-                        "credential helper `docker-credential-{helper}` (from `{}`) failed",
+                        "cannot run credential helper `docker-credential-{}` named in `{}`; is it installed and on PATH?",
+                        helper_name(&key),
+                        path.display()
+                    ),
+                });
+            }
+            // The helper's standard answer for a host it has nothing for:
+            // go on, as docker does, and try anonymous access.
+            Err(E::HelperFailure { stdout, .. }) if stdout.contains("credentials not found") => {
+                continue;
+            }
+            Err(E::HelperFailure { helper, .. }) => {
+                // Its output may hold secrets: name it, do not echo it.
+                return Err(Error::Credentials {
+                    host: host.to_owned(),
+                    reason: format!(
+                        "credential helper `{helper}` (from `{}`) failed",
                         path.display()
                     ),
                 });
