@@ -417,42 +417,28 @@ pub async fn copy(
     // Mount what we can; what is neither mountable nor in the source is an
     // error before a single byte is uploaded.
     let mount_from = mount_candidates(source, destination, &options.mount_from);
+    let plans: Vec<Plan> = futures_util::stream::iter(
+        needed
+            .iter()
+            .map(|blob| try_mount(destination, &mount_from, blob.digest())),
+    )
+    .buffered(jobs)
+    .try_collect()
+    .await?;
     let mut transfers = Vec::new();
     let mut missing = Vec::new();
-    for blob in needed {
-        let mut started = None;
-        if let Destination::Registry { client, reference } = destination {
-            for from in &mount_from {
-                match client
-                    .mount_blob(reference.repository(), from, blob.digest())
-                    .await
-                {
-                    Ok(Mount::Mounted) => {
-                        started = None;
-                        break;
-                    }
-                    Ok(Mount::Upload(url)) => started = Some(url),
-                    Err(err) if err.is_transient() => return Err(err),
-                    Err(err) => tracing::debug!(%err, "mount refused"),
-                }
-            }
-            if started.is_none()
-                && !mount_from.is_empty()
-                && client
-                    .has_blob(reference.repository(), blob.digest())
-                    .await?
-            {
+    for (blob, plan) in needed.into_iter().zip(plans) {
+        match plan {
+            Plan::Mounted => {
                 report.blobs_mounted += 1;
                 options
                     .progress
                     .blob_finished(blob.digest(), BlobOutcome::Mounted);
-                continue;
             }
-        }
-        if source.has_blob(blob.digest()) {
-            transfers.push((blob, started));
-        } else {
-            missing.push(blob.digest().clone());
+            Plan::Transfer(started) if source.has_blob(blob.digest()) => {
+                transfers.push((blob, started))
+            }
+            Plan::Transfer(_) => missing.push(blob.digest().clone()),
         }
     }
     if !missing.is_empty() {
@@ -485,6 +471,39 @@ pub async fn copy(
             .await?;
     }
     Ok(report)
+}
+
+/// What to do about a blob the destination lacks.
+enum Plan {
+    /// The registry mounted it from another repository.
+    Mounted,
+    /// Transfer it, into the upload a refused mount opened, if any.
+    Transfer(Option<url::Url>),
+}
+
+/// Tries to mount a blob from each candidate repository in turn.
+async fn try_mount(
+    destination: &Destination,
+    candidates: &[String],
+    digest: &Digest,
+) -> Result<Plan, Error> {
+    let Destination::Registry { client, reference } = destination else {
+        return Ok(Plan::Transfer(None));
+    };
+    let mut started = None;
+    for from in candidates {
+        match client
+            .mount_blob(reference.repository(), from, digest)
+            .await
+        {
+            Ok(Mount::Mounted) => return Ok(Plan::Mounted),
+            Ok(Mount::Upload(url)) => started = Some(url),
+            Err(err) if err.is_transient() => return Err(err),
+            // A refusal (no access to `from`, say) just means uploading.
+            Err(err) => tracing::debug!(%err, "mount refused"),
+        }
+    }
+    Ok(Plan::Transfer(started))
 }
 
 /// Repositories a registry destination may mount blobs from: those named,
