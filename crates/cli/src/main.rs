@@ -49,6 +49,43 @@ enum Command {
     /// Uses the OCI 1.1 referrers API, or the `sha256-<hex>` tag schema on
     /// registries without it.
     Referrers(ReferrersArgs),
+    /// Run one job for a daemon (started by an executor, not by hand).
+    ///
+    /// Dials the daemon over TLS 1.3, trusting only the certificate it was
+    /// given, authenticates with the job's one-time token, then runs the
+    /// job's steps and streams what happens back. Exits when the job is done
+    /// or the connection drops.
+    #[command(hide = true)]
+    Runner(RunnerArgs),
+}
+
+#[derive(Args)]
+struct RunnerArgs {
+    /// The daemon's runner connector, `host:port`.
+    #[arg(long, value_name = "HOST:PORT")]
+    daemon: String,
+    /// The job this runner was started for.
+    #[arg(long, value_name = "ID")]
+    job_id: String,
+    /// Read the token from the first line of stdin.
+    #[arg(
+        long,
+        conflicts_with = "token_file",
+        required_unless_present = "token_file"
+    )]
+    token_stdin: bool,
+    /// Read the token from this file and delete it.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// The daemon's certificate (PEM) as a file; else `CUSTODY_DAEMON_CERT` holds it.
+    #[arg(long, value_name = "FILE")]
+    daemon_cert_file: Option<PathBuf>,
+    /// Where steps run (default: a fresh temporary directory).
+    #[arg(long, value_name = "DIR")]
+    workdir: Option<PathBuf>,
+    /// Seconds to get through the connection and handshake.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    connect_timeout: u64,
 }
 
 #[derive(Args)]
@@ -139,6 +176,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Push(args) | Command::Pull(args) => copy_image(args).await,
         Command::Referrers(args) => referrers(args).await,
+        Command::Runner(args) => runner(args).await,
     }
 }
 
@@ -246,6 +284,41 @@ async fn referrers(args: ReferrersArgs) -> anyhow::Result<()> {
 
 fn fs_write(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(fs_err::write(path, bytes)?)
+}
+
+async fn runner(args: RunnerArgs) -> anyhow::Result<()> {
+    let token = match &args.token_file {
+        Some(path) => {
+            let text = fs_err::read_to_string(path)?;
+            // One use only: the file goes as soon as it is read.
+            fs_err::remove_file(path)?;
+            custody_wire::JobToken::from_text(&text)
+        }
+        None => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("failed to read the token from stdin")?;
+            custody_wire::JobToken::from_text(&line)
+        }
+    };
+    let certificate_pem = match &args.daemon_cert_file {
+        Some(path) => fs_err::read_to_string(path)?,
+        None => std::env::var("CUSTODY_DAEMON_CERT").context(
+            "no daemon certificate: pass `--daemon-cert-file` or set `CUSTODY_DAEMON_CERT`",
+        )?,
+    };
+    let settings = custody_runner::Settings {
+        daemon: args.daemon,
+        job_id: args.job_id.clone(),
+        token,
+        certificate_pem,
+        workdir: args.workdir,
+        connect_deadline: std::time::Duration::from_secs(args.connect_timeout),
+    };
+    custody_runner::run(settings)
+        .await
+        .with_context(|| format!("runner for job `{}` failed", args.job_id))
 }
 
 /// Prints one line of data; a closed pipe is not an error.

@@ -1,0 +1,18 @@
+//! The daemon: the trusted control plane. So far it starts runners through
+//! executors and dispatches jobs to them over the runner connection.
+//!
+//! # Layout
+//! - [`executor`]: the `Executor` trait and its implementations, [`local`]
+//!   (a child process) and [`slurm`] (a Slurm batch job).
+//! - [`dispatch`]: one job's life: register a waiter, start the runner,
+//!   wait for it to authenticate, hand it the job, follow its events.
+
+#![forbid(unsafe_code)]
+
+pub mod dispatch;
+pub mod executor;
+pub mod local;
+pub mod slurm;
+
+pub use dispatch::{Dispatcher, JobError, JobReport};
+pub use executor::{Executor, ExecutorError, Launch, RunnerProcess};

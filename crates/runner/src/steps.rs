@@ -1,0 +1,228 @@
+//! Running a job's steps one by one, streaming their output.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use custody_wire::rpc::proto::{self, Event, event::Kind, log_line};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
+use tokio::process::Command;
+use tokio::sync::{mpsc, watch};
+use tonic::Status;
+
+use crate::event;
+
+type Events = mpsc::Sender<Result<Event, Status>>;
+
+/// The `PATH` steps get; nothing else of the runner's environment passes.
+const STEP_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Runs every step in order; stops at the first failure or on cancel.
+pub(crate) async fn run_all(
+    job: &proto::Job,
+    workdir: &Path,
+    events: &Events,
+    mut cancel: watch::Receiver<Option<String>>,
+) -> proto::Finished {
+    for (index, step) in job.steps.iter().enumerate() {
+        let index = index as u32;
+        if let Some(reason) = cancel.borrow().clone() {
+            return cancelled(reason);
+        }
+        let _ = events
+            .send(Ok(event(Kind::StepStarted(proto::StepStarted {
+                index,
+                name: step.name.clone(),
+            }))))
+            .await;
+        let outcome = run_step(index, step, workdir, events, &mut cancel).await;
+        match outcome {
+            Ok(StepEnd::Exited(code)) => {
+                let _ = events
+                    .send(Ok(event(Kind::StepFinished(proto::StepFinished {
+                        index,
+                        exit_code: code,
+                        timed_out: false,
+                    }))))
+                    .await;
+                if code != 0 {
+                    return proto::Finished {
+                        success: false,
+                        cancelled: false,
+                        error: format!("step `{}` exited with code {code}", step.name),
+                    };
+                }
+            }
+            Ok(StepEnd::TimedOut) => {
+                let _ = events
+                    .send(Ok(event(Kind::StepFinished(proto::StepFinished {
+                        index,
+                        exit_code: -1,
+                        timed_out: true,
+                    }))))
+                    .await;
+                return proto::Finished {
+                    success: false,
+                    cancelled: false,
+                    error: format!(
+                        "step `{}` timed out after {} s",
+                        step.name, step.timeout_seconds
+                    ),
+                };
+            }
+            Ok(StepEnd::Cancelled(reason)) => return cancelled(reason),
+            Err(err) => {
+                return proto::Finished {
+                    success: false,
+                    cancelled: false,
+                    error: format!("step `{}` could not start: {err}", step.name),
+                };
+            }
+        }
+    }
+    proto::Finished {
+        success: true,
+        cancelled: false,
+        error: String::new(),
+    }
+}
+
+fn cancelled(reason: String) -> proto::Finished {
+    proto::Finished {
+        success: false,
+        cancelled: true,
+        error: reason,
+    }
+}
+
+enum StepEnd {
+    Exited(i32),
+    TimedOut,
+    Cancelled(String),
+}
+
+async fn run_step(
+    index: u32,
+    step: &proto::Step,
+    workdir: &Path,
+    events: &Events,
+    cancel: &mut watch::Receiver<Option<String>>,
+) -> std::io::Result<StepEnd> {
+    let mut command = Command::new("/bin/sh");
+    command
+        .arg("-c")
+        .arg(&step.run)
+        .current_dir(workdir)
+        .env_clear()
+        .env("PATH", STEP_PATH)
+        .env("HOME", workdir)
+        .envs(&step.env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own process group, so everything the step starts can be killed.
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = command.spawn()?;
+    let group = child.id().map(|id| Pid::from_raw(id as i32));
+    let stdout = forward(
+        index,
+        log_line::Stream::Stdout,
+        child.stdout.take().expect("piped"),
+        events.clone(),
+    );
+    let stderr = forward(
+        index,
+        log_line::Stream::Stderr,
+        child.stderr.take().expect("piped"),
+        events.clone(),
+    );
+    let limit = match step.timeout_seconds {
+        0 => Duration::MAX,
+        s => Duration::from_secs(u64::from(s)),
+    };
+    let kill_group = || {
+        if let Some(group) = group {
+            let _ = killpg(group, Signal::SIGKILL);
+        }
+    };
+    let end = tokio::select! {
+        status = child.wait() => {
+            let status = status?;
+            StepEnd::Exited(status.code().unwrap_or(-1))
+        }
+        () = sleep_or_forever(limit) => {
+            kill_group();
+            let _ = child.wait().await;
+            StepEnd::TimedOut
+        }
+        reason = wait_cancel(cancel) => {
+            kill_group();
+            let _ = child.wait().await;
+            StepEnd::Cancelled(reason)
+        }
+    };
+    // Output written before the end is all sent before the step's end event.
+    let _ = tokio::join!(stdout, stderr);
+    Ok(end)
+}
+
+async fn sleep_or_forever(limit: Duration) {
+    if limit == Duration::MAX {
+        std::future::pending::<()>().await;
+    }
+    tokio::time::sleep(limit).await;
+}
+
+async fn wait_cancel(cancel: &mut watch::Receiver<Option<String>>) -> String {
+    loop {
+        if let Some(reason) = cancel.borrow_and_update().clone() {
+            return reason;
+        }
+        if cancel.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Sends each line as soon as it is read; a long line without a newline is
+/// sent in pieces rather than held.
+fn forward(
+    index: u32,
+    stream: log_line::Stream,
+    output: impl AsyncRead + Unpin + Send + 'static,
+    events: Events,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut reader = BufReader::with_capacity(64 * 1024, output);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match (&mut reader)
+                .take(64 * 1024)
+                .read_until(b'\n', &mut line)
+                .await
+            {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            };
+            if line.ends_with(b"\n") {
+                line.pop();
+            }
+            let log = proto::LogLine {
+                step: index,
+                stream: stream as i32,
+                line: std::mem::take(&mut line),
+                unix_millis: SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_millis() as i64)
+                    .unwrap_or(0),
+            };
+            if events.send(Ok(event(Kind::Log(log)))).await.is_err() {
+                break;
+            }
+        }
+    })
+}

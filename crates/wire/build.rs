@@ -1,0 +1,9 @@
+//! Generates the runner RPC code from `proto/runner.proto` with protox (a
+//! pure-Rust protobuf compiler), so no `protoc` is needed.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto/runner.proto");
+    let descriptors = protox::compile(["runner.proto"], ["proto"])?;
+    tonic_prost_build::configure().compile_fds(descriptors)?;
+    Ok(())
+}

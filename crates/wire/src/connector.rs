@@ -1,0 +1,223 @@
+//! The daemon side of the runner connection: a TLS 1.3 listener where
+//! runners authenticate with their one-time job token, and the waiters that
+//! hand each authenticated connection to the job that expects it.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio_rustls::TlsAcceptor;
+
+use crate::Error;
+use crate::handshake::{self, Parse, Verdict};
+use crate::identity::DaemonIdentity;
+use crate::rpc::{self, RunnerClient};
+use crate::token::{JobToken, TokenDigest};
+
+/// How long a connection may take from TCP accept to `OK` (TLS handshake,
+/// hello and the start of the RPC session) before it is dropped.
+pub const DEFAULT_HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// An authenticated runner, ready to be called.
+pub struct RunnerSession {
+    /// Where the runner connected from.
+    pub peer: SocketAddr,
+    pub client: RunnerClient,
+}
+
+struct Waiter {
+    token: TokenDigest,
+    deliver: oneshot::Sender<RunnerSession>,
+}
+
+/// Accepts runners and matches them to the jobs waiting for them.
+pub struct Connector {
+    acceptor: TlsAcceptor,
+    certificate_pem: String,
+    waiters: Mutex<HashMap<String, Waiter>>,
+    deadline: Duration,
+}
+
+impl Connector {
+    pub fn new(identity: &DaemonIdentity) -> Arc<Self> {
+        Self::with_deadline(identity, DEFAULT_HANDSHAKE_DEADLINE)
+    }
+
+    pub fn with_deadline(identity: &DaemonIdentity, deadline: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            acceptor: TlsAcceptor::from(identity.server_config()),
+            certificate_pem: identity.certificate_pem().to_owned(),
+            waiters: Mutex::new(HashMap::new()),
+            deadline,
+        })
+    }
+
+    /// The certificate to hand to runners.
+    pub fn certificate_pem(&self) -> &str {
+        &self.certificate_pem
+    }
+
+    /// Expects a runner for `job_id`: returns the fresh token to give it and
+    /// a future that resolves when it has authenticated. Registering the
+    /// same job id again replaces (and so withdraws) the earlier waiter.
+    pub fn register(&self, job_id: &str) -> Result<(JobToken, Pending), Error> {
+        if !handshake::is_valid_job_id(job_id) {
+            return Err(Error::InvalidJobId(job_id.to_owned()));
+        }
+        let token = JobToken::generate();
+        let (deliver, receive) = oneshot::channel();
+        self.lock().insert(
+            job_id.to_owned(),
+            Waiter {
+                token: token.digest(),
+                deliver,
+            },
+        );
+        Ok((token, Pending { receive }))
+    }
+
+    /// Stops expecting a runner for `job_id` (the job was cancelled, timed
+    /// out, or its executor failed): its token is dead from now on.
+    pub fn withdraw(&self, job_id: &str) -> bool {
+        self.lock().remove(job_id).is_some()
+    }
+
+    /// How many jobs are waiting for their runner.
+    pub fn waiting(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Waiter>> {
+        self.waiters
+            .lock()
+            .expect("the waiter map is never poisoned")
+    }
+
+    /// Accepts runners on `listener` until `shutdown` resolves. Each
+    /// connection is handled on its own task, so a slow or silent client
+    /// delays nobody else.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let connector = self.clone();
+                        tokio::spawn(async move {
+                            if let Err(err) = connector.handle(stream, peer).await {
+                                tracing::info!(%peer, %err, "runner connection refused");
+                            }
+                        });
+                    }
+                    Err(err) => {
+                        // Out of file descriptors and the like: back off briefly.
+                        tracing::warn!(%err, "accepting a runner connection failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+    }
+
+    async fn handle(&self, stream: TcpStream, peer: SocketAddr) -> Result<(), Error> {
+        let _ = stream.set_nodelay(true);
+        let deadline = tokio::time::Instant::now() + self.deadline;
+        let outcome = tokio::time::timeout_at(deadline, async {
+            let mut tls = self
+                .acceptor
+                .accept(stream)
+                .await
+                .map_err(|e| Error::Handshake(format!("TLS: {e}")))?;
+            let hello = read_hello(&mut tls).await?;
+            let (verdict, waiter) = self.check(&hello);
+            tls.write_all(verdict.as_bytes())
+                .await
+                .map_err(|e| Error::Handshake(e.to_string()))?;
+            tls.flush()
+                .await
+                .map_err(|e| Error::Handshake(e.to_string()))?;
+            let Some(waiter) = waiter else {
+                let _ = tls.shutdown().await;
+                return Err(Error::Refused {
+                    job_id: hello.job_id,
+                    verdict,
+                });
+            };
+            let client = rpc::client_over(tls).await?;
+            Ok((waiter, client))
+        })
+        .await
+        .map_err(|_| {
+            Error::Handshake(format!("no complete handshake within {:?}", self.deadline))
+        })?;
+        let (waiter, client) = outcome?;
+        // The job may have given up meanwhile; then the session just drops.
+        let _ = waiter.deliver.send(RunnerSession { peer, client });
+        Ok(())
+    }
+
+    /// Looks the job up (its id is public) and compares token digests in
+    /// constant time; a match consumes the waiter.
+    fn check(&self, hello: &handshake::Hello) -> (Verdict, Option<Waiter>) {
+        let mut waiters = self.lock();
+        let Some(waiter) = waiters.get(&hello.job_id) else {
+            return (Verdict::UnknownJob, None);
+        };
+        if !waiter
+            .token
+            .matches(&TokenDigest::of(hello.token.as_bytes()))
+        {
+            return (Verdict::WrongToken, None);
+        }
+        let waiter = waiters.remove(&hello.job_id);
+        (Verdict::Ok, waiter)
+    }
+}
+
+async fn read_hello<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+) -> Result<handshake::Hello, Error> {
+    let mut received = Vec::with_capacity(64);
+    let mut buf = [0u8; 2 * handshake::MAX_LINE + 2];
+    loop {
+        let n = stream
+            .read(&mut buf)
+            .await
+            .map_err(|e| Error::Handshake(e.to_string()))?;
+        if n == 0 {
+            return Err(Error::Handshake(
+                "the runner closed the connection before its hello".into(),
+            ));
+        }
+        received.extend_from_slice(&buf[..n]);
+        match handshake::parse_hello(&received) {
+            Parse::Incomplete => continue,
+            Parse::Complete(hello) => return Ok(hello),
+            Parse::Invalid(reason) => return Err(Error::Handshake(reason.into())),
+        }
+    }
+}
+
+/// Resolves when the runner for a registered job has authenticated, or
+/// with [`Error::Withdrawn`] once the job stopped waiting.
+pub struct Pending {
+    receive: oneshot::Receiver<RunnerSession>,
+}
+
+impl Future for Pending {
+    type Output = Result<RunnerSession, Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.receive)
+            .poll(cx)
+            .map(|r| r.map_err(|_| Error::Withdrawn))
+    }
+}

@@ -1,0 +1,101 @@
+//! The runner RPC over an authenticated stream, with roles inverted: the
+//! runner (which dialled) serves, the daemon (which accepted) calls.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tonic::transport::server::Connected;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::Error;
+
+/// Generated from `proto/runner.proto`.
+pub mod proto {
+    #![allow(clippy::all, clippy::pedantic, missing_docs)]
+    tonic::include_proto!("custody.runner.v1");
+}
+
+pub use proto::runner_client::RunnerClient as GeneratedClient;
+pub use proto::runner_server::{Runner, RunnerServer};
+
+/// The daemon's handle on one runner.
+pub type RunnerClient = GeneratedClient<Channel>;
+
+/// Makes the daemon's RPC client over an accepted, authenticated stream.
+pub(crate) async fn client_over<S>(stream: S) -> Result<RunnerClient, Error>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let slot = std::sync::Mutex::new(Some(stream));
+    // The URI is never resolved: the connector hands over the one stream
+    // this session has, once; a reconnect attempt finds it gone and fails.
+    let channel = Endpoint::from_static("http://runner.invalid")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let stream = slot
+                .lock()
+                .expect("the stream slot is never poisoned")
+                .take();
+            async move {
+                stream.map(TokioIo::new).ok_or_else(|| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotConnected,
+                        "the runner connection is gone",
+                    )
+                })
+            }
+        }))
+        .await
+        .map_err(|e| Error::Handshake(format!("starting the RPC session: {e}")))?;
+    Ok(GeneratedClient::new(channel))
+}
+
+/// Serves `service` on the runner's side of an authenticated stream until
+/// the daemon closes the session.
+pub async fn serve<S, R>(stream: S, service: R) -> Result<(), Error>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    R: Runner,
+{
+    let incoming = tokio_stream::once(Ok::<_, std::io::Error>(Session(stream)));
+    tonic::transport::Server::builder()
+        .add_service(RunnerServer::new(service))
+        .serve_with_incoming(incoming)
+        .await
+        .map_err(|e| Error::Handshake(format!("serving the RPC session: {e}")))
+}
+
+/// The runner's stream as tonic's server wants it.
+struct Session<S>(S);
+
+impl<S> Connected for Session<S> {
+    type ConnectInfo = ();
+    fn connect_info(&self) -> Self::ConnectInfo {}
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Session<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Session<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,68 @@
+//! One-time job tokens: 128 random bits, compared by digest in constant time.
+
+use base64::Engine as _;
+use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq;
+
+/// A job token. It never prints.
+#[derive(Clone, PartialEq, Eq)]
+pub struct JobToken(String);
+
+impl JobToken {
+    /// 128 fresh random bits, base64url without padding (22 characters).
+    pub fn generate() -> Self {
+        let mut bytes = [0u8; 16];
+        aws_lc_rs::rand::fill(&mut bytes).expect("the system random source works");
+        Self(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+    }
+
+    /// A token received from elsewhere (a file, a pipe).
+    pub fn from_text(text: &str) -> Self {
+        Self(text.trim().to_owned())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub(crate) fn digest(&self) -> TokenDigest {
+        TokenDigest::of(self.0.as_bytes())
+    }
+}
+
+impl std::fmt::Debug for JobToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JobToken(<redacted>)")
+    }
+}
+
+/// What the daemon keeps of a token: its SHA-256. Comparing fixed-size
+/// digests in constant time leaks neither the token nor its length.
+#[derive(Clone, Copy)]
+pub(crate) struct TokenDigest([u8; 32]);
+
+impl TokenDigest {
+    pub(crate) fn of(bytes: &[u8]) -> Self {
+        Self(Sha256::digest(bytes).into())
+    }
+
+    pub(crate) fn matches(&self, other: &TokenDigest) -> bool {
+        self.0.ct_eq(&other.0).into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_fresh_and_never_print() {
+        let a = JobToken::generate();
+        let b = JobToken::generate();
+        assert_ne!(a, b);
+        assert_eq!(a.expose().len(), 22);
+        assert!(!format!("{a:?}").contains(a.expose()));
+        assert!(a.digest().matches(&TokenDigest::of(a.expose().as_bytes())));
+        assert!(!a.digest().matches(&b.digest()));
+    }
+}
