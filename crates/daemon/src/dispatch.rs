@@ -134,7 +134,7 @@ impl Dispatcher {
                             _ => {}
                         }
                     }
-                    Some(Err(status)) => return Err(session_error(status)),
+                    Some(Err(status)) => return Err(session_failed(runner, status, &mut ended, &mut stop).await),
                     None => {
                         let detail = match poll_ended_within(&mut ended, Duration::from_secs(2)).await {
                             Some(end) => end.detail,
@@ -182,6 +182,22 @@ impl Dispatcher {
             },
         })
     }
+}
+
+/// A broken session, explained with what the runner said as it went.
+async fn session_failed(
+    runner: String,
+    status: tonic::Status,
+    ended: &mut Option<BoxFuture<'static, RunnerEnded>>,
+    stop: &mut Option<Box<dyn FnOnce() -> BoxFuture<'static, ()> + Send>>,
+) -> JobError {
+    let mut detail = status.message().to_owned();
+    match poll_ended_within(ended, Duration::from_secs(2)).await {
+        Some(end) if !end.detail.is_empty() => detail = format!("{detail}; {}", end.detail),
+        Some(_) => {}
+        None => stop_runner(stop).await,
+    }
+    JobError::Session { runner, detail }
 }
 
 struct Withdraw<'a> {

@@ -16,6 +16,21 @@ use crate::executor::{
     Executor, ExecutorError, Launch, RunnerEnded, RunnerProcess, Tail, with_output,
 };
 
+/// The daemon's environment variables a runner inherits.
+const RUNNER_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "LANG",
+    "TMPDIR",
+    "CUSTODY_LOG",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+    "NO_PROXY",
+    "no_proxy",
+];
+
 /// Starts `PROGRAM runner …` for each job.
 pub struct LocalExecutor {
     /// The `custody` binary (the daemon's own, by default).
@@ -55,7 +70,14 @@ impl Executor for LocalExecutor {
                 .arg("--job-id")
                 .arg(&launch.job_id)
                 .arg("--token-stdin")
-                // The certificate is public; the token is not and goes through stdin.
+                // Nothing of the daemon's environment passes but what a
+                // runner needs; the certificate is public, the token is not
+                // and goes through stdin.
+                .env_clear()
+                .envs(
+                    std::env::vars_os()
+                        .filter(|(k, _)| RUNNER_ENV.iter().any(|allowed| k == allowed)),
+                )
                 .env("CUSTODY_DAEMON_CERT", &launch.certificate_pem)
                 .stdin(Stdio::piped())
                 .stdout(Stdio::null())

@@ -58,16 +58,33 @@ where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     R: Runner,
 {
-    let incoming = tokio_stream::once(Ok::<_, std::io::Error>(Session(stream)));
+    // The server would start a graceful shutdown (GOAWAY) as soon as its
+    // incoming stream ends, so the stream stays open, and the server stops
+    // once the one connection it has is dropped.
+    let (closed, on_closed) = tokio::sync::oneshot::channel::<()>();
+    let session = Session {
+        io: stream,
+        _closed: closed,
+    };
+    let incoming = tokio_stream::StreamExt::chain(
+        tokio_stream::once(Ok::<_, std::io::Error>(session)),
+        tokio_stream::pending(),
+    );
     tonic::transport::Server::builder()
         .add_service(RunnerServer::new(service))
-        .serve_with_incoming(incoming)
+        .serve_with_incoming_shutdown(incoming, async {
+            let _ = on_closed.await;
+        })
         .await
         .map_err(|e| Error::Handshake(format!("serving the RPC session: {e}")))
 }
 
-/// The runner's stream as tonic's server wants it.
-struct Session<S>(S);
+/// The runner's stream as tonic's server wants it; dropping it (the
+/// connection is over) tells the server to stop.
+struct Session<S> {
+    io: S,
+    _closed: tokio::sync::oneshot::Sender<()>,
+}
 
 impl<S> Connected for Session<S> {
     type ConnectInfo = ();
@@ -80,7 +97,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Session<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
@@ -90,12 +107,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Session<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        Pin::new(&mut self.io).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(&mut self.io).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }

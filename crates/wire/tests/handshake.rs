@@ -144,7 +144,7 @@ async fn a_tls_1_2_client_is_refused() {
     let result = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await;
-    let err = result.err().expect("a TLS 1.2 handshake must fail");
+    let err = result.expect_err("a TLS 1.2 handshake must fail");
     assert!(
         err.to_string().to_lowercase().contains("version") || err.to_string().contains("alert"),
         "{err}"

@@ -1,0 +1,304 @@
+//! Runners started through the local executor, connecting back for real.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use custody_daemon::dispatch::{Dispatcher, JobError};
+use custody_daemon::local::LocalExecutor;
+use custody_wire::rpc::proto::{self, Event, event::Kind};
+use custody_wire::{Connector, DaemonIdentity};
+use tokio::net::TcpListener;
+
+struct Daemon {
+    dispatcher: Arc<Dispatcher>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn daemon_with(program: &str) -> Daemon {
+    let identity = DaemonIdentity::generate().unwrap();
+    let connector = Connector::new(&identity);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(connector.clone().serve(listener, async {
+        let _ = stopped.await;
+    }));
+    let dispatcher = Dispatcher {
+        connector,
+        executor: Arc::new(LocalExecutor::new(program.into())),
+        daemon_addr: addr,
+        connect_timeout: Duration::from_secs(20),
+    };
+    Daemon {
+        dispatcher: Arc::new(dispatcher),
+        _stop: stop,
+    }
+}
+
+async fn daemon() -> Daemon {
+    daemon_with(env!("CARGO_BIN_EXE_custody")).await
+}
+
+fn job(id: &str, steps: &[(&str, &str)]) -> proto::Job {
+    proto::Job {
+        job_id: id.to_owned(),
+        steps: steps
+            .iter()
+            .map(|(name, run)| proto::Step {
+                name: (*name).to_owned(),
+                run: (*run).to_owned(),
+                ..Default::default()
+            })
+            .collect(),
+    }
+}
+
+fn never() -> std::future::Pending<String> {
+    std::future::pending()
+}
+
+fn log_text(events: &[(Event, std::time::Instant)]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|(e, _)| match &e.kind {
+            Some(Kind::Log(l)) => Some(String::from_utf8_lossy(&l.line).into_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_runs_and_its_logs_stream_as_they_are_written() {
+    let d = daemon().await;
+    let mut events = Vec::new();
+    let report = d
+        .dispatcher
+        .run(
+            job(
+                "stream-1",
+                &[
+                    ("first", "echo one; sleep 1; echo two >&2"),
+                    ("second", "echo three"),
+                ],
+            ),
+            |e| events.push((e.clone(), std::time::Instant::now())),
+            never(),
+        )
+        .await
+        .unwrap();
+    assert!(report.finished.success, "{:?}", report.finished);
+    assert!(report.peer.ip().is_loopback());
+    assert_ne!(report.hello.as_ref().unwrap().pid, 0);
+    assert_eq!(log_text(&events), ["one", "two", "three"]);
+
+    // `one` arrived a second before `two`: it was streamed, not batched.
+    let at = |text: &str| {
+        events
+            .iter()
+            .find(|(e, _)| matches!(&e.kind, Some(Kind::Log(l)) if l.line == text.as_bytes()))
+            .unwrap()
+            .1
+    };
+    assert!(at("two").duration_since(at("one")) >= Duration::from_millis(800));
+    let stderr = events.iter().any(|(e, _)| matches!(&e.kind, Some(Kind::Log(l)) if l.line == b"two" && l.stream == proto::log_line::Stream::Stderr as i32));
+    assert!(stderr, "stderr lines are marked as such");
+    let starts: Vec<String> = events
+        .iter()
+        .filter_map(|(e, _)| match &e.kind {
+            Some(Kind::StepStarted(s)) => Some(s.name.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(starts, ["first", "second"]);
+    assert_eq!(d.dispatcher.connector.waiting(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_step_ends_the_job_naming_the_step_and_code() {
+    let d = daemon().await;
+    let report = d
+        .dispatcher
+        .run(
+            job(
+                "fail-1",
+                &[("compile", "exit 3"), ("never", "echo unreachable")],
+            ),
+            |_| {},
+            never(),
+        )
+        .await
+        .unwrap();
+    assert!(!report.finished.success);
+    assert!(
+        report.finished.error.contains("`compile`") && report.finished.error.contains('3'),
+        "{}",
+        report.finished.error
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancelling_kills_the_running_step() {
+    let d = daemon().await;
+    let (cancel, cancelled) = tokio::sync::oneshot::channel::<String>();
+    let mut cancel = Some(cancel);
+    let started = std::time::Instant::now();
+    let report = d
+        .dispatcher
+        .run(
+            job("cancel-1", &[("wait", "echo waiting; sleep 60 & wait")]),
+            move |e| {
+                if matches!(&e.kind, Some(Kind::Log(_)))
+                    && let Some(cancel) = cancel.take()
+                {
+                    let _ = cancel.send("the user asked".into());
+                }
+            },
+            async move { cancelled.await.unwrap_or_default() },
+        )
+        .await
+        .unwrap();
+    assert!(report.finished.cancelled, "{:?}", report.finished);
+    assert_eq!(report.finished.error, "the user asked");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "cancel took {:?}",
+        started.elapsed()
+    );
+}
+
+/// The local executor, remembering the tokens it handed out.
+struct Recording {
+    inner: LocalExecutor,
+    tokens: std::sync::Mutex<Vec<String>>,
+}
+
+impl custody_daemon::Executor for Recording {
+    fn name(&self) -> &'static str {
+        "recording"
+    }
+    fn start(
+        &self,
+        launch: custody_daemon::Launch,
+    ) -> futures_util::future::BoxFuture<
+        '_,
+        Result<custody_daemon::RunnerProcess, custody_daemon::ExecutorError>,
+    > {
+        self.tokens
+            .lock()
+            .unwrap()
+            .push(launch.token.expose().to_owned());
+        self.inner.start(launch)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_token_is_not_in_the_runners_arguments_nor_in_any_steps_environment() {
+    let mut d = daemon().await;
+    let recording = Arc::new(Recording {
+        inner: LocalExecutor::new(env!("CARGO_BIN_EXE_custody").into()),
+        tokens: Default::default(),
+    });
+    Arc::get_mut(&mut d.dispatcher).unwrap().executor = recording.clone();
+    let mut events = Vec::new();
+    // The step reads its parent's (the runner's) command line and environment, and its own.
+    let report = d
+        .dispatcher
+        .run(
+            job("secret-1", &[("snoop", "tr '\\0' '\\n' < /proc/$PPID/cmdline; tr '\\0' '\\n' < /proc/$PPID/environ; env")]),
+            |e| events.push((e.clone(), std::time::Instant::now())),
+            never(),
+        )
+        .await
+        .unwrap();
+    assert!(report.finished.success, "{:?}", report.finished);
+    let lines = log_text(&events);
+    assert!(
+        lines.iter().any(|l| l == "runner"),
+        "the step did not see the runner's command line: {lines:?}"
+    );
+    let token = recording.tokens.lock().unwrap()[0].clone();
+    assert!(
+        lines.iter().all(|l| !l.contains(&token)),
+        "the token leaked: {lines:?}"
+    );
+    // The runner did not inherit the daemon's (here: the test's) environment.
+    assert!(
+        lines
+            .iter()
+            .all(|l| !l.starts_with("NEXTEST") && !l.starts_with("CARGO")),
+        "{lines:?}"
+    );
+    // The step's own environment is only what the runner gives every step.
+    let env: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.starts_with("PATH=") || l.starts_with("HOME=") || l.starts_with("PWD="))
+        .collect();
+    assert!(env.len() >= 2, "{lines:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_runner_that_cannot_start_fails_the_job_with_the_reason() {
+    let d = daemon_with("/nonexistent/custody").await;
+    let err = d
+        .dispatcher
+        .run(job("nostart-1", &[("x", "true")]), |_| {}, never())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, JobError::Executor(_)), "{err}");
+    assert!(err.to_string().contains("/nonexistent/custody"), "{err}");
+    assert_eq!(d.dispatcher.connector.waiting(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_runner_that_exits_before_connecting_fails_the_job_with_its_output() {
+    let mut d = daemon().await;
+    // Hand out an address where nothing listens: the runner gives up at once.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    Arc::get_mut(&mut d.dispatcher).unwrap().daemon_addr = format!("127.0.0.1:{port}");
+    let err = d
+        .dispatcher
+        .run(job("early-1", &[("x", "true")]), |_| {}, never())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, JobError::RunnerEnded { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("before connecting") && text.contains("cannot reach the daemon"),
+        "{text}"
+    );
+    assert_eq!(d.dispatcher.connector.waiting(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn many_jobs_leave_no_waiter_behind() {
+    let d = daemon().await;
+    let runs = (0..12).map(|i| {
+        let dispatcher = d.dispatcher.clone();
+        async move {
+            let steps: &[(&str, &str)] = if i % 3 == 0 {
+                &[("bad", "exit 1")]
+            } else {
+                &[("ok", "true")]
+            };
+            dispatcher
+                .run(job(&format!("many-{i}"), steps), |_| {}, never())
+                .await
+        }
+    });
+    let results = futures_util::future::join_all(runs).await;
+    for (i, result) in results.iter().enumerate() {
+        let report = result.as_ref().unwrap();
+        assert_eq!(
+            report.finished.success,
+            i % 3 != 0,
+            "job {i}: {:?}",
+            report.finished
+        );
+    }
+    assert_eq!(d.dispatcher.connector.waiting(), 0);
+}
