@@ -108,7 +108,7 @@ impl Dispatcher {
                 return Err(JobError::Cancelled(reason));
             }
         };
-        let authenticated = begun.elapsed();
+        let authenticated = session.authenticated_at.saturating_duration_since(begun);
         let peer = session.peer;
         let mut client = session.client;
         let session_error = |e: tonic::Status| JobError::Session {

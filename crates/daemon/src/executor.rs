@@ -60,6 +60,45 @@ pub trait Executor: Send + Sync + 'static {
     fn start(&self, launch: Launch) -> BoxFuture<'_, Result<RunnerProcess, ExecutorError>>;
 }
 
+/// Settings an executor may be built from (the daemon's configuration).
+#[derive(Clone, Debug, Default)]
+pub struct ExecutorSettings {
+    /// The `custody` binary runners are started from (as the place where
+    /// they run sees it).
+    pub runner_program: std::path::PathBuf,
+    /// For `slurm`: a directory shared with the compute nodes.
+    pub spool_dir: Option<std::path::PathBuf>,
+    /// For `slurm`: extra `sbatch` arguments.
+    pub sbatch_args: Vec<String>,
+}
+
+/// Builds the executor named `kind`. An unknown kind, or settings it cannot
+/// work with, fail here, before any job is started.
+pub fn build(kind: &str, settings: &ExecutorSettings) -> Result<std::sync::Arc<dyn Executor>, ExecutorError> {
+    match kind {
+        "local" => Ok(std::sync::Arc::new(crate::local::LocalExecutor::new(settings.runner_program.clone()))),
+        "slurm" => {
+            let spool_dir = settings.spool_dir.clone().ok_or_else(|| ExecutorError::Misconfigured {
+                executor: "slurm".into(),
+                reason: "it needs a spool directory shared with the compute nodes".into(),
+            })?;
+            if !settings.runner_program.is_absolute() {
+                return Err(ExecutorError::Misconfigured {
+                    executor: "slurm".into(),
+                    reason: format!("the runner program `{}` must be an absolute path", settings.runner_program.display()),
+                });
+            }
+            let mut executor = crate::slurm::SlurmExecutor::new(settings.runner_program.clone(), spool_dir);
+            executor.sbatch_args = settings.sbatch_args.clone();
+            Ok(std::sync::Arc::new(executor))
+        }
+        other => Err(ExecutorError::Misconfigured {
+            executor: other.to_owned(),
+            reason: "unknown executor kind; use `local` or `slurm`".into(),
+        }),
+    }
+}
+
 /// Keeps the last lines of a stream of output, for failure messages.
 #[derive(Default)]
 pub(crate) struct Tail {
@@ -87,5 +126,22 @@ pub(crate) fn with_output(detail: String, tail: &str) -> String {
         detail
     } else {
         format!("{detail}; its last output:\n{tail}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_or_misconfigured_executors_are_refused_up_front() {
+        let settings = ExecutorSettings { runner_program: "/usr/bin/custody".into(), ..Default::default() };
+        let err = build("kubernetes", &settings).err().unwrap().to_string();
+        assert!(err.contains("`kubernetes`") && err.contains("unknown executor kind"), "{err}");
+        let err = build("slurm", &settings).err().unwrap().to_string();
+        assert!(err.contains("spool directory"), "{err}");
+        let relative = ExecutorSettings { runner_program: "custody".into(), spool_dir: Some("/tmp".into()), ..Default::default() };
+        assert!(build("slurm", &relative).err().unwrap().to_string().contains("absolute path"));
+        assert_eq!(build("local", &settings).unwrap().name(), "local");
     }
 }

@@ -15,4 +15,4 @@ pub mod local;
 pub mod slurm;
 
 pub use dispatch::{Dispatcher, JobError, JobReport};
-pub use executor::{Executor, ExecutorError, Launch, RunnerProcess};
+pub use executor::{Executor, ExecutorError, ExecutorSettings, Launch, RunnerProcess};

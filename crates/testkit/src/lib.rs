@@ -12,6 +12,7 @@ mod http;
 pub mod image;
 mod proxy;
 mod registry;
+pub mod slurm;
 mod token;
 
 use std::path::{Path, PathBuf};

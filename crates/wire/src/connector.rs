@@ -29,6 +29,8 @@ pub const DEFAULT_HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 pub struct RunnerSession {
     /// Where the runner connected from.
     pub peer: SocketAddr,
+    /// When the daemon said `OK`.
+    pub authenticated_at: std::time::Instant,
     pub client: RunnerClient,
 }
 
@@ -151,16 +153,17 @@ impl Connector {
                     verdict,
                 });
             };
+            let authenticated_at = std::time::Instant::now();
             let client = rpc::client_over(tls).await?;
-            Ok((waiter, client))
+            Ok((waiter, client, authenticated_at))
         })
         .await
         .map_err(|_| {
             Error::Handshake(format!("no complete handshake within {:?}", self.deadline))
         })?;
-        let (waiter, client) = outcome?;
+        let (waiter, client, authenticated_at) = outcome?;
         // The job may have given up meanwhile; then the session just drops.
-        let _ = waiter.deliver.send(RunnerSession { peer, client });
+        let _ = waiter.deliver.send(RunnerSession { peer, authenticated_at, client });
         Ok(())
     }
 

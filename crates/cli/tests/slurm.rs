@@ -1,0 +1,80 @@
+//! Runners scheduled on a real Slurm cluster whose nodes live in their own
+//! network namespaces, connecting back to the daemon over the bridge.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use custody_daemon::dispatch::{Dispatcher, JobError};
+use custody_daemon::slurm::SlurmExecutor;
+use custody_testkit::slurm::SlurmCluster;
+use custody_wire::rpc::proto;
+use custody_wire::{Connector, DaemonIdentity};
+use tokio::net::TcpListener;
+
+fn job(id: &str, run: &str) -> proto::Job {
+    proto::Job {
+        job_id: id.to_owned(),
+        steps: vec![proto::Step { name: "step".into(), run: run.into(), ..Default::default() }],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jobs_run_on_different_slurm_nodes_and_authenticate() {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let cluster = SlurmCluster::up(&workspace, 2);
+    let spool = tempfile::Builder::new().prefix("custody-spool-").tempdir_in("/tmp").unwrap();
+
+    let identity = DaemonIdentity::generate().unwrap();
+    let connector = Connector::new(&identity);
+    let listener = TcpListener::bind((cluster.host_addr.as_str(), 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(connector.clone().serve(listener, std::future::pending()));
+    let mut executor = SlurmExecutor::new(env!("CARGO_BIN_EXE_custody").into(), spool.path().to_owned());
+    executor.command_env.push(("SLURM_CONF".into(), cluster.conf.clone()));
+    executor.poll_interval = Duration::from_millis(200);
+    let dispatcher = Arc::new(Dispatcher {
+        connector: connector.clone(),
+        executor: Arc::new(executor.clone()),
+        daemon_addr: addr,
+        connect_timeout: Duration::from_secs(60),
+    });
+
+    // Four one-CPU jobs at once on two one-CPU nodes: both nodes get work.
+    let runs = (0..4).map(|i| {
+        let dispatcher = dispatcher.clone();
+        async move { dispatcher.run(job(&format!("slurm-{i}"), "sleep 1; echo ran"), |_| {}, std::future::pending()).await }
+    });
+    let reports = futures_util::future::join_all(runs).await;
+    let mut peers = Vec::new();
+    for report in reports {
+        let report = report.unwrap();
+        assert!(report.finished.success, "{:?}", report.finished);
+        assert!(report.runner.starts_with("slurm job "), "{}", report.runner);
+        peers.push(report.peer.ip().to_string());
+    }
+    let node_addrs: Vec<&str> = cluster.nodes.iter().map(|(_, a)| a.as_str()).collect();
+    for addr in &node_addrs {
+        assert!(peers.iter().any(|p| p == addr), "no job connected from node {addr}: {peers:?}");
+    }
+    assert!(peers.iter().all(|p| node_addrs.contains(&p.as_str())), "{peers:?}");
+
+    // A runner that cannot start on the node fails the job with Slurm's word for it.
+    let mut broken = executor.clone();
+    broken.program = "/nonexistent/custody".into();
+    let dispatcher = Dispatcher { executor: Arc::new(broken), ..Arc::try_unwrap(dispatcher).ok().unwrap() };
+    let err = dispatcher.run(job("slurm-broken", "true"), |_| {}, std::future::pending()).await.unwrap_err();
+    assert!(matches!(err, JobError::RunnerEnded { .. }), "{err}");
+    assert!(err.to_string().contains("FAILED") && err.to_string().contains("/nonexistent/custody"), "{err}");
+    assert_eq!(connector.waiting(), 0);
+
+    // Token files never outlive their job.
+    let left: Vec<_> = fs_err::read_dir(spool.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "spool files left: {left:?}");
+
+    drop(cluster);
+    let running = std::process::Command::new("pgrep").args(["-x", "slurmd|slurmctld"]).output().unwrap();
+    assert!(running.stdout.is_empty(), "Slurm daemons survived the tear-down");
+    let namespaces = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&namespaces.stdout).contains("cstdy-"), "namespaces survived the tear-down");
+}
