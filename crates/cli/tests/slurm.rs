@@ -15,7 +15,11 @@ use tokio::net::TcpListener;
 fn job(id: &str, run: &str) -> proto::Job {
     proto::Job {
         job_id: id.to_owned(),
-        steps: vec![proto::Step { name: "step".into(), run: run.into(), ..Default::default() }],
+        steps: vec![proto::Step {
+            name: "step".into(),
+            run: run.into(),
+            ..Default::default()
+        }],
     }
 }
 
@@ -23,15 +27,25 @@ fn job(id: &str, run: &str) -> proto::Job {
 async fn jobs_run_on_different_slurm_nodes_and_authenticate() {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let cluster = SlurmCluster::up(&workspace, 2);
-    let spool = tempfile::Builder::new().prefix("custody-spool-").tempdir_in("/tmp").unwrap();
+    let spool = tempfile::Builder::new()
+        .prefix("custody-spool-")
+        .tempdir_in("/tmp")
+        .unwrap();
 
     let identity = DaemonIdentity::generate().unwrap();
     let connector = Connector::new(&identity);
-    let listener = TcpListener::bind((cluster.host_addr.as_str(), 0)).await.unwrap();
+    let listener = TcpListener::bind((cluster.host_addr.as_str(), 0))
+        .await
+        .unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     tokio::spawn(connector.clone().serve(listener, std::future::pending()));
-    let mut executor = SlurmExecutor::new(env!("CARGO_BIN_EXE_custody").into(), spool.path().to_owned());
-    executor.command_env.push(("SLURM_CONF".into(), cluster.conf.clone()));
+    let mut executor = SlurmExecutor::new(
+        env!("CARGO_BIN_EXE_custody").into(),
+        spool.path().to_owned(),
+    );
+    executor
+        .command_env
+        .push(("SLURM_CONF".into(), cluster.conf.clone()));
     executor.poll_interval = Duration::from_millis(200);
     let dispatcher = Arc::new(Dispatcher {
         connector: connector.clone(),
@@ -43,7 +57,15 @@ async fn jobs_run_on_different_slurm_nodes_and_authenticate() {
     // Four one-CPU jobs at once on two one-CPU nodes: both nodes get work.
     let runs = (0..4).map(|i| {
         let dispatcher = dispatcher.clone();
-        async move { dispatcher.run(job(&format!("slurm-{i}"), "sleep 1; echo ran"), |_| {}, std::future::pending()).await }
+        async move {
+            dispatcher
+                .run(
+                    job(&format!("slurm-{i}"), "sleep 1; echo ran"),
+                    |_| {},
+                    std::future::pending(),
+                )
+                .await
+        }
     });
     let reports = futures_util::future::join_all(runs).await;
     let mut peers = Vec::new();
@@ -55,26 +77,56 @@ async fn jobs_run_on_different_slurm_nodes_and_authenticate() {
     }
     let node_addrs: Vec<&str> = cluster.nodes.iter().map(|(_, a)| a.as_str()).collect();
     for addr in &node_addrs {
-        assert!(peers.iter().any(|p| p == addr), "no job connected from node {addr}: {peers:?}");
+        assert!(
+            peers.iter().any(|p| p == addr),
+            "no job connected from node {addr}: {peers:?}"
+        );
     }
-    assert!(peers.iter().all(|p| node_addrs.contains(&p.as_str())), "{peers:?}");
+    assert!(
+        peers.iter().all(|p| node_addrs.contains(&p.as_str())),
+        "{peers:?}"
+    );
 
     // A runner that cannot start on the node fails the job with Slurm's word for it.
     let mut broken = executor.clone();
     broken.program = "/nonexistent/custody".into();
-    let dispatcher = Dispatcher { executor: Arc::new(broken), ..Arc::try_unwrap(dispatcher).ok().unwrap() };
-    let err = dispatcher.run(job("slurm-broken", "true"), |_| {}, std::future::pending()).await.unwrap_err();
+    let dispatcher = Dispatcher {
+        executor: Arc::new(broken),
+        ..Arc::try_unwrap(dispatcher).ok().unwrap()
+    };
+    let err = dispatcher
+        .run(job("slurm-broken", "true"), |_| {}, std::future::pending())
+        .await
+        .unwrap_err();
     assert!(matches!(err, JobError::RunnerEnded { .. }), "{err}");
-    assert!(err.to_string().contains("FAILED") && err.to_string().contains("/nonexistent/custody"), "{err}");
+    assert!(
+        err.to_string().contains("FAILED") && err.to_string().contains("/nonexistent/custody"),
+        "{err}"
+    );
     assert_eq!(connector.waiting(), 0);
 
     // Token files never outlive their job.
-    let left: Vec<_> = fs_err::read_dir(spool.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let left: Vec<_> = fs_err::read_dir(spool.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert!(left.is_empty(), "spool files left: {left:?}");
 
     drop(cluster);
-    let running = std::process::Command::new("pgrep").args(["-x", "slurmd|slurmctld"]).output().unwrap();
-    assert!(running.stdout.is_empty(), "Slurm daemons survived the tear-down");
-    let namespaces = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
-    assert!(!String::from_utf8_lossy(&namespaces.stdout).contains("cstdy-"), "namespaces survived the tear-down");
+    let running = std::process::Command::new("pgrep")
+        .args(["-x", "slurmd|slurmctld"])
+        .output()
+        .unwrap();
+    assert!(
+        running.stdout.is_empty(),
+        "Slurm daemons survived the tear-down"
+    );
+    let namespaces = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&namespaces.stdout).contains("cstdy-"),
+        "namespaces survived the tear-down"
+    );
 }

@@ -18,7 +18,10 @@ use tokio::net::{TcpListener, TcpStream};
 async fn main() {
     let mut args = std::env::args().skip(1);
     let runner = args.next().expect("usage: connect RUNNER_BINARY [JOBS]");
-    let jobs: usize = args.next().map(|n| n.parse().expect("JOBS is a number")).unwrap_or(500);
+    let jobs: usize = args
+        .next()
+        .map(|n| n.parse().expect("JOBS is a number"))
+        .unwrap_or(500);
 
     let identity = DaemonIdentity::generate().unwrap();
     let connector = Connector::new(&identity);
@@ -35,17 +38,27 @@ async fn main() {
     // The floor: spawn the binary (it exits at once) and a bare TLS handshake.
     let mut spawn = Vec::new();
     let mut tls = Vec::new();
-    let client_config = custody_wire::identity::runner_tls_config(identity.certificate_pem()).unwrap();
+    let client_config =
+        custody_wire::identity::runner_tls_config(identity.certificate_pem()).unwrap();
     for _ in 0..50 {
         let started = Instant::now();
-        let status = tokio::process::Command::new(&runner).arg("--version").stdout(std::process::Stdio::null()).status().await.unwrap();
+        let status = tokio::process::Command::new(&runner)
+            .arg("--version")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .await
+            .unwrap();
         assert!(status.success());
         spawn.push(started.elapsed());
         let started = Instant::now();
         let tcp = TcpStream::connect(&addr).await.unwrap();
         tcp.set_nodelay(true).unwrap();
-        let name = rustls::pki_types::ServerName::try_from(custody_wire::identity::SERVER_NAME).unwrap();
-        let stream = tokio_rustls::TlsConnector::from(client_config.clone()).connect(name, tcp).await.unwrap();
+        let name =
+            rustls::pki_types::ServerName::try_from(custody_wire::identity::SERVER_NAME).unwrap();
+        let stream = tokio_rustls::TlsConnector::from(client_config.clone())
+            .connect(name, tcp)
+            .await
+            .unwrap();
         tls.push(started.elapsed());
         drop(stream);
     }
@@ -59,7 +72,10 @@ async fn main() {
             let dispatcher = dispatcher.clone();
             let permit = semaphore.clone().acquire_owned().await.unwrap();
             tasks.push(tokio::spawn(async move {
-                let job = proto::Job { job_id: format!("bench-{concurrency}-{i}"), steps: Vec::new() };
+                let job = proto::Job {
+                    job_id: format!("bench-{concurrency}-{i}"),
+                    steps: Vec::new(),
+                };
                 let result = dispatcher.run(job, |_| {}, std::future::pending()).await;
                 drop(permit);
                 let report = result.expect("a bench job failed");
@@ -85,10 +101,24 @@ async fn main() {
     assert_eq!(connector.waiting(), 0, "waiters leaked");
 
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    eprintln!("floor: spawn p50 {:.2} ms + TLS handshake p50 {:.2} ms = {:.2} ms", ms(percentile(&mut spawn, 50.0)), ms(percentile(&mut tls, 50.0)), ms(floor));
-    eprintln!("{:>11} {:>16} {:>16} {:>16} {:>16}", "concurrency", "auth p50 ms", "auth p99 ms", "first-rpc p50", "first-rpc p99");
+    eprintln!(
+        "floor: spawn p50 {:.2} ms + TLS handshake p50 {:.2} ms = {:.2} ms",
+        ms(percentile(&mut spawn, 50.0)),
+        ms(percentile(&mut tls, 50.0)),
+        ms(floor)
+    );
+    eprintln!(
+        "{:>11} {:>16} {:>16} {:>16} {:>16}",
+        "concurrency", "auth p50 ms", "auth p99 ms", "first-rpc p50", "first-rpc p99"
+    );
     for (c, a50, a99, f50, f99) in &report {
-        eprintln!("{c:>11} {:>16.2} {:>16.2} {:>16.2} {:>16.2}", ms(*a50), ms(*a99), ms(*f50), ms(*f99));
+        eprintln!(
+            "{c:>11} {:>16.2} {:>16.2} {:>16.2} {:>16.2}",
+            ms(*a50),
+            ms(*a99),
+            ms(*f50),
+            ms(*f99)
+        );
     }
     let (_, p50_at_1, ..) = report[0];
     let (_, _, p99_at_50, ..) = report[1];

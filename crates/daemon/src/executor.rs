@@ -74,21 +74,34 @@ pub struct ExecutorSettings {
 
 /// Builds the executor named `kind`. An unknown kind, or settings it cannot
 /// work with, fail here, before any job is started.
-pub fn build(kind: &str, settings: &ExecutorSettings) -> Result<std::sync::Arc<dyn Executor>, ExecutorError> {
+pub fn build(
+    kind: &str,
+    settings: &ExecutorSettings,
+) -> Result<std::sync::Arc<dyn Executor>, ExecutorError> {
     match kind {
-        "local" => Ok(std::sync::Arc::new(crate::local::LocalExecutor::new(settings.runner_program.clone()))),
+        "local" => Ok(std::sync::Arc::new(crate::local::LocalExecutor::new(
+            settings.runner_program.clone(),
+        ))),
         "slurm" => {
-            let spool_dir = settings.spool_dir.clone().ok_or_else(|| ExecutorError::Misconfigured {
-                executor: "slurm".into(),
-                reason: "it needs a spool directory shared with the compute nodes".into(),
-            })?;
+            let spool_dir =
+                settings
+                    .spool_dir
+                    .clone()
+                    .ok_or_else(|| ExecutorError::Misconfigured {
+                        executor: "slurm".into(),
+                        reason: "it needs a spool directory shared with the compute nodes".into(),
+                    })?;
             if !settings.runner_program.is_absolute() {
                 return Err(ExecutorError::Misconfigured {
                     executor: "slurm".into(),
-                    reason: format!("the runner program `{}` must be an absolute path", settings.runner_program.display()),
+                    reason: format!(
+                        "the runner program `{}` must be an absolute path",
+                        settings.runner_program.display()
+                    ),
                 });
             }
-            let mut executor = crate::slurm::SlurmExecutor::new(settings.runner_program.clone(), spool_dir);
+            let mut executor =
+                crate::slurm::SlurmExecutor::new(settings.runner_program.clone(), spool_dir);
             executor.sbatch_args = settings.sbatch_args.clone();
             Ok(std::sync::Arc::new(executor))
         }
@@ -135,13 +148,29 @@ mod tests {
 
     #[test]
     fn unknown_or_misconfigured_executors_are_refused_up_front() {
-        let settings = ExecutorSettings { runner_program: "/usr/bin/custody".into(), ..Default::default() };
+        let settings = ExecutorSettings {
+            runner_program: "/usr/bin/custody".into(),
+            ..Default::default()
+        };
         let err = build("kubernetes", &settings).err().unwrap().to_string();
-        assert!(err.contains("`kubernetes`") && err.contains("unknown executor kind"), "{err}");
+        assert!(
+            err.contains("`kubernetes`") && err.contains("unknown executor kind"),
+            "{err}"
+        );
         let err = build("slurm", &settings).err().unwrap().to_string();
         assert!(err.contains("spool directory"), "{err}");
-        let relative = ExecutorSettings { runner_program: "custody".into(), spool_dir: Some("/tmp".into()), ..Default::default() };
-        assert!(build("slurm", &relative).err().unwrap().to_string().contains("absolute path"));
+        let relative = ExecutorSettings {
+            runner_program: "custody".into(),
+            spool_dir: Some("/tmp".into()),
+            ..Default::default()
+        };
+        assert!(
+            build("slurm", &relative)
+                .err()
+                .unwrap()
+                .to_string()
+                .contains("absolute path")
+        );
         assert_eq!(build("local", &settings).unwrap().name(), "local");
     }
 }

@@ -51,7 +51,10 @@ impl SlurmExecutor {
     }
 
     fn misconfigured(&self, reason: String) -> ExecutorError {
-        ExecutorError::Misconfigured { executor: "slurm".into(), reason }
+        ExecutorError::Misconfigured {
+            executor: "slurm".into(),
+            reason,
+        }
     }
 
     async fn submit(&self, launch: &Launch) -> Result<(String, Files), ExecutorError> {
@@ -63,11 +66,20 @@ impl SlurmExecutor {
         }
         tokio::fs::create_dir_all(&self.spool_dir)
             .await
-            .map_err(|e| self.misconfigured(format!("cannot create the spool directory `{}`: {e}", self.spool_dir.display())))?;
+            .map_err(|e| {
+                self.misconfigured(format!(
+                    "cannot create the spool directory `{}`: {e}",
+                    self.spool_dir.display()
+                ))
+            })?;
         let files = Files::new(&self.spool_dir, &launch.job_id);
-        let write_failed = |path: &Path, e: std::io::Error| self.misconfigured(format!("cannot write `{}`: {e}", path.display()));
-        write_private(&files.token, launch.token.expose()).map_err(|e| write_failed(&files.token, e))?;
-        fs_err::write(&files.certificate, &launch.certificate_pem).map_err(|e| write_failed(&files.certificate, e))?;
+        let write_failed = |path: &Path, e: std::io::Error| {
+            self.misconfigured(format!("cannot write `{}`: {e}", path.display()))
+        };
+        write_private(&files.token, launch.token.expose())
+            .map_err(|e| write_failed(&files.token, e))?;
+        fs_err::write(&files.certificate, &launch.certificate_pem)
+            .map_err(|e| write_failed(&files.certificate, e))?;
 
         let script = [
             quote(&self.program.to_string_lossy()),
@@ -100,22 +112,37 @@ impl SlurmExecutor {
                 if e.kind() == std::io::ErrorKind::NotFound {
                     self.misconfigured("`sbatch` is not installed or not on PATH".into())
                 } else {
-                    ExecutorError::StartFailed { executor: "slurm".into(), reason: format!("running sbatch: {e}") }
+                    ExecutorError::StartFailed {
+                        executor: "slurm".into(),
+                        reason: format!("running sbatch: {e}"),
+                    }
                 }
             })?;
         if !output.status.success() {
             files.remove();
             return Err(ExecutorError::StartFailed {
                 executor: "slurm".into(),
-                reason: format!("sbatch failed ({}): {}", output.status, String::from_utf8_lossy(&output.stderr).trim()),
+                reason: format!(
+                    "sbatch failed ({}): {}",
+                    output.status,
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ),
             });
         }
         let stdout = String::from_utf8_lossy(&output.stdout);
         // `--parsable` prints `ID` or `ID;CLUSTER`.
-        let id = stdout.trim().split(';').next().unwrap_or_default().to_owned();
+        let id = stdout
+            .trim()
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
         if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
             files.remove();
-            return Err(ExecutorError::StartFailed { executor: "slurm".into(), reason: format!("sbatch printed no job id: {stdout:?}") });
+            return Err(ExecutorError::StartFailed {
+                executor: "slurm".into(),
+                reason: format!("sbatch printed no job id: {stdout:?}"),
+            });
         }
         Ok((id, files))
     }
@@ -124,12 +151,28 @@ impl SlurmExecutor {
     async fn watch(self, id: String, files: Files) -> RunnerEnded {
         loop {
             tokio::time::sleep(self.poll_interval).await;
-            let state = self.command("squeue").args(["-h", "-j", &id, "-o", "%T"]).output().await;
+            let state = self
+                .command("squeue")
+                .args(["-h", "-j", &id, "-o", "%T"])
+                .output()
+                .await;
             let active = match &state {
                 Ok(out) if out.status.success() => {
                     let text = String::from_utf8_lossy(&out.stdout);
                     let text = text.trim();
-                    !text.is_empty() && !matches!(text, "COMPLETED" | "FAILED" | "CANCELLED" | "TIMEOUT" | "NODE_FAIL" | "OUT_OF_MEMORY" | "PREEMPTED" | "BOOT_FAIL" | "DEADLINE")
+                    !text.is_empty()
+                        && !matches!(
+                            text,
+                            "COMPLETED"
+                                | "FAILED"
+                                | "CANCELLED"
+                                | "TIMEOUT"
+                                | "NODE_FAIL"
+                                | "OUT_OF_MEMORY"
+                                | "PREEMPTED"
+                                | "BOOT_FAIL"
+                                | "DEADLINE"
+                        )
                 }
                 // squeue fails for job ids it has forgotten: the job is gone.
                 _ => false,
@@ -137,21 +180,37 @@ impl SlurmExecutor {
             if active {
                 continue;
             }
-            let details = self.command("scontrol").args(["show", "job", "-o", &id]).output().await;
-            let info = details.ok().filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+            let details = self
+                .command("scontrol")
+                .args(["show", "job", "-o", &id])
+                .output()
+                .await;
+            let info = details
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
             let field = |name: &str| {
                 info.split_whitespace()
                     .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
                     .unwrap_or("?")
                     .to_owned()
             };
-            let job_state = if info.is_empty() { "VANISHED".to_owned() } else { field("JobState") };
+            let job_state = if info.is_empty() {
+                "VANISHED".to_owned()
+            } else {
+                field("JobState")
+            };
             let tail = tail_of(&files.output);
             files.remove();
             return RunnerEnded {
                 success: job_state == "COMPLETED",
                 detail: with_output(
-                    format!("slurm job {id} ended {job_state} (exit code {}) on node {}", field("ExitCode"), field("NodeList")),
+                    format!(
+                        "slurm job {id} ended {job_state} (exit code {}) on node {}",
+                        field("ExitCode"),
+                        field("NodeList")
+                    ),
                     &tail,
                 ),
             };
@@ -178,7 +237,11 @@ impl Executor for SlurmExecutor {
                     .boxed()
                 }) as Box<dyn FnOnce() -> BoxFuture<'static, ()> + Send>
             };
-            Ok(RunnerProcess { description: format!("slurm job {id}"), ended, stop: cancel })
+            Ok(RunnerProcess {
+                description: format!("slurm job {id}"),
+                ended,
+                stop: cancel,
+            })
         }
         .boxed()
     }
@@ -212,7 +275,11 @@ impl Files {
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
     file.write_all(text.as_bytes())
 }
 

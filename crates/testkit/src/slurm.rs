@@ -19,7 +19,11 @@ impl SlurmCluster {
     /// namespace. Needs root; panics with the script's output otherwise.
     pub fn up(workspace: &Path, nodes: usize) -> Self {
         let script = workspace.join("scripts/slurm-cluster");
-        let output = Command::new(&script).arg("up").arg(nodes.to_string()).output().expect("scripts/slurm-cluster runs");
+        let output = Command::new(&script)
+            .arg("up")
+            .arg(nodes.to_string())
+            .output()
+            .expect("scripts/slurm-cluster runs");
         assert!(
             output.status.success(),
             "scripts/slurm-cluster up failed (it needs root):\n{}{}",
@@ -27,7 +31,11 @@ impl SlurmCluster {
             String::from_utf8_lossy(&output.stderr)
         );
         let text = String::from_utf8_lossy(&output.stdout).into_owned();
-        let value = |key: &str| text.lines().find_map(|l| l.strip_prefix(key)).map(str::to_owned);
+        let value = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(str::to_owned)
+        };
         let nodes = text
             .lines()
             .filter_map(|l| l.strip_prefix("node="))

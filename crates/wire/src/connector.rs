@@ -163,7 +163,11 @@ impl Connector {
         })?;
         let (waiter, client, authenticated_at) = outcome?;
         // The job may have given up meanwhile; then the session just drops.
-        let _ = waiter.deliver.send(RunnerSession { peer, authenticated_at, client });
+        let _ = waiter.deliver.send(RunnerSession {
+            peer,
+            authenticated_at,
+            client,
+        });
         Ok(())
     }
 

@@ -186,12 +186,19 @@ impl Client {
     ) -> Result<Response, Error> {
         self.ping().await?;
         for attempt in 0..2 {
-            let mut request = build();
-            if let Some(header) = self.auth.header(&self.http, scope).await? {
-                request = request.header(reqwest::header::AUTHORIZATION, header);
+            let mut request = build().build().map_err(|e| self.transport(action, &e))?;
+            // An upload `Location` may point elsewhere; the registry's
+            // credentials go to the registry's own origin only.
+            if request.url().origin() == self.base.origin() {
+                if let Some(header) = self.auth.header(&self.http, scope).await? {
+                    request
+                        .headers_mut()
+                        .insert(reqwest::header::AUTHORIZATION, header);
+                }
             }
-            let response = request
-                .send()
+            let response = self
+                .http
+                .execute(request)
                 .await
                 .map_err(|e| self.transport(action, &e))?;
             if response.status() != StatusCode::UNAUTHORIZED {
