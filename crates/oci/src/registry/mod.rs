@@ -189,12 +189,12 @@ impl Client {
             let mut request = build().build().map_err(|e| self.transport(action, &e))?;
             // An upload `Location` may point elsewhere; the registry's
             // credentials go to the registry's own origin only.
-            if request.url().origin() == self.base.origin() {
-                if let Some(header) = self.auth.header(&self.http, scope).await? {
-                    request
-                        .headers_mut()
-                        .insert(reqwest::header::AUTHORIZATION, header);
-                }
+            if request.url().origin() == self.base.origin()
+                && let Some(header) = self.auth.header(&self.http, scope).await?
+            {
+                request
+                    .headers_mut()
+                    .insert(reqwest::header::AUTHORIZATION, header);
             }
             let response = self
                 .http
