@@ -958,3 +958,73 @@ fn help_explains_every_flag() {
     let run = custody(&["pull", "--help"]).success();
     assert!(run.stdout.contains("--certs-dir") && run.stdout.contains("verified"));
 }
+
+#[test]
+fn credentials_are_not_sent_to_an_upload_location_on_another_host() {
+    use custody_testkit::http::{Response, Server};
+    use std::sync::{Arc, Mutex};
+    // A registry whose upload `Location` points at another origin, and that
+    // other origin, recording whether credentials came along.
+    let elsewhere_saw: Arc<Mutex<Vec<bool>>> = Arc::default();
+    let elsewhere = {
+        let saw = elsewhere_saw.clone();
+        Server::start(move |request| {
+            saw.lock()
+                .unwrap()
+                .push(request.headers.contains_key("authorization"));
+            Response::new(201, "text/plain", "")
+        })
+    };
+    let elsewhere_port = elsewhere.port;
+    let registry_saw: Arc<Mutex<Vec<bool>>> = Arc::default();
+    let registry = {
+        let saw = registry_saw.clone();
+        Server::start(move |request| {
+            let authorized = request
+                .headers
+                .get("authorization")
+                .is_some_and(|a| a.starts_with("Basic "));
+            saw.lock().unwrap().push(authorized);
+            if !authorized {
+                return Response::new(401, "application/json", "{}")
+                    .header("WWW-Authenticate", "Basic realm=\"hostile\"");
+            }
+            match (request.method.as_str(), request.path.as_str()) {
+                ("POST", _) => Response::new(202, "text/plain", "").header(
+                    "Location",
+                    &format!("http://127.0.0.1:{elsewhere_port}/upload/1?state=x"),
+                ),
+                ("PUT", p) if p.contains("/manifests/") => Response::new(201, "text/plain", ""),
+                _ => Response::new(404, "application/json", "{}"),
+            }
+        })
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let image = Image::random(22, &[1_000]);
+    let layout = layout_with(dir.path(), &image);
+    let host = format!("127.0.0.1:{}", registry.port);
+    custody(&[
+        "push",
+        "--insecure-registry",
+        &host,
+        "--creds",
+        "alice:s3cret",
+        &oci(&layout, "v1"),
+        &format!("{host}/team/app:v1"),
+    ])
+    .success();
+    let elsewhere_saw = elsewhere_saw.lock().unwrap();
+    assert_eq!(
+        elsewhere_saw.len(),
+        2,
+        "both blobs were uploaded to the other origin"
+    );
+    assert!(
+        elsewhere_saw.iter().all(|had| !had),
+        "credentials went to another origin"
+    );
+    assert!(
+        registry_saw.lock().unwrap().iter().any(|had| *had),
+        "the registry itself got the credentials"
+    );
+}

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 
 pub struct Request {
+    pub method: String,
     pub path: String,
     pub query: Vec<(String, String)>,
     pub headers: HashMap<String, String>,
@@ -18,6 +19,7 @@ pub struct Response {
     pub status: u16,
     pub content_type: &'static str,
     pub body: Vec<u8>,
+    pub headers: Vec<(String, String)>,
 }
 
 impl Response {
@@ -26,7 +28,13 @@ impl Response {
             status,
             content_type,
             body: body.into(),
+            headers: Vec::new(),
         }
+    }
+
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.to_owned(), value.to_owned()));
+        self
     }
 }
 
@@ -74,7 +82,7 @@ fn serve_one(stream: TcpStream, handler: &dyn Fn(Request) -> Response) -> std::i
     let mut line = String::new();
     reader.read_line(&mut line)?;
     let mut parts = line.split_whitespace();
-    let _method = parts.next();
+    let method = parts.next().unwrap_or_default().to_owned();
     let target = parts.next().unwrap_or_default().to_owned();
     let mut headers = HashMap::new();
     loop {
@@ -102,14 +110,20 @@ fn serve_one(stream: TcpStream, handler: &dyn Fn(Request) -> Response) -> std::i
         })
         .collect();
     let response = handler(Request {
+        method,
         path: decode(path),
         query,
         headers,
     });
     let mut stream = stream;
+    let extra: String = response
+        .headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     write!(
         stream,
-        "HTTP/1.1 {} X\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {} X\r\nContent-Type: {}\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
         response.status,
         response.content_type,
         response.body.len()

@@ -8,7 +8,7 @@
 //! ```
 
 pub mod certs;
-mod http;
+pub mod http;
 pub mod image;
 mod proxy;
 mod registry;
