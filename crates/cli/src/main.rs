@@ -49,6 +49,9 @@ enum Command {
     /// Uses the OCI 1.1 referrers API, or the `sha256-<hex>` tag schema on
     /// registries without it.
     Referrers(ReferrersArgs),
+    /// Manage signing keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Run one job for a daemon (started by an executor, not by hand).
     ///
     /// Dials the daemon over TLS 1.3, trusting only the certificate it was
@@ -57,6 +60,20 @@ enum Command {
     /// or the connection drops.
     #[command(hide = true)]
     Runner(RunnerArgs),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Write a new key pair: `DIR/custody.key` (PKCS#8 PEM, mode 0600) and
+    /// `DIR/custody.pub` (SPKI PEM). An existing key is never overwritten.
+    Generate {
+        /// Where to write the two files.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// `ecdsa-p256` (default) or `ed25519`.
+        #[arg(long, default_value = "ecdsa-p256")]
+        algorithm: custody_attest::keys::Algorithm,
+    },
 }
 
 #[derive(Args)]
@@ -177,6 +194,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Push(args) | Command::Pull(args) => copy_image(args).await,
         Command::Referrers(args) => referrers(args).await,
         Command::Runner(args) => runner(args).await,
+        Command::Keys(KeysCommand::Generate { out, algorithm }) => {
+            let (private, public, key) = custody_attest::keys::generate_files(&out, algorithm)?;
+            eprintln!(
+                "wrote the private key to `{}` and the public key to `{}`",
+                private.display(),
+                public.display()
+            );
+            print_line(key.verifying_key().key_id())
+        }
     }
 }
 
@@ -346,7 +372,8 @@ fn report(err: &anyhow::Error) -> ExitCode {
     }
     let _ = std::io::stderr().write_all(text.as_bytes());
     // Exit 2 when the fault is in how custody was called or set up.
-    if cause.is_some_and(custody_oci::Error::is_usage) {
+    let key_problem = err.downcast_ref::<custody_attest::Error>().is_some();
+    if cause.is_some_and(custody_oci::Error::is_usage) || key_problem {
         ExitCode::from(2)
     } else {
         ExitCode::from(1)

@@ -1028,3 +1028,44 @@ fn credentials_are_not_sent_to_an_upload_location_on_another_host() {
         "the registry itself got the credentials"
     );
 }
+
+#[test]
+fn keys_generate_writes_a_private_and_a_public_key_and_never_overwrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("keys");
+    let run = custody(&["keys", "generate", "--out", out.to_str().unwrap()]).success();
+    assert!(
+        run.stdout.starts_with("sha256:") && run.stdout.trim().len() == 71,
+        "{}",
+        run.stdout
+    );
+    let private = out.join("custody.key");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&fs_err::metadata(&private).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(
+        fs_err::read_to_string(&private)
+            .unwrap()
+            .starts_with("-----BEGIN PRIVATE KEY-----")
+    );
+    assert!(
+        fs_err::read_to_string(out.join("custody.pub"))
+            .unwrap()
+            .starts_with("-----BEGIN PUBLIC KEY-----")
+    );
+    let before = fs_err::read(&private).unwrap();
+    custody(&["keys", "generate", "--out", out.to_str().unwrap()])
+        .failure(2)
+        .stderr_has("custody.key")
+        .stderr_has("never overwritten");
+    assert_eq!(fs_err::read(&private).unwrap(), before);
+    custody(&[
+        "keys",
+        "generate",
+        "--out",
+        dir.path().join("ed").to_str().unwrap(),
+        "--algorithm",
+        "ed25519",
+    ])
+    .success();
+}
