@@ -22,6 +22,7 @@ pub mod layout;
 pub mod reference;
 pub mod registry;
 pub mod stream;
+pub mod unpack;
 
 pub use digest::Digest;
 pub use error::Error;

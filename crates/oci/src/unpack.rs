@@ -1,0 +1,207 @@
+//! Unpacking image layers into a root filesystem, with OCI whiteouts
+//! (image-spec `layer.md`, "Whiteouts").
+//!
+//! Layers come from images nobody vouches for, so every entry is checked
+//! before it touches the disk: absolute paths and `..` components are
+//! refused, and so is any entry whose path goes through a symlink already in
+//! the tree (a layer that plants `etc -> /etc` and then writes `etc/passwd`
+//! would otherwise write outside the root). Hard links must point inside
+//! the tree the same way. Devices and FIFOs are skipped; set-id bits are
+//! dropped. This is blocking work: run it under `spawn_blocking`.
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::path::{Component, Path, PathBuf};
+
+use fs_err as fs;
+
+/// The opaque-directory marker: hide everything lower layers put here.
+const OPAQUE: &str = ".wh..wh..opq";
+/// The prefix of a whiteout: `.wh.NAME` deletes `NAME` from lower layers.
+const WHITEOUT_PREFIX: &str = ".wh.";
+
+/// Why a layer was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UnpackError {
+    #[error("layer entry `{entry}` is refused: {reason}")]
+    Unsafe { entry: String, reason: &'static str },
+    #[error("layer is not a readable tar stream: {0}")]
+    Tar(#[source] std::io::Error),
+    #[error("unsupported layer media type `{0}`")]
+    MediaType(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// How a layer blob is compressed, from its media type.
+pub fn decompressor<'a>(
+    media_type: &str,
+    blob: impl Read + 'a,
+) -> Result<Box<dyn Read + 'a>, UnpackError> {
+    let base = media_type.split(';').next().unwrap_or(media_type).trim();
+    if base.ends_with("+gzip")
+        || base.ends_with(".gzip")
+        || base == "application/vnd.docker.image.rootfs.diff.tar.gzip"
+    {
+        Ok(Box::new(flate2::read::MultiGzDecoder::new(blob)))
+    } else if base.ends_with("+zstd") {
+        Ok(Box::new(zstd::stream::read::Decoder::new(blob)?))
+    } else if base.ends_with(".tar") || base == "application/vnd.docker.image.rootfs.diff.tar" {
+        Ok(Box::new(blob))
+    } else {
+        Err(UnpackError::MediaType(media_type.to_owned()))
+    }
+}
+
+/// Applies one (uncompressed) layer tar on top of `root`.
+pub fn apply_layer(tar_stream: impl Read, root: &Path) -> Result<(), UnpackError> {
+    let mut archive = tar::Archive::new(tar_stream);
+    // Paths this layer itself created: an opaque marker hides lower layers
+    // only, never entries of its own layer.
+    let mut created: HashSet<PathBuf> = HashSet::new();
+    for entry in archive.entries().map_err(UnpackError::Tar)? {
+        let mut entry = entry.map_err(UnpackError::Tar)?;
+        let raw = entry.path().map_err(UnpackError::Tar)?.into_owned();
+        let display = raw.display().to_string();
+        let relative = clean(&raw).ok_or(UnpackError::Unsafe {
+            entry: display.clone(),
+            reason: "absolute paths and `..` are not allowed",
+        })?;
+        let Some(name) = relative
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_owned)
+        else {
+            continue; // the root itself
+        };
+        let parent_rel = relative.parent().unwrap_or(Path::new("")).to_owned();
+        ensure_no_symlink(root, &parent_rel, &display)?;
+        let parent = root.join(&parent_rel);
+
+        if name == OPAQUE {
+            if parent.is_dir() {
+                for child in fs::read_dir(&parent)? {
+                    let child = child?;
+                    let child_rel = parent_rel.join(child.file_name());
+                    if !created.contains(&child_rel) {
+                        remove(&child.path())?;
+                    }
+                }
+            }
+            continue;
+        }
+        if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
+            if hidden.is_empty() || hidden == "." || hidden == ".." {
+                return Err(UnpackError::Unsafe {
+                    entry: display,
+                    reason: "a whiteout must name an entry",
+                });
+            }
+            remove(&parent.join(hidden))?;
+            continue;
+        }
+
+        let target = root.join(&relative);
+        let kind = entry.header().entry_type();
+        fs::create_dir_all(&parent)?;
+        // What a lower layer had here is replaced, except a directory by a
+        // directory (whose contents stay).
+        if let Ok(existing) = std::fs::symlink_metadata(&target) {
+            if !(existing.is_dir() && kind.is_dir()) {
+                remove(&target)?;
+            }
+        }
+        let mode = entry.header().mode().unwrap_or(0o644) & 0o1777;
+        match kind {
+            tar::EntryType::Directory => {
+                fs::create_dir_all(&target)?;
+                set_mode(&target, mode | 0o700)?;
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                let mut file = fs::File::create(&target)?;
+                std::io::copy(&mut entry, &mut file)?;
+                set_mode(&target, mode)?;
+            }
+            tar::EntryType::Symlink => {
+                let link =
+                    entry
+                        .link_name()
+                        .map_err(UnpackError::Tar)?
+                        .ok_or(UnpackError::Unsafe {
+                            entry: display.clone(),
+                            reason: "a symlink without a target",
+                        })?;
+                // The target is stored as is: nothing here ever follows it.
+                std::os::unix::fs::symlink(link.as_ref(), &target)?;
+            }
+            tar::EntryType::Link => {
+                let link =
+                    entry
+                        .link_name()
+                        .map_err(UnpackError::Tar)?
+                        .ok_or(UnpackError::Unsafe {
+                            entry: display.clone(),
+                            reason: "a hard link without a target",
+                        })?;
+                let link_rel = clean(&link).ok_or(UnpackError::Unsafe {
+                    entry: display.clone(),
+                    reason: "a hard link must point inside the layer",
+                })?;
+                ensure_no_symlink(root, &link_rel, &display)?;
+                fs::hard_link(root.join(&link_rel), &target)?;
+            }
+            // Devices and FIFOs need privileges and no build needs them from an image.
+            _ => continue,
+        }
+        created.insert(relative);
+    }
+    Ok(())
+}
+
+/// The path as components inside the root, or `None` if it is absolute or
+/// climbs with `..`.
+fn clean(path: &Path) -> Option<PathBuf> {
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::Normal(part) => out.push(part),
+            Component::CurDir => {}
+            Component::RootDir | Component::Prefix(_) | Component::ParentDir => return None,
+        }
+    }
+    Some(out)
+}
+
+/// Refuses `relative` if any of its components is a symlink in the tree.
+fn ensure_no_symlink(root: &Path, relative: &Path, entry: &str) -> Result<(), UnpackError> {
+    let mut at = root.to_owned();
+    for component in relative.components() {
+        at.push(component);
+        match std::fs::symlink_metadata(&at) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                return Err(UnpackError::Unsafe {
+                    entry: entry.to_owned(),
+                    reason: "its path goes through a symlink",
+                });
+            }
+            Ok(_) => {}
+            Err(_) => break, // does not exist yet: nothing below it can be a link
+        }
+    }
+    Ok(())
+}
+
+fn remove(path: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
