@@ -107,10 +107,10 @@ pub fn apply_layer(tar_stream: impl Read, root: &Path) -> Result<(), UnpackError
         fs::create_dir_all(&parent)?;
         // What a lower layer had here is replaced, except a directory by a
         // directory (whose contents stay).
-        if let Ok(existing) = std::fs::symlink_metadata(&target) {
-            if !(existing.is_dir() && kind.is_dir()) {
-                remove(&target)?;
-            }
+        if let Ok(existing) = std::fs::symlink_metadata(&target)
+            && !(existing.is_dir() && kind.is_dir())
+        {
+            remove(&target)?;
         }
         let mode = entry.header().mode().unwrap_or(0o644) & 0o1777;
         match kind {
