@@ -13,6 +13,7 @@ pub mod dispatch;
 pub mod executor;
 pub mod local;
 pub mod slurm;
+pub mod spec;
 
 pub use dispatch::{Dispatcher, JobError, JobReport};
 pub use executor::{Executor, ExecutorError, ExecutorSettings, Launch, RunnerProcess};

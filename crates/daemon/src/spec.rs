@@ -1,0 +1,501 @@
+//! `custody.yaml`: what a build is. Parsed strictly: unknown fields, wrong
+//! types, missing fields and values that make no sense are errors that name
+//! the file, line and column, with the offending line shown.
+//!
+//! ```yaml
+//! source:                      # optional when building a local directory
+//!   git: https://example.org/app.git
+//!   revision: main             # resolved to a commit; the commit is recorded
+//! steps:
+//!   - name: build
+//!     image: registry.example.org/tools/builder@sha256:…   # omitted: the host's root, read-only
+//!     run: make image OUT=/output/app                        # or args: [make, image]
+//!     env: { KEY: value }
+//!     network: false                                         # default: no network
+//!     timeout: 10m                                           # seconds, or 90s / 10m / 2h
+//! images:
+//!   - from: oci:/output/app           # or docker-archive:/output/app.tar
+//!     to: registry.example.org/team/app:{revision}
+//! artifacts:
+//!   - paths: ["dist/*.tar.gz"]        # globs in the workspace
+//!     to: registry.example.org/team/app-dist:{revision}
+//! ```
+//!
+//! Destinations may use `{revision}` (the revision asked for), `{commit}`
+//! (the full commit), `{short_commit}` (its first 12 characters) and `{job}`
+//! (the job id).
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use custody_oci::{Location, Reference};
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+/// Where step outputs are written, inside the sandbox.
+pub const OUTPUT_DIR: &str = "/output";
+/// The placeholders destinations may use.
+pub const PLACEHOLDERS: &[&str] = &["revision", "commit", "short_commit", "job"];
+
+/// A parsed, checked build spec.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Spec {
+    pub source: Option<GitSource>,
+    pub steps: Vec<Step>,
+    pub images: Vec<ImageOutput>,
+    pub artifacts: Vec<ArtifactOutput>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GitSource {
+    pub git: String,
+    /// Branch, tag or commit; `HEAD` when not given.
+    pub revision: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Step {
+    pub name: String,
+    /// The step's root filesystem; `None` runs on the host's root, read-only.
+    pub image: Option<Reference>,
+    pub command: Command,
+    pub env: BTreeMap<String, String>,
+    pub network: bool,
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// A shell command line (`sh -c`).
+    Run(String),
+    /// An argument vector, run as is.
+    Args(Vec<String>),
+}
+
+/// An image a step wrote under `/output`, and where it goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageOutput {
+    /// `oci:` layout or `docker-archive:` path, under `/output`.
+    pub from: Location,
+    pub to: Destination,
+}
+
+/// Workspace files that go out as one OCI artifact.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArtifactOutput {
+    /// Globs relative to the workspace.
+    pub paths: Vec<String>,
+    pub to: Destination,
+}
+
+/// A destination with placeholders still in it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Destination(String);
+
+/// The values placeholders stand for in one build.
+pub struct Values<'a> {
+    pub revision: &'a str,
+    pub commit: &'a str,
+    pub job: &'a str,
+}
+
+impl Destination {
+    pub fn template(&self) -> &str {
+        &self.0
+    }
+
+    /// The destination for one build.
+    pub fn resolve(&self, values: &Values<'_>) -> Result<Location, custody_oci::Error> {
+        let short = &values.commit[..values.commit.len().min(12)];
+        substitute(&self.0, |name| match name {
+            "revision" => Some(values.revision),
+            "commit" => Some(values.commit),
+            "short_commit" => Some(short),
+            "job" => Some(values.job),
+            _ => None,
+        })
+        .expect("placeholders were checked when the spec was read")
+        .parse()
+    }
+}
+
+/// A spec that cannot be used, located in its file.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", self.render())]
+pub struct SpecError {
+    pub file: PathBuf,
+    pub line: u64,
+    pub column: u64,
+    pub message: String,
+    /// The offending line, when known.
+    pub snippet: Option<String>,
+}
+
+impl SpecError {
+    fn render(&self) -> String {
+        let mut text = format!(
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.column,
+            self.message
+        );
+        if let Some(line) = &self.snippet {
+            let gutter = self.line.to_string();
+            text.push_str(&format!(
+                "\n{pad} |\n{gutter} | {line}\n{pad} | {caret:>col$}",
+                pad = " ".repeat(gutter.len()),
+                caret = "^",
+                col = self.column.max(1) as usize
+            ));
+        }
+        text
+    }
+}
+
+/// Reads `file`.
+pub fn load(file: &Path) -> Result<Spec, SpecError> {
+    let text = fs_err::read_to_string(file).map_err(|e| SpecError {
+        file: file.to_owned(),
+        line: 0,
+        column: 0,
+        message: e.to_string(),
+        snippet: None,
+    })?;
+    parse(&text, file)
+}
+
+/// Parses `text`, naming `file` in errors.
+pub fn parse(text: &str, file: &Path) -> Result<Spec, SpecError> {
+    let raw: RawSpec = serde_saphyr::from_str(text).map_err(|e| {
+        let (line, column) = e
+            .location()
+            .map(|l| (l.line(), l.column()))
+            .unwrap_or((0, 0));
+        let message = e.without_snippet().to_string();
+        // The library prefixes `line L column C: `; we say it as file:line:col.
+        let message = message
+            .split_once(": ")
+            .filter(|(head, _)| head.starts_with("line "))
+            .map_or(message.clone(), |(_, rest)| rest.to_owned());
+        let message = message.trim_start_matches("error: ");
+        // …and sometimes appends ` at line L, column C`, which we also drop.
+        let message = message
+            .rfind(" at line ")
+            .map_or(message, |i| &message[..i]);
+        at(text, file, line, column, message.to_owned())
+    })?;
+    let error = |spanned_line: u64, column: u64, message: String| {
+        at(text, file, spanned_line, column, message)
+    };
+    let located = |s: &Spanned<String>, message: String| {
+        error(s.referenced.line(), s.referenced.column(), message)
+    };
+
+    if raw.steps.is_empty() {
+        return Err(error(
+            1,
+            1,
+            "`steps` is empty: a build needs at least one step".into(),
+        ));
+    }
+    let mut steps = Vec::new();
+    let mut names = std::collections::HashSet::new();
+    for step in raw.steps {
+        let name = &step.name;
+        if name.value.is_empty()
+            || !name
+                .value
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(located(
+                name,
+                format!(
+                    "step name `{}` must be letters, digits, `-`, `_` or `.`",
+                    name.value
+                ),
+            ));
+        }
+        if !names.insert(name.value.clone()) {
+            return Err(located(
+                name,
+                format!(
+                    "a step named `{}` already exists; names must be unique",
+                    name.value
+                ),
+            ));
+        }
+        let command = match (step.run, step.args) {
+            (Some(run), None) => Command::Run(run),
+            (None, Some(args)) if !args.is_empty() => Command::Args(args),
+            (None, Some(_)) => {
+                return Err(located(
+                    name,
+                    format!("step `{}` has an empty `args`", name.value),
+                ));
+            }
+            (Some(_), Some(_)) => {
+                return Err(located(
+                    name,
+                    format!("step `{}` has both `run` and `args`; give one", name.value),
+                ));
+            }
+            (None, None) => {
+                return Err(located(
+                    name,
+                    format!("step `{}` needs `run` or `args`", name.value),
+                ));
+            }
+        };
+        let image = match step.image {
+            Some(image) => Some(
+                image
+                    .value
+                    .parse::<Reference>()
+                    .map_err(|e| located(&image, e.to_string()))?,
+            ),
+            None => None,
+        };
+        let timeout = match step.timeout {
+            Some(t) => Some(parse_duration(&t.value).ok_or_else(|| {
+                error(
+                    t.referenced.line(),
+                    t.referenced.column(),
+                    format!(
+                        "`{}` is not a duration: use seconds, or a number with `s`, `m` or `h`",
+                        t.value
+                    ),
+                )
+            })?),
+            None => None,
+        };
+        for key in step.env.keys() {
+            if key.is_empty() || key.contains('=') || key.contains('\0') {
+                return Err(located(
+                    name,
+                    format!(
+                        "step `{}` has an invalid environment variable name `{key}`",
+                        name.value
+                    ),
+                ));
+            }
+        }
+        steps.push(Step {
+            name: name.value.clone(),
+            image,
+            command,
+            env: step.env,
+            network: step.network.unwrap_or(false),
+            timeout,
+        });
+    }
+
+    let mut images = Vec::new();
+    for image in raw.images {
+        let from = image
+            .from
+            .value
+            .parse::<Location>()
+            .map_err(|e| located(&image.from, e.to_string()))?;
+        let path = match &from {
+            Location::Layout { path, .. } | Location::DockerArchive { path } => path.clone(),
+            Location::Registry(_) => {
+                return Err(located(
+                    &image.from,
+                    "`from` must be `oci:/output/…` or `docker-archive:/output/…`".into(),
+                ));
+            }
+        };
+        if !is_under(&path, Path::new(OUTPUT_DIR)) {
+            return Err(located(
+                &image.from,
+                format!(
+                    "`{}` is not under `{OUTPUT_DIR}`, where steps write images",
+                    path.display()
+                ),
+            ));
+        }
+        images.push(ImageOutput {
+            from,
+            to: destination(&image.to).map_err(|m| located(&image.to, m))?,
+        });
+    }
+
+    let mut artifacts = Vec::new();
+    for artifact in raw.artifacts {
+        if artifact.paths.is_empty() {
+            return Err(located(&artifact.to, "`paths` is empty".into()));
+        }
+        let mut paths = Vec::new();
+        for glob in &artifact.paths {
+            let relative = Path::new(&glob.value);
+            if relative.is_absolute()
+                || relative.components().any(|c| c == Component::ParentDir)
+                || glob.value.is_empty()
+            {
+                return Err(located(
+                    glob,
+                    format!(
+                        "`{}` must be a glob inside the workspace: relative, without `..`",
+                        glob.value
+                    ),
+                ));
+            }
+            paths.push(glob.value.clone());
+        }
+        artifacts.push(ArtifactOutput {
+            paths,
+            to: destination(&artifact.to).map_err(|m| located(&artifact.to, m))?,
+        });
+    }
+
+    let source = match raw.source {
+        Some(source) => {
+            if source.git.value.is_empty() {
+                return Err(located(&source.git, "`git` is empty".into()));
+            }
+            Some(GitSource {
+                git: source.git.value,
+                revision: source.revision.unwrap_or_else(|| "HEAD".into()),
+            })
+        }
+        None => None,
+    };
+    Ok(Spec {
+        source,
+        steps,
+        images,
+        artifacts,
+    })
+}
+
+fn destination(to: &Spanned<String>) -> Result<Destination, String> {
+    // Check placeholders and the shape of the result with sample values.
+    let sample = substitute(&to.value, |name| match name {
+        "revision" => Some("main"),
+        "commit" | "short_commit" => Some("0123456789ab"),
+        "job" => Some("job-1"),
+        _ => None,
+    })
+    .map_err(|unknown| {
+        format!(
+            "unknown placeholder `{{{unknown}}}`; use one of {}",
+            PLACEHOLDERS
+                .iter()
+                .map(|p| format!("`{{{p}}}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })?;
+    let location: Location = sample
+        .parse()
+        .map_err(|e: custody_oci::Error| e.to_string())?;
+    location.check_writable().map_err(|e| e.to_string())?;
+    Ok(Destination(to.value.clone()))
+}
+
+/// Replaces `{name}` placeholders; `Err(name)` for an unknown one.
+fn substitute<'a>(
+    template: &str,
+    value: impl Fn(&str) -> Option<&'a str>,
+) -> Result<String, String> {
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let close = after.find('}').ok_or_else(|| after.to_owned())?;
+        let name = &after[..close];
+        out.push_str(value(name).ok_or_else(|| name.to_owned())?);
+        rest = &after[close + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn is_under(path: &Path, dir: &Path) -> bool {
+    path.starts_with(dir) && path != dir && !path.components().any(|c| c == Component::ParentDir)
+}
+
+fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let (number, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => (&text[..i], &text[i..]),
+        None => (text, "s"),
+    };
+    let n: u64 = number.parse().ok()?;
+    let seconds = match unit {
+        "s" => n,
+        "m" => n.checked_mul(60)?,
+        "h" => n.checked_mul(3600)?,
+        _ => return None,
+    };
+    (seconds > 0).then(|| Duration::from_secs(seconds))
+}
+
+fn at(text: &str, file: &Path, line: u64, column: u64, message: String) -> SpecError {
+    let snippet = (line > 0)
+        .then(|| text.lines().nth(line as usize - 1).map(str::to_owned))
+        .flatten();
+    SpecError {
+        file: file.to_owned(),
+        line,
+        column,
+        message,
+        snippet,
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpec {
+    #[serde(default)]
+    source: Option<RawSource>,
+    steps: Vec<RawStep>,
+    #[serde(default)]
+    images: Vec<RawImage>,
+    #[serde(default)]
+    artifacts: Vec<RawArtifact>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    git: Spanned<String>,
+    #[serde(default)]
+    revision: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    name: Spanned<String>,
+    #[serde(default)]
+    image: Option<Spanned<String>>,
+    #[serde(default)]
+    run: Option<String>,
+    #[serde(default)]
+    args: Option<Vec<String>>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    network: Option<bool>,
+    #[serde(default)]
+    timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawImage {
+    from: Spanned<String>,
+    to: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawArtifact {
+    paths: Vec<Spanned<String>>,
+    to: Spanned<String>,
+}

@@ -1,0 +1,176 @@
+//! custody.yaml: what parses, and how what does not is reported.
+
+use std::path::Path;
+use std::time::Duration;
+
+use custody_daemon::spec::{Command, Values, parse};
+use custody_oci::Location;
+
+const FULL: &str = r#"source:
+  git: https://example.org/app.git
+  revision: main
+steps:
+  - name: build
+    image: 127.0.0.1:5000/tools/builder@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855
+    run: make image OUT=/output/app
+    env: { KEY: value }
+    timeout: 10m
+  - name: test
+    args: [make, test]
+    network: true
+    timeout: 90
+images:
+  - from: oci:/output/app
+    to: 127.0.0.1:5000/team/app:{revision}
+artifacts:
+  - paths: ["dist/*.tar.gz"]
+    to: oci:/srv/out:{short_commit}
+"#;
+
+fn file() -> &'static Path {
+    Path::new("app/custody.yaml")
+}
+
+#[test]
+fn a_full_spec_parses() {
+    let spec = parse(FULL, file()).unwrap();
+    let source = spec.source.unwrap();
+    assert_eq!(
+        (source.git.as_str(), source.revision.as_str()),
+        ("https://example.org/app.git", "main")
+    );
+    assert_eq!(spec.steps.len(), 2);
+    assert_eq!(
+        spec.steps[0].command,
+        Command::Run("make image OUT=/output/app".into())
+    );
+    assert_eq!(spec.steps[0].timeout, Some(Duration::from_secs(600)));
+    assert!(!spec.steps[0].network);
+    assert_eq!(
+        spec.steps[1].command,
+        Command::Args(vec!["make".into(), "test".into()])
+    );
+    assert_eq!(spec.steps[1].timeout, Some(Duration::from_secs(90)));
+    assert!(spec.steps[1].network);
+    assert_eq!(
+        spec.steps[0].env.get("KEY").map(String::as_str),
+        Some("value")
+    );
+    let values = Values {
+        revision: "main",
+        commit: "0123456789abcdef0123456789abcdef01234567",
+        job: "j1",
+    };
+    assert_eq!(
+        spec.images[0].to.resolve(&values).unwrap().to_string(),
+        "127.0.0.1:5000/team/app:main"
+    );
+    assert_eq!(
+        spec.artifacts[0].to.resolve(&values).unwrap(),
+        Location::Layout {
+            path: "/srv/out".into(),
+            tag: Some("0123456789ab".into())
+        }
+    );
+}
+
+#[track_caller]
+fn error_of(text: &str) -> String {
+    parse(text, file()).unwrap_err().to_string()
+}
+
+#[test]
+fn syntax_and_type_errors_name_the_file_line_and_column() {
+    let err = error_of("steps:\n  - name: a\n    run: x\n    netwrk: true\n");
+    assert!(
+        err.starts_with("app/custody.yaml:4:5: unknown field `netwrk`"),
+        "{err}"
+    );
+    assert!(
+        !err.lines().next().unwrap().contains("at line"),
+        "the location is said once: {err}"
+    );
+    assert!(
+        err.contains("4 |     netwrk: true"),
+        "the line is shown: {err}"
+    );
+
+    let err = error_of("steps:\n  - name: a\n    run: x\n    network: maybe\n");
+    assert!(err.starts_with("app/custody.yaml:4:14: "), "{err}");
+    assert!(err.contains("boolean"), "{err}");
+
+    let err = error_of("steps:\n  - run: x\n");
+    assert!(
+        err.starts_with("app/custody.yaml:2:") && err.contains("missing field `name`"),
+        "{err}"
+    );
+
+    let err = error_of("steps: [\n");
+    assert!(err.starts_with("app/custody.yaml:1:"), "{err}");
+}
+
+#[test]
+fn values_that_make_no_sense_are_located_too() {
+    let err = error_of("steps:\n  - name: a\n    run: x\n  - name: a\n    run: y\n");
+    assert!(
+        err.starts_with("app/custody.yaml:4:") && err.contains("already exists"),
+        "{err}"
+    );
+
+    let err = error_of("steps:\n  - name: a\n    run: x\n    args: [y]\n");
+    assert!(err.contains("both `run` and `args`"), "{err}");
+
+    let err = error_of("steps:\n  - name: a\n");
+    assert!(err.contains("needs `run` or `args`"), "{err}");
+
+    let err = error_of("steps:\n  - name: a\n    image: Tools/Builder\n    run: x\n");
+    assert!(
+        err.starts_with("app/custody.yaml:3:") && err.contains("Tools/Builder"),
+        "{err}"
+    );
+
+    let err = error_of("steps:\n  - name: a\n    run: x\n    timeout: soon\n");
+    assert!(
+        err.starts_with("app/custody.yaml:4:") && err.contains("not a duration"),
+        "{err}"
+    );
+
+    let err = error_of(
+        "steps:\n  - name: a\n    run: x\nimages:\n  - from: oci:/etc/app\n    to: oci:/tmp/x\n",
+    );
+    assert!(
+        err.starts_with("app/custody.yaml:5:") && err.contains("not under `/output`"),
+        "{err}"
+    );
+
+    let err = error_of(
+        "steps:\n  - name: a\n    run: x\nimages:\n  - from: oci:/output/../etc\n    to: oci:/tmp/x\n",
+    );
+    assert!(err.contains("not under `/output`"), "{err}");
+
+    let err = error_of(
+        "steps:\n  - name: a\n    run: x\nimages:\n  - from: oci:/output/app\n    to: reg.example/app:{branch}\n",
+    );
+    assert!(
+        err.starts_with("app/custody.yaml:6:")
+            && err.contains("`{branch}`")
+            && err.contains("`{revision}`"),
+        "{err}"
+    );
+
+    let err = error_of(
+        "steps:\n  - name: a\n    run: x\nimages:\n  - from: oci:/output/app\n    to: docker-archive:/tmp/x.tar\n",
+    );
+    assert!(err.contains("can only be read"), "{err}");
+
+    let err = error_of(
+        "steps:\n  - name: a\n    run: x\nartifacts:\n  - paths: [\"../secret\"]\n    to: oci:/tmp/x\n",
+    );
+    assert!(
+        err.starts_with("app/custody.yaml:5:") && err.contains("inside the workspace"),
+        "{err}"
+    );
+
+    let err = error_of("steps: []\n");
+    assert!(err.contains("at least one step"), "{err}");
+}
