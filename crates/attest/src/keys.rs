@@ -74,31 +74,23 @@ impl SigningKey {
 
     /// Reads a PKCS#8 key of either algorithm.
     pub fn from_pkcs8(der: &[u8]) -> Result<Self, Error> {
-        if let Ok(pair) = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, der) {
-            let spki = pair
-                .public_key()
-                .as_der()
-                .map_err(|_| Error::Key("cannot encode the public key".into()))?;
-            let public = VerifyingKey::from_spki_der(spki.as_ref())?;
-            return Ok(Self {
-                pair: Pair::Ecdsa(pair),
-                public,
-            });
+        let pair = if let Ok(pair) = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, der)
+        {
+            Pair::Ecdsa(pair)
+        } else if let Ok(pair) = Ed25519KeyPair::from_pkcs8(der) {
+            Pair::Ed25519(pair)
+        } else {
+            return Err(Error::Key(
+                "not a PKCS#8 ECDSA P-256 or Ed25519 private key".into(),
+            ));
+        };
+        let spki = match &pair {
+            Pair::Ecdsa(p) => p.public_key().as_der().map(|d| d.as_ref().to_vec()),
+            Pair::Ed25519(p) => p.public_key().as_der().map(|d| d.as_ref().to_vec()),
         }
-        if let Ok(pair) = Ed25519KeyPair::from_pkcs8(der) {
-            let spki = pair
-                .public_key()
-                .as_der()
-                .map_err(|_| Error::Key("cannot encode the public key".into()))?;
-            let public = VerifyingKey::from_spki_der(spki.as_ref())?;
-            return Ok(Self {
-                pair: Pair::Ed25519(pair),
-                public,
-            });
-        }
-        Err(Error::Key(
-            "not a PKCS#8 ECDSA P-256 or Ed25519 private key".into(),
-        ))
+        .map_err(|_| Error::Key("cannot encode the public key".into()))?;
+        let public = VerifyingKey::from_spki_der(&spki)?;
+        Ok(Self { pair, public })
     }
 
     /// Reads a PKCS#8 PEM file, naming the file in any error.

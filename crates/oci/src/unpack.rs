@@ -124,26 +124,12 @@ pub fn apply_layer(tar_stream: impl Read, root: &Path) -> Result<(), UnpackError
                 set_mode(&target, mode)?;
             }
             tar::EntryType::Symlink => {
-                let link =
-                    entry
-                        .link_name()
-                        .map_err(UnpackError::Tar)?
-                        .ok_or(UnpackError::Unsafe {
-                            entry: display.clone(),
-                            reason: "a symlink without a target",
-                        })?;
+                let link = link_target(&entry, &display, "a symlink without a target")?;
                 // The target is stored as is: nothing here ever follows it.
-                std::os::unix::fs::symlink(link.as_ref(), &target)?;
+                std::os::unix::fs::symlink(link, &target)?;
             }
             tar::EntryType::Link => {
-                let link =
-                    entry
-                        .link_name()
-                        .map_err(UnpackError::Tar)?
-                        .ok_or(UnpackError::Unsafe {
-                            entry: display.clone(),
-                            reason: "a hard link without a target",
-                        })?;
+                let link = link_target(&entry, &display, "a hard link without a target")?;
                 let link_rel = clean(&link).ok_or(UnpackError::Unsafe {
                     entry: display.clone(),
                     reason: "a hard link must point inside the layer",
@@ -157,6 +143,21 @@ pub fn apply_layer(tar_stream: impl Read, root: &Path) -> Result<(), UnpackError
         created.insert(relative);
     }
     Ok(())
+}
+
+fn link_target<R: Read>(
+    entry: &tar::Entry<'_, R>,
+    display: &str,
+    missing: &'static str,
+) -> Result<PathBuf, UnpackError> {
+    entry
+        .link_name()
+        .map_err(UnpackError::Tar)?
+        .map(|l| l.into_owned())
+        .ok_or(UnpackError::Unsafe {
+            entry: display.to_owned(),
+            reason: missing,
+        })
 }
 
 /// The path as components inside the root, or `None` if it is absolute or
