@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod attach;
 pub mod dispatch;
 pub mod executor;
 pub mod local;
