@@ -49,6 +49,15 @@ enum Command {
     /// Uses the OCI 1.1 referrers API, or the `sha256-<hex>` tag schema on
     /// registries without it.
     Referrers(ReferrersArgs),
+    /// Check an image against its signed provenance.
+    ///
+    /// Resolves the image's digest, finds its attestations (OCI referrers,
+    /// the `sha256-<hex>` tag schema, cosign's `.att` tag, or referrers in an
+    /// OCI layout), and accepts it when one is signed by `--key`, is an
+    /// in-toto statement about this very digest, carries SLSA Provenance v1,
+    /// and meets the policy flags. Exit 0 verified, 1 not verified (the
+    /// reason is printed), 2 usage error.
+    Verify(VerifyArgs),
     /// Manage signing keys.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -60,6 +69,31 @@ enum Command {
     /// or the connection drops.
     #[command(hide = true)]
     Runner(RunnerArgs),
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    #[command(flatten)]
+    registry: RegistryArgs,
+    /// The public key (SPKI PEM) the provenance must be signed with.
+    #[arg(long, value_name = "PUB.pem")]
+    key: PathBuf,
+    /// Require this builder id (`runDetails.builder.id`).
+    #[arg(long, value_name = "URI")]
+    builder_id: Option<String>,
+    /// Require this source repository, optionally at a commit: `URL` or `URL@COMMIT`.
+    #[arg(long, value_name = "URL[@COMMIT]")]
+    source: Option<String>,
+    /// Allow this step image digest (`sha256:…`); repeatable. When given,
+    /// every step image must be one of them.
+    #[arg(long = "allow-step-image", value_name = "DIGEST")]
+    allow_step_images: Vec<String>,
+    /// Print the verified statement as JSON.
+    #[arg(long)]
+    json: bool,
+    /// The image: `host[:port]/repo[:tag|@digest]` or `oci:PATH[:TAG]`.
+    #[arg(value_name = "IMAGE")]
+    image: String,
 }
 
 #[derive(Subcommand)]
@@ -194,6 +228,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Push(args) | Command::Pull(args) => copy_image(args).await,
         Command::Referrers(args) => referrers(args).await,
         Command::Runner(args) => runner(args).await,
+        Command::Verify(args) => verify(args).await,
         Command::Keys(KeysCommand::Generate { out, algorithm }) => {
             let (private, public, key) = custody_attest::keys::generate_files(&out, algorithm)?;
             eprintln!(
@@ -310,6 +345,66 @@ async fn referrers(args: ReferrersArgs) -> anyhow::Result<()> {
 
 fn fs_write(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(fs_err::write(path, bytes)?)
+}
+
+async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
+    let location = parse_location(&args.image)?;
+    let options = registry_options(&args.registry)?;
+    let key = custody_attest::keys::VerifyingKey::from_pem_file(&args.key)?;
+    let (source_repository, source_commit) = match &args.source {
+        // A commit is 40 (or 64) hex digits after the last `@`.
+        Some(source) => match source.rsplit_once('@') {
+            Some((url, commit))
+                if commit.len() >= 7 && commit.bytes().all(|b| b.is_ascii_hexdigit()) =>
+            {
+                (Some(url.to_owned()), Some(commit.to_owned()))
+            }
+            _ => (Some(source.clone()), None),
+        },
+        None => (None, None),
+    };
+    let policy = custody_attest::policy::Policy {
+        builder_id: args.builder_id.clone(),
+        source_repository,
+        source_commit,
+        allowed_step_images: (!args.allow_step_images.is_empty())
+            .then(|| args.allow_step_images.clone()),
+    };
+    let verified = custody_daemon::verify::verify(&location, &options, &key, &policy).await?;
+    if args.json {
+        let report = serde_json::json!({
+            "verified": true,
+            "target": verified.target,
+            "keyId": verified.statement.key_id,
+            "statement": verified.statement.statement,
+        });
+        return print_line(&serde_json::to_string_pretty(&report).expect("json"));
+    }
+    let provenance = &verified.provenance;
+    let source = custody_attest::policy::source(provenance)
+        .map(|s| {
+            format!(
+                "{} @ {}",
+                s.uri.as_deref().unwrap_or("?"),
+                s.digest.get("gitCommit").map(String::as_str).unwrap_or("?")
+            )
+        })
+        .unwrap_or_else(|| "-".into());
+    let invocation = provenance
+        .run_details
+        .metadata
+        .as_ref()
+        .map(|m| m.invocation_id.as_str())
+        .unwrap_or("-");
+    print_line(&format!(
+        "verified {}\n  signed by    {}\n  builder      {}\n  source       {}\n  step images  {}\n  invocation   {}",
+        verified.target,
+        verified.statement.key_id,
+        provenance.run_details.builder.id,
+        source,
+        custody_attest::policy::step_images(provenance).count(),
+        invocation,
+    ))
 }
 
 async fn runner(args: RunnerArgs) -> anyhow::Result<()> {

@@ -15,6 +15,7 @@ pub mod executor;
 pub mod local;
 pub mod slurm;
 pub mod spec;
+pub mod verify;
 
 pub use dispatch::{Dispatcher, JobError, JobReport};
 pub use executor::{Executor, ExecutorError, ExecutorSettings, Launch, RunnerProcess};
