@@ -8,7 +8,6 @@
 //! points at something incomplete.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -675,12 +674,4 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(work)
         .await
         .expect("blocking work does not panic")
-}
-
-/// Used by tests and tools: where `oci:` paths point.
-pub fn layout_path(location: &Location) -> Option<PathBuf> {
-    match location {
-        Location::Layout { path, .. } => Some(path.clone()),
-        _ => None,
-    }
 }

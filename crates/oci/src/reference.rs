@@ -236,10 +236,6 @@ pub enum Location {
 }
 
 impl Location {
-    pub fn is_local(&self) -> bool {
-        !matches!(self, Location::Registry(_))
-    }
-
     /// Checks that images can be written here, before any work starts.
     pub fn check_writable(&self) -> Result<(), Error> {
         match self {
