@@ -10,6 +10,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod source;
 mod steps;
 
 use std::path::PathBuf;
