@@ -200,11 +200,14 @@ async fn the_token_is_not_in_the_runners_arguments_nor_in_any_steps_environment(
     });
     Arc::get_mut(&mut d.dispatcher).unwrap().executor = recording.clone();
     let mut events = Vec::new();
-    // The step reads its parent's (the runner's) command line and environment, and its own.
+    // The step reads every process it can see, and its own environment.
     let report = d
         .dispatcher
         .run(
-            job("secret-1", &[("snoop", "tr '\\0' '\\n' < /proc/$PPID/cmdline; tr '\\0' '\\n' < /proc/$PPID/environ; env")]),
+            job(
+                "secret-1",
+                &[("snoop", "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline; echo; tr '\\0' '\\n' < $p/environ; done; env")],
+            ),
             |e| events.push((e.clone(), std::time::Instant::now())),
             never(),
         )
@@ -212,28 +215,85 @@ async fn the_token_is_not_in_the_runners_arguments_nor_in_any_steps_environment(
         .unwrap();
     assert!(report.finished.success, "{:?}", report.finished);
     let lines = log_text(&events);
-    assert!(
-        lines.iter().any(|l| l == "runner"),
-        "the step did not see the runner's command line: {lines:?}"
-    );
     let token = recording.tokens.lock().unwrap()[0].clone();
     assert!(
         lines.iter().all(|l| !l.contains(&token)),
         "the token leaked: {lines:?}"
     );
-    // The runner did not inherit the daemon's (here: the test's) environment.
+    // In its own PID namespace the step cannot see the runner at all.
     assert!(
         lines
             .iter()
-            .all(|l| !l.starts_with("NEXTEST") && !l.starts_with("CARGO")),
+            .all(|l| !l.contains("custody runner") && !l.contains("--token-stdin")),
         "{lines:?}"
     );
-    // The step's own environment is only what the runner gives every step.
-    let env: Vec<&String> = lines
-        .iter()
-        .filter(|l| l.starts_with("PATH=") || l.starts_with("HOME=") || l.starts_with("PWD="))
-        .collect();
-    assert!(env.len() >= 2, "{lines:?}");
+    // Nothing of the daemon's (here: the test's) environment reaches it.
+    assert!(
+        lines.iter().all(|l| !l.starts_with("NEXTEST")
+            && !l.starts_with("CARGO")
+            && !l.starts_with("CUSTODY")),
+        "{lines:?}"
+    );
+    assert!(lines.iter().any(|l| l == "HOME=/workspace"), "{lines:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn steps_get_the_network_only_when_they_ask_and_a_read_only_host() {
+    let d = daemon().await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let connect = format!(
+        "/bin/bash -c 'exec 3<>/dev/tcp/127.0.0.1/{port}' && echo connected || echo refused"
+    );
+    let step = |network: bool| proto::Step {
+        name: "net".into(),
+        run: connect.clone(),
+        network,
+        ..Default::default()
+    };
+    for (network, expected) in [(false, "refused"), (true, "connected")] {
+        let mut events = Vec::new();
+        let job = proto::Job {
+            job_id: format!("net-{network}"),
+            steps: vec![step(network)],
+        };
+        let report = d
+            .dispatcher
+            .run(
+                job,
+                |e| events.push((e.clone(), std::time::Instant::now())),
+                never(),
+            )
+            .await
+            .unwrap();
+        assert!(report.finished.success, "{:?}", report.finished);
+        assert!(
+            log_text(&events).iter().any(|l| l == expected),
+            "network={network}: {:?}",
+            log_text(&events)
+        );
+    }
+
+    let mut events = Vec::new();
+    let job = job(
+        "ro-1",
+        &[(
+            "probe",
+            "touch /etc/custody-probe 2>/dev/null && echo wrote-etc; ls -A /root | wc -l; echo hi > /output/file && cat /output/file; pwd",
+        )],
+    );
+    let report = d
+        .dispatcher
+        .run(
+            job,
+            |e| events.push((e.clone(), std::time::Instant::now())),
+            never(),
+        )
+        .await
+        .unwrap();
+    assert!(report.finished.success, "{:?}", report.finished);
+    assert_eq!(log_text(&events), ["0", "hi", "/workspace"]);
+    assert!(!std::path::Path::new("/etc/custody-probe").exists());
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -3,13 +3,14 @@
 //! RPC: the daemon hands it the job and it runs the steps one by one,
 //! streaming their output back as it is written.
 //!
-//! Steps run with a cleared environment (only `PATH`, `HOME` and what the
-//! step declares), in their own process group so a cancel or timeout kills
-//! everything they started. The runner's token never reaches them: it
-//! arrives on stdin or in a file that is deleted once read.
+//! Steps run in a bubblewrap sandbox (see [`sandbox`]) with only the
+//! environment they declare, in their own process group so a cancel or
+//! timeout kills everything they started. The runner's token never reaches
+//! them: it arrives on stdin or in a file that is deleted once read.
 
 #![forbid(unsafe_code)]
 
+pub mod sandbox;
 pub mod source;
 mod steps;
 
@@ -84,6 +85,21 @@ struct JobService {
     cancel: Arc<watch::Sender<Option<String>>>,
 }
 
+impl JobService {
+    /// `workspace/` and `output/` inside the work directory.
+    fn prepare(&self) -> std::io::Result<sandbox::Sandbox> {
+        let workspace = self.workdir.join("workspace");
+        let output = self.workdir.join("output");
+        fs_err::create_dir_all(&workspace)?;
+        fs_err::create_dir_all(&output)?;
+        Ok(sandbox::Sandbox {
+            workspace,
+            output,
+            hidden: Vec::new(),
+        })
+    }
+}
+
 #[tonic::async_trait]
 impl custody_wire::rpc::Runner for JobService {
     type RunStream = ReceiverStream<Result<Event, Status>>;
@@ -106,10 +122,17 @@ impl custody_wire::rpc::Runner for JobService {
             runner_version: env!("CARGO_PKG_VERSION").to_owned(),
         };
         let _ = events.send(Ok(event(Kind::Hello(hello)))).await;
-        let workdir = self.workdir.clone();
+        let sandbox = match self.prepare() {
+            Ok(sandbox) => sandbox,
+            Err(e) => {
+                return Err(Status::internal(format!(
+                    "cannot prepare the work directory: {e}"
+                )));
+            }
+        };
         let cancel = self.cancel.subscribe();
         tokio::spawn(async move {
-            let finished = steps::run_all(&job, &workdir, &events, cancel).await;
+            let finished = steps::run_all(&job, &sandbox, &events, cancel).await;
             let _ = events.send(Ok(event(Kind::Finished(finished)))).await;
         });
         Ok(Response::new(ReceiverStream::new(receiver)))

@@ -1,6 +1,5 @@
 //! Running a job's steps one by one, streaming their output.
 
-use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -8,21 +7,18 @@ use custody_wire::rpc::proto::{self, Event, event::Kind, log_line};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
-use tokio::process::Command;
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
 use crate::event;
+use crate::sandbox::Sandbox;
 
 type Events = mpsc::Sender<Result<Event, Status>>;
-
-/// The `PATH` steps get; nothing else of the runner's environment passes.
-const STEP_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Runs every step in order; stops at the first failure or on cancel.
 pub(crate) async fn run_all(
     job: &proto::Job,
-    workdir: &Path,
+    sandbox: &Sandbox,
     events: &Events,
     mut cancel: watch::Receiver<Option<String>>,
 ) -> proto::Finished {
@@ -37,7 +33,7 @@ pub(crate) async fn run_all(
                 name: step.name.clone(),
             }))))
             .await;
-        let outcome = run_step(index, step, workdir, events, &mut cancel).await;
+        let outcome = run_step(index, step, sandbox, events, &mut cancel).await;
         match outcome {
             Ok(StepEnd::Exited(code)) => {
                 let _ = events
@@ -106,19 +102,12 @@ enum StepEnd {
 async fn run_step(
     index: u32,
     step: &proto::Step,
-    workdir: &Path,
+    sandbox: &Sandbox,
     events: &Events,
     cancel: &mut watch::Receiver<Option<String>>,
 ) -> std::io::Result<StepEnd> {
-    let mut command = Command::new("/bin/sh");
+    let mut command = sandbox.command(step);
     command
-        .arg("-c")
-        .arg(&step.run)
-        .current_dir(workdir)
-        .env_clear()
-        .env("PATH", STEP_PATH)
-        .env("HOME", workdir)
-        .envs(&step.env)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -1,0 +1,103 @@
+//! Steps run in a bubblewrap sandbox: their own PID, IPC, UTS, cgroup and
+//! (unless they ask for network) network namespaces, the host's top-level
+//! directories read-only, `/workspace` and `/output` read-write, fresh
+//! `/tmp`, `/dev` and `/proc`, and only the environment the step declares. In their PID
+//! namespace steps cannot see the runner, so neither its memory nor its
+//! environment; the token never reaches the disk they can read.
+//!
+//! Where the runner is root, steps are root in the sandbox too, without
+//! capabilities: home directories and `/run` are empty tmpfs mounts, and
+//! directories the daemon names (its data directory) can be hidden the same
+//! way.
+
+use std::path::{Path, PathBuf};
+
+use custody_wire::rpc::proto;
+use tokio::process::Command;
+
+/// The `PATH` steps get.
+pub const STEP_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+const BWRAP: &str = "bwrap";
+/// Top-level host directories no step sees: they appear empty.
+const HIDDEN_TOP: &[&str] = &["root", "home", "run", "tmp"];
+/// Top-level entries the sandbox makes itself.
+const OWN_TOP: &[&str] = &["proc", "dev", "workspace", "output"];
+
+/// Where a job's steps work, on the runner's side.
+#[derive(Clone, Debug)]
+pub struct Sandbox {
+    /// Bound at `/workspace`.
+    pub workspace: PathBuf,
+    /// Bound at `/output`.
+    pub output: PathBuf,
+    /// More host paths to hide behind empty tmpfs mounts.
+    pub hidden: Vec<PathBuf>,
+}
+
+impl Sandbox {
+    /// The command that runs `step` in this sandbox.
+    pub fn command(&self, step: &proto::Step) -> Command {
+        let mut command = Command::new(BWRAP);
+        command
+            .args(["--die-with-parent", "--new-session", "--unshare-all"])
+            .args(if step.network {
+                &["--share-net"][..]
+            } else {
+                &[][..]
+            });
+        // The root is a fresh tmpfs holding the host's top-level entries
+        // read-only (so `/workspace` and `/output` can be made in it), with
+        // home directories, `/run` and `/tmp` empty.
+        for entry in std::fs::read_dir("/").into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let path = Path::new("/").join(name);
+            if OWN_TOP.contains(&name) {
+                continue;
+            }
+            if HIDDEN_TOP.contains(&name) {
+                command.arg("--tmpfs").arg(&path);
+            } else if let Ok(target) = std::fs::read_link(&path) {
+                command.arg("--symlink").arg(target).arg(&path);
+            } else {
+                command.arg("--ro-bind").arg(&path).arg(&path);
+            }
+        }
+        command.args(["--dev", "/dev", "--proc", "/proc"]);
+        for hidden in &self.hidden {
+            if hidden.is_dir() {
+                command.arg("--tmpfs").arg(hidden);
+            }
+        }
+        command
+            .arg("--bind")
+            .arg(&self.workspace)
+            .arg("/workspace")
+            .arg("--bind")
+            .arg(&self.output)
+            .arg("/output")
+            .args([
+                "--chdir",
+                "/workspace",
+                "--clearenv",
+                "--setenv",
+                "PATH",
+                STEP_PATH,
+                "--setenv",
+                "HOME",
+                "/workspace",
+            ]);
+        for (key, value) in &step.env {
+            command.arg("--setenv").arg(key).arg(value);
+        }
+        command.arg("--");
+        if step.args.is_empty() {
+            command.args(["/bin/sh", "-c", &step.run]);
+        } else {
+            command.args(&step.args);
+        }
+        // bwrap itself gets nothing of the runner's environment either.
+        command.env_clear().env("PATH", STEP_PATH);
+        command
+    }
+}
