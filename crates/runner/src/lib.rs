@@ -10,6 +10,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod outputs;
 pub mod sandbox;
 pub mod source;
 mod steps;
