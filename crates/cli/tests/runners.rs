@@ -50,6 +50,7 @@ fn job(id: &str, steps: &[(&str, &str)]) -> proto::Job {
                 ..Default::default()
             })
             .collect(),
+        ..Default::default()
     }
 }
 
@@ -256,6 +257,7 @@ async fn steps_get_the_network_only_when_they_ask_and_a_read_only_host() {
         let job = proto::Job {
             job_id: format!("net-{network}"),
             steps: vec![step(network)],
+            ..Default::default()
         };
         let report = d
             .dispatcher
@@ -361,4 +363,139 @@ async fn many_jobs_leave_no_waiter_behind() {
         );
     }
     assert_eq!(d.dispatcher.connector.waiting(), 0);
+}
+
+/// An image whose root holds a static busybox as `/bin/sh`, and an
+/// `/etc/os-release` of its own, pushed to `registry`; returns the pinned reference.
+fn busybox_image(registry: &custody_testkit::Registry, dir: &std::path::Path) -> String {
+    use custody_testkit::image::{Blob, Image, LayoutWriter, sha256};
+    use std::io::Write;
+    let busybox =
+        fs_err::read("/bin/busybox").expect("busybox-static is installed (scripts/setup)");
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut add = |path: &str, kind: tar::EntryType, data: &[u8], link: Option<&str>| {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(kind);
+        header.set_size(data.len() as u64);
+        header.set_mode(0o755);
+        if let Some(link) = link {
+            header.set_link_name(link).unwrap();
+        }
+        header.set_cksum();
+        tar.append_data(&mut header, path, data).unwrap();
+    };
+    add("bin", tar::EntryType::Directory, b"", None);
+    add("etc", tar::EntryType::Directory, b"", None);
+    add("bin/busybox", tar::EntryType::Regular, &busybox, None);
+    add("bin/sh", tar::EntryType::Symlink, b"", Some("busybox"));
+    add(
+        "etc/os-release",
+        tar::EntryType::Regular,
+        b"ID=custody-test-image\n",
+        None,
+    );
+    let tar = tar.into_inner().unwrap();
+    let diff_id = sha256(&tar);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&tar).unwrap();
+    let layer = Blob::new(
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+        gz.finish().unwrap(),
+    );
+    let image = Image::from_layers(9, vec![layer], vec![diff_id], "amd64");
+    let root = dir.join("busybox-layout");
+    LayoutWriter::new(&root)
+        .image(&image)
+        .tag("v1", &image.manifest);
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_custody"))
+        .args([
+            "push",
+            "--insecure-registry",
+            registry.host(),
+            &format!("oci:{}:v1", root.display()),
+            &format!("{}/tools/busybox:v1", registry.host()),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    format!(
+        "{}/tools/busybox@{}",
+        registry.host(),
+        image.manifest.digest
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_step_with_an_image_runs_on_that_image_and_sees_nothing_of_the_host() {
+    let d = daemon().await;
+    let registry = custody_testkit::Registry::builder().start();
+    let dir = tempfile::tempdir().unwrap();
+    let image = busybox_image(&registry, dir.path());
+    let step = proto::Step {
+        name: "in-image".into(),
+        image: image.clone(),
+        run: "while read line; do echo $line; done < /etc/os-release; [ -d /usr ] && echo host-visible || echo host-hidden; echo made > /output/out; pwd".into(),
+        ..Default::default()
+    };
+    let job = proto::Job {
+        job_id: "image-1".into(),
+        steps: vec![step],
+        registries: Some(proto::RegistryAccess {
+            insecure_hosts: vec![registry.host().to_owned()],
+        }),
+    };
+    let mut events = Vec::new();
+    let report = d
+        .dispatcher
+        .run(
+            job,
+            |e| events.push((e.clone(), std::time::Instant::now())),
+            never(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        report.finished.success,
+        "{:?} {:?}",
+        report.finished,
+        log_text(&events)
+    );
+    assert_eq!(
+        log_text(&events),
+        ["ID=custody-test-image", "host-hidden", "/workspace"]
+    );
+    let digest = events.iter().find_map(|(e, _)| match &e.kind {
+        Some(Kind::StepStarted(s)) => Some(s.image_digest.clone()),
+        _ => None,
+    });
+    assert_eq!(
+        Some(image.split_once('@').unwrap().1.to_owned()),
+        digest,
+        "the image digest is reported"
+    );
+
+    // An image that cannot be pulled fails the build, naming it.
+    let missing = format!("{}/tools/none@sha256:{}", registry.host(), "0".repeat(64));
+    let job = proto::Job {
+        job_id: "image-2".into(),
+        steps: vec![proto::Step {
+            name: "x".into(),
+            image: missing.clone(),
+            run: "true".into(),
+            ..Default::default()
+        }],
+        registries: Some(proto::RegistryAccess {
+            insecure_hosts: vec![registry.host().to_owned()],
+        }),
+    };
+    let report = d.dispatcher.run(job, |_| {}, never()).await.unwrap();
+    assert!(
+        !report.finished.success && report.finished.error.contains(&missing),
+        "{:?}",
+        report.finished
+    );
 }

@@ -20,6 +20,7 @@ fn job(id: &str, run: &str) -> proto::Job {
             run: run.into(),
             ..Default::default()
         }],
+        ..Default::default()
     }
 }
 

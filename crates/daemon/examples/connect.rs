@@ -75,6 +75,7 @@ async fn main() {
                 let job = proto::Job {
                     job_id: format!("bench-{concurrency}-{i}"),
                     steps: Vec::new(),
+                    ..Default::default()
                 };
                 let result = dispatcher.run(job, |_| {}, std::future::pending()).await;
                 drop(permit);

@@ -34,42 +34,35 @@ pub struct Sandbox {
     pub hidden: Vec<PathBuf>,
 }
 
+/// The root a step runs on.
+pub enum Root<'a> {
+    /// The host's top-level directories, read-only.
+    Host,
+    /// An unpacked step image; nothing of the host is visible.
+    Image(&'a Path),
+}
+
 impl Sandbox {
-    /// The command that runs `step` in this sandbox.
-    pub fn command(&self, step: &proto::Step) -> Command {
+    /// The command that runs `step` in this sandbox on `root`.
+    pub fn command(&self, step: &proto::Step, root: Root<'_>) -> Command {
         let mut command = Command::new(BWRAP);
-        command
-            .args(["--die-with-parent", "--new-session", "--unshare-all"])
-            .args(if step.network {
-                &["--share-net"][..]
-            } else {
-                &[][..]
-            });
-        // The root is a fresh tmpfs holding the host's top-level entries
-        // read-only (so `/workspace` and `/output` can be made in it), with
-        // home directories, `/run` and `/tmp` empty.
-        for entry in std::fs::read_dir("/").into_iter().flatten().flatten() {
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else { continue };
-            let path = Path::new("/").join(name);
-            if OWN_TOP.contains(&name) {
-                continue;
-            }
-            if HIDDEN_TOP.contains(&name) {
-                command.arg("--tmpfs").arg(&path);
-            } else if let Ok(target) = std::fs::read_link(&path) {
-                command.arg("--symlink").arg(target).arg(&path);
-            } else {
-                command.arg("--ro-bind").arg(&path).arg(&path);
-            }
+        command.args(["--die-with-parent", "--new-session", "--unshare-all"]);
+        if step.network {
+            command.arg("--share-net");
         }
-        command.args(["--dev", "/dev", "--proc", "/proc"]);
-        for hidden in &self.hidden {
-            if hidden.is_dir() {
-                command.arg("--tmpfs").arg(hidden);
+        match root {
+            Root::Host => self.host_root(&mut command),
+            // The image's own files, writable: builds install things.
+            Root::Image(rootfs) => {
+                command
+                    .arg("--bind")
+                    .arg(rootfs)
+                    .arg("/")
+                    .args(["--tmpfs", "/tmp"]);
             }
         }
         command
+            .args(["--dev", "/dev", "--proc", "/proc"])
             .arg("--bind")
             .arg(&self.workspace)
             .arg("/workspace")
@@ -99,5 +92,31 @@ impl Sandbox {
         // bwrap itself gets nothing of the runner's environment either.
         command.env_clear().env("PATH", STEP_PATH);
         command
+    }
+
+    /// A fresh tmpfs root holding the host's top-level entries read-only (so
+    /// `/workspace` and `/output` can be made in it), with home
+    /// directories, `/run` and `/tmp` empty.
+    fn host_root(&self, command: &mut Command) {
+        for entry in std::fs::read_dir("/").into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let path = Path::new("/").join(name);
+            if OWN_TOP.contains(&name) {
+                continue;
+            }
+            if HIDDEN_TOP.contains(&name) {
+                command.arg("--tmpfs").arg(&path);
+            } else if let Ok(target) = std::fs::read_link(&path) {
+                command.arg("--symlink").arg(target).arg(&path);
+            } else {
+                command.arg("--ro-bind").arg(&path).arg(&path);
+            }
+        }
+        for hidden in &self.hidden {
+            if hidden.is_dir() {
+                command.arg("--tmpfs").arg(hidden);
+            }
+        }
     }
 }

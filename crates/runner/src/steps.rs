@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
 use crate::event;
-use crate::sandbox::Sandbox;
+use crate::sandbox::{Root, Sandbox};
 
 type Events = mpsc::Sender<Result<Event, Status>>;
 
@@ -27,13 +27,35 @@ pub(crate) async fn run_all(
         if let Some(reason) = cancel.borrow().clone() {
             return cancelled(reason);
         }
+        // A step image becomes this step's root filesystem.
+        let rootfs = sandbox.workspace.with_file_name(format!("rootfs-{index}"));
+        let image_digest = if step.image.is_empty() {
+            String::new()
+        } else {
+            match prepare_image(&step.image, job, &rootfs).await {
+                Ok(digest) => digest,
+                Err(error) => {
+                    return proto::Finished {
+                        success: false,
+                        cancelled: false,
+                        error: format!("step `{}`: image `{}`: {error}", step.name, step.image),
+                    };
+                }
+            }
+        };
+        let root = if step.image.is_empty() {
+            Root::Host
+        } else {
+            Root::Image(&rootfs)
+        };
         let _ = events
             .send(Ok(event(Kind::StepStarted(proto::StepStarted {
                 index,
                 name: step.name.clone(),
+                image_digest,
             }))))
             .await;
-        let outcome = run_step(index, step, sandbox, events, &mut cancel).await;
+        let outcome = run_step(index, step, sandbox, root, events, &mut cancel).await;
         match outcome {
             Ok(StepEnd::Exited(code)) => {
                 let _ = events
@@ -85,6 +107,29 @@ pub(crate) async fn run_all(
     }
 }
 
+/// Pulls and unpacks a step image; returns the digest it resolved to.
+async fn prepare_image(
+    image: &str,
+    job: &proto::Job,
+    rootfs: &std::path::Path,
+) -> Result<String, String> {
+    let reference: custody_oci::Reference = image
+        .parse()
+        .map_err(|e: custody_oci::Error| e.to_string())?;
+    let options = custody_oci::registry::RegistryOptions {
+        insecure_hosts: job
+            .registries
+            .as_ref()
+            .map(|r| r.insecure_hosts.clone())
+            .unwrap_or_default(),
+        ..custody_oci::registry::RegistryOptions::default()
+    };
+    let resolved = crate::rootfs::prepare(&reference, &options, rootfs)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(resolved.digest.to_string())
+}
+
 fn cancelled(reason: String) -> proto::Finished {
     proto::Finished {
         success: false,
@@ -103,10 +148,11 @@ async fn run_step(
     index: u32,
     step: &proto::Step,
     sandbox: &Sandbox,
+    root: Root<'_>,
     events: &Events,
     cancel: &mut watch::Receiver<Option<String>>,
 ) -> std::io::Result<StepEnd> {
-    let mut command = sandbox.command(step);
+    let mut command = sandbox.command(step, root);
     command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
