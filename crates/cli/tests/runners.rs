@@ -447,6 +447,7 @@ async fn a_step_with_an_image_runs_on_that_image_and_sees_nothing_of_the_host() 
         registries: Some(proto::RegistryAccess {
             insecure_hosts: vec![registry.host().to_owned()],
         }),
+        ..Default::default()
     };
     let mut events = Vec::new();
     let report = d
@@ -491,6 +492,7 @@ async fn a_step_with_an_image_runs_on_that_image_and_sees_nothing_of_the_host() 
         registries: Some(proto::RegistryAccess {
             insecure_hosts: vec![registry.host().to_owned()],
         }),
+        ..Default::default()
     };
     let report = d.dispatcher.run(job, |_| {}, never()).await.unwrap();
     assert!(
@@ -498,4 +500,102 @@ async fn a_step_with_an_image_runs_on_that_image_and_sees_nothing_of_the_host() 
         "{:?}",
         report.finished
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_runner_pushes_declared_outputs_and_reports_them() {
+    use custody_testkit::image::{Image, LayoutWriter};
+    let d = daemon().await;
+    let registry = custody_testkit::Registry::builder().start();
+    // A layout the step will copy into /output (the host root is visible read-only).
+    let staged = tempfile::Builder::new()
+        .prefix("custody-test-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let image = Image::random(31, &[3_000]);
+    LayoutWriter::new(&staged.path().join("app"))
+        .image(&image)
+        .tag("v1", &image.manifest);
+    let run = format!(
+        "cp -r {}/app /output/app && mkdir dist && echo report > dist/report.txt",
+        staged.path().display()
+    );
+    let app = format!("{}/team/app:v1", registry.host());
+    let dist = format!("{}/team/app-dist:v1", registry.host());
+    let job = proto::Job {
+        job_id: "outputs-1".into(),
+        steps: vec![proto::Step {
+            name: "build".into(),
+            run,
+            ..Default::default()
+        }],
+        registries: Some(proto::RegistryAccess {
+            insecure_hosts: vec![registry.host().to_owned()],
+        }),
+        images: vec![proto::ImageOutput {
+            from: "oci:/output/app:v1".into(),
+            to: app.clone(),
+        }],
+        artifacts: vec![proto::ArtifactOutput {
+            paths: vec!["dist/*.txt".into()],
+            to: dist.clone(),
+        }],
+    };
+    let report = d.dispatcher.run(job, |_| {}, never()).await.unwrap();
+    assert!(report.finished.success, "{:?}", report.finished);
+    assert_eq!(report.outputs.len(), 2, "{:?}", report.outputs);
+    assert_eq!(
+        report.outputs[0].reference,
+        format!("{app}@{}", image.manifest.digest)
+    );
+    assert_eq!(report.outputs[0].digest, image.manifest.digest);
+    for (output, repo) in report.outputs.iter().zip(["team/app", "team/app-dist"]) {
+        // skopeo 1.9 takes a tag or a digest, not both.
+        let pinned = format!("{}/{repo}@{}", registry.host(), output.digest);
+        let raw = std::process::Command::new("skopeo")
+            .args([
+                "inspect",
+                "--raw",
+                "--tls-verify=false",
+                &format!("docker://{pinned}"),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            raw.status.success(),
+            "{}",
+            String::from_utf8_lossy(&raw.stderr)
+        );
+        assert_eq!(
+            custody_testkit::image::sha256(&raw.stdout),
+            output.digest,
+            "{}",
+            output.reference
+        );
+    }
+
+    // An output that was declared but never written fails the build, naming it.
+    let job = proto::Job {
+        job_id: "outputs-2".into(),
+        steps: vec![proto::Step {
+            name: "build".into(),
+            run: "true".into(),
+            ..Default::default()
+        }],
+        registries: Some(proto::RegistryAccess {
+            insecure_hosts: vec![registry.host().to_owned()],
+        }),
+        images: vec![proto::ImageOutput {
+            from: "oci:/output/never:v1".into(),
+            to: app.clone(),
+        }],
+        ..Default::default()
+    };
+    let report = d.dispatcher.run(job, |_| {}, never()).await.unwrap();
+    assert!(
+        !report.finished.success && report.finished.error.contains("/output/never"),
+        "{:?}",
+        report.finished
+    );
+    assert!(report.outputs.is_empty());
 }

@@ -423,11 +423,16 @@ pub async fn copy(
 
     // Which blobs the destination lacks.
     let jobs = options.jobs.max(1);
-    let present: Vec<bool> =
-        futures_util::stream::iter(blobs.iter().map(|b| destination.has_blob(b.digest())))
-            .buffered(jobs)
-            .try_collect()
-            .await?;
+    // The futures are made before they are polled, which keeps this whole
+    // future `Send` (a lazily mapping stream trips rustc's HRTB inference).
+    let checks: Vec<_> = blobs
+        .iter()
+        .map(|b| destination.has_blob(b.digest()))
+        .collect();
+    let present: Vec<bool> = futures_util::stream::iter(checks)
+        .buffered(jobs)
+        .try_collect()
+        .await?;
     let mut needed = Vec::new();
     for (blob, present) in blobs.into_iter().zip(present) {
         if present {
@@ -443,14 +448,14 @@ pub async fn copy(
     // Mount what we can; what is neither mountable nor in the source is an
     // error before a single byte is uploaded.
     let mount_from = mount_candidates(source, destination, &options.mount_from);
-    let plans: Vec<Plan> = futures_util::stream::iter(
-        needed
-            .iter()
-            .map(|blob| try_mount(destination, &mount_from, blob.digest())),
-    )
-    .buffered(jobs)
-    .try_collect()
-    .await?;
+    let mounts: Vec<_> = needed
+        .iter()
+        .map(|blob| try_mount(destination, &mount_from, blob.digest()))
+        .collect();
+    let plans: Vec<Plan> = futures_util::stream::iter(mounts)
+        .buffered(jobs)
+        .try_collect()
+        .await?;
     let mut transfers = Vec::new();
     let mut missing = Vec::new();
     for (blob, plan) in needed.into_iter().zip(plans) {
@@ -474,8 +479,9 @@ pub async fn copy(
         });
     }
 
-    let outcomes: Vec<u64> =
-        futures_util::stream::iter(transfers.into_iter().map(|(blob, started)| async move {
+    let uploads: Vec<_> = transfers
+        .into_iter()
+        .map(|(blob, started)| async move {
             destination
                 .put_blob(source, &blob, started, &options.progress)
                 .await?;
@@ -483,7 +489,9 @@ pub async fn copy(
                 .progress
                 .blob_finished(blob.digest(), BlobOutcome::Copied);
             Ok::<u64, Error>(blob.size())
-        }))
+        })
+        .collect();
+    let outcomes: Vec<u64> = futures_util::stream::iter(uploads)
         .buffer_unordered(jobs)
         .try_collect()
         .await?;

@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod outputs;
+mod push;
 pub mod rootfs;
 pub mod sandbox;
 pub mod source;

@@ -100,6 +100,14 @@ pub(crate) async fn run_all(
             }
         }
     }
+    // The runner, not the steps, reads what they produced and pushes it.
+    if let Err(error) = crate::push::push_outputs(job, sandbox, events).await {
+        return proto::Finished {
+            success: false,
+            cancelled: false,
+            error,
+        };
+    }
     proto::Finished {
         success: true,
         cancelled: false,
