@@ -1,6 +1,7 @@
 //! The `custody` command: argument parsing, progress and error rendering
 //! only; the work happens in the libraries.
 
+mod build;
 mod progress;
 
 use std::io::{IsTerminal, Write};
@@ -28,6 +29,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Build a directory: run its custody.yaml, push the outputs, sign provenance.
+    ///
+    /// An embedded daemon runs the build on this machine: it resolves the
+    /// source (the spec's git `source` at its revision, or DIR itself, with its
+    /// commit and whether the tree is dirty) and every step image to a digest,
+    /// starts a runner that runs each step in a bubblewrap sandbox (no
+    /// network unless the step asks, memory and process limits where cgroups
+    /// allow), and the runner — not the steps — pushes the declared images
+    /// and artifacts. The daemon checks each pushed digest at its destination,
+    /// then signs an in-toto / SLSA Provenance v1 statement (DSSE) and attaches
+    /// it to every pushed image. A failed step, push or check publishes
+    /// nothing. Exit 0 built and published, 1 the build failed, 2 usage or
+    /// spec error.
+    Build(build::BuildArgs),
     /// Copy an image to a registry (or a layout), preserving every digest.
     ///
     /// SRC is `oci:PATH[:TAG]` (an OCI image layout; TAG selects by
@@ -140,7 +155,7 @@ struct RunnerArgs {
 }
 
 #[derive(Args)]
-struct RegistryArgs {
+pub(crate) struct RegistryArgs {
     /// Directory holding one `host[:port]` directory per registry, the Docker
     /// certs.d layout: `*.crt` CA roots, `*.cert` + `*.key` client pairs.
     /// Searched before custody's own and the system certs.d directories.
@@ -225,6 +240,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Build(args) => build::build(args).await,
         Command::Push(args) | Command::Pull(args) => copy_image(args).await,
         Command::Referrers(args) => referrers(args).await,
         Command::Runner(args) => runner(args).await,
@@ -241,7 +257,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn registry_options(args: &RegistryArgs) -> anyhow::Result<RegistryOptions> {
+pub(crate) fn registry_options(args: &RegistryArgs) -> anyhow::Result<RegistryOptions> {
     let credentials = match (&args.creds, &args.authfile) {
         (Some(creds), _) => CredentialSource::Explicit(auth::parse_creds(creds)?),
         (None, Some(file)) => CredentialSource::File(file.clone()),
@@ -443,7 +459,7 @@ async fn runner(args: RunnerArgs) -> anyhow::Result<()> {
 }
 
 /// Prints one line of data; a closed pipe is not an error.
-fn print_line(line: &str) -> anyhow::Result<()> {
+pub(crate) fn print_line(line: &str) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     match writeln!(stdout, "{line}").and_then(|()| stdout.flush()) {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
@@ -467,8 +483,14 @@ fn report(err: &anyhow::Error) -> ExitCode {
     }
     let _ = std::io::stderr().write_all(text.as_bytes());
     // Exit 2 when the fault is in how custody was called or set up.
-    let key_problem = err.downcast_ref::<custody_attest::Error>().is_some();
-    if cause.is_some_and(custody_oci::Error::is_usage) || key_problem {
+    let key_problem = err.downcast_ref::<custody_attest::Error>().is_some()
+        || matches!(
+            err.downcast_ref::<custody_daemon::embedded::Error>(),
+            Some(custody_daemon::embedded::Error::Key(_))
+        );
+    let misused = err.downcast_ref::<build::Usage>().is_some()
+        || err.downcast_ref::<custody_daemon::spec::SpecError>().is_some();
+    if cause.is_some_and(custody_oci::Error::is_usage) || key_problem || misused {
         ExitCode::from(2)
     } else {
         ExitCode::from(1)

@@ -10,11 +10,14 @@
 #![forbid(unsafe_code)]
 
 pub mod attach;
+pub mod build;
 pub mod dispatch;
+pub mod embedded;
 pub mod executor;
 pub mod local;
 pub mod slurm;
 pub mod spec;
+pub mod store;
 pub mod verify;
 
 pub use dispatch::{Dispatcher, JobError, JobReport};

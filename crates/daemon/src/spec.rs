@@ -13,6 +13,8 @@
 //!     env: { KEY: value }
 //!     network: false                                         # default: no network
 //!     timeout: 10m                                           # seconds, or 90s / 10m / 2h
+//!     memory: 2GiB                                           # cgroup limits (defaults 4GiB, 4096)
+//!     pids: 512
 //! images:
 //!   - from: oci:/output/app           # or docker-archive:/output/app.tar
 //!     to: registry.example.org/team/app:{revision}
@@ -35,6 +37,10 @@ use serde_saphyr::Spanned;
 
 /// Where step outputs are written, inside the sandbox.
 pub const OUTPUT_DIR: &str = "/output";
+/// A step's memory limit when the spec sets none.
+pub const DEFAULT_MEMORY_BYTES: u64 = 4 << 30;
+/// A step's process limit when the spec sets none.
+pub const DEFAULT_PIDS: u32 = 4096;
 /// The placeholders destinations may use.
 pub const PLACEHOLDERS: &[&str] = &["revision", "commit", "short_commit", "job"];
 
@@ -63,6 +69,10 @@ pub struct Step {
     pub env: BTreeMap<String, String>,
     pub network: bool,
     pub timeout: Option<Duration>,
+    /// Memory limit in bytes; `None` leaves the runner's default.
+    pub memory: Option<u64>,
+    /// Process limit; `None` leaves the runner's default.
+    pub pids: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -271,6 +281,29 @@ pub fn parse(text: &str, file: &Path) -> Result<Spec, SpecError> {
             })?),
             None => None,
         };
+        let memory = match step.memory {
+            Some(m) => Some(parse_size(&m.value).ok_or_else(|| {
+                located(
+                    &m,
+                    format!(
+                        "`{}` is not a memory size: use bytes, or a number with `KiB`, `MiB` or `GiB`",
+                        m.value
+                    ),
+                )
+            })?),
+            None => None,
+        };
+        let pids = match step.pids {
+            Some(p) if p.value < 8 => {
+                return Err(error(
+                    p.referenced.line(),
+                    p.referenced.column(),
+                    format!("`pids: {}` is too low for a shell to start; use 8 or more", p.value),
+                ));
+            }
+            Some(p) => Some(p.value),
+            None => None,
+        };
         for key in step.env.keys() {
             if key.is_empty() || key.contains('=') || key.contains('\0') {
                 return Err(located(
@@ -289,6 +322,8 @@ pub fn parse(text: &str, file: &Path) -> Result<Spec, SpecError> {
             env: step.env,
             network: step.network.unwrap_or(false),
             timeout,
+            memory,
+            pids,
         });
     }
 
@@ -435,6 +470,23 @@ fn parse_duration(text: &str) -> Option<Duration> {
     (seconds > 0).then(|| Duration::from_secs(seconds))
 }
 
+fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let (number, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => (&text[..i], text[i..].trim()),
+        None => (text, ""),
+    };
+    let n: u64 = number.parse().ok()?;
+    let shift = match unit {
+        "" | "B" => 0,
+        "KiB" | "K" | "k" => 10,
+        "MiB" | "M" => 20,
+        "GiB" | "G" => 30,
+        _ => return None,
+    };
+    n.checked_mul(1 << shift).filter(|&bytes| bytes >= 1 << 20)
+}
+
 fn at(text: &str, file: &Path, line: u64, column: u64, message: String) -> SpecError {
     let snippet = (line > 0)
         .then(|| text.lines().nth(line as usize - 1).map(str::to_owned))
@@ -484,6 +536,10 @@ struct RawStep {
     network: Option<bool>,
     #[serde(default)]
     timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    memory: Option<Spanned<String>>,
+    #[serde(default)]
+    pids: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]

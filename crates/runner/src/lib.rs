@@ -10,11 +10,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cgroup;
 pub mod outputs;
 mod push;
 pub mod rootfs;
 pub mod sandbox;
-pub mod source;
 mod steps;
 
 use std::path::PathBuf;
@@ -89,8 +89,10 @@ struct JobService {
 }
 
 impl JobService {
-    /// `workspace/` and `output/` inside the work directory.
-    fn prepare(&self) -> std::io::Result<sandbox::Sandbox> {
+    /// `workspace/` and `output/` inside the work directory; the work
+    /// directory itself (where the runner keeps what it pulls) and the paths
+    /// the daemon names are hidden from steps.
+    fn prepare(&self, job: &proto::Job) -> std::io::Result<sandbox::Sandbox> {
         let workspace = self.workdir.join("workspace");
         let output = self.workdir.join("output");
         fs_err::create_dir_all(&workspace)?;
@@ -98,7 +100,12 @@ impl JobService {
         Ok(sandbox::Sandbox {
             workspace,
             output,
-            hidden: Vec::new(),
+            hidden: job
+                .hidden_paths
+                .iter()
+                .map(PathBuf::from)
+                .chain([self.workdir.clone()])
+                .collect(),
         })
     }
 }
@@ -125,7 +132,7 @@ impl custody_wire::rpc::Runner for JobService {
             runner_version: env!("CARGO_PKG_VERSION").to_owned(),
         };
         let _ = events.send(Ok(event(Kind::Hello(hello)))).await;
-        let sandbox = match self.prepare() {
+        let sandbox = match self.prepare(&job) {
             Ok(sandbox) => sandbox,
             Err(e) => {
                 return Err(Status::internal(format!(

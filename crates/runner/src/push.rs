@@ -6,7 +6,8 @@ use std::sync::Arc;
 use custody_oci::Location;
 use custody_oci::copy::{self, CopyOptions, Destination, Source};
 use custody_oci::layout::Layout;
-use custody_oci::registry::RegistryOptions;
+use custody_oci::registry::certs::HostTls;
+use custody_oci::registry::{Credential, CredentialSource, RegistryOptions, Secret};
 use custody_wire::rpc::proto::{self, Event, event::Kind};
 use tokio::sync::mpsc;
 use tonic::Status;
@@ -15,14 +16,42 @@ use crate::event;
 use crate::outputs;
 use crate::sandbox::Sandbox;
 
-/// How the runner reaches registries, from what the daemon sent.
+/// How the runner reaches registries: exactly what the daemon sent for this
+/// job, nothing of this machine's own certs.d or credential files.
 pub(crate) fn registry_options(job: &proto::Job) -> RegistryOptions {
+    let access = job.registries.clone().unwrap_or_default();
+    let credentials = access
+        .credentials
+        .into_iter()
+        .map(|c| {
+            let credential = if c.identity_token.is_empty() {
+                Credential::UserPassword {
+                    user: c.username,
+                    password: Secret::new(c.password),
+                }
+            } else {
+                Credential::IdentityToken(Secret::new(c.identity_token))
+            };
+            (c.host, credential)
+        })
+        .collect();
+    let host_tls = access
+        .tls
+        .into_iter()
+        .map(|t| {
+            let tls = HostTls {
+                dir: None,
+                roots: t.roots,
+                identity: (!t.identity.is_empty()).then_some(t.identity),
+            };
+            (t.host, tls)
+        })
+        .collect();
     RegistryOptions {
-        insecure_hosts: job
-            .registries
-            .as_ref()
-            .map(|r| r.insecure_hosts.clone())
-            .unwrap_or_default(),
+        certs_dirs: Vec::new(),
+        host_tls,
+        insecure_hosts: access.insecure_hosts,
+        credentials: CredentialSource::PerHost(credentials),
         ..RegistryOptions::default()
     }
 }

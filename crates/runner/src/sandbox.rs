@@ -30,7 +30,8 @@ pub struct Sandbox {
     pub workspace: PathBuf,
     /// Bound at `/output`.
     pub output: PathBuf,
-    /// More host paths to hide behind empty tmpfs mounts.
+    /// More host paths to hide: directories behind empty tmpfs mounts,
+    /// files behind `/dev/null`.
     pub hidden: Vec<PathBuf>,
 }
 
@@ -116,6 +117,8 @@ impl Sandbox {
         for hidden in &self.hidden {
             if hidden.is_dir() {
                 command.arg("--tmpfs").arg(hidden);
+            } else if hidden.exists() {
+                command.arg("--ro-bind").arg("/dev/null").arg(hidden);
             }
         }
     }

@@ -10,6 +10,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
+use crate::cgroup::{Limits, StepCgroup};
 use crate::event;
 use crate::sandbox::{Root, Sandbox};
 
@@ -22,6 +23,9 @@ pub(crate) async fn run_all(
     events: &Events,
     mut cancel: watch::Receiver<Option<String>>,
 ) -> proto::Finished {
+    if let Err(error) = prepare_source(job, &sandbox.workspace).await {
+        return failed(format!("source: {error}"));
+    }
     for (index, step) in job.steps.iter().enumerate() {
         let index = index as u32;
         if let Some(reason) = cancel.borrow().clone() {
@@ -55,8 +59,37 @@ pub(crate) async fn run_all(
                 image_digest,
             }))))
             .await;
-        let outcome = run_step(index, step, sandbox, root, events, &mut cancel).await;
+        let limits = step.limits.unwrap_or_default();
+        let limits = Limits::or_defaults(limits.memory_bytes, limits.pids);
+        let cgroup = match StepCgroup::create(&format!("custody-{}-{index}", job.job_id), limits) {
+            Ok(Some(cgroup)) => Some(cgroup),
+            Ok(None) => {
+                if index == 0 {
+                    tracing::warn!("cannot create cgroups here: steps run without memory and process limits");
+                }
+                None
+            }
+            Err(e) => return failed(format!("step `{}`: cannot set up its cgroup: {e}", step.name)),
+        };
+        let outcome = run_step(index, step, sandbox, root, cgroup.as_ref(), events, &mut cancel).await;
+        let out_of_memory = cgroup.as_ref().is_some_and(StepCgroup::oom_killed);
+        let out_of_pids = cgroup.as_ref().is_some_and(StepCgroup::pids_exhausted);
+        drop(cgroup);
         match outcome {
+            Ok(StepEnd::Exited(code)) if code != 0 && out_of_memory => {
+                let _ = events
+                    .send(Ok(event(Kind::StepFinished(proto::StepFinished {
+                        index,
+                        exit_code: code,
+                        timed_out: false,
+                    }))))
+                    .await;
+                return failed(format!(
+                    "step `{}` ran out of memory (limit {} MiB) and was killed",
+                    step.name,
+                    limits.memory_bytes >> 20
+                ));
+            }
             Ok(StepEnd::Exited(code)) => {
                 let _ = events
                     .send(Ok(event(Kind::StepFinished(proto::StepFinished {
@@ -66,11 +99,12 @@ pub(crate) async fn run_all(
                     }))))
                     .await;
                 if code != 0 {
-                    return proto::Finished {
-                        success: false,
-                        cancelled: false,
-                        error: format!("step `{}` exited with code {code}", step.name),
+                    let hint = if out_of_pids {
+                        format!(" (it hit its limit of {} processes)", limits.pids)
+                    } else {
+                        String::new()
                     };
+                    return failed(format!("step `{}` exited with code {code}{hint}", step.name));
                 }
             }
             Ok(StepEnd::TimedOut) => {
@@ -124,18 +158,36 @@ async fn prepare_image(
     let reference: custody_oci::Reference = image
         .parse()
         .map_err(|e: custody_oci::Error| e.to_string())?;
-    let options = custody_oci::registry::RegistryOptions {
-        insecure_hosts: job
-            .registries
-            .as_ref()
-            .map(|r| r.insecure_hosts.clone())
-            .unwrap_or_default(),
-        ..custody_oci::registry::RegistryOptions::default()
-    };
+    let options = crate::push::registry_options(job);
     let resolved = crate::rootfs::prepare(&reference, &options, rootfs)
         .await
         .map_err(|e| e.to_string())?;
     Ok(resolved.digest.to_string())
+}
+
+fn failed(error: String) -> proto::Finished {
+    proto::Finished {
+        success: false,
+        cancelled: false,
+        error,
+    }
+}
+
+/// Puts the job's source into the workspace: a git repository checked out
+/// at the commit the daemon resolved, or a copy of a local directory.
+async fn prepare_source(job: &proto::Job, workspace: &std::path::Path) -> Result<(), String> {
+    use proto::source::Kind as SourceKind;
+    match job.source.as_ref().and_then(|s| s.kind.as_ref()) {
+        None => Ok(()),
+        Some(SourceKind::Git(git)) => custody_source::fetch(&git.url, &git.commit, workspace)
+            .await
+            .map_err(|e| e.to_string()),
+        Some(SourceKind::LocalDirectory(dir)) => {
+            custody_source::copy_local(std::path::Path::new(dir), workspace)
+                .await
+                .map_err(|e| e.to_string())
+        }
+    }
 }
 
 fn cancelled(reason: String) -> proto::Finished {
@@ -157,10 +209,14 @@ async fn run_step(
     step: &proto::Step,
     sandbox: &Sandbox,
     root: Root<'_>,
+    cgroup: Option<&StepCgroup>,
     events: &Events,
     cancel: &mut watch::Receiver<Option<String>>,
 ) -> std::io::Result<StepEnd> {
     let mut command = sandbox.command(step, root);
+    if let Some(cgroup) = cgroup {
+        command = crate::cgroup::enter(command.as_std(), &cgroup.procs_files());
+    }
     command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

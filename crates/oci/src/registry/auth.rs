@@ -63,6 +63,9 @@ pub enum CredentialSource {
     /// `$REGISTRY_AUTH_FILE`, containers' `auth.json`, then docker's `config.json`.
     #[default]
     Default,
+    /// Exactly these, by host (`host[:port]`); any other host is anonymous.
+    /// A runner gets these from the daemon for one job.
+    PerHost(HashMap<String, Credential>),
 }
 
 impl CredentialSource {
@@ -80,6 +83,7 @@ impl CredentialSource {
                 }
                 lookup_in_file(path, host)
             }
+            CredentialSource::PerHost(map) => Ok(map.get(host).cloned()),
             CredentialSource::Default => {
                 for path in default_auth_files() {
                     if path.is_file()

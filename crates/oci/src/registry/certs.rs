@@ -9,7 +9,7 @@ use fs_err as fs;
 use crate::Error;
 
 /// The TLS material found for one host.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct HostTls {
     /// The directory it came from, for messages.
     pub dir: Option<PathBuf>,

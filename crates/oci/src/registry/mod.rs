@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod certs;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -34,6 +35,9 @@ pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, appl
 pub struct RegistryOptions {
     /// certs.d roots, searched in order (see [`certs::default_search_path`]).
     pub certs_dirs: Vec<PathBuf>,
+    /// TLS material already loaded, by host; used instead of `certs_dirs`
+    /// for these hosts (a runner gets it from the daemon).
+    pub host_tls: HashMap<String, certs::HostTls>,
     /// Hosts (`host[:port]`) to talk to over plain HTTP.
     pub insecure_hosts: Vec<String>,
     pub credentials: CredentialSource,
@@ -50,6 +54,7 @@ impl Default for RegistryOptions {
     fn default() -> Self {
         Self {
             certs_dirs: certs::default_search_path(None),
+            host_tls: HashMap::new(),
             insecure_hosts: Vec::new(),
             credentials: CredentialSource::Default,
             user_agent: concat!("custody/", env!("CARGO_PKG_VERSION")).to_owned(),
@@ -92,9 +97,14 @@ impl Client {
         let (tls, credential) = {
             let host = host.to_owned();
             let dirs = options.certs_dirs.clone();
+            let given = options.host_tls.get(&host).cloned();
             let source = options.credentials.clone();
             tokio::task::spawn_blocking(move || -> Result<_, Error> {
-                Ok((certs::load(&dirs, &host)?, source.lookup(&host)?))
+                let tls = match given {
+                    Some(tls) => tls,
+                    None => certs::load(&dirs, &host)?,
+                };
+                Ok((tls, source.lookup(&host)?))
             })
             .await
             .expect("credential lookup does not panic")?

@@ -5,6 +5,8 @@
 //! global configuration, and only the transports custody allows (`ext::`
 //! would run commands named in the URL).
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use custody_runner::source::{self, LocalState, SourceError};
+use custody_source::{self as source, LocalState, SourceError};
 
 fn git(dir: &Path, args: &[&str]) -> String {
     let output = Command::new("git")

@@ -1,0 +1,229 @@
+//! `custody build`: the embedded daemon runs one build and prints it live.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use clap::Args;
+use custody_daemon::build::{BuildRequest, Progress};
+use custody_daemon::embedded;
+use custody_daemon::store::State;
+use custody_wire::rpc::proto::{event::Kind, log_line};
+
+use crate::RegistryArgs;
+
+#[derive(Args)]
+pub struct BuildArgs {
+    /// The directory to build: its `custody.yaml` is the spec, and unless the
+    /// spec names a git `source`, the directory itself is the source.
+    #[arg(value_name = "DIR", default_value = ".")]
+    dir: PathBuf,
+    /// The spec file (default: `DIR/custody.yaml`).
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    file: Option<PathBuf>,
+    /// Where the job store, step logs and (unless `--signing-key`) the
+    /// signing key live [default: $XDG_DATA_HOME/custody or
+    /// ~/.local/share/custody].
+    #[arg(long, value_name = "DIR", env = "CUSTODY_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// The PKCS#8 PEM key that signs the provenance (default: the data
+    /// directory's `keys/custody.key`, created on first use).
+    #[arg(long, value_name = "PEM")]
+    signing_key: Option<PathBuf>,
+    /// This builder's identity, recorded as `runDetails.builder.id` and
+    /// checked by `custody verify --builder-id` [default:
+    /// custody+local://HOSTNAME].
+    #[arg(long, value_name = "URI", env = "CUSTODY_BUILDER_ID")]
+    builder_id: Option<String>,
+    /// Also write the signed DSSE envelope here.
+    #[arg(long, value_name = "FILE")]
+    provenance_out: Option<PathBuf>,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+/// The build ran and failed (exit 1), as opposed to custody being misused.
+#[derive(Debug, thiserror::Error)]
+#[error("build {id} {state}: {reason}")]
+pub struct BuildFailed {
+    id: String,
+    state: &'static str,
+    reason: String,
+}
+
+/// A problem with how `build` was called (exit 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Usage(pub String);
+
+pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
+    if !args.dir.is_dir() {
+        return Err(Usage(format!("`{}` is not a directory", args.dir.display())).into());
+    }
+    let spec_path = args
+        .file
+        .clone()
+        .unwrap_or_else(|| args.dir.join("custody.yaml"));
+    if !spec_path.is_file() {
+        return Err(Usage(format!(
+            "no build spec at `{}`: write a custody.yaml there, or name one with `-f`",
+            spec_path.display()
+        ))
+        .into());
+    }
+    let spec_bytes = fs_err::read(&spec_path)?;
+    let spec = custody_daemon::spec::load(&spec_path)?;
+    let data_dir = match args.data_dir.clone() {
+        Some(dir) => dir,
+        None => embedded::default_data_dir().ok_or_else(|| {
+            Usage("no data directory: set HOME, XDG_DATA_HOME or pass `--data-dir`".into())
+        })?,
+    };
+    let builder_id = args
+        .builder_id
+        .clone()
+        .unwrap_or_else(|| format!("custody+local://{}", hostname()));
+    let daemon = embedded::start(embedded::Config {
+        data_dir: data_dir.clone(),
+        signing_key: args.signing_key.clone(),
+        builder_id,
+        registry: crate::registry_options(&args.registry)?,
+        runner_program: std::env::current_exe().context("cannot find the custody binary")?,
+    })
+    .await?;
+    if daemon.key_created {
+        eprintln!(
+            "created a signing key at `{}`; its public key, for `custody verify --key`, is `{}`",
+            daemon.key_path.display(),
+            daemon
+                .public_key_path
+                .as_deref()
+                .map_or_else(String::new, |p| p.display().to_string())
+        );
+    }
+    let request = BuildRequest {
+        spec_path: spec_path.canonicalize().unwrap_or(spec_path.clone()),
+        spec_bytes,
+        spec: spec.clone(),
+        directory: Some(args.dir.clone()),
+    };
+    let step_names: Vec<String> = spec.steps.iter().map(|s| s.name.clone()).collect();
+    let mut printer = Printer { step_names };
+    let cancel = async {
+        let _ = tokio::signal::ctrl_c().await;
+        "interrupted (Ctrl-C)".to_owned()
+    };
+    let outcome = daemon
+        .service
+        .run(request, |progress| printer.show(progress), cancel)
+        .await?;
+    daemon.service.store.close().await;
+
+    let Some(envelope) = outcome.envelope else {
+        return Err(BuildFailed {
+            id: outcome.id,
+            state: outcome.state.as_str(),
+            reason: outcome.error.unwrap_or_default(),
+        }
+        .into());
+    };
+    debug_assert_eq!(outcome.state, State::Succeeded);
+    let stored = embedded::provenance_file(&data_dir, &outcome.id);
+    write_file(&stored, &envelope)?;
+    if let Some(out) = &args.provenance_out {
+        fs_err::write(out, &envelope)?;
+    }
+    let mut summary = format!("build {} succeeded\n", outcome.id);
+    for subject in &outcome.subjects {
+        let digest = subject
+            .digest
+            .iter()
+            .map(|(alg, hex)| format!("{alg}:{hex}"))
+            .next()
+            .unwrap_or_default();
+        summary.push_str(&format!(
+            "  {digest}  {}\n",
+            subject.name.as_deref().unwrap_or("")
+        ));
+    }
+    summary.push_str(&format!("provenance: {}", stored.display()));
+    if let Some(out) = &args.provenance_out {
+        summary.push_str(&format!(" and {}", out.display()));
+    }
+    summary.push_str(&format!(
+        " (also in the job store; attached to every pushed image)\nverify with: custody verify IMAGE --key {}",
+        daemon
+            .public_key_path
+            .as_deref()
+            .map_or_else(|| "PUBLIC.pem".to_owned(), |p| p.display().to_string())
+    ));
+    crate::print_line(&summary)
+}
+
+/// Prints what happens: the daemon's progress on stderr, the steps' output
+/// prefixed with the step's name on stdout or stderr as they wrote it.
+struct Printer {
+    step_names: Vec<String>,
+}
+
+impl Printer {
+    fn show(&mut self, progress: Progress) {
+        match progress {
+            Progress::Queued { id } => eprintln!("==> build {id}"),
+            Progress::Source { description } => eprintln!("==> source: {description}"),
+            Progress::StepImage { step, pinned } => {
+                eprintln!("==> step `{step}` image: {pinned}");
+            }
+            Progress::Checked {
+                destination,
+                digest,
+            } => eprintln!("==> checked {destination} is {digest}"),
+            Progress::Attached { destination } => {
+                eprintln!("==> attached provenance to {destination}");
+            }
+            Progress::Runner(event) => match event.kind {
+                Some(Kind::Hello(hello)) => {
+                    eprintln!("==> runner on {} (pid {})", hello.hostname, hello.pid);
+                }
+                Some(Kind::StepStarted(step)) => eprintln!("==> step `{}`", step.name),
+                Some(Kind::Log(line)) => {
+                    let name = self
+                        .step_names
+                        .get(line.step as usize)
+                        .map_or("?", String::as_str);
+                    let mut text = format!("[{name}] ").into_bytes();
+                    text.extend_from_slice(&line.line);
+                    text.push(b'\n');
+                    // A closed pipe must not stop the build.
+                    let _ = if line.stream == log_line::Stream::Stderr as i32 {
+                        std::io::stderr().write_all(&text)
+                    } else {
+                        std::io::stdout().write_all(&text)
+                    };
+                }
+                Some(Kind::StepFinished(end)) if end.timed_out => {
+                    eprintln!("==> step {} timed out", end.index);
+                }
+                Some(Kind::Output(output)) => {
+                    eprintln!("==> pushed {} ({} bytes)", output.reference, output.size);
+                }
+                _ => {}
+            },
+        }
+    }
+}
+
+/// Writes a file, making its directory.
+fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        fs_err::create_dir_all(dir)?;
+    }
+    fs_err::write(path, bytes)?;
+    Ok(())
+}
+
+fn hostname() -> String {
+    fs_err::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".to_owned())
+}

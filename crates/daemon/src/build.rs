@@ -1,0 +1,916 @@
+//! One build, from spec to signed provenance.
+//!
+//! The daemon resolves everything the provenance will claim before the
+//! runner starts (the source revision to a commit, each step image tag to a
+//! digest, the destinations), hands the runner the job with the registry
+//! access it needs for this job only, and follows it. When the runner says
+//! it pushed something, the daemon checks it at the destination itself;
+//! only when every step, push and check passed does it sign the statement,
+//! store it and attach it to every pushed manifest. A failed build publishes
+//! nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use custody_attest::policy::{BUILD_TYPE, SOURCE_DEPENDENCY, STEP_IMAGE_PREFIX};
+use custody_attest::statement::{
+    BuildDefinition, BuildMetadata, Builder, Provenance, ResourceDescriptor, RunDetails,
+    SLSA_PROVENANCE_V1, Statement,
+};
+use custody_attest::keys::SigningKey;
+use custody_oci::digest::{self, Digest};
+use custody_oci::layout::Layout;
+use custody_oci::registry::{Client, Credential, RegistryOptions, certs};
+use custody_oci::{Location, Reference};
+use custody_wire::rpc::proto::{self, Event, event::Kind};
+use oci_spec::image::ImageManifest;
+use serde_json::json;
+use sha2::{Digest as _, Sha256};
+
+use crate::attach;
+use crate::dispatch::{Dispatcher, JobError};
+use crate::spec::{self, Spec, Values};
+use crate::store::{self, Ending, NewBuild, State, Store, StoreError};
+
+/// The OCI annotation that names an artifact file.
+const TITLE_ANNOTATION: &str = "org.opencontainers.image.title";
+
+/// What to build.
+pub struct BuildRequest {
+    /// The spec file, as recorded in the provenance.
+    pub spec_path: PathBuf,
+    /// Its exact bytes (their digest is recorded).
+    pub spec_bytes: Vec<u8>,
+    pub spec: Spec,
+    /// The directory to build when the spec names no git source.
+    pub directory: Option<PathBuf>,
+}
+
+/// The daemon's side of building: everything trusted that a build needs.
+pub struct BuildService {
+    pub dispatcher: Arc<Dispatcher>,
+    /// The executor's kind, recorded in the provenance.
+    pub executor_kind: String,
+    /// How the daemon reaches registries; the runner gets what it needs of
+    /// this for one job.
+    pub registry: RegistryOptions,
+    pub key: Arc<SigningKey>,
+    pub builder_id: String,
+    /// `sha256:<hex>` of the runner binary, when the daemon can read it.
+    pub runner_digest: Option<String>,
+    /// Host paths no step may see (the data directory, the key file).
+    pub hidden_paths: Vec<PathBuf>,
+    pub store: Store,
+}
+
+/// What happens, for whoever watches.
+#[derive(Debug)]
+pub enum Progress {
+    Queued { id: String },
+    Source { description: String },
+    StepImage { step: String, pinned: String },
+    Runner(Event),
+    Checked { destination: String, digest: String },
+    Attached { destination: String },
+}
+
+/// How a build ended.
+#[derive(Debug)]
+pub struct Outcome {
+    pub id: String,
+    pub state: State,
+    /// Why it failed or was cancelled.
+    pub error: Option<String>,
+    /// The signed DSSE envelope (JSON), only for a succeeded build.
+    pub envelope: Option<Vec<u8>>,
+    pub subjects: Vec<ResourceDescriptor>,
+}
+
+/// A build that did not succeed, and why.
+struct Failure {
+    state: State,
+    message: String,
+}
+
+impl Failure {
+    fn new(message: impl Into<String>) -> Self {
+        Self {
+            state: State::Failed,
+            message: message.into(),
+        }
+    }
+}
+
+/// What a succeeded build published.
+struct Published {
+    envelope: Vec<u8>,
+    subjects: Vec<ResourceDescriptor>,
+}
+
+/// What the daemon resolved before the runner started.
+struct Resolved {
+    source_dependency: ResourceDescriptor,
+    job_source: proto::source::Kind,
+    revision: String,
+    commit: String,
+    step_images: Vec<ResourceDescriptor>,
+}
+
+/// A pushed output as the daemon expects it.
+struct Expected {
+    destination: Location,
+    artifact: bool,
+}
+
+impl BuildService {
+    /// Runs `request` to the end; `cancel` resolving cancels it. Only the
+    /// store failing is an `Err`: everything else is in the outcome.
+    pub async fn run(
+        &self,
+        request: BuildRequest,
+        mut progress: impl FnMut(Progress) + Send,
+        cancel: impl Future<Output = String> + Send,
+    ) -> Result<Outcome, StoreError> {
+        let id = uuid::Uuid::now_v7().to_string();
+        let source = external_source(&request);
+        self.store
+            .insert_build(&NewBuild {
+                id: &id,
+                spec_path: &request.spec_path.display().to_string(),
+                spec: &request.spec_bytes,
+                source: &source.to_string(),
+                created_at: &now(),
+            })
+            .await?;
+        progress(Progress::Queued { id: id.clone() });
+        let mut logs = Vec::new();
+        let result = self
+            .execute(&id, &request, &mut progress, &mut logs, cancel)
+            .await;
+        self.store.append_logs(&id, &logs).await?;
+        let finished_at = now();
+        let (outputs, result) = match result {
+            Ok((outputs, published)) => (outputs, Ok(published)),
+            Err(failure) => (Vec::new(), Err(failure)),
+        };
+        let outcome = match result {
+            Ok(published) => {
+                self.store
+                    .finish(
+                        &id,
+                        &Ending {
+                            state: State::Succeeded,
+                            finished_at: &finished_at,
+                            error: None,
+                            outputs: &outputs,
+                            provenance: Some(&published.envelope),
+                        },
+                    )
+                    .await?;
+                Outcome {
+                    id,
+                    state: State::Succeeded,
+                    error: None,
+                    envelope: Some(published.envelope),
+                    subjects: published.subjects,
+                }
+            }
+            Err(failure) => {
+                self.store
+                    .finish(
+                        &id,
+                        &Ending {
+                            state: failure.state,
+                            finished_at: &finished_at,
+                            error: Some(&failure.message),
+                            outputs: &[],
+                            provenance: None,
+                        },
+                    )
+                    .await?;
+                Outcome {
+                    id,
+                    state: failure.state,
+                    error: Some(failure.message),
+                    envelope: None,
+                    subjects: Vec::new(),
+                }
+            }
+        };
+        Ok(outcome)
+    }
+
+    async fn execute(
+        &self,
+        id: &str,
+        request: &BuildRequest,
+        progress: &mut (impl FnMut(Progress) + Send),
+        logs: &mut Vec<store::LogLine>,
+        cancel: impl Future<Output = String> + Send,
+    ) -> Result<(Vec<store::Output>, Published), Failure> {
+        let started_on = now();
+        self.store
+            .mark_running(id, &started_on)
+            .await
+            .map_err(|e| Failure::new(e.to_string()))?;
+        let resolved = self.resolve(request, progress).await?;
+
+        let values = Values {
+            revision: &resolved.revision,
+            commit: &resolved.commit,
+            job: id,
+        };
+        let mut expected = Vec::new();
+        let mut images = Vec::new();
+        for image in &request.spec.images {
+            let destination = resolve_destination(&image.to, &values)?;
+            images.push(proto::ImageOutput {
+                from: image.from.to_string(),
+                to: destination.to_string(),
+            });
+            expected.push(Expected {
+                destination,
+                artifact: false,
+            });
+        }
+        let mut artifacts = Vec::new();
+        for artifact in &request.spec.artifacts {
+            let destination = resolve_destination(&artifact.to, &values)?;
+            artifacts.push(proto::ArtifactOutput {
+                paths: artifact.paths.clone(),
+                to: destination.to_string(),
+            });
+            expected.push(Expected {
+                destination,
+                artifact: true,
+            });
+        }
+
+        let hosts = registry_hosts(&expected, &resolved.step_images);
+        let job = proto::Job {
+            job_id: id.to_owned(),
+            steps: request
+                .spec
+                .steps
+                .iter()
+                .zip(pinned_images(&request.spec, &resolved.step_images))
+                .map(|(step, image)| job_step(step, image))
+                .collect(),
+            registries: Some(self.registry_access(&hosts).await?),
+            images,
+            artifacts,
+            source: Some(proto::Source {
+                kind: Some(resolved.job_source.clone()),
+            }),
+            hidden_paths: self
+                .hidden_paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect(),
+        };
+
+        let mut step_logs: BTreeMap<u32, Sha256> = BTreeMap::new();
+        let report = self
+            .dispatcher
+            .run(
+                job,
+                |event| {
+                    if let Some(Kind::Log(line)) = &event.kind {
+                        let hasher = step_logs.entry(line.step).or_default();
+                        hasher.update(&line.line);
+                        hasher.update(b"\n");
+                        logs.push(store::LogLine {
+                            step: line.step,
+                            stream: line.stream,
+                            line: line.line.clone(),
+                            unix_millis: line.unix_millis,
+                        });
+                    }
+                    progress(Progress::Runner(event.clone()));
+                },
+                cancel,
+            )
+            .await
+            .map_err(|e| match e {
+                JobError::Cancelled(reason) => Failure {
+                    state: State::Cancelled,
+                    message: reason,
+                },
+                other => Failure::new(other.to_string()),
+            })?;
+        if report.finished.cancelled {
+            return Err(Failure {
+                state: State::Cancelled,
+                message: report.finished.error,
+            });
+        }
+        if !report.finished.success {
+            return Err(Failure::new(report.finished.error));
+        }
+
+        // The runner says what it pushed; the daemon checks each at its
+        // destination before anything is signed.
+        if report.outputs.len() != expected.len() {
+            return Err(Failure::new(format!(
+                "the runner reported {} pushed outputs; the spec declares {}",
+                report.outputs.len(),
+                expected.len()
+            )));
+        }
+        let mut clients = Clients::new(&self.registry);
+        let mut subjects = Vec::new();
+        let mut checked = Vec::new();
+        for (output, expected) in report.outputs.iter().zip(&expected) {
+            let digest = digest::parse(&output.digest).map_err(|e| {
+                Failure::new(format!(
+                    "the runner reported `{}` for `{}`: {e}",
+                    output.digest, expected.destination
+                ))
+            })?;
+            let manifest = check_output(&mut clients, expected, &digest)
+                .await
+                .map_err(|e| {
+                    Failure::new(format!(
+                        "checking `{}` at `{}`: {e}",
+                        digest, expected.destination
+                    ))
+                })?;
+            progress(Progress::Checked {
+                destination: expected.destination.to_string(),
+                digest: digest.to_string(),
+            });
+            subjects.push(descriptor(
+                Some(subject_name(&expected.destination)),
+                None,
+                &digest,
+            ));
+            if expected.artifact {
+                subjects.extend(artifact_files(&manifest).map_err(|e| {
+                    Failure::new(format!(
+                        "the artifact `{}` at `{}`: {e}",
+                        digest, expected.destination
+                    ))
+                })?);
+            }
+            checked.push((
+                expected,
+                oci_spec::image::Descriptor::new(
+                    manifest.media_type,
+                    manifest.bytes.len() as u64,
+                    digest,
+                ),
+            ));
+        }
+
+        let byproducts = request
+            .spec
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(index, step)| {
+                let hex = step_logs
+                    .remove(&(index as u32))
+                    .map(|h| hex(&h.finalize()))
+                    .unwrap_or_else(|| hex(&Sha256::digest(b"")));
+                ResourceDescriptor {
+                    name: Some(format!("log:{}", step.name)),
+                    digest: BTreeMap::from([("sha256".to_owned(), hex)]),
+                    ..ResourceDescriptor::default()
+                }
+            })
+            .collect();
+        let provenance = Provenance {
+            build_definition: BuildDefinition {
+                build_type: BUILD_TYPE.to_owned(),
+                external_parameters: json!({
+                    "source": external_source(request),
+                    "spec": {
+                        "path": request.spec_path.display().to_string(),
+                        "digest": { "sha256": hex(&Sha256::digest(&request.spec_bytes)) },
+                    },
+                }),
+                internal_parameters: Some(self.internal_parameters(&request.spec)),
+                resolved_dependencies: std::iter::once(resolved.source_dependency)
+                    .chain(resolved.step_images)
+                    .collect(),
+            },
+            run_details: RunDetails {
+                builder: Builder {
+                    id: self.builder_id.clone(),
+                    builder_dependencies: self
+                        .runner_digest
+                        .as_deref()
+                        .and_then(|d| d.strip_prefix("sha256:"))
+                        .map(|hex| ResourceDescriptor {
+                            name: Some("runner".to_owned()),
+                            digest: BTreeMap::from([("sha256".to_owned(), hex.to_owned())]),
+                            ..ResourceDescriptor::default()
+                        })
+                        .into_iter()
+                        .collect(),
+                    version: BTreeMap::from([(
+                        "custody".to_owned(),
+                        env!("CARGO_PKG_VERSION").to_owned(),
+                    )]),
+                },
+                metadata: Some(BuildMetadata {
+                    invocation_id: id.to_owned(),
+                    started_on: Some(started_on),
+                    finished_on: Some(now()),
+                }),
+                byproducts,
+            },
+        };
+        let statement = Statement::provenance(subjects.clone(), &provenance);
+        let envelope = statement
+            .sign(&self.key)
+            .map_err(|e| Failure::new(format!("signing the provenance: {e}")))?;
+        let envelope = serde_json::to_vec_pretty(&envelope).expect("an envelope serialises");
+
+        for (expected, subject) in checked {
+            attach_to(&mut clients, &expected.destination, &subject, &envelope)
+                .await
+                .map_err(|e| {
+                    Failure::new(format!(
+                        "attaching the provenance to `{}`: {e}",
+                        expected.destination
+                    ))
+                })?;
+            progress(Progress::Attached {
+                destination: expected.destination.to_string(),
+            });
+        }
+        let outputs = report
+            .outputs
+            .iter()
+            .map(|o| store::Output {
+                reference: o.reference.clone(),
+                digest: o.digest.clone(),
+                size: o.size,
+            })
+            .collect();
+        Ok((outputs, Published { envelope, subjects }))
+    }
+
+    /// Resolves the source and the step images.
+    async fn resolve(
+        &self,
+        request: &BuildRequest,
+        progress: &mut (impl FnMut(Progress) + Send),
+    ) -> Result<Resolved, Failure> {
+        let (source_dependency, job_source, revision, commit) = match &request.spec.source {
+            Some(git) => {
+                let commit = custody_source::resolve(&git.git, &git.revision)
+                    .await
+                    .map_err(|e| Failure::new(format!("source: {e}")))?;
+                progress(Progress::Source {
+                    description: format!("{} {} at {commit}", git.git, git.revision),
+                });
+                (
+                    ResourceDescriptor {
+                        name: Some(SOURCE_DEPENDENCY.to_owned()),
+                        uri: Some(format!("git+{}", git.git)),
+                        digest: BTreeMap::from([("gitCommit".to_owned(), commit.clone())]),
+                        ..ResourceDescriptor::default()
+                    },
+                    proto::source::Kind::Git(proto::GitSource {
+                        url: git.git.clone(),
+                        commit: commit.clone(),
+                    }),
+                    git.revision.clone(),
+                    commit,
+                )
+            }
+            None => {
+                let dir = request.directory.as_deref().ok_or_else(|| {
+                    Failure::new("the spec names no `source` and no directory was given")
+                })?;
+                let dir = dir.canonicalize().map_err(|e| {
+                    Failure::new(format!("source directory `{}`: {e}", dir.display()))
+                })?;
+                let state = custody_source::local_state(&dir).await;
+                let uri = format!("file://{}", dir.display());
+                let (dependency, revision, commit) = match state {
+                    Some(state) => {
+                        progress(Progress::Source {
+                            description: format!(
+                                "{} at {}{}",
+                                dir.display(),
+                                state.commit,
+                                if state.dirty { " (uncommitted changes)" } else { "" }
+                            ),
+                        });
+                        let mut annotations = serde_json::Map::new();
+                        if state.dirty {
+                            annotations.insert("dirty".into(), true.into());
+                        }
+                        (
+                            ResourceDescriptor {
+                                name: Some(SOURCE_DEPENDENCY.to_owned()),
+                                uri: Some(format!("git+{uri}")),
+                                digest: BTreeMap::from([(
+                                    "gitCommit".to_owned(),
+                                    state.commit.clone(),
+                                )]),
+                                annotations: (!annotations.is_empty()).then_some(annotations),
+                            },
+                            state.commit.clone(),
+                            state.commit,
+                        )
+                    }
+                    None => {
+                        progress(Progress::Source {
+                            description: format!("{} (not a git checkout)", dir.display()),
+                        });
+                        (
+                            ResourceDescriptor {
+                                name: Some(SOURCE_DEPENDENCY.to_owned()),
+                                uri: Some(uri),
+                                ..ResourceDescriptor::default()
+                            },
+                            "local".to_owned(),
+                            String::new(),
+                        )
+                    }
+                };
+                (
+                    dependency,
+                    proto::source::Kind::LocalDirectory(dir.display().to_string()),
+                    revision,
+                    commit,
+                )
+            }
+        };
+
+        let mut clients = Clients::new(&self.registry);
+        let mut step_images = Vec::new();
+        for step in &request.spec.steps {
+            let Some(image) = &step.image else { continue };
+            let digest = match image.digest() {
+                Some(digest) => digest.clone(),
+                None => {
+                    let client = clients.get(image.api_host()).await.map_err(|e| {
+                        Failure::new(format!("step `{}`: image `{image}`: {e}", step.name))
+                    })?;
+                    let (descriptor, _) = client
+                        .manifest(image.repository(), &image.manifest_ref())
+                        .await
+                        .map_err(|e| {
+                            Failure::new(format!("step `{}`: image `{image}`: {e}", step.name))
+                        })?;
+                    descriptor.digest().clone()
+                }
+            };
+            let pinned = pin(image, &digest);
+            progress(Progress::StepImage {
+                step: step.name.clone(),
+                pinned: pinned.clone(),
+            });
+            step_images.push(descriptor(
+                Some(format!("{STEP_IMAGE_PREFIX}{}", step.name)),
+                Some(pinned),
+                &digest,
+            ));
+        }
+        Ok(Resolved {
+            source_dependency,
+            job_source,
+            revision,
+            commit,
+            step_images,
+        })
+    }
+
+    /// The registry access the runner gets for this job: credentials and TLS
+    /// material for exactly the hosts the job talks to.
+    async fn registry_access(&self, hosts: &[String]) -> Result<proto::RegistryAccess, Failure> {
+        let options = self.registry.clone();
+        let hosts = hosts.to_vec();
+        tokio::task::spawn_blocking(move || {
+            let mut access = proto::RegistryAccess {
+                insecure_hosts: options.insecure_hosts.clone(),
+                ..proto::RegistryAccess::default()
+            };
+            for host in hosts {
+                let lookup = |e: custody_oci::Error| Failure::new(e.to_string());
+                match options.credentials.lookup(&host).map_err(lookup)? {
+                    Some(Credential::UserPassword { user, password }) => {
+                        access.credentials.push(proto::RegistryCredential {
+                            host: host.clone(),
+                            username: user,
+                            password: password.expose().to_owned(),
+                            identity_token: String::new(),
+                        });
+                    }
+                    Some(Credential::IdentityToken(token)) => {
+                        access.credentials.push(proto::RegistryCredential {
+                            host: host.clone(),
+                            identity_token: token.expose().to_owned(),
+                            ..proto::RegistryCredential::default()
+                        });
+                    }
+                    None => {}
+                }
+                let tls = match options.host_tls.get(&host) {
+                    Some(tls) => tls.clone(),
+                    None => certs::load(&options.certs_dirs, &host).map_err(lookup)?,
+                };
+                if !tls.roots.is_empty() || tls.identity.is_some() {
+                    access.tls.push(proto::HostTls {
+                        host,
+                        roots: tls.roots,
+                        identity: tls.identity.unwrap_or_default(),
+                    });
+                }
+            }
+            Ok(access)
+        })
+        .await
+        .expect("looking up registry access does not panic")
+    }
+
+    fn internal_parameters(&self, spec: &Spec) -> serde_json::Value {
+        json!({
+            "executor": self.executor_kind,
+            "sandbox": {
+                "kind": "bubblewrap",
+                "steps": spec.steps.iter().map(|step| json!({
+                    "name": step.name,
+                    "network": step.network,
+                    "timeoutSeconds": step.timeout.map(|t| t.as_secs()),
+                    "memoryBytes": step.memory.unwrap_or(spec::DEFAULT_MEMORY_BYTES),
+                    "pids": step.pids.unwrap_or(spec::DEFAULT_PIDS),
+                })).collect::<Vec<_>>(),
+            },
+        })
+    }
+}
+
+/// `externalParameters.source`: what the build was asked to build.
+fn external_source(request: &BuildRequest) -> serde_json::Value {
+    match (&request.spec.source, &request.directory) {
+        (Some(git), _) => json!({ "git": git.git, "revision": git.revision }),
+        (None, Some(dir)) => json!({
+            "directory": dir.canonicalize().unwrap_or_else(|_| dir.clone()).display().to_string()
+        }),
+        (None, None) => json!({}),
+    }
+}
+
+fn resolve_destination(to: &spec::Destination, values: &Values<'_>) -> Result<Location, Failure> {
+    to.resolve(values).map_err(|e| {
+        Failure::new(format!(
+            "destination `{}` after substitution: {e}",
+            to.template()
+        ))
+    })
+}
+
+/// Each step's image pinned by digest, in step order (`None` for the host).
+fn pinned_images<'a>(
+    spec: &'a Spec,
+    resolved: &'a [ResourceDescriptor],
+) -> impl Iterator<Item = Option<&'a str>> + 'a {
+    let mut resolved = resolved.iter();
+    spec.steps.iter().map(move |step| {
+        step.image
+            .as_ref()
+            .and_then(|_| resolved.next().and_then(|d| d.uri.as_deref()))
+    })
+}
+
+fn job_step(step: &spec::Step, image: Option<&str>) -> proto::Step {
+    let (run, args) = match &step.command {
+        spec::Command::Run(run) => (run.clone(), Vec::new()),
+        spec::Command::Args(args) => (String::new(), args.clone()),
+    };
+    proto::Step {
+        name: step.name.clone(),
+        run,
+        args,
+        env: step.env.clone().into_iter().collect(),
+        timeout_seconds: step
+            .timeout
+            .map(|t| u32::try_from(t.as_secs()).unwrap_or(u32::MAX))
+            .unwrap_or(0),
+        network: step.network,
+        image: image.unwrap_or_default().to_owned(),
+        limits: Some(proto::Limits {
+            memory_bytes: step.memory.unwrap_or(spec::DEFAULT_MEMORY_BYTES),
+            pids: step.pids.unwrap_or(spec::DEFAULT_PIDS),
+        }),
+    }
+}
+
+/// Registry hosts the job talks to: destinations and step images.
+fn registry_hosts(expected: &[Expected], step_images: &[ResourceDescriptor]) -> Vec<String> {
+    let mut hosts: Vec<String> = expected
+        .iter()
+        .filter_map(|e| match &e.destination {
+            Location::Registry(reference) => Some(reference.api_host().to_owned()),
+            _ => None,
+        })
+        .chain(step_images.iter().filter_map(|d| {
+            d.uri
+                .as_deref()
+                .and_then(|u| u.parse::<Reference>().ok())
+                .map(|r| r.api_host().to_owned())
+        }))
+        .collect();
+    hosts.sort();
+    hosts.dedup();
+    hosts
+}
+
+fn pin(image: &Reference, digest: &Digest) -> String {
+    format!("{}/{}@{digest}", image.registry(), image.repository())
+}
+
+/// A subject's name: the repository, or the layout.
+fn subject_name(destination: &Location) -> String {
+    match destination {
+        Location::Registry(reference) => format!("{}/{}", reference.registry(), reference.repository()),
+        Location::Layout { path, .. } => format!("oci:{}", path.display()),
+        Location::DockerArchive { path } => format!("docker-archive:{}", path.display()),
+    }
+}
+
+fn descriptor(name: Option<String>, uri: Option<String>, digest: &Digest) -> ResourceDescriptor {
+    ResourceDescriptor {
+        name,
+        uri,
+        digest: BTreeMap::from([(
+            digest.algorithm().to_string(),
+            digest.digest().to_owned(),
+        )]),
+        annotations: None,
+    }
+}
+
+/// A manifest as found at its destination.
+struct Manifest {
+    media_type: oci_spec::image::MediaType,
+    bytes: Vec<u8>,
+}
+
+/// Registry clients by host, made once per build.
+struct Clients<'a> {
+    options: &'a RegistryOptions,
+    by_host: HashMap<String, Client>,
+}
+
+impl<'a> Clients<'a> {
+    fn new(options: &'a RegistryOptions) -> Self {
+        Self {
+            options,
+            by_host: HashMap::new(),
+        }
+    }
+
+    async fn get(&mut self, host: &str) -> Result<&Client, custody_oci::Error> {
+        if !self.by_host.contains_key(host) {
+            let client = Client::new(host, self.options).await?;
+            self.by_host.insert(host.to_owned(), client);
+        }
+        Ok(&self.by_host[host])
+    }
+}
+
+/// Fetches the manifest `digest` from where it was pushed; its bytes must
+/// hash to the digest, and the destination's tag (if any) must name it.
+async fn check_output(
+    clients: &mut Clients<'_>,
+    expected: &Expected,
+    digest: &Digest,
+) -> Result<Manifest, String> {
+    match &expected.destination {
+        Location::Registry(reference) => {
+            let client = clients
+                .get(reference.api_host())
+                .await
+                .map_err(|e| e.to_string())?;
+            let (descriptor, bytes) = client
+                .manifest(reference.repository(), &digest.to_string())
+                .await
+                .map_err(|e| e.to_string())?;
+            if let Some(tag) = reference.tag() {
+                let (tagged, _) = client
+                    .manifest(reference.repository(), tag)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if tagged.digest() != digest {
+                    return Err(format!(
+                        "the tag `{tag}` names `{}`, not the pushed manifest",
+                        tagged.digest()
+                    ));
+                }
+            }
+            Ok(Manifest {
+                media_type: descriptor.media_type().clone(),
+                bytes: bytes.to_vec(),
+            })
+        }
+        Location::Layout { path, tag } => {
+            let (path, tag, digest) = (path.clone(), tag.clone(), digest.clone());
+            tokio::task::spawn_blocking(move || -> Result<Manifest, String> {
+                let layout = Layout::open(&path).map_err(|e| e.to_string())?;
+                let found = layout
+                    .resolve(tag.as_deref())
+                    .map_err(|e| e.to_string())?;
+                if found.digest() != &digest {
+                    return Err(format!(
+                        "the layout lists `{}` there, not the pushed manifest",
+                        found.digest()
+                    ));
+                }
+                let bytes = layout.read_small_blob(&found).map_err(|e| e.to_string())?;
+                Ok(Manifest {
+                    media_type: found.media_type().clone(),
+                    bytes,
+                })
+            })
+            .await
+            .expect("reading a layout does not panic")
+        }
+        Location::DockerArchive { .. } => Err("a docker archive is not a destination".into()),
+    }
+}
+
+/// The files of an artifact: each layer named by its title.
+fn artifact_files(manifest: &Manifest) -> Result<Vec<ResourceDescriptor>, String> {
+    let parsed: ImageManifest =
+        serde_json::from_slice(&manifest.bytes).map_err(|e| format!("not a manifest: {e}"))?;
+    parsed
+        .layers()
+        .iter()
+        .map(|layer| {
+            let title = layer
+                .annotations()
+                .as_ref()
+                .and_then(|a| a.get(TITLE_ANNOTATION))
+                .ok_or_else(|| format!("layer `{}` has no title", layer.digest()))?;
+            Ok(descriptor(Some(title.clone()), None, layer.digest()))
+        })
+        .collect()
+}
+
+async fn attach_to(
+    clients: &mut Clients<'_>,
+    destination: &Location,
+    subject: &oci_spec::image::Descriptor,
+    envelope: &[u8],
+) -> Result<(), String> {
+    match destination {
+        Location::Registry(reference) => {
+            let client = clients
+                .get(reference.api_host())
+                .await
+                .map_err(|e| e.to_string())?;
+            attach::attach_to_registry(
+                client,
+                reference.repository(),
+                subject,
+                envelope,
+                SLSA_PROVENANCE_V1,
+            )
+            .await
+            .map_err(|e| e.to_string())
+        }
+        Location::Layout { path, .. } => {
+            let (path, subject, envelope) = (path.clone(), subject.clone(), envelope.to_vec());
+            tokio::task::spawn_blocking(move || {
+                let layout = Layout::open(&path)?;
+                attach::attach_to_layout(&layout, &subject, &envelope, SLSA_PROVENANCE_V1)
+            })
+            .await
+            .expect("writing to a layout does not panic")
+            .map_err(|e| e.to_string())
+        }
+        Location::DockerArchive { .. } => Err("a docker archive is not a destination".into()),
+    }
+}
+
+/// `sha256:<hex>` of a file (blocking).
+pub fn file_digest(path: &Path) -> std::io::Result<String> {
+    use std::io::Read as _;
+    let mut file = fs_err::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0; 1 << 16];
+    loop {
+        match file.read(&mut buffer)? {
+            0 => break,
+            n => hasher.update(&buffer[..n]),
+        }
+    }
+    Ok(format!("sha256:{}", hex(&hasher.finalize())))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}

@@ -1,0 +1,144 @@
+//! The daemon inside `custody build`: no server to set up. A data
+//! directory holds the SQLite store and (unless one is given) the signing
+//! key, created on first use; runners are local processes that connect back
+//! to a connector on 127.0.0.1.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use custody_attest::keys::{self, Algorithm, SigningKey};
+use custody_oci::registry::RegistryOptions;
+use custody_wire::{Connector, DaemonIdentity};
+use tokio::net::TcpListener;
+
+use crate::build::{BuildService, file_digest};
+use crate::dispatch::Dispatcher;
+use crate::local::LocalExecutor;
+use crate::store::{Store, StoreError};
+
+/// How to set the embedded daemon up.
+pub struct Config {
+    pub data_dir: PathBuf,
+    /// A PKCS#8 PEM key; `None` uses (or creates) `DATA_DIR/keys/custody.key`.
+    pub signing_key: Option<PathBuf>,
+    pub builder_id: String,
+    pub registry: RegistryOptions,
+    /// The `custody` binary runners start from.
+    pub runner_program: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot use the data directory `{}`: {source}", path.display())]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Key(#[from] custody_attest::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot start the runner connector: {0}")]
+    Connector(String),
+}
+
+/// A running embedded daemon.
+pub struct Embedded {
+    pub service: BuildService,
+    /// Where the signing key is, and whether it was created just now.
+    pub key_path: PathBuf,
+    pub key_created: bool,
+    pub public_key_path: Option<PathBuf>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+/// The data directory when none is given: `$XDG_DATA_HOME/custody`, else
+/// `~/.local/share/custody`.
+pub fn default_data_dir() -> Option<PathBuf> {
+    std::env::var_os("XDG_DATA_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .map(|d| d.join("custody"))
+}
+
+pub async fn start(config: Config) -> Result<Embedded, Error> {
+    let data_dir = &config.data_dir;
+    fs_err::create_dir_all(data_dir).map_err(|source| Error::DataDir {
+        path: data_dir.clone(),
+        source,
+    })?;
+    let (key, key_path, key_created, public_key_path) = load_or_create_key(&config)?;
+    let store = Store::open_sqlite(&data_dir.join("custody.db")).await?;
+
+    let identity = DaemonIdentity::generate().map_err(|e| Error::Connector(e.to_string()))?;
+    let connector = Connector::new(&identity);
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| Error::Connector(e.to_string()))?;
+    let daemon_addr = listener
+        .local_addr()
+        .map_err(|e| Error::Connector(e.to_string()))?
+        .to_string();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(connector.clone().serve(listener, async {
+        let _ = stopped.await;
+    }));
+    let dispatcher = Dispatcher {
+        connector,
+        executor: Arc::new(LocalExecutor::new(config.runner_program.clone())),
+        daemon_addr,
+        connect_timeout: Duration::from_secs(30),
+    };
+    let runner_digest = {
+        let program = config.runner_program.clone();
+        tokio::task::spawn_blocking(move || file_digest(&program).ok())
+            .await
+            .expect("hashing a file does not panic")
+    };
+    let mut hidden_paths = vec![data_dir.clone()];
+    hidden_paths.push(key_path.clone());
+    Ok(Embedded {
+        service: BuildService {
+            dispatcher: Arc::new(dispatcher),
+            executor_kind: "local".to_owned(),
+            registry: config.registry,
+            key: Arc::new(key),
+            builder_id: config.builder_id,
+            runner_digest,
+            hidden_paths,
+            store,
+        },
+        key_path,
+        key_created,
+        public_key_path,
+        _stop: stop,
+    })
+}
+
+fn load_or_create_key(
+    config: &Config,
+) -> Result<(SigningKey, PathBuf, bool, Option<PathBuf>), Error> {
+    if let Some(path) = &config.signing_key {
+        let key = SigningKey::from_pem_file(path)?;
+        return Ok((key, path.clone(), false, None));
+    }
+    let dir = config.data_dir.join("keys");
+    let private = dir.join("custody.key");
+    let public = dir.join("custody.pub");
+    if private.exists() {
+        let key = SigningKey::from_pem_file(&private)?;
+        return Ok((key, private, false, Some(public)));
+    }
+    let (private, public, key) = keys::generate_files(&dir, Algorithm::EcdsaP256)?;
+    Ok((key, private, true, Some(public)))
+}
+
+/// Where `build` keeps a copy of each published envelope.
+pub fn provenance_file(data_dir: &Path, build_id: &str) -> PathBuf {
+    data_dir
+        .join("provenance")
+        .join(format!("{build_id}.dsse.json"))
+}
