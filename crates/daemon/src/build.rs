@@ -225,7 +225,7 @@ impl BuildService {
         let mut expected = Vec::new();
         let mut images = Vec::new();
         for image in &request.spec.images {
-            let destination = resolve_destination(&image.to, &values)?;
+            let destination = resolve_destination(&image.to, &values, &request.spec_path)?;
             images.push(proto::ImageOutput {
                 from: image.from.to_string(),
                 to: destination.to_string(),
@@ -237,7 +237,7 @@ impl BuildService {
         }
         let mut artifacts = Vec::new();
         for artifact in &request.spec.artifacts {
-            let destination = resolve_destination(&artifact.to, &values)?;
+            let destination = resolve_destination(&artifact.to, &values, &request.spec_path)?;
             artifacts.push(proto::ArtifactOutput {
                 paths: artifact.paths.clone(),
                 to: destination.to_string(),
@@ -659,12 +659,28 @@ fn external_source(request: &BuildRequest) -> serde_json::Value {
     }
 }
 
-fn resolve_destination(to: &spec::Destination, values: &Values<'_>) -> Result<Location, Failure> {
-    to.resolve(values).map_err(|e| {
-        Failure::new(format!(
-            "destination `{}` after substitution: {e}",
-            to.template()
-        ))
+/// A destination for this build: placeholders filled in, and a relative
+/// `oci:` path taken from the spec file's directory.
+fn resolve_destination(
+    to: &spec::Destination,
+    values: &Values<'_>,
+    spec_path: &Path,
+) -> Result<Location, Failure> {
+    let template = to.template();
+    if values.commit.is_empty() && (template.contains("{commit}") || template.contains("{short_commit}")) {
+        return Err(Failure::new(format!(
+            "destination `{template}` uses the commit, but the source is not a git checkout"
+        )));
+    }
+    let location = to.resolve(values).map_err(|e| {
+        Failure::new(format!("destination `{template}` after substitution: {e}"))
+    })?;
+    Ok(match location {
+        Location::Layout { path, tag } if path.is_relative() => Location::Layout {
+            path: spec_path.parent().unwrap_or(Path::new("/")).join(path),
+            tag,
+        },
+        other => other,
     })
 }
 
