@@ -365,48 +365,9 @@ async fn many_jobs_leave_no_waiter_behind() {
     assert_eq!(d.dispatcher.connector.waiting(), 0);
 }
 
-/// An image whose root holds a static busybox as `/bin/sh`, and an
-/// `/etc/os-release` of its own, pushed to `registry`; returns the pinned reference.
+/// The busybox image of testkit, pushed to `registry`; returns the pinned reference.
 fn busybox_image(registry: &custody_testkit::Registry, dir: &std::path::Path) -> String {
-    use custody_testkit::image::{Blob, Image, LayoutWriter, sha256};
-    use std::io::Write;
-    let busybox =
-        fs_err::read("/bin/busybox").expect("busybox-static is installed (scripts/setup)");
-    let mut tar = tar::Builder::new(Vec::new());
-    let mut add = |path: &str, kind: tar::EntryType, data: &[u8], link: Option<&str>| {
-        let mut header = tar::Header::new_gnu();
-        header.set_entry_type(kind);
-        header.set_size(data.len() as u64);
-        header.set_mode(0o755);
-        if let Some(link) = link {
-            header.set_link_name(link).unwrap();
-        }
-        header.set_cksum();
-        tar.append_data(&mut header, path, data).unwrap();
-    };
-    add("bin", tar::EntryType::Directory, b"", None);
-    add("etc", tar::EntryType::Directory, b"", None);
-    add("bin/busybox", tar::EntryType::Regular, &busybox, None);
-    add("bin/sh", tar::EntryType::Symlink, b"", Some("busybox"));
-    add(
-        "etc/os-release",
-        tar::EntryType::Regular,
-        b"ID=custody-test-image\n",
-        None,
-    );
-    let tar = tar.into_inner().unwrap();
-    let diff_id = sha256(&tar);
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&tar).unwrap();
-    let layer = Blob::new(
-        "application/vnd.oci.image.layer.v1.tar+gzip",
-        gz.finish().unwrap(),
-    );
-    let image = Image::from_layers(9, vec![layer], vec![diff_id], "amd64");
-    let root = dir.join("busybox-layout");
-    LayoutWriter::new(&root)
-        .image(&image)
-        .tag("v1", &image.manifest);
+    let (root, image) = custody_testkit::image::busybox_layout(dir);
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_custody"))
         .args([
             "push",
@@ -446,6 +407,7 @@ async fn a_step_with_an_image_runs_on_that_image_and_sees_nothing_of_the_host() 
         steps: vec![step],
         registries: Some(proto::RegistryAccess {
             insecure_hosts: vec![registry.host().to_owned()],
+            ..Default::default()
         }),
         ..Default::default()
     };
@@ -491,6 +453,7 @@ async fn a_step_with_an_image_runs_on_that_image_and_sees_nothing_of_the_host() 
         }],
         registries: Some(proto::RegistryAccess {
             insecure_hosts: vec![registry.host().to_owned()],
+            ..Default::default()
         }),
         ..Default::default()
     };
@@ -531,6 +494,7 @@ async fn the_runner_pushes_declared_outputs_and_reports_them() {
         }],
         registries: Some(proto::RegistryAccess {
             insecure_hosts: vec![registry.host().to_owned()],
+            ..Default::default()
         }),
         images: vec![proto::ImageOutput {
             from: "oci:/output/app:v1".into(),
@@ -540,6 +504,7 @@ async fn the_runner_pushes_declared_outputs_and_reports_them() {
             paths: vec!["dist/*.txt".into()],
             to: dist.clone(),
         }],
+        ..Default::default()
     };
     let report = d.dispatcher.run(job, |_| {}, never()).await.unwrap();
     assert!(report.finished.success, "{:?}", report.finished);
@@ -584,6 +549,7 @@ async fn the_runner_pushes_declared_outputs_and_reports_them() {
         }],
         registries: Some(proto::RegistryAccess {
             insecure_hosts: vec![registry.host().to_owned()],
+            ..Default::default()
         }),
         images: vec![proto::ImageOutput {
             from: "oci:/output/never:v1".into(),

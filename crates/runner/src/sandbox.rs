@@ -115,6 +115,16 @@ impl Sandbox {
             }
         }
         for hidden in &self.hidden {
+            // Inside a directory already hidden there is nothing to hide, and
+            // mounting over it would make its path appear in the empty tmpfs.
+            let covered = HIDDEN_TOP.iter().any(|top| hidden.starts_with(Path::new("/").join(top)))
+                || self
+                    .hidden
+                    .iter()
+                    .any(|other| other != hidden && other.is_dir() && hidden.starts_with(other));
+            if covered {
+                continue;
+            }
             if hidden.is_dir() {
                 command.arg("--tmpfs").arg(hidden);
             } else if hidden.exists() {

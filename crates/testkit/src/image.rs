@@ -281,3 +281,47 @@ pub fn write_docker_archive(
     archive.into_inner().unwrap();
     (config_digest, diff_ids)
 }
+
+/// An image whose root holds a static busybox as `/bin/sh`, and an
+/// `/etc/os-release` of its own, as a layout in `dir` tagged `v1`. Returns
+/// the layout and the image.
+pub fn busybox_layout(dir: &Path) -> (PathBuf, Image) {
+    let busybox =
+        fs_err::read("/bin/busybox").expect("busybox-static is installed (scripts/setup)");
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut add = |path: &str, kind: tar::EntryType, data: &[u8], link: Option<&str>| {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(kind);
+        header.set_size(data.len() as u64);
+        header.set_mode(0o755);
+        if let Some(link) = link {
+            header.set_link_name(link).unwrap();
+        }
+        header.set_cksum();
+        tar.append_data(&mut header, path, data).unwrap();
+    };
+    add("bin", tar::EntryType::Directory, b"", None);
+    add("etc", tar::EntryType::Directory, b"", None);
+    add("bin/busybox", tar::EntryType::Regular, &busybox, None);
+    add("bin/sh", tar::EntryType::Symlink, b"", Some("busybox"));
+    add(
+        "etc/os-release",
+        tar::EntryType::Regular,
+        b"ID=custody-test-image\n",
+        None,
+    );
+    let tar = tar.into_inner().unwrap();
+    let diff_id = sha256(&tar);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&tar).unwrap();
+    let layer = Blob::new(
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+        gz.finish().unwrap(),
+    );
+    let image = Image::from_layers(9, vec![layer], vec![diff_id], "amd64");
+    let root = dir.join("busybox-layout");
+    LayoutWriter::new(&root)
+        .image(&image)
+        .tag("v1", &image.manifest);
+    (root, image)
+}

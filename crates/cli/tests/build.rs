@@ -1,0 +1,610 @@
+//! `custody build` end to end: the embedded daemon, a real runner, real
+//! bubblewrap, real git, a real registry; skopeo and Python's
+//! securesystemslib check what comes out.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use custody_testkit::Registry;
+
+const CUSTODY: &str = env!("CARGO_BIN_EXE_custody");
+
+fn custody(args: &[&str]) -> Output {
+    Command::new(CUSTODY)
+        .args(args)
+        .env("CANARY_SECRET", "canary-f00d-d00d")
+        .output()
+        .expect("custody runs")
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let output = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args([
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@example.org",
+            "-c",
+            "init.defaultBranch=main",
+        ])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "git {args:?}: {}", text(&output));
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// examples/hello copied into a fresh git repository; returns it and its commit.
+fn example_checkout(dir: &Path) -> (PathBuf, String) {
+    let src = dir.join("hello");
+    fs_err::create_dir_all(&src).unwrap();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/hello");
+    for name in ["custody.yaml", "hello.sh", ".gitignore"] {
+        fs_err::copy(example.join(name), src.join(name)).unwrap();
+    }
+    git(&src, &["init", "-q"]);
+    git(&src, &["add", "."]);
+    git(&src, &["commit", "-qm", "example"]);
+    let commit = git(&src, &["rev-parse", "HEAD"]);
+    (src, commit)
+}
+
+/// The registry arguments a client needs for `registry`.
+fn registry_args(registry: &Registry, dir: &Path) -> Vec<String> {
+    let mut args = Vec::new();
+    match registry.certs_dir() {
+        Some(certs) => args.extend(["--certs-dir".into(), certs.display().to_string()]),
+        None => args.extend(["--insecure-registry".into(), registry.host().to_owned()]),
+    }
+    if let Some((user, password)) = registry.credentials() {
+        let docker = custody_testkit::write_docker_config(dir, registry.host(), user, password);
+        args.extend([
+            "--authfile".into(),
+            docker.join("config.json").display().to_string(),
+        ]);
+    }
+    args
+}
+
+fn skopeo(registry: &Registry, args: &[&str], reference: &str) -> Output {
+    let mut command = Command::new("skopeo");
+    command.args(args);
+    match registry.certs_dir() {
+        Some(dir) => command.arg(format!(
+            "--cert-dir={}",
+            dir.join(registry.host()).display()
+        )),
+        None => command.arg("--tls-verify=false"),
+    };
+    if let Some((user, pass)) = registry.credentials() {
+        command.arg(format!("--creds={user}:{pass}"));
+    }
+    command.arg(reference).output().expect("skopeo runs")
+}
+
+/// The tags of `repository`, as skopeo lists them.
+fn tags(registry: &Registry, repository: &str) -> Vec<String> {
+    let output = skopeo(
+        registry,
+        &["list-tags"],
+        &format!("docker://{}/{repository}", registry.host()),
+    );
+    if !output.status.success() {
+        return Vec::new();
+    }
+    let listed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    listed["Tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn payload(envelope_file: &Path) -> serde_json::Value {
+    use base64::Engine as _;
+    let envelope: serde_json::Value =
+        serde_json::from_slice(&fs_err::read(envelope_file).unwrap()).unwrap();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(envelope["payload"].as_str().unwrap())
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+const SECURESYSTEMSLIB: &str = r#"
+import json, sys
+from securesystemslib.dsse import Envelope
+from securesystemslib.signer import SSlibKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+envelope = Envelope.from_dict(json.load(open(sys.argv[1])))
+keyid = next(iter(envelope.signatures))
+key = SSlibKey.from_crypto(load_pem_public_key(open(sys.argv[2], "rb").read()), keyid=keyid)
+envelope.verify([key], 1)
+print("\n".join(s["digest"]["sha256"] for s in json.loads(envelope.payload)["subject"]))
+"#;
+
+/// How many builds in the data directory's store carry provenance.
+fn stored_provenance(data: &Path) -> i64 {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let store = custody_daemon::store::Store::open_sqlite(&data.join("custody.db"))
+            .await
+            .unwrap();
+        let count = store.count_provenance().await.unwrap();
+        store.close().await;
+        count
+    })
+}
+
+fn provenance_files(data: &Path) -> usize {
+    fs_err::read_dir(data.join("provenance"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn the_example_builds_pushes_and_verifies_with_independent_tools() {
+    // TLS and a password: the runner can only push with what the daemon hands it.
+    let registry = Registry::builder()
+        .tls()
+        .basic_auth("alice", "s3cret-pw")
+        .start();
+    let dir = tempfile::tempdir().unwrap();
+    let (src, commit) = example_checkout(dir.path());
+    let spec = fs_err::read_to_string(src.join("custody.yaml"))
+        .unwrap()
+        .replace("oci:out/", &format!("{}/demo/", registry.host()));
+    fs_err::write(dir.path().join("registry.yaml"), spec).unwrap();
+    let data = dir.path().join("data");
+    let envelope = dir.path().join("provenance.json");
+    let mut args: Vec<String> = [
+        "build",
+        src.to_str().unwrap(),
+        "-f",
+        dir.path().join("registry.yaml").to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--builder-id",
+        "https://ci.example.org/custody",
+        "--provenance-out",
+        envelope.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(registry_args(&registry, dir.path()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let output = custody(&args);
+    assert!(output.status.success(), "{}", text(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("created a signing key at"), "{stderr}");
+    // The steps' output streams live, prefixed with the step's name.
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("[image] image written to /output/hello"),
+        "{stdout}"
+    );
+    assert!(!format!("{stdout}{stderr}").contains("s3cret-pw"));
+
+    let tag = &commit[..12];
+    let image = format!("{}/demo/hello:{tag}", registry.host());
+    let inspected = skopeo(&registry, &["inspect", "--raw"], &format!("docker://{image}"));
+    assert!(inspected.status.success(), "{}", text(&inspected));
+    let image_digest = custody_testkit::image::sha256(&inspected.stdout);
+
+    // securesystemslib checks the signature; the subjects are the image, the
+    // artifact and each of its files.
+    let public = data.join("keys/custody.pub");
+    let check = Command::new("python3")
+        .args(["-c", SECURESYSTEMSLIB])
+        .arg(&envelope)
+        .arg(&public)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", text(&check));
+    let subjects = String::from_utf8_lossy(&check.stdout);
+    let hex = |digest: String| digest.trim_start_matches("sha256:").to_owned();
+    assert!(subjects.lines().any(|d| d == hex(image_digest.clone())), "{subjects}");
+    let script = fs_err::read(src.join("hello.sh")).unwrap();
+    assert!(
+        subjects
+            .lines()
+            .any(|d| d == hex(custody_testkit::image::sha256(&script))),
+        "{subjects}"
+    );
+
+    let statement = payload(&envelope);
+    let predicate = &statement["predicate"];
+    let source = &predicate["buildDefinition"]["resolvedDependencies"][0];
+    assert_eq!(source["digest"]["gitCommit"], commit.as_str());
+    assert_eq!(
+        predicate["runDetails"]["builder"]["id"],
+        "https://ci.example.org/custody"
+    );
+    assert!(
+        predicate["runDetails"]["builder"]["builderDependencies"][0]["digest"]["sha256"]
+            .is_string()
+    );
+    assert_eq!(predicate["runDetails"]["byproducts"][0]["name"], "log:image");
+    assert_eq!(stored_provenance(&data), 1);
+
+    // The artifact pulls back with the workspace's bytes.
+    let pulled = dir.path().join("pulled");
+    let mut pull = vec![
+        "pull".to_owned(),
+        format!("{}/demo/hello-files:{tag}", registry.host()),
+        format!("oci:{}", pulled.display()),
+    ];
+    pull.extend(registry_args(&registry, dir.path()));
+    let pull: Vec<&str> = pull.iter().map(String::as_str).collect();
+    let output = custody(&pull);
+    assert!(output.status.success(), "{}", text(&output));
+    let blob = pulled
+        .join("blobs/sha256")
+        .join(hex(custody_testkit::image::sha256(&script)));
+    assert_eq!(fs_err::read(blob).unwrap(), script);
+
+    // custody verify with a policy: passes, and fails on a wrong builder or source.
+    let verify = |extra: &[&str]| {
+        let mut args = vec![
+            "verify".to_owned(),
+            image.clone(),
+            "--key".into(),
+            public.display().to_string(),
+        ];
+        args.extend(registry_args(&registry, dir.path()));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        custody(&args)
+    };
+    let source_url = format!("file://{}", src.canonicalize().unwrap().display());
+    let good = verify(&[
+        "--builder-id",
+        "https://ci.example.org/custody",
+        "--source",
+        &format!("{source_url}@{commit}"),
+    ]);
+    assert!(good.status.success(), "{}", text(&good));
+    let wrong_builder = verify(&["--builder-id", "https://evil.example.org"]);
+    assert_eq!(wrong_builder.status.code(), Some(1), "{}", text(&wrong_builder));
+    let wrong_commit = verify(&["--source", &format!("{source_url}@{}", "0".repeat(40))]);
+    assert_eq!(wrong_commit.status.code(), Some(1), "{}", text(&wrong_commit));
+}
+
+#[test]
+fn a_git_source_is_fetched_at_the_resolved_commit_and_step_images_are_pinned() {
+    let registry = Registry::builder().start();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    fs_err::create_dir_all(&repo).unwrap();
+    git(&repo, &["init", "-q"]);
+    fs_err::write(repo.join("VERSION"), "1.0\n").unwrap();
+    git(&repo, &["add", "."]);
+    git(&repo, &["commit", "-qm", "one"]);
+    git(&repo, &["tag", "v1"]);
+    let v1 = git(&repo, &["rev-parse", "HEAD"]);
+    fs_err::write(repo.join("VERSION"), "2.0\n").unwrap();
+    git(&repo, &["commit", "-qam", "two"]);
+
+    let (layout, image) = custody_testkit::image::busybox_layout(dir.path());
+    let tagged = format!("{}/tools/busybox:v1", registry.host());
+    let pushed = custody(&[
+        "push",
+        "--insecure-registry",
+        registry.host(),
+        &format!("oci:{}:v1", layout.display()),
+        &tagged,
+    ]);
+    assert!(pushed.status.success(), "{}", text(&pushed));
+
+    let url = format!("file://{}", repo.display());
+    let spec = format!(
+        r#"
+source:
+  git: {url}
+  revision: v1
+steps:
+  - name: in-image
+    image: {tagged}
+    run: cat /etc/os-release && cp VERSION dist.txt
+artifacts:
+  - paths: [dist.txt]
+    to: oci:out/files:{{revision}}
+"#
+    );
+    fs_err::write(dir.path().join("custody.yaml"), spec).unwrap();
+    let data = dir.path().join("data");
+    let envelope = dir.path().join("provenance.json");
+    let output = custody(&[
+        "build",
+        dir.path().to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--insecure-registry",
+        registry.host(),
+        "--provenance-out",
+        envelope.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", text(&output));
+    // The step ran on the image, in a checkout of the tag.
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("[in-image] ID=custody-test-image"),
+        "{}",
+        text(&output)
+    );
+    let artifact = format!("oci:{}:v1", dir.path().join("out/files").display());
+    let statement = payload(&envelope);
+    let dependencies = &statement["predicate"]["buildDefinition"]["resolvedDependencies"];
+    assert_eq!(dependencies[0]["uri"], format!("git+{url}"));
+    assert_eq!(dependencies[0]["digest"]["gitCommit"], v1.as_str());
+    assert_eq!(dependencies[1]["name"], "step-image:in-image");
+    let image_hex = image.manifest.digest.trim_start_matches("sha256:");
+    assert_eq!(dependencies[1]["digest"]["sha256"], image_hex);
+    let file = statement["subject"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "dist.txt")
+        .expect("the file is a subject");
+    assert_eq!(
+        format!("sha256:{}", file["digest"]["sha256"].as_str().unwrap()),
+        custody_testkit::image::sha256(b"1.0\n")
+    );
+
+    let public = data.join("keys/custody.pub");
+    let verify = |extra: &[&str]| {
+        let mut args = vec!["verify", &artifact, "--key", public.to_str().unwrap()];
+        args.extend(extra);
+        custody(&args)
+    };
+    let allowed = verify(&[
+        "--source",
+        &format!("{url}@{v1}"),
+        "--allow-step-image",
+        &image.manifest.digest,
+    ]);
+    assert!(allowed.status.success(), "{}", text(&allowed));
+    let other = format!("sha256:{}", "1".repeat(64));
+    let refused = verify(&["--allow-step-image", &other]);
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains(image_hex),
+        "{}",
+        text(&refused)
+    );
+}
+
+/// Builds `spec` in a fresh directory against `registry`; returns the
+/// output and the data directory.
+fn build_spec(registry: &Registry, dir: &Path, spec: &str) -> (Output, PathBuf) {
+    fs_err::write(dir.join("custody.yaml"), spec).unwrap();
+    let data = dir.join("data");
+    let output = custody(&[
+        "build",
+        dir.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--insecure-registry",
+        registry.host(),
+    ]);
+    (output, data)
+}
+
+/// The build failed (exit 1) saying `reason`, and no provenance exists
+/// anywhere: not in the store, not in the data directory, not in the
+/// registry.
+fn assert_failed_without_provenance(
+    output: &Output,
+    data: &Path,
+    registry: &Registry,
+    reason: &str,
+) {
+    assert_eq!(output.status.code(), Some(1), "{}", text(output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(reason), "expected `{reason}` in\n{stderr}");
+    assert_eq!(stored_provenance(data), 0);
+    assert_eq!(provenance_files(data), 0);
+    let attestation_tags: Vec<String> = tags(registry, "t/app")
+        .into_iter()
+        .filter(|t| t.starts_with("sha256-"))
+        .collect();
+    assert!(attestation_tags.is_empty(), "{attestation_tags:?}");
+}
+
+const WRITE_IMAGE: &str = "umoci init --layout /output/app && umoci new --image /output/app:v1";
+
+#[test]
+fn a_failing_step_publishes_nothing() {
+    let registry = Registry::builder().start();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = format!(
+        "steps:\n  - name: make\n    run: {WRITE_IMAGE}\n  - name: test\n    run: exit 3\nimages:\n  - from: oci:/output/app:v1\n    to: {}/t/app:v1\n",
+        registry.host()
+    );
+    let (output, data) = build_spec(&registry, dir.path(), &spec);
+    assert_failed_without_provenance(&output, &data, &registry, "step `test` exited with code 3");
+    assert!(tags(&registry, "t/app").is_empty(), "nothing was pushed");
+}
+
+#[test]
+fn a_push_to_a_stopped_registry_publishes_nothing() {
+    let mut registry = Registry::builder().start();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = format!(
+        "steps:\n  - name: make\n    run: {WRITE_IMAGE}\nimages:\n  - from: oci:/output/app:v1\n    to: {}/t/app:v1\n",
+        registry.host()
+    );
+    registry.stop();
+    let (output, data) = build_spec(&registry, dir.path(), &spec);
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("pushing `oci:/output/app:v1` to `{}", registry.host())),
+        "{stderr}"
+    );
+    assert_eq!(stored_provenance(&data), 0);
+    assert_eq!(provenance_files(&data), 0);
+    registry.restart();
+    assert!(tags(&registry, "t/app").is_empty());
+}
+
+#[test]
+fn an_output_never_written_publishes_nothing() {
+    let registry = Registry::builder().start();
+    let dir = tempfile::tempdir().unwrap();
+    // The first image is written and pushed; the second never is.
+    let spec = format!(
+        "steps:\n  - name: make\n    run: {WRITE_IMAGE}\nimages:\n  - from: oci:/output/app:v1\n    to: {host}/t/app:v1\n  - from: oci:/output/missing\n    to: {host}/t/missing:v1\n",
+        host = registry.host()
+    );
+    let (output, data) = build_spec(&registry, dir.path(), &spec);
+    assert_failed_without_provenance(&output, &data, &registry, "/output/missing");
+    assert_eq!(tags(&registry, "t/app"), vec!["v1".to_owned()]);
+}
+
+#[test]
+fn steps_see_no_secrets_and_no_network_unless_they_ask() {
+    let registry = Registry::builder().basic_auth("bob", "hunter2-pw").start();
+    // A data directory outside /tmp (which steps never see anyway), so the
+    // test shows it is hidden on purpose.
+    let data_root = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let data = data_root.path().join("data");
+    let key = data.join("keys/custody.key");
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut stream in server.incoming().flatten() {
+            let mut request = [0; 1024];
+            let _ = stream.read(&mut request);
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nConnection: close\r\n\r\nREACHED");
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let auth = custody_testkit::write_docker_config(dir.path(), registry.host(), "bob", "hunter2-pw");
+    let spec = format!(
+        r#"steps:
+  - name: snoop
+    run: |
+      env; cat /proc/*/environ 2>/dev/null | tr '\0' '\n'
+      cat {key} 2>&1 | head -3; ls {data} 2>&1
+      cat {auth}/config.json 2>&1
+      ls /proc | grep -c '^[0-9]' | sed 's/^/processes: /'
+  - name: offline
+    run: curl -sS --max-time 3 http://127.0.0.1:{port}/ || echo UNREACHABLE
+  - name: online
+    network: true
+    run: curl -sS --max-time 3 http://127.0.0.1:{port}/; echo
+  - name: make
+    run: {WRITE_IMAGE}
+images:
+  - from: oci:/output/app:v1
+    to: {host}/t/app:v1
+"#,
+        key = key.display(),
+        data = data.display(),
+        auth = auth.display(),
+        host = registry.host()
+    );
+    fs_err::write(dir.path().join("custody.yaml"), spec).unwrap();
+    let output = custody(&[
+        "build",
+        dir.path().to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--insecure-registry",
+        registry.host(),
+        "--authfile",
+        auth.join("config.json").to_str().unwrap(),
+    ]);
+    // The runner pushed with the password the step never saw.
+    assert!(output.status.success(), "{}", text(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let all = text(&output);
+    for secret in ["hunter2-pw", "canary-f00d", "PRIVATE KEY", "CUSTODY_", "auths"] {
+        assert!(!all.contains(secret), "`{secret}` leaked:\n{all}");
+    }
+    assert!(
+        stdout.contains(&format!("[snoop] cat: {}: No such file or directory", key.display())),
+        "{stdout}"
+    );
+    // Its own PID namespace: the shell and its children only.
+    let processes: u32 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("[snoop] processes: "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("the step counted processes");
+    assert!(processes <= 6, "{stdout}");
+    assert!(stdout.contains("[offline] UNREACHABLE"), "{stdout}");
+    assert!(stdout.contains("[online] REACHED"), "{stdout}");
+}
+
+#[test]
+fn limits_and_timeouts_end_a_step_with_the_reason() {
+    let registry = Registry::builder().start();
+    for (spec, reason) in [
+        (
+            "steps:\n  - name: slow\n    timeout: 1s\n    run: sleep 30\n",
+            "step `slow` timed out after 1 s",
+        ),
+        (
+            "steps:\n  - name: hog\n    memory: 64MiB\n    run: python3 -c 'b = bytearray(512 << 20); print(len(b))'\n",
+            "step `hog` ran out of memory (limit 64 MiB)",
+        ),
+        (
+            "steps:\n  - name: forker\n    pids: 16\n    run: for i in $(seq 40); do sleep 5 & done; wait\n",
+            "limit of 16 processes",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let started = std::time::Instant::now();
+        let (output, data) = build_spec(&registry, dir.path(), spec);
+        assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains(reason),
+            "expected `{reason}`:\n{}",
+            text(&output)
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(20));
+        assert_eq!(stored_provenance(&data), 0);
+    }
+}
+
+#[test]
+fn spec_and_usage_errors_exit_2_naming_the_place() {
+    let dir = tempfile::tempdir().unwrap();
+    fs_err::write(
+        dir.path().join("custody.yaml"),
+        "steps:\n  - name: a\n    run: true\n    colour: blue\n",
+    )
+    .unwrap();
+    let output = custody(&["build", dir.path().to_str().unwrap(), "--data-dir", "/nonexistent/x"]);
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("custody.yaml:4:5"), "{stderr}");
+    assert!(stderr.contains("colour"), "{stderr}");
+
+    let empty = tempfile::tempdir().unwrap();
+    let output = custody(&["build", empty.path().to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("no build spec at"),
+        "{}",
+        text(&output)
+    );
+}
