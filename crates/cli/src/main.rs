@@ -489,7 +489,9 @@ fn report(err: &anyhow::Error) -> ExitCode {
             Some(custody_daemon::embedded::Error::Key(_))
         );
     let misused = err.downcast_ref::<build::Usage>().is_some()
-        || err.downcast_ref::<custody_daemon::spec::SpecError>().is_some();
+        || err
+            .downcast_ref::<custody_daemon::spec::SpecError>()
+            .is_some();
     if cause.is_some_and(custody_oci::Error::is_usage) || key_problem || misused {
         ExitCode::from(2)
     } else {

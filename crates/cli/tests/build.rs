@@ -203,7 +203,11 @@ fn the_example_builds_pushes_and_verifies_with_independent_tools() {
 
     let tag = &commit[..12];
     let image = format!("{}/demo/hello:{tag}", registry.host());
-    let inspected = skopeo(&registry, &["inspect", "--raw"], &format!("docker://{image}"));
+    let inspected = skopeo(
+        &registry,
+        &["inspect", "--raw"],
+        &format!("docker://{image}"),
+    );
     assert!(inspected.status.success(), "{}", text(&inspected));
     let image_digest = custody_testkit::image::sha256(&inspected.stdout);
 
@@ -219,7 +223,10 @@ fn the_example_builds_pushes_and_verifies_with_independent_tools() {
     assert!(check.status.success(), "{}", text(&check));
     let subjects = String::from_utf8_lossy(&check.stdout);
     let hex = |digest: String| digest.trim_start_matches("sha256:").to_owned();
-    assert!(subjects.lines().any(|d| d == hex(image_digest.clone())), "{subjects}");
+    assert!(
+        subjects.lines().any(|d| d == hex(image_digest.clone())),
+        "{subjects}"
+    );
     let script = fs_err::read(src.join("hello.sh")).unwrap();
     assert!(
         subjects
@@ -240,7 +247,10 @@ fn the_example_builds_pushes_and_verifies_with_independent_tools() {
         predicate["runDetails"]["builder"]["builderDependencies"][0]["digest"]["sha256"]
             .is_string()
     );
-    assert_eq!(predicate["runDetails"]["byproducts"][0]["name"], "log:image");
+    assert_eq!(
+        predicate["runDetails"]["byproducts"][0]["name"],
+        "log:image"
+    );
     assert_eq!(stored_provenance(&data), 1);
 
     // The artifact pulls back with the workspace's bytes.
@@ -281,9 +291,19 @@ fn the_example_builds_pushes_and_verifies_with_independent_tools() {
     ]);
     assert!(good.status.success(), "{}", text(&good));
     let wrong_builder = verify(&["--builder-id", "https://evil.example.org"]);
-    assert_eq!(wrong_builder.status.code(), Some(1), "{}", text(&wrong_builder));
+    assert_eq!(
+        wrong_builder.status.code(),
+        Some(1),
+        "{}",
+        text(&wrong_builder)
+    );
     let wrong_commit = verify(&["--source", &format!("{source_url}@{}", "0".repeat(40))]);
-    assert_eq!(wrong_commit.status.code(), Some(1), "{}", text(&wrong_commit));
+    assert_eq!(
+        wrong_commit.status.code(),
+        Some(1),
+        "{}",
+        text(&wrong_commit)
+    );
 }
 
 #[test]
@@ -454,7 +474,10 @@ fn a_push_to_a_stopped_registry_publishes_nothing() {
     assert_eq!(output.status.code(), Some(1), "{}", text(&output));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains(&format!("pushing `oci:/output/app:v1` to `{}", registry.host())),
+        stderr.contains(&format!(
+            "pushing `oci:/output/app:v1` to `{}",
+            registry.host()
+        )),
         "{stderr}"
     );
     assert_eq!(stored_provenance(&data), 0);
@@ -491,12 +514,14 @@ fn steps_see_no_secrets_and_no_network_unless_they_ask() {
         for mut stream in server.incoming().flatten() {
             let mut request = [0; 1024];
             let _ = stream.read(&mut request);
-            let _ = stream
-                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nConnection: close\r\n\r\nREACHED");
+            let _ = stream.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nConnection: close\r\n\r\nREACHED",
+            );
         }
     });
     let dir = tempfile::tempdir().unwrap();
-    let auth = custody_testkit::write_docker_config(dir.path(), registry.host(), "bob", "hunter2-pw");
+    let auth =
+        custody_testkit::write_docker_config(dir.path(), registry.host(), "bob", "hunter2-pw");
     let spec = format!(
         r#"steps:
   - name: snoop
@@ -536,11 +561,20 @@ images:
     assert!(output.status.success(), "{}", text(&output));
     let stdout = String::from_utf8_lossy(&output.stdout);
     let all = text(&output);
-    for secret in ["hunter2-pw", "canary-f00d", "PRIVATE KEY", "CUSTODY_", "auths"] {
+    for secret in [
+        "hunter2-pw",
+        "canary-f00d",
+        "PRIVATE KEY",
+        "CUSTODY_",
+        "auths",
+    ] {
         assert!(!all.contains(secret), "`{secret}` leaked:\n{all}");
     }
     assert!(
-        stdout.contains(&format!("[snoop] cat: {}: No such file or directory", key.display())),
+        stdout.contains(&format!(
+            "[snoop] cat: {}: No such file or directory",
+            key.display()
+        )),
         "{stdout}"
     );
     // Its own PID namespace: the shell and its children only.
@@ -593,7 +627,12 @@ fn spec_and_usage_errors_exit_2_naming_the_place() {
         "steps:\n  - name: a\n    run: true\n    colour: blue\n",
     )
     .unwrap();
-    let output = custody(&["build", dir.path().to_str().unwrap(), "--data-dir", "/nonexistent/x"]);
+    let output = custody(&[
+        "build",
+        dir.path().to_str().unwrap(),
+        "--data-dir",
+        "/nonexistent/x",
+    ]);
     assert_eq!(output.status.code(), Some(2), "{}", text(&output));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("custody.yaml:4:5"), "{stderr}");

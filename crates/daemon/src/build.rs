@@ -14,12 +14,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use custody_attest::keys::SigningKey;
 use custody_attest::policy::{BUILD_TYPE, SOURCE_DEPENDENCY, STEP_IMAGE_PREFIX};
 use custody_attest::statement::{
     BuildDefinition, BuildMetadata, Builder, Provenance, ResourceDescriptor, RunDetails,
     SLSA_PROVENANCE_V1, Statement,
 };
-use custody_attest::keys::SigningKey;
 use custody_oci::digest::{self, Digest};
 use custody_oci::layout::Layout;
 use custody_oci::registry::{Client, Credential, RegistryOptions, certs};
@@ -499,7 +499,11 @@ impl BuildService {
                                 "{} at {}{}",
                                 dir.display(),
                                 state.commit,
-                                if state.dirty { " (uncommitted changes)" } else { "" }
+                                if state.dirty {
+                                    " (uncommitted changes)"
+                                } else {
+                                    ""
+                                }
                             ),
                         });
                         let mut annotations = serde_json::Map::new();
@@ -667,14 +671,16 @@ fn resolve_destination(
     spec_path: &Path,
 ) -> Result<Location, Failure> {
     let template = to.template();
-    if values.commit.is_empty() && (template.contains("{commit}") || template.contains("{short_commit}")) {
+    if values.commit.is_empty()
+        && (template.contains("{commit}") || template.contains("{short_commit}"))
+    {
         return Err(Failure::new(format!(
             "destination `{template}` uses the commit, but the source is not a git checkout"
         )));
     }
-    let location = to.resolve(values).map_err(|e| {
-        Failure::new(format!("destination `{template}` after substitution: {e}"))
-    })?;
+    let location = to
+        .resolve(values)
+        .map_err(|e| Failure::new(format!("destination `{template}` after substitution: {e}")))?;
     Ok(match location {
         Location::Layout { path, tag } if path.is_relative() => Location::Layout {
             path: spec_path.parent().unwrap_or(Path::new("/")).join(path),
@@ -747,7 +753,9 @@ fn pin(image: &Reference, digest: &Digest) -> String {
 /// A subject's name: the repository, or the layout.
 fn subject_name(destination: &Location) -> String {
     match destination {
-        Location::Registry(reference) => format!("{}/{}", reference.registry(), reference.repository()),
+        Location::Registry(reference) => {
+            format!("{}/{}", reference.registry(), reference.repository())
+        }
         Location::Layout { path, .. } => format!("oci:{}", path.display()),
         Location::DockerArchive { path } => format!("docker-archive:{}", path.display()),
     }
@@ -757,10 +765,7 @@ fn descriptor(name: Option<String>, uri: Option<String>, digest: &Digest) -> Res
     ResourceDescriptor {
         name,
         uri,
-        digest: BTreeMap::from([(
-            digest.algorithm().to_string(),
-            digest.digest().to_owned(),
-        )]),
+        digest: BTreeMap::from([(digest.algorithm().to_string(), digest.digest().to_owned())]),
         annotations: None,
     }
 }
@@ -832,9 +837,7 @@ async fn check_output(
             let (path, tag, digest) = (path.clone(), tag.clone(), digest.clone());
             tokio::task::spawn_blocking(move || -> Result<Manifest, String> {
                 let layout = Layout::open(&path).map_err(|e| e.to_string())?;
-                let found = layout
-                    .resolve(tag.as_deref())
-                    .map_err(|e| e.to_string())?;
+                let found = layout.resolve(tag.as_deref()).map_err(|e| e.to_string())?;
                 if found.digest() != &digest {
                     return Err(format!(
                         "the layout lists `{}` there, not the pushed manifest",

@@ -298,7 +298,10 @@ pub fn parse(text: &str, file: &Path) -> Result<Spec, SpecError> {
                 return Err(error(
                     p.referenced.line(),
                     p.referenced.column(),
-                    format!("`pids: {}` is too low for a shell to start; use 8 or more", p.value),
+                    format!(
+                        "`pids: {}` is too low for a shell to start; use 8 or more",
+                        p.value
+                    ),
                 ));
             }
             Some(p) => Some(p.value),

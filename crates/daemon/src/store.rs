@@ -307,8 +307,8 @@ impl Store {
             .collect())
     }
 
-    /// Every provenance envelope stored, newest first (for tests and
-    /// audits: a failed build must never have one).
+    /// How many builds carry a provenance envelope (for audits and tests:
+    /// a failed build must never have one).
     pub async fn count_provenance(&self) -> Result<i64, StoreError> {
         Ok(
             sqlx::query("SELECT COUNT(*) FROM builds WHERE provenance IS NOT NULL")

@@ -68,9 +68,12 @@ impl StepCgroup {
                 dirs: Vec::new(),
                 version: Version::V1,
             };
-            let group = match group.add(&memory)?.and_then(|g| g.add(&pids).transpose()) {
-                Some(group) => group?,
-                None => return Ok(None),
+            // Dropping a half-made group removes what it made.
+            let Some(group) = group.add(&memory)? else {
+                return Ok(None);
+            };
+            let Some(group) = group.add(&pids)? else {
+                return Ok(None);
             };
             fs::write(
                 memory.join("memory.limit_in_bytes"),

@@ -117,7 +117,9 @@ impl Sandbox {
         for hidden in &self.hidden {
             // Inside a directory already hidden there is nothing to hide, and
             // mounting over it would make its path appear in the empty tmpfs.
-            let covered = HIDDEN_TOP.iter().any(|top| hidden.starts_with(Path::new("/").join(top)))
+            let covered = HIDDEN_TOP
+                .iter()
+                .any(|top| hidden.starts_with(Path::new("/").join(top)))
                 || self
                     .hidden
                     .iter()

@@ -65,13 +65,29 @@ pub(crate) async fn run_all(
             Ok(Some(cgroup)) => Some(cgroup),
             Ok(None) => {
                 if index == 0 {
-                    tracing::warn!("cannot create cgroups here: steps run without memory and process limits");
+                    tracing::warn!(
+                        "cannot create cgroups here: steps run without memory and process limits"
+                    );
                 }
                 None
             }
-            Err(e) => return failed(format!("step `{}`: cannot set up its cgroup: {e}", step.name)),
+            Err(e) => {
+                return failed(format!(
+                    "step `{}`: cannot set up its cgroup: {e}",
+                    step.name
+                ));
+            }
         };
-        let outcome = run_step(index, step, sandbox, root, cgroup.as_ref(), events, &mut cancel).await;
+        let outcome = run_step(
+            index,
+            step,
+            sandbox,
+            root,
+            cgroup.as_ref(),
+            events,
+            &mut cancel,
+        )
+        .await;
         let out_of_memory = cgroup.as_ref().is_some_and(StepCgroup::oom_killed);
         let out_of_pids = cgroup.as_ref().is_some_and(StepCgroup::pids_exhausted);
         drop(cgroup);
@@ -104,7 +120,10 @@ pub(crate) async fn run_all(
                     } else {
                         String::new()
                     };
-                    return failed(format!("step `{}` exited with code {code}{hint}", step.name));
+                    return failed(format!(
+                        "step `{}` exited with code {code}{hint}",
+                        step.name
+                    ));
                 }
             }
             Ok(StepEnd::TimedOut) => {
