@@ -813,7 +813,7 @@ async fn check_output(
                 .await
                 .map_err(|e| e.to_string())?;
             let (descriptor, bytes) = client
-                .manifest(reference.repository(), &digest.to_string())
+                .manifest(reference.repository(), digest.as_ref())
                 .await
                 .map_err(|e| e.to_string())?;
             if let Some(tag) = reference.tag() {

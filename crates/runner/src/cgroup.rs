@@ -81,7 +81,7 @@ impl StepCgroup {
             )?;
             // Without swap accounting this file is absent; the limit above
             // still holds for memory proper.
-            let _ = std::fs::write(
+            let _ = fs::write(
                 memory.join("memory.memsw.limit_in_bytes"),
                 limits.memory_bytes.to_string(),
             );
@@ -96,7 +96,7 @@ impl StepCgroup {
             return Ok(None);
         };
         let parent = Path::new(ROOT).join(path);
-        let delegated = std::fs::read_to_string(parent.join("cgroup.subtree_control"))
+        let delegated = fs::read_to_string(parent.join("cgroup.subtree_control"))
             .map(|c| c.contains("memory") && c.contains("pids"))
             .unwrap_or(false);
         if !delegated {
@@ -111,7 +111,7 @@ impl StepCgroup {
         };
         let dir = &group.dirs[0];
         fs::write(dir.join("memory.max"), limits.memory_bytes.to_string())?;
-        let _ = std::fs::write(dir.join("memory.swap.max"), "0");
+        let _ = fs::write(dir.join("memory.swap.max"), "0");
         fs::write(dir.join("pids.max"), limits.pids.to_string())?;
         Ok(Some(group))
     }
@@ -147,7 +147,7 @@ impl StepCgroup {
             Version::V2 => ("memory.events", "oom_kill "),
         };
         self.dirs.iter().any(|dir| {
-            std::fs::read_to_string(dir.join(file))
+            fs::read_to_string(dir.join(file))
                 .map(|text| {
                     text.lines()
                         .filter_map(|l| l.strip_prefix(key))
@@ -160,7 +160,7 @@ impl StepCgroup {
     /// Whether a fork failed against the process limit.
     pub fn pids_exhausted(&self) -> bool {
         self.dirs.iter().any(|dir| {
-            std::fs::read_to_string(dir.join("pids.events"))
+            fs::read_to_string(dir.join("pids.events"))
                 .map(|text| {
                     text.lines()
                         .filter_map(|l| l.strip_prefix("max "))
