@@ -28,24 +28,7 @@ fn text(output: &Output) -> String {
     )
 }
 
-fn git(dir: &Path, args: &[&str]) -> String {
-    let output = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args([
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@example.org",
-            "-c",
-            "init.defaultBranch=main",
-        ])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "git {args:?}: {}", text(&output));
-    String::from_utf8_lossy(&output.stdout).trim().to_owned()
-}
+use custody_testkit::git;
 
 /// examples/hello copied into a fresh git repository; returns it and its commit.
 fn example_checkout(dir: &Path) -> (PathBuf, String) {
@@ -80,19 +63,11 @@ fn registry_args(registry: &Registry, dir: &Path) -> Vec<String> {
 }
 
 fn skopeo(registry: &Registry, args: &[&str], reference: &str) -> Output {
-    let mut command = Command::new("skopeo");
-    command.args(args);
-    match registry.certs_dir() {
-        Some(dir) => command.arg(format!(
-            "--cert-dir={}",
-            dir.join(registry.host()).display()
-        )),
-        None => command.arg("--tls-verify=false"),
-    };
-    if let Some((user, pass)) = registry.credentials() {
-        command.arg(format!("--creds={user}:{pass}"));
-    }
-    command.arg(reference).output().expect("skopeo runs")
+    registry
+        .skopeo(args)
+        .arg(reference)
+        .output()
+        .expect("skopeo runs")
 }
 
 /// The tags of `repository`, as skopeo lists them.

@@ -90,18 +90,7 @@ fn oci(path: &Path, tag: &str) -> String {
 
 /// The manifest digest skopeo sees at `reference`.
 fn skopeo_digest(registry: &Registry, reference: &str) -> String {
-    let mut command = Command::new("skopeo");
-    command.args(["inspect", "--raw"]);
-    match registry.certs_dir() {
-        Some(dir) => command.arg(format!(
-            "--cert-dir={}",
-            dir.join(registry.host()).display()
-        )),
-        None => command.arg("--tls-verify=false"),
-    };
-    if let Some((user, pass)) = registry.credentials() {
-        command.arg(format!("--creds={user}:{pass}"));
-    }
+    let mut command = registry.skopeo(&["inspect", "--raw"]);
     let output = command
         .arg(format!("docker://{reference}"))
         .output()

@@ -92,20 +92,6 @@ pub(crate) async fn run_all(
         let out_of_pids = cgroup.as_ref().is_some_and(StepCgroup::pids_exhausted);
         drop(cgroup);
         match outcome {
-            Ok(StepEnd::Exited(code)) if code != 0 && out_of_memory => {
-                let _ = events
-                    .send(Ok(event(Kind::StepFinished(proto::StepFinished {
-                        index,
-                        exit_code: code,
-                        timed_out: false,
-                    }))))
-                    .await;
-                return failed(format!(
-                    "step `{}` ran out of memory (limit {} MiB) and was killed",
-                    step.name,
-                    limits.memory_bytes >> 20
-                ));
-            }
             Ok(StepEnd::Exited(code)) => {
                 let _ = events
                     .send(Ok(event(Kind::StepFinished(proto::StepFinished {
@@ -114,6 +100,13 @@ pub(crate) async fn run_all(
                         timed_out: false,
                     }))))
                     .await;
+                if code != 0 && out_of_memory {
+                    return failed(format!(
+                        "step `{}` ran out of memory (limit {} MiB) and was killed",
+                        step.name,
+                        limits.memory_bytes >> 20
+                    ));
+                }
                 if code != 0 {
                     let hint = if out_of_pids {
                         format!(" (it hit its limit of {} processes)", limits.pids)

@@ -1,32 +1,10 @@
 //! Sources from real git repositories and local directories.
 
 use std::path::Path;
-use std::process::Command;
 
 use custody_source::{self as source, LocalState, SourceError};
 
-fn git(dir: &Path, args: &[&str]) -> String {
-    let output = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args([
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@example.org",
-            "-c",
-            "init.defaultBranch=main",
-        ])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).trim().to_owned()
-}
+use custody_testkit::git;
 
 /// A repository with two commits on `main`, the first tagged `v1` (annotated).
 fn repository(dir: &Path) -> (String, String) {

@@ -41,3 +41,28 @@ pub fn write_docker_config(dir: &Path, host: &str, user: &str, password: &str) -
     fs_err::write(docker.join("config.json"), config.to_string()).unwrap();
     docker
 }
+
+/// Runs `git -C dir ARGS` with a fixed identity and `main` as the default
+/// branch; panics with git's output when it fails. Returns stdout, trimmed.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let output = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args([
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@example.org",
+            "-c",
+            "init.defaultBranch=main",
+        ])
+        .args(args)
+        .output()
+        .expect("git runs");
+    assert!(
+        output.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}

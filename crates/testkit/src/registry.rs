@@ -225,6 +225,21 @@ impl Registry {
             .map(|(u, p)| (u.as_str(), p.as_str()))
     }
 
+    /// A `skopeo` command with `args`, set up to trust and log in to this
+    /// registry; the caller adds the `docker://…` reference.
+    pub fn skopeo(&self, args: &[&str]) -> std::process::Command {
+        let mut command = std::process::Command::new("skopeo");
+        command.args(args);
+        match &self.certs_dir {
+            Some(dir) => command.arg(format!("--cert-dir={}", dir.join(&self.host).display())),
+            None => command.arg("--tls-verify=false"),
+        };
+        if let Some((user, pass)) = self.credentials() {
+            command.arg(format!("--creds={user}:{pass}"));
+        }
+        command
+    }
+
     pub fn storage_dir(&self) -> PathBuf {
         self.dir.path().join("storage")
     }
