@@ -504,6 +504,7 @@ fn steps_see_no_secrets_and_no_network_unless_they_ask() {
       env; cat /proc/*/environ 2>/dev/null | tr '\0' '\n'
       cat {key} 2>&1 | head -3; ls {data} 2>&1
       cat {auth}/config.json 2>&1
+      cat /proc/1/environ | tr "\\0" "\\n" | grep -c "^PWD=/work" | sed "s/^/runner cwd seen: /"
       ls /proc | grep -c '^[0-9]' | sed 's/^/processes: /'
   - name: offline
     run: curl -sS --max-time 3 http://127.0.0.1:{port}/ || echo UNREACHABLE
@@ -552,6 +553,8 @@ images:
         )),
         "{stdout}"
     );
+    // Not even the runner's working directory shows through.
+    assert!(stdout.contains("[snoop] runner cwd seen: 0"), "{stdout}");
     // Its own PID namespace: the shell and its children only.
     let processes: u32 = stdout
         .lines()

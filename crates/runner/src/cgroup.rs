@@ -207,7 +207,9 @@ exec "$@""#;
         .args(procs_files)
         .arg(command.get_program())
         .args(command.get_args());
-    wrapped.env_clear();
+    // The shell exports `PWD`, which bubblewrap would inherit: make it `/`,
+    // not the runner's directory.
+    wrapped.env_clear().current_dir("/");
     for (key, value) in command.get_envs() {
         if let Some(value) = value {
             wrapped.env(key, value);
