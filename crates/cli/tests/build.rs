@@ -322,19 +322,15 @@ artifacts:
     to: oci:out/files:{{revision}}
 "#
     );
-    fs_err::write(dir.path().join("custody.yaml"), spec).unwrap();
     let data = dir.path().join("data");
     let envelope = dir.path().join("provenance.json");
-    let output = custody(&[
-        "build",
-        dir.path().to_str().unwrap(),
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--insecure-registry",
-        registry.host(),
-        "--provenance-out",
-        envelope.to_str().unwrap(),
-    ]);
+    let output = build_in(
+        &registry,
+        dir.path(),
+        &spec,
+        &data,
+        &["--provenance-out", envelope.to_str().unwrap()],
+    );
     assert!(output.status.success(), "{}", text(&output));
     // The step ran on the image, in a checkout of the tag.
     assert!(
@@ -387,17 +383,24 @@ artifacts:
 /// Builds `spec` in a fresh directory against `registry`; returns the
 /// output and the data directory.
 fn build_spec(registry: &Registry, dir: &Path, spec: &str) -> (Output, PathBuf) {
-    fs_err::write(dir.join("custody.yaml"), spec).unwrap();
     let data = dir.join("data");
-    let output = custody(&[
+    (build_in(registry, dir, spec, &data, &[]), data)
+}
+
+/// Writes `spec` as `dir/custody.yaml` and builds `dir` with `data` as the
+/// data directory, `registry` reachable, and `extra` arguments.
+fn build_in(registry: &Registry, dir: &Path, spec: &str, data: &Path, extra: &[&str]) -> Output {
+    fs_err::write(dir.join("custody.yaml"), spec).unwrap();
+    let mut args = vec![
         "build",
         dir.to_str().unwrap(),
         "--data-dir",
         data.to_str().unwrap(),
         "--insecure-registry",
         registry.host(),
-    ]);
-    (output, data)
+    ];
+    args.extend_from_slice(extra);
+    custody(&args)
 }
 
 /// The build failed (exit 1) saying `reason`, and no provenance exists
@@ -522,17 +525,13 @@ images:
         auth = auth.display(),
         host = registry.host()
     );
-    fs_err::write(dir.path().join("custody.yaml"), spec).unwrap();
-    let output = custody(&[
-        "build",
-        dir.path().to_str().unwrap(),
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--insecure-registry",
-        registry.host(),
-        "--authfile",
-        auth.join("config.json").to_str().unwrap(),
-    ]);
+    let output = build_in(
+        &registry,
+        dir.path(),
+        &spec,
+        &data,
+        &["--authfile", auth.join("config.json").to_str().unwrap()],
+    );
     // The runner pushed with the password the step never saw.
     assert!(output.status.success(), "{}", text(&output));
     let stdout = String::from_utf8_lossy(&output.stdout);

@@ -215,7 +215,10 @@ impl BuildService {
             .mark_running(id, &started_on)
             .await
             .map_err(|e| Failure::new(e.to_string()))?;
-        let resolved = self.resolve(request, progress).await?;
+        // One client per registry host for the whole build: resolving step
+        // images, checking outputs and attaching share TLS setup and tokens.
+        let mut clients = Clients::new(&self.registry);
+        let resolved = self.resolve(request, &mut clients, progress).await?;
 
         let values = Values {
             revision: &resolved.revision,
@@ -319,7 +322,6 @@ impl BuildService {
                 expected.len()
             )));
         }
-        let mut clients = Clients::new(&self.registry);
         let mut subjects = Vec::new();
         let mut checked = Vec::new();
         for (output, expected) in report.outputs.iter().zip(&expected) {
@@ -458,6 +460,7 @@ impl BuildService {
     async fn resolve(
         &self,
         request: &BuildRequest,
+        clients: &mut Clients<'_>,
         progress: &mut (impl FnMut(Progress) + Send),
     ) -> Result<Resolved, Failure> {
         let (source_dependency, job_source, revision, commit) = match &request.spec.source {
@@ -548,7 +551,6 @@ impl BuildService {
             }
         };
 
-        let mut clients = Clients::new(&self.registry);
         let mut step_images = Vec::new();
         for step in &request.spec.steps {
             let Some(image) = &step.image else { continue };
