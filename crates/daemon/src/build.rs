@@ -125,8 +125,9 @@ struct Expected {
 }
 
 impl BuildService {
-    /// Runs `request` to the end; `cancel` resolving cancels it. Only the
-    /// store failing is an `Err`: everything else is in the outcome.
+    /// Records `request` and runs it to the end at once, outside the queue;
+    /// `cancel` resolving cancels it. Only the store failing is an `Err`:
+    /// everything else is in the outcome.
     pub async fn run(
         &self,
         request: BuildRequest,
@@ -136,70 +137,108 @@ impl BuildService {
         let id = uuid::Uuid::now_v7().to_string();
         let source = external_source(&request);
         self.store
-            .insert_build(&NewBuild {
+            .insert_running(
+                &NewBuild {
+                    id: &id,
+                    spec_path: &request.spec_path.display().to_string(),
+                    spec: &request.spec_bytes,
+                    source: &source.to_string(),
+                    created_at: &now(),
+                },
+                &now(),
+            )
+            .await?;
+        progress(Progress::Queued { id: id.clone() });
+        self.run_recorded(&id, None, &request, progress, cancel)
+            .await
+    }
+
+    /// Puts a build of `spec_bytes` (already checked) from `source` in the
+    /// queue; returns its id.
+    pub async fn enqueue(
+        &self,
+        spec_path: &str,
+        spec_bytes: &[u8],
+        source: &spec::GitSource,
+    ) -> Result<String, StoreError> {
+        let id = uuid::Uuid::now_v7().to_string();
+        let source = json!({ "git": source.git, "revision": source.revision });
+        self.store
+            .enqueue(&NewBuild {
                 id: &id,
-                spec_path: &request.spec_path.display().to_string(),
-                spec: &request.spec_bytes,
+                spec_path,
+                spec: spec_bytes,
                 source: &source.to_string(),
                 created_at: &now(),
             })
             .await?;
-        progress(Progress::Queued { id: id.clone() });
-        let mut logs = Vec::new();
+        Ok(id)
+    }
+
+    /// Runs a build the store already holds as running (`owner` is the
+    /// daemon that claimed it from the queue, if one did) to its end. Log
+    /// lines reach the store in batches while it runs.
+    pub async fn run_recorded(
+        &self,
+        id: &str,
+        owner: Option<&str>,
+        request: &BuildRequest,
+        mut progress: impl FnMut(Progress) + Send,
+        cancel: impl Future<Output = String> + Send,
+    ) -> Result<Outcome, StoreError> {
+        let logs = LogWriter::start(self.store.clone(), id.to_owned());
         let result = self
-            .execute(&id, &request, &mut progress, &mut logs, cancel)
+            .execute(id, request, &mut progress, &logs, cancel)
             .await;
-        self.store.append_logs(&id, &logs).await?;
+        logs.finish().await?;
         let finished_at = now();
-        let (outputs, result) = match result {
-            Ok((outputs, published)) => (outputs, Ok(published)),
-            Err(failure) => (Vec::new(), Err(failure)),
+        let (state, error, outputs, published) = match result {
+            Ok((outputs, published)) => (State::Succeeded, None, outputs, Some(published)),
+            Err(failure) => (failure.state, Some(failure.message), Vec::new(), None),
         };
-        let outcome = match result {
-            Ok(published) => {
-                self.store
-                    .finish(
-                        &id,
-                        &Ending {
-                            state: State::Succeeded,
-                            finished_at: &finished_at,
-                            error: None,
-                            outputs: &outputs,
-                            provenance: Some(&published.envelope),
-                        },
-                    )
-                    .await?;
-                Outcome {
-                    id,
-                    state: State::Succeeded,
-                    error: None,
-                    envelope: Some(published.envelope),
-                    subjects: published.subjects,
-                }
-            }
-            Err(failure) => {
-                self.store
-                    .finish(
-                        &id,
-                        &Ending {
-                            state: failure.state,
-                            finished_at: &finished_at,
-                            error: Some(&failure.message),
-                            outputs: &[],
-                            provenance: None,
-                        },
-                    )
-                    .await?;
-                Outcome {
-                    id,
-                    state: failure.state,
-                    error: Some(failure.message),
-                    envelope: None,
-                    subjects: Vec::new(),
-                }
-            }
-        };
-        Ok(outcome)
+        let recorded = self
+            .store
+            .finish(
+                id,
+                owner,
+                &Ending {
+                    state,
+                    finished_at: &finished_at,
+                    error: error.as_deref(),
+                    outputs: &outputs,
+                    provenance: published.as_ref().map(|p| p.envelope.as_slice()),
+                },
+            )
+            .await?;
+        if !recorded {
+            // Another daemon ended it (our lease ran out): its word stands.
+            let record = self.store.build(id).await?;
+            return Ok(Outcome {
+                id: id.to_owned(),
+                state: record.as_ref().map_or(State::Failed, |r| r.state),
+                error: Some(record.and_then(|r| r.error).unwrap_or_else(|| {
+                    "the build was ended elsewhere while this daemon ran it".to_owned()
+                })),
+                envelope: None,
+                subjects: Vec::new(),
+            });
+        }
+        Ok(match published {
+            Some(published) => Outcome {
+                id: id.to_owned(),
+                state,
+                error,
+                envelope: Some(published.envelope),
+                subjects: published.subjects,
+            },
+            None => Outcome {
+                id: id.to_owned(),
+                state,
+                error,
+                envelope: None,
+                subjects: Vec::new(),
+            },
+        })
     }
 
     async fn execute(
@@ -207,14 +246,10 @@ impl BuildService {
         id: &str,
         request: &BuildRequest,
         progress: &mut (impl FnMut(Progress) + Send),
-        logs: &mut Vec<store::LogLine>,
+        logs: &LogWriter,
         cancel: impl Future<Output = String> + Send,
     ) -> Result<(Vec<store::Output>, Published), Failure> {
         let started_on = now();
-        self.store
-            .mark_running(id, &started_on)
-            .await
-            .map_err(|e| Failure::new(e.to_string()))?;
         // One client per registry host for the whole build: resolving step
         // images, checking outputs and attaching share TLS setup and tokens.
         let mut clients = Clients::new(&self.registry);
@@ -274,6 +309,12 @@ impl BuildService {
                 .collect(),
         };
 
+        // From here on a runner may exist: this build must never be handed
+        // to another daemon.
+        self.store
+            .mark_runner_started(id)
+            .await
+            .map_err(|e| Failure::new(e.to_string()))?;
         let mut step_logs: BTreeMap<u32, Sha256> = BTreeMap::new();
         let report = self
             .dispatcher
@@ -284,7 +325,7 @@ impl BuildService {
                         let hasher = step_logs.entry(line.step).or_default();
                         hasher.update(&line.line);
                         hasher.update(b"\n");
-                        logs.push(store::LogLine {
+                        logs.send(store::LogLine {
                             step: line.step,
                             stream: line.stream,
                             line: line.line.clone(),
@@ -684,6 +725,13 @@ fn resolve_destination(
         .resolve(values)
         .map_err(|e| Failure::new(format!("destination `{template}` after substitution: {e}")))?;
     Ok(match location {
+        Location::Layout { path, .. } if path.is_relative() && spec_path.is_relative() => {
+            return Err(Failure::new(format!(
+                "destination `{template}` is a layout path relative to the spec, and a \
+                 submitted build has no directory to resolve it against: push to a registry \
+                 or give an absolute `oci:` path on the daemon's machine"
+            )));
+        }
         Location::Layout { path, tag } if path.is_relative() => Location::Layout {
             path: spec_path.parent().unwrap_or(Path::new("/")).join(path),
             tag,
@@ -932,6 +980,51 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn now() -> String {
+pub fn now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// Log lines on their way to the store: one task appends them in order, a
+/// batch at a time (every [`LOG_BATCH_INTERVAL`] or [`LOG_BATCH_LINES`]
+/// lines), so a crash loses at most one batch and lines never reorder.
+struct LogWriter {
+    lines: tokio::sync::mpsc::UnboundedSender<store::LogLine>,
+    task: tokio::task::JoinHandle<Result<(), StoreError>>,
+}
+
+pub const LOG_BATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
+const LOG_BATCH_LINES: usize = 1000;
+
+impl LogWriter {
+    fn start(store: Store, id: String) -> Self {
+        let (lines, mut incoming) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            let mut batch = Vec::new();
+            while let Some(first) = incoming.recv().await {
+                batch.push(first);
+                let deadline = tokio::time::Instant::now() + LOG_BATCH_INTERVAL;
+                while batch.len() < LOG_BATCH_LINES {
+                    match tokio::time::timeout_at(deadline, incoming.recv()).await {
+                        Ok(Some(line)) => batch.push(line),
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+                store.append_logs(&id, &batch).await?;
+                batch.clear();
+            }
+            Ok(())
+        });
+        Self { lines, task }
+    }
+
+    fn send(&self, line: store::LogLine) {
+        // The task only stops early when the store failed; `finish` says so.
+        let _ = self.lines.send(line);
+    }
+
+    /// Writes what is left and reports whether every batch was stored.
+    async fn finish(self) -> Result<(), StoreError> {
+        drop(self.lines);
+        self.task.await.expect("the log writer does not panic")
+    }
 }

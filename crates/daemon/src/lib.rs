@@ -15,6 +15,7 @@ pub mod dispatch;
 pub mod embedded;
 pub mod executor;
 pub mod local;
+pub mod queue;
 pub mod slurm;
 pub mod spec;
 pub mod store;

@@ -7,16 +7,40 @@
 use std::borrow::Cow;
 use std::path::Path;
 use std::str::FromStr;
+use std::time::Duration;
 
-use sqlx::Row;
+use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::{AnyPool, AssertSqlSafe};
+use sqlx::{Executor, Row};
 
-const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "builds",
-    include_str!("../migrations/sqlite/0001_builds.sql"),
-)];
+type Migrations = &'static [(i64, &'static str, &'static str)];
+
+const SQLITE_MIGRATIONS: Migrations = &[
+    (
+        1,
+        "builds",
+        include_str!("../migrations/sqlite/0001_builds.sql"),
+    ),
+    (
+        2,
+        "queue",
+        include_str!("../migrations/sqlite/0002_queue.sql"),
+    ),
+];
+
+const POSTGRES_MIGRATIONS: Migrations = &[
+    (
+        1,
+        "builds",
+        include_str!("../migrations/postgres/0001_builds.sql"),
+    ),
+    (
+        2,
+        "queue",
+        include_str!("../migrations/postgres/0002_queue.sql"),
+    ),
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -32,6 +56,10 @@ pub enum StoreError {
         #[source]
         source: sqlx::migrate::MigrateError,
     },
+    #[error(
+        "`{0}` is not a database URL: use `postgres://USER@HOST/DB`, `sqlite://PATH` or a file path"
+    )]
+    Url(String),
     #[error("the job store failed: {0}")]
     Query(#[from] sqlx::Error),
 }
@@ -122,72 +150,337 @@ pub struct BuildRecord {
     pub finished_at: Option<String>,
     pub error: Option<String>,
     pub has_provenance: bool,
+    /// The daemon that holds (or last held) it.
+    pub owner: Option<String>,
+    /// How many times a daemon claimed it.
+    pub claims: i64,
+    /// Set while a cancel waits for the owner to act on it.
+    pub cancel_reason: Option<String>,
+}
+
+/// A queued build one daemon now holds.
+#[derive(Clone, Debug)]
+pub struct Claimed {
+    pub id: String,
+    pub spec_path: String,
+    pub spec: Vec<u8>,
+    pub source: String,
+}
+
+/// What the owner of a running build learns when it renews its lease.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Renewal {
+    /// Still ours; carry on.
+    Held,
+    /// Still ours, and someone asked for it to stop.
+    CancelRequested(String),
+    /// No longer ours (it ended, or another daemon gave up on us).
+    Lost,
+}
+
+/// What cancelling a build did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// It was queued and is now cancelled.
+    Cancelled,
+    /// It is running; its owner will stop it.
+    Requested,
+    /// It had already ended.
+    AlreadyEnded(State),
+    NotFound,
+}
+
+/// A build whose owner stopped renewing its lease, and what became of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reaped {
+    pub id: String,
+    pub owner: String,
+    /// `true`: its runner never started, so it went back to the queue.
+    pub requeued: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    Sqlite,
+    Postgres,
 }
 
 #[derive(Clone, Debug)]
 pub struct Store {
-    pool: SqlitePool,
+    pool: AnyPool,
+    backend: Backend,
 }
 
+const RECORD_COLUMNS: &str = "id, state, spec_path, source, created_at, started_at, finished_at, \
+     error, CASE WHEN provenance IS NULL THEN 0 ELSE 1 END AS has_provenance, owner, claims, \
+     cancel_reason";
+
 impl Store {
-    /// Opens (creating if needed) the SQLite store at `path` and applies
-    /// migrations.
-    pub async fn open_sqlite(path: &Path) -> Result<Self, StoreError> {
-        let location = path.display().to_string();
-        let options = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
-            .await
-            .map_err(|source| StoreError::Open {
-                location: location.clone(),
-                source,
-            })?;
-        let migrations = SQLITE_MIGRATIONS
-            .iter()
-            .map(|&(version, description, sql)| {
-                Migration::new(
-                    version,
-                    Cow::Borrowed(description),
-                    MigrationType::Simple,
-                    sqlx::SqlStr::from_static(sql),
-                    false,
-                )
-            })
-            .collect();
-        Migrator::with_migrations(migrations)
-            .run(&pool)
-            .await
-            .map_err(|source| StoreError::Migrate { location, source })?;
-        Ok(Self { pool })
+    /// Opens the store a URL names: `postgres://…` (or `postgresql://…`),
+    /// `sqlite://PATH`, or a plain file path for SQLite. Migrations are
+    /// applied before it returns.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Self::open_postgres(url).await
+        } else if let Some(path) = url.strip_prefix("sqlite://") {
+            Self::open_sqlite(Path::new(path)).await
+        } else if url.contains("://") {
+            Err(StoreError::Url(url.to_owned()))
+        } else {
+            Self::open_sqlite(Path::new(url)).await
+        }
     }
 
-    pub async fn insert_build(&self, build: &NewBuild<'_>) -> Result<(), StoreError> {
+    /// Opens (creating if needed) the SQLite store at `path`.
+    pub async fn open_sqlite(path: &Path) -> Result<Self, StoreError> {
+        let location = path.display().to_string();
+        let url = format!("sqlite://{location}?mode=rwc");
+        let pool = connect(
+            AnyPoolOptions::new()
+                .max_connections(4)
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        // WAL lets readers go on while a build writes; the
+                        // busy timeout queues writers instead of failing them.
+                        conn.execute(
+                            "PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON; \
+                             PRAGMA busy_timeout = 10000; PRAGMA synchronous = NORMAL;",
+                        )
+                        .await?;
+                        Ok(())
+                    })
+                }),
+            &url,
+            &location,
+        )
+        .await?;
+        migrate(&pool, SQLITE_MIGRATIONS, location).await?;
+        Ok(Self {
+            pool,
+            backend: Backend::Sqlite,
+        })
+    }
+
+    async fn open_postgres(url: &str) -> Result<Self, StoreError> {
+        let location = redact_url(url);
+        let pool = connect(
+            AnyPoolOptions::new()
+                .max_connections(16)
+                .acquire_timeout(Duration::from_secs(10)),
+            url,
+            &location,
+        )
+        .await?;
+        migrate(&pool, POSTGRES_MIGRATIONS, location).await?;
+        Ok(Self {
+            pool,
+            backend: Backend::Postgres,
+        })
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.backend == Backend::Postgres
+    }
+
+    /// Records a build waiting in the queue.
+    pub async fn enqueue(&self, build: &NewBuild<'_>) -> Result<(), StoreError> {
+        self.insert(build, "queued", None).await
+    }
+
+    /// Records a build that starts at once, outside the queue (`custody
+    /// build`): no daemon will claim it.
+    pub async fn insert_running(
+        &self,
+        build: &NewBuild<'_>,
+        started_at: &str,
+    ) -> Result<(), StoreError> {
+        self.insert(build, "running", Some(started_at)).await
+    }
+
+    async fn insert(
+        &self,
+        build: &NewBuild<'_>,
+        state: &str,
+        started_at: Option<&str>,
+    ) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO builds (id, state, spec_path, spec, source, created_at)
-             VALUES (?, 'queued', ?, ?, ?, ?)",
+            "INSERT INTO builds (id, state, spec_path, spec, source, created_at, started_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(build.id)
+        .bind(state)
         .bind(build.spec_path)
         .bind(build.spec)
         .bind(build.source)
         .bind(build.created_at)
+        .bind(started_at)
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
-    pub async fn mark_running(&self, id: &str, started_at: &str) -> Result<(), StoreError> {
-        sqlx::query("UPDATE builds SET state = 'running', started_at = ? WHERE id = ?")
-            .bind(started_at)
+    /// Takes the oldest queued build for `owner`, with a lease until
+    /// `lease_until` (unix ms). Exactly one daemon gets each build: on
+    /// PostgreSQL concurrent claimers skip rows another holds
+    /// (`FOR UPDATE SKIP LOCKED`); SQLite runs one writer at a time.
+    pub async fn claim(
+        &self,
+        owner: &str,
+        lease_until: i64,
+        started_at: &str,
+    ) -> Result<Option<Claimed>, StoreError> {
+        let lock = match self.backend {
+            Backend::Postgres => "FOR UPDATE SKIP LOCKED",
+            Backend::Sqlite => "",
+        };
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE builds
+             SET state = 'running', owner = $1, lease_until = $2, started_at = $3,
+                 claims = claims + 1, runner_started = 0
+             WHERE id = (SELECT id FROM builds WHERE state = 'queued' ORDER BY id LIMIT 1 {lock})
+               AND state = 'queued'
+             RETURNING id, spec_path, spec, source"
+        )))
+        .bind(owner)
+        .bind(lease_until)
+        .bind(started_at)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|row| Claimed {
+            id: row.get("id"),
+            spec_path: row.get("spec_path"),
+            spec: row.get("spec"),
+            source: row.get("source"),
+        }))
+    }
+
+    /// Extends `owner`'s lease on a running build and says whether it should
+    /// go on.
+    pub async fn renew(
+        &self,
+        id: &str,
+        owner: &str,
+        lease_until: i64,
+    ) -> Result<Renewal, StoreError> {
+        let row = sqlx::query(
+            "UPDATE builds SET lease_until = $1
+             WHERE id = $2 AND owner = $3 AND state = 'running'
+             RETURNING cancel_reason",
+        )
+        .bind(lease_until)
+        .bind(id)
+        .bind(owner)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            None => Renewal::Lost,
+            Some(row) => match row.get::<Option<String>, _>(0) {
+                Some(reason) => Renewal::CancelRequested(reason),
+                None => Renewal::Held,
+            },
+        })
+    }
+
+    /// Notes that a runner may be running for this build from now on, so
+    /// it must never be handed to another daemon.
+    pub async fn mark_runner_started(&self, id: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE builds SET runner_started = 1 WHERE id = $1")
             .bind(id)
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// Ends every running build whose lease ran out before `now` (unix ms):
+    /// one whose runner never started goes back to the queue, the others
+    /// fail with a reason that names the owner.
+    pub async fn reap(&self, now: i64, finished_at: &str) -> Result<Vec<Reaped>, StoreError> {
+        let expired = sqlx::query(
+            "SELECT id, owner, runner_started, lease_until FROM builds
+             WHERE state = 'running' AND lease_until IS NOT NULL AND lease_until < $1",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut reaped = Vec::new();
+        for row in expired {
+            let id: String = row.get("id");
+            let owner: String = row.get::<Option<String>, _>("owner").unwrap_or_default();
+            let requeued = row.get::<i64, _>("runner_started") == 0;
+            let lease_until: i64 = row.get("lease_until");
+            // The same condition again: if the owner renewed or another
+            // daemon got here first, this changes nothing.
+            let done = if requeued {
+                sqlx::query(
+                    "UPDATE builds SET state = 'queued', owner = NULL, lease_until = NULL,
+                         started_at = NULL
+                     WHERE id = $1 AND state = 'running' AND lease_until = $2",
+                )
+                .bind(&id)
+                .bind(lease_until)
+                .execute(&self.pool)
+                .await?
+            } else {
+                let reason = format!(
+                    "the daemon `{owner}` running this build stopped renewing its lease \
+                     (it crashed or lost the database); the build's runner may have been \
+                     cut off, so it was failed rather than run twice"
+                );
+                sqlx::query(
+                    "UPDATE builds SET state = 'failed', error = $1, finished_at = $2
+                     WHERE id = $3 AND state = 'running' AND lease_until = $4",
+                )
+                .bind(&reason)
+                .bind(finished_at)
+                .bind(&id)
+                .bind(lease_until)
+                .execute(&self.pool)
+                .await?
+            };
+            if done.rows_affected() == 1 {
+                reaped.push(Reaped {
+                    id,
+                    owner,
+                    requeued,
+                });
+            }
+        }
+        Ok(reaped)
+    }
+
+    /// Cancels a queued build at once, or asks the owner of a running one
+    /// to stop it.
+    pub async fn cancel(
+        &self,
+        id: &str,
+        reason: &str,
+        now: &str,
+    ) -> Result<CancelOutcome, StoreError> {
+        let queued = sqlx::query(
+            "UPDATE builds SET state = 'cancelled', error = $1, finished_at = $2
+             WHERE id = $3 AND state = 'queued'",
+        )
+        .bind(reason)
+        .bind(now)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        if queued.rows_affected() == 1 {
+            return Ok(CancelOutcome::Cancelled);
+        }
+        let running =
+            sqlx::query("UPDATE builds SET cancel_reason = $1 WHERE id = $2 AND state = 'running'")
+                .bind(reason)
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+        if running.rows_affected() == 1 {
+            return Ok(CancelOutcome::Requested);
+        }
+        Ok(match self.build(id).await? {
+            Some(record) => CancelOutcome::AlreadyEnded(record.state),
+            None => CancelOutcome::NotFound,
+        })
     }
 
     /// Appends log lines after those already stored, in order, in one
@@ -198,47 +491,80 @@ impl Store {
         }
         let mut tx = self.pool.begin().await?;
         let next: i64 =
-            sqlx::query("SELECT COALESCE(MAX(seq) + 1, 0) FROM log_lines WHERE build_id = ?")
+            sqlx::query("SELECT COALESCE(MAX(seq) + 1, 0) FROM log_lines WHERE build_id = $1")
                 .bind(id)
                 .fetch_one(&mut *tx)
                 .await?
                 .get(0);
-        for (offset, line) in lines.iter().enumerate() {
-            sqlx::query(
-                "INSERT INTO log_lines (build_id, seq, step, stream, line, unix_millis)
-                 VALUES (?, ?, ?, ?, ?, ?)",
-            )
-            .bind(id)
-            .bind(next + offset as i64)
-            .bind(i64::from(line.step))
-            .bind(line.stream)
-            .bind(&line.line)
-            .bind(line.unix_millis)
-            .execute(&mut *tx)
-            .await?;
+        // Multi-row inserts, as many rows as stay under SQLite's limit of
+        // parameters per statement.
+        const ROWS: usize = 100;
+        for (chunk_index, chunk) in lines.chunks(ROWS).enumerate() {
+            let mut sql = String::from(
+                "INSERT INTO log_lines (build_id, seq, step, stream, line, unix_millis) VALUES ",
+            );
+            for row in 0..chunk.len() {
+                let p = row * 6;
+                if row > 0 {
+                    sql.push(',');
+                }
+                sql.push_str(&format!(
+                    "(${}, ${}, ${}, ${}, ${}, ${})",
+                    p + 1,
+                    p + 2,
+                    p + 3,
+                    p + 4,
+                    p + 5,
+                    p + 6
+                ));
+            }
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for (offset, line) in chunk.iter().enumerate() {
+                query = query
+                    .bind(id)
+                    .bind(next + (chunk_index * ROWS + offset) as i64)
+                    .bind(i64::from(line.step))
+                    .bind(i64::from(line.stream))
+                    .bind(&line.line)
+                    .bind(line.unix_millis);
+            }
+            query.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
     }
 
     /// Records how a build ended, with its outputs and (if published) its
-    /// provenance, at once.
-    pub async fn finish(&self, id: &str, ending: &Ending<'_>) -> Result<(), StoreError> {
+    /// provenance, at once. Only a build still running (and, when `owner`
+    /// is given, still held by it) changes: returns `false` when it had
+    /// already been ended elsewhere.
+    pub async fn finish(
+        &self,
+        id: &str,
+        owner: Option<&str>,
+        ending: &Ending<'_>,
+    ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "UPDATE builds SET state = ?, finished_at = ?, error = ?, provenance = ? WHERE id = ?",
+        let updated = sqlx::query(
+            "UPDATE builds
+             SET state = $1, finished_at = $2, error = $3, provenance = $4, lease_until = NULL
+             WHERE id = $5 AND state = 'running' AND ($6 IS NULL OR owner = $6)",
         )
         .bind(ending.state.as_str())
         .bind(ending.finished_at)
         .bind(ending.error)
         .bind(ending.provenance)
         .bind(id)
+        .bind(owner)
         .execute(&mut *tx)
         .await?;
+        if updated.rows_affected() == 0 {
+            return Ok(false);
+        }
         for (position, output) in ending.outputs.iter().enumerate() {
             sqlx::query(
                 "INSERT INTO build_outputs (build_id, position, reference, digest, size)
-                 VALUES (?, ?, ?, ?, ?)",
+                 VALUES ($1, $2, $3, $4, $5)",
             )
             .bind(id)
             .bind(position as i64)
@@ -249,39 +575,72 @@ impl Store {
             .await?;
         }
         tx.commit().await?;
-        Ok(())
+        Ok(true)
     }
 
     pub async fn build(&self, id: &str) -> Result<Option<BuildRecord>, StoreError> {
-        let row = sqlx::query(
-            "SELECT id, state, spec_path, source, created_at, started_at, finished_at, error,
-                    provenance IS NOT NULL AS has_provenance
-             FROM builds WHERE id = ?",
-        )
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {RECORD_COLUMNS} FROM builds WHERE id = $1"
+        )))
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
-        let Some(row) = row else { return Ok(None) };
-        let state: String = row.get("state");
-        Ok(Some(BuildRecord {
-            id: row.get("id"),
-            state: state
-                .parse()
-                .map_err(|e: String| sqlx::Error::Decode(e.into()))?,
-            spec_path: row.get("spec_path"),
-            source: row.get("source"),
-            created_at: row.get("created_at"),
-            started_at: row.get("started_at"),
-            finished_at: row.get("finished_at"),
-            error: row.get("error"),
-            has_provenance: row.get("has_provenance"),
-        }))
+        row.map(|row| record(&row)).transpose()
+    }
+
+    /// Builds newest first: at most `limit`, only those older than
+    /// `before` (an id from the previous page) and in `state` when given.
+    pub async fn list(
+        &self,
+        state: Option<State>,
+        before: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<BuildRecord>, StoreError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {RECORD_COLUMNS} FROM builds
+             WHERE ($1 IS NULL OR state = $1) AND ($2 IS NULL OR id < $2)
+             ORDER BY id DESC LIMIT $3"
+        )))
+        .bind(state.map(State::as_str))
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(record).collect()
+    }
+
+    /// What a build pushed, in the order the spec declares it.
+    pub async fn outputs(&self, id: &str) -> Result<Vec<Output>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT reference, digest, size FROM build_outputs WHERE build_id = $1 ORDER BY position",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| Output {
+                reference: row.get("reference"),
+                digest: row.get("digest"),
+                size: row.get::<i64, _>("size") as u64,
+            })
+            .collect())
+    }
+
+    /// How many builds are in each state.
+    pub async fn count_by_state(&self) -> Result<Vec<(State, i64)>, StoreError> {
+        let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM builds GROUP BY state")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| Ok((parse_state(row.get("state"))?, row.get::<i64, _>("n"))))
+            .collect()
     }
 
     /// The build's DSSE envelope, if it published one.
     pub async fn provenance(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(
-            sqlx::query("SELECT provenance FROM builds WHERE id = ? AND provenance IS NOT NULL")
+            sqlx::query("SELECT provenance FROM builds WHERE id = $1 AND provenance IS NOT NULL")
                 .bind(id)
                 .fetch_optional(&self.pool)
                 .await?
@@ -290,19 +649,43 @@ impl Store {
     }
 
     pub async fn logs(&self, id: &str) -> Result<Vec<LogLine>, StoreError> {
+        Ok(self
+            .logs_after(id, -1, i64::MAX)
+            .await?
+            .into_iter()
+            .map(|(_, line)| line)
+            .collect())
+    }
+
+    /// Up to `limit` log lines after sequence number `after`, with their
+    /// sequence numbers, in order.
+    pub async fn logs_after(
+        &self,
+        id: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, LogLine)>, StoreError> {
         let rows = sqlx::query(
-            "SELECT step, stream, line, unix_millis FROM log_lines WHERE build_id = ? ORDER BY seq",
+            "SELECT seq, step, stream, line, unix_millis FROM log_lines
+             WHERE build_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
         )
         .bind(id)
+        .bind(after)
+        .bind(limit)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
             .into_iter()
-            .map(|row| LogLine {
-                step: row.get::<i64, _>("step") as u32,
-                stream: row.get("stream"),
-                line: row.get("line"),
-                unix_millis: row.get("unix_millis"),
+            .map(|row| {
+                (
+                    row.get("seq"),
+                    LogLine {
+                        step: row.get::<i64, _>("step") as u32,
+                        stream: row.get::<i64, _>("stream") as i32,
+                        line: row.get("line"),
+                        unix_millis: row.get("unix_millis"),
+                    },
+                )
             })
             .collect())
     }
@@ -318,7 +701,85 @@ impl Store {
         )
     }
 
+    /// Whether the database answers (for readiness checks).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").fetch_one(&self.pool).await?;
+        Ok(())
+    }
+
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+async fn connect(
+    options: AnyPoolOptions,
+    url: &str,
+    location: &str,
+) -> Result<AnyPool, StoreError> {
+    sqlx::any::install_default_drivers();
+    options
+        .connect(url)
+        .await
+        .map_err(|source| StoreError::Open {
+            location: location.to_owned(),
+            source,
+        })
+}
+
+async fn migrate(
+    pool: &AnyPool,
+    migrations: Migrations,
+    location: String,
+) -> Result<(), StoreError> {
+    let migrations = migrations
+        .iter()
+        .map(|&(version, description, sql)| {
+            Migration::new(
+                version,
+                Cow::Borrowed(description),
+                MigrationType::Simple,
+                sqlx::SqlStr::from_static(sql),
+                false,
+            )
+        })
+        .collect();
+    Migrator::with_migrations(migrations)
+        .run(pool)
+        .await
+        .map_err(|source| StoreError::Migrate { location, source })
+}
+
+fn record(row: &AnyRow) -> Result<BuildRecord, StoreError> {
+    Ok(BuildRecord {
+        id: row.get("id"),
+        state: parse_state(row.get("state"))?,
+        spec_path: row.get("spec_path"),
+        source: row.get("source"),
+        created_at: row.get("created_at"),
+        started_at: row.get("started_at"),
+        finished_at: row.get("finished_at"),
+        error: row.get("error"),
+        has_provenance: row.get::<i64, _>("has_provenance") != 0,
+        owner: row.get("owner"),
+        claims: row.get("claims"),
+        cancel_reason: row.get("cancel_reason"),
+    })
+}
+
+fn parse_state(state: String) -> Result<State, StoreError> {
+    state
+        .parse()
+        .map_err(|e: String| StoreError::Query(sqlx::Error::Decode(e.into())))
+}
+
+/// The URL without its password, for messages.
+fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_owned(),
     }
 }

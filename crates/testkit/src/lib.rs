@@ -1,7 +1,7 @@
 //! Test support for custody: real registries (Debian's `docker-registry`)
 //! in every mode the client must handle, the servers around them (token
-//! issuer, redirect target, a proxy that dies), and image fixtures built
-//! without the code under test.
+//! issuer, redirect target, a proxy that dies), throwaway PostgreSQL
+//! clusters, and image fixtures built without the code under test.
 //!
 //! ```ignore
 //! let registry = Registry::builder().tls().basic_auth("alice", "s3cret").start();
@@ -10,6 +10,7 @@
 pub mod certs;
 pub mod http;
 pub mod image;
+pub mod postgres;
 mod proxy;
 mod registry;
 pub mod slurm;
@@ -17,6 +18,7 @@ mod token;
 
 use std::path::{Path, PathBuf};
 
+pub use postgres::Postgres;
 pub use proxy::FaultProxy;
 pub use registry::{RedirectRequest, Registry, RegistryBuilder};
 pub use token::TokenRequest;

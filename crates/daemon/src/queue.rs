@@ -1,0 +1,357 @@
+//! The durable queue as one daemon works it: claim queued builds up to a
+//! concurrency limit, hold each claim with a lease renewed while it runs,
+//! act on cancel requests, and end the builds of daemons that stopped
+//! renewing theirs.
+//!
+//! Several daemons can work one PostgreSQL store: the store hands each
+//! queued build to exactly one of them, and any of them reaps the others'
+//! expired leases.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use custody_wire::rpc::proto::event::Kind;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::build::{BuildRequest, BuildService, Progress, now};
+use crate::spec::{self, GitSource};
+use crate::store::{Claimed, Ending, Renewal, State};
+
+/// How one daemon works the queue.
+#[derive(Clone, Debug)]
+pub struct QueueConfig {
+    /// This daemon's name in the store (owner of its claims).
+    pub owner: String,
+    /// How many builds it runs at once.
+    pub concurrency: usize,
+    /// How long a claim holds without renewal; renewed every third of it.
+    pub lease: Duration,
+    /// How often it looks for work other daemons queued.
+    pub poll: Duration,
+}
+
+/// What the queue tells whoever keeps metrics.
+pub trait Observer: Send + Sync {
+    /// A build this daemon ran ended. `push` is how long the runner's push
+    /// phase took, when it got that far.
+    fn build_finished(&self, state: State, took: Duration, push: Option<Duration>);
+}
+
+/// A daemon's hold on the queue.
+pub struct Queue {
+    service: Arc<BuildService>,
+    config: QueueConfig,
+    observer: Arc<dyn Observer>,
+    wake: Notify,
+    /// Builds running here, by id: cancelling the token cancels the build.
+    running: Mutex<HashMap<String, CancellationToken>>,
+    stop_claiming: CancellationToken,
+    cancel_running: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Queue {
+    pub fn new(
+        service: Arc<BuildService>,
+        config: QueueConfig,
+        observer: Arc<dyn Observer>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            service,
+            config,
+            observer,
+            wake: Notify::new(),
+            running: Mutex::new(HashMap::new()),
+            stop_claiming: CancellationToken::new(),
+            cancel_running: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    pub fn service(&self) -> &BuildService {
+        &self.service
+    }
+
+    pub fn config(&self) -> &QueueConfig {
+        &self.config
+    }
+
+    /// Starts claiming and reaping in the background.
+    pub fn start(self: &Arc<Self>) {
+        let queue = self.clone();
+        self.tasks.spawn(async move { queue.claim_loop().await });
+        let queue = self.clone();
+        self.tasks.spawn(async move { queue.reap_loop().await });
+    }
+
+    /// Something was queued here: look now rather than at the next poll.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Cancels a build if it runs here (the store already says so for
+    /// other daemons to see).
+    pub fn cancel_local(&self, id: &str) {
+        if let Some(token) = self.running.lock().expect("not poisoned").get(id) {
+            token.cancel();
+        }
+    }
+
+    /// How many builds run here now.
+    pub fn running(&self) -> usize {
+        self.running.lock().expect("not poisoned").len()
+    }
+
+    /// Stops claiming, lets running builds finish for up to `grace`, then
+    /// cancels those left and waits for them to end cleanly.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.stop_claiming.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(grace, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                running = self.running(),
+                "grace period over: cancelling the builds still running"
+            );
+            self.cancel_running.cancel();
+            self.tasks.wait().await;
+        }
+    }
+
+    async fn claim_loop(self: Arc<Self>) {
+        let slots = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
+        loop {
+            let slot = tokio::select! {
+                slot = slots.clone().acquire_owned() => slot.expect("never closed"),
+                () = self.stop_claiming.cancelled() => return,
+            };
+            let lease_until = unix_millis() + self.config.lease.as_millis() as i64;
+            match self
+                .service
+                .store
+                .claim(&self.config.owner, lease_until, &now())
+                .await
+            {
+                Ok(Some(claimed)) => {
+                    let queue = self.clone();
+                    self.tasks.spawn(async move {
+                        queue.run_claimed(claimed).await;
+                        drop(slot);
+                    });
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!("claiming a build: {e}"),
+            }
+            drop(slot);
+            tokio::select! {
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(self.config.poll) => {}
+                () = self.stop_claiming.cancelled() => return,
+            }
+        }
+    }
+
+    async fn reap_loop(self: Arc<Self>) {
+        let every = (self.config.lease / 2).max(Duration::from_millis(100));
+        loop {
+            match self.service.store.reap(unix_millis(), &now()).await {
+                Ok(reaped) => {
+                    for build in reaped {
+                        if build.requeued {
+                            tracing::warn!(id = %build.id, owner = %build.owner,
+                                "lease expired before its runner started: queued again");
+                            self.wake();
+                        } else {
+                            tracing::warn!(id = %build.id, owner = %build.owner,
+                                "lease expired while it ran: failed");
+                        }
+                    }
+                }
+                Err(e) => tracing::error!("reaping expired leases: {e}"),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = self.stop_claiming.cancelled() => return,
+            }
+        }
+    }
+
+    async fn run_claimed(self: Arc<Self>, claimed: Claimed) {
+        let begun = Instant::now();
+        let id = claimed.id.clone();
+        let cancel = CancellationToken::new();
+        self.running
+            .lock()
+            .expect("not poisoned")
+            .insert(id.clone(), cancel.clone());
+        let reason = Arc::new(Mutex::new(None::<String>));
+        let lease = self
+            .clone()
+            .hold_lease(id.clone(), cancel.clone(), reason.clone());
+
+        let state = match request_for(&claimed) {
+            Ok(request) => {
+                let mut push_began = None;
+                let mut push_took = None;
+                let last_step = request.spec.steps.len().saturating_sub(1) as u32;
+                let progress = |event: Progress| {
+                    if let Progress::Runner(event) = event {
+                        match event.kind {
+                            Some(Kind::StepFinished(f)) if f.index == last_step => {
+                                push_began = Some(Instant::now());
+                            }
+                            Some(Kind::Finished(_)) => {
+                                push_took = push_began.map(|b| b.elapsed());
+                            }
+                            _ => {}
+                        }
+                    }
+                };
+                let shutdown = self.cancel_running.clone();
+                let stop = async {
+                    tokio::select! {
+                        () = cancel.cancelled() => {}
+                        () = shutdown.cancelled() => {}
+                    }
+                    reason
+                        .lock()
+                        .expect("not poisoned")
+                        .take()
+                        .unwrap_or_else(|| {
+                            if shutdown.is_cancelled() {
+                                "the daemon shut down before the build finished".to_owned()
+                            } else {
+                                "cancelled".to_owned()
+                            }
+                        })
+                };
+                let result = tokio::select! {
+                    result = self.service.run_recorded(
+                        &id, Some(&self.config.owner), &request, progress, stop) => result,
+                    () = lease => unreachable!("the lease loop runs until dropped"),
+                };
+                match result {
+                    Ok(outcome) => {
+                        match &outcome.error {
+                            Some(error) => {
+                                tracing::info!(%id, state = outcome.state.as_str(), %error, "build ended")
+                            }
+                            None => {
+                                tracing::info!(%id, state = outcome.state.as_str(), "build ended")
+                            }
+                        }
+                        Some((outcome.state, push_took))
+                    }
+                    Err(e) => {
+                        tracing::error!(%id, "the store failed while the build ran: {e}");
+                        None
+                    }
+                }
+            }
+            Err(message) => {
+                let ending = Ending {
+                    state: State::Failed,
+                    finished_at: &now(),
+                    error: Some(&message),
+                    outputs: &[],
+                    provenance: None,
+                };
+                match self
+                    .service
+                    .store
+                    .finish(&id, Some(&self.config.owner), &ending)
+                    .await
+                {
+                    Ok(_) => Some((State::Failed, None)),
+                    Err(e) => {
+                        tracing::error!(%id, "recording a build that cannot start: {e}");
+                        None
+                    }
+                }
+            }
+        };
+        self.running.lock().expect("not poisoned").remove(&id);
+        if let Some((state, push)) = state {
+            self.observer.build_finished(state, begun.elapsed(), push);
+        }
+    }
+
+    /// Renews the lease on `id` every third of its length until dropped;
+    /// cancels the build when someone asks or when the claim is lost.
+    async fn hold_lease(
+        self: Arc<Self>,
+        id: String,
+        cancel: CancellationToken,
+        reason: Arc<Mutex<Option<String>>>,
+    ) {
+        let every = self.config.lease / 3;
+        loop {
+            tokio::time::sleep(every).await;
+            let until = unix_millis() + self.config.lease.as_millis() as i64;
+            let why = match self
+                .service
+                .store
+                .renew(&id, &self.config.owner, until)
+                .await
+            {
+                Ok(Renewal::Held) => continue,
+                Ok(Renewal::CancelRequested(why)) => why,
+                Ok(Renewal::Lost) => {
+                    "this daemon lost its claim on the build (its lease ran out)".to_owned()
+                }
+                Err(e) => {
+                    // The lease runs on; another daemon ends the build if
+                    // the store stays out of reach past it.
+                    tracing::error!(%id, "renewing the lease: {e}");
+                    continue;
+                }
+            };
+            if !cancel.is_cancelled() {
+                *reason.lock().expect("not poisoned") = Some(why);
+                cancel.cancel();
+            }
+        }
+    }
+}
+
+/// The build request a claimed row describes. The stored source is what
+/// was asked for; it overrides the spec's own `source`.
+fn request_for(claimed: &Claimed) -> Result<BuildRequest, String> {
+    let text = String::from_utf8(claimed.spec.clone())
+        .map_err(|_| format!("the spec `{}` is not UTF-8", claimed.spec_path))?;
+    let spec_path = PathBuf::from(&claimed.spec_path);
+    let mut spec = spec::parse(&text, &spec_path).map_err(|e| e.to_string())?;
+    let source: serde_json::Value = serde_json::from_str(&claimed.source)
+        .map_err(|e| format!("the stored source is not JSON: {e}"))?;
+    if let (Some(git), Some(revision)) = (
+        source.get("git").and_then(|v| v.as_str()),
+        source.get("revision").and_then(|v| v.as_str()),
+    ) {
+        spec.source = Some(GitSource {
+            git: git.to_owned(),
+            revision: revision.to_owned(),
+        });
+    }
+    if spec.source.is_none() {
+        return Err("the build names no git source (a submitted build must)".to_owned());
+    }
+    Ok(BuildRequest {
+        spec_path,
+        spec_bytes: claimed.spec.clone(),
+        spec,
+        directory: None,
+    })
+}
+
+pub fn unix_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

@@ -1,0 +1,268 @@
+//! The job store and its queue, the same tests on SQLite and on a real
+//! PostgreSQL cluster.
+
+use std::collections::HashSet;
+
+use custody_daemon::store::{CancelOutcome, Ending, LogLine, NewBuild, Renewal, State, Store};
+use custody_testkit::Postgres;
+
+/// A store on each backend; the PostgreSQL cluster lives as long as the
+/// returned guard.
+enum Backend {
+    Sqlite(tempfile::TempDir),
+    /// The cluster, and a database of its own for the test.
+    Postgres(Postgres, String),
+}
+
+/// Opens the test's store; each call is a new pool, as a separate daemon
+/// would have.
+async fn open(backend: &Backend) -> Store {
+    match backend {
+        Backend::Sqlite(dir) => Store::open(&dir.path().join("custody.db").display().to_string())
+            .await
+            .unwrap(),
+        Backend::Postgres(_, url) => Store::open(url).await.unwrap(),
+    }
+}
+
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                let backend = super::Backend::Sqlite(tempfile::tempdir().unwrap());
+                super::$name(&backend).await;
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                let cluster = custody_testkit::Postgres::start();
+                let url = cluster.create_database("custody");
+                let backend = super::Backend::Postgres(cluster, url);
+                super::$name(&backend).await;
+            })*
+        }
+    };
+}
+
+on_both!(
+    concurrent_claimers_take_each_build_once,
+    an_expired_lease_requeues_or_fails,
+    cancel_reaches_queued_and_running_builds,
+    logs_keep_their_order_across_batches,
+    list_filters_and_pages,
+);
+
+async fn enqueue(store: &Store, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        let id = uuid::Uuid::now_v7().to_string();
+        store
+            .enqueue(&NewBuild {
+                id: &id,
+                spec_path: "custody.yaml",
+                spec: b"steps: []",
+                source: r#"{"git":"file:///src","revision":"main"}"#,
+                created_at: "2026-11-23T00:00:00Z",
+            })
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+    ids
+}
+
+fn succeeded() -> Ending<'static> {
+    Ending {
+        state: State::Succeeded,
+        finished_at: "2026-11-23T00:00:01Z",
+        error: None,
+        outputs: &[],
+        provenance: None,
+    }
+}
+
+async fn concurrent_claimers_take_each_build_once(backend: &Backend) {
+    let store = open(backend).await;
+    let ids = enqueue(&store, 200).await;
+    let mut claimers = Vec::new();
+    for k in 0..8 {
+        let store = open(backend).await;
+        claimers.push(tokio::spawn(async move {
+            let owner = format!("daemon-{k}");
+            let mut got = Vec::new();
+            while let Some(claimed) = store.claim(&owner, i64::MAX, "now").await.unwrap() {
+                assert!(
+                    store
+                        .finish(&claimed.id, Some(&owner), &succeeded())
+                        .await
+                        .unwrap()
+                );
+                got.push(claimed.id);
+            }
+            got
+        }));
+    }
+    let mut all = Vec::new();
+    for claimer in claimers {
+        all.extend(claimer.await.unwrap());
+    }
+    assert_eq!(all.len(), ids.len(), "every build claimed, none twice");
+    let unique: HashSet<_> = all.iter().collect();
+    assert_eq!(unique.len(), ids.len());
+    for id in &ids {
+        let record = store.build(id).await.unwrap().unwrap();
+        assert_eq!(record.state, State::Succeeded);
+        assert_eq!(record.claims, 1, "{id} was claimed {} times", record.claims);
+    }
+}
+
+async fn an_expired_lease_requeues_or_fails(backend: &Backend) {
+    let store = open(backend).await;
+    let ids = enqueue(&store, 2).await;
+
+    // Claimed, but the daemon died before starting a runner: back in the queue.
+    let first = store.claim("dead", 1_000, "t").await.unwrap().unwrap();
+    assert_eq!(first.id, ids[0], "the oldest build first");
+    assert_eq!(
+        store.reap(999, "t").await.unwrap(),
+        vec![],
+        "lease not over yet"
+    );
+    let reaped = store.reap(1_001, "t").await.unwrap();
+    assert_eq!(reaped.len(), 1);
+    assert!(reaped[0].requeued);
+    assert_eq!(
+        store.build(&ids[0]).await.unwrap().unwrap().state,
+        State::Queued
+    );
+    assert_eq!(
+        store.renew(&ids[0], "dead", 5_000).await.unwrap(),
+        Renewal::Lost
+    );
+
+    // Claimed again, runner started, then the daemon died: failed, naming it.
+    let again = store.claim("alive", 2_000, "t").await.unwrap().unwrap();
+    assert_eq!(again.id, ids[0]);
+    store.mark_runner_started(&again.id).await.unwrap();
+    assert_eq!(
+        store.renew(&again.id, "alive", 3_000).await.unwrap(),
+        Renewal::Held
+    );
+    let reaped = store.reap(3_001, "t").await.unwrap();
+    assert_eq!(reaped.len(), 1);
+    assert!(!reaped[0].requeued);
+    let record = store.build(&ids[0]).await.unwrap().unwrap();
+    assert_eq!(record.state, State::Failed);
+    assert_eq!(record.claims, 2);
+    let error = record.error.unwrap();
+    assert!(
+        error.contains("`alive`") && error.contains("lease"),
+        "{error}"
+    );
+    // The late owner's own ending no longer counts.
+    assert!(
+        !store
+            .finish(&ids[0], Some("alive"), &succeeded())
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.build(&ids[0]).await.unwrap().unwrap().state,
+        State::Failed
+    );
+    // The other build was never touched.
+    assert_eq!(
+        store.build(&ids[1]).await.unwrap().unwrap().state,
+        State::Queued
+    );
+}
+
+async fn cancel_reaches_queued_and_running_builds(backend: &Backend) {
+    let store = open(backend).await;
+    let ids = enqueue(&store, 2).await;
+    let running = store.claim("d", i64::MAX, "t").await.unwrap().unwrap();
+    assert_eq!(
+        store.cancel(&ids[1], "not needed", "t").await.unwrap(),
+        CancelOutcome::Cancelled
+    );
+    let record = store.build(&ids[1]).await.unwrap().unwrap();
+    assert_eq!(record.state, State::Cancelled);
+    assert_eq!(record.error.as_deref(), Some("not needed"));
+    assert_eq!(
+        store.cancel(&running.id, "stop it", "t").await.unwrap(),
+        CancelOutcome::Requested
+    );
+    assert_eq!(
+        store.renew(&running.id, "d", i64::MAX).await.unwrap(),
+        Renewal::CancelRequested("stop it".into())
+    );
+    assert_eq!(
+        store.cancel(&ids[1], "again", "t").await.unwrap(),
+        CancelOutcome::AlreadyEnded(State::Cancelled)
+    );
+    assert_eq!(
+        store.cancel("no-such-build", "x", "t").await.unwrap(),
+        CancelOutcome::NotFound
+    );
+    assert!(
+        store.claim("d", i64::MAX, "t").await.unwrap().is_none(),
+        "nothing left"
+    );
+}
+
+async fn logs_keep_their_order_across_batches(backend: &Backend) {
+    let store = open(backend).await;
+    let id = enqueue(&store, 1).await.remove(0);
+    let line = |n: usize| LogLine {
+        step: (n % 3) as u32,
+        stream: (n % 2) as i32,
+        line: format!("line {n} \u{1F980}").into_bytes(),
+        unix_millis: n as i64,
+    };
+    // One big batch (more rows than one statement carries), then small ones.
+    store
+        .append_logs(&id, &(0..250).map(line).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    for n in 250..260 {
+        store.append_logs(&id, &[line(n)]).await.unwrap();
+    }
+    let all = store.logs(&id).await.unwrap();
+    assert_eq!(all, (0..260).map(line).collect::<Vec<_>>());
+    let after = store.logs_after(&id, 254, 3).await.unwrap();
+    assert_eq!(
+        after
+            .iter()
+            .map(|(seq, l)| (*seq, l.clone()))
+            .collect::<Vec<_>>(),
+        vec![(255, line(255)), (256, line(256)), (257, line(257))]
+    );
+}
+
+async fn list_filters_and_pages(backend: &Backend) {
+    let store = open(backend).await;
+    let ids = enqueue(&store, 5).await;
+    let claimed = store.claim("d", i64::MAX, "t").await.unwrap().unwrap();
+    assert_eq!(claimed.id, ids[0]);
+
+    let page = store.list(None, None, 2).await.unwrap();
+    assert_eq!(
+        page.iter().map(|b| &b.id).collect::<Vec<_>>(),
+        vec![&ids[4], &ids[3]]
+    );
+    let next = store.list(None, Some(&page[1].id), 2).await.unwrap();
+    assert_eq!(
+        next.iter().map(|b| &b.id).collect::<Vec<_>>(),
+        vec![&ids[2], &ids[1]]
+    );
+    let running = store.list(Some(State::Running), None, 10).await.unwrap();
+    assert_eq!(running.len(), 1);
+    assert_eq!(running[0].id, ids[0]);
+    assert_eq!(running[0].owner.as_deref(), Some("d"));
+
+    let mut counts = store.count_by_state().await.unwrap();
+    counts.sort_by_key(|(s, _)| s.as_str());
+    assert_eq!(counts, vec![(State::Queued, 4), (State::Running, 1)]);
+}
