@@ -22,6 +22,15 @@ pub enum Algorithm {
     Ed25519,
 }
 
+impl std::fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Algorithm::EcdsaP256 => "ecdsa-p256",
+            Algorithm::Ed25519 => "ed25519",
+        })
+    }
+}
+
 impl std::str::FromStr for Algorithm {
     type Err = Error;
     fn from_str(text: &str) -> Result<Self, Error> {

@@ -51,6 +51,12 @@ pub struct BuildFailed {
     reason: String,
 }
 
+impl BuildFailed {
+    pub fn new(id: String, state: &'static str, reason: String) -> Self {
+        Self { id, state, reason }
+    }
+}
+
 /// A problem with how `build` was called (exit 2).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -83,14 +89,14 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
         .builder_id
         .clone()
         .unwrap_or_else(|| format!("custody+local://{}", hostname()));
-    let daemon = embedded::start(embedded::Config {
-        data_dir: data_dir.clone(),
-        signing_key: args.signing_key.clone(),
+    let mut config = embedded::Config::local(
+        data_dir.clone(),
         builder_id,
-        registry: crate::registry_options(&args.registry)?,
-        runner_program: std::env::current_exe().context("cannot find the custody binary")?,
-    })
-    .await?;
+        crate::registry_options(&args.registry)?,
+        std::env::current_exe().context("cannot find the custody binary")?,
+    );
+    config.signing_key = args.signing_key.clone();
+    let daemon = embedded::start(config).await?;
     if daemon.key_created {
         eprintln!(
             "created a signing key at `{}`; its public key, for `custody verify --key`, is `{}`",
@@ -222,7 +228,7 @@ fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     fs_err::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "localhost".to_owned())

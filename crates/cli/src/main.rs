@@ -3,6 +3,7 @@
 
 mod build;
 mod progress;
+mod serve;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -73,6 +74,30 @@ enum Command {
     /// and meets the policy flags. Exit 0 verified, 1 not verified (the
     /// reason is printed), 2 usage error.
     Verify(VerifyArgs),
+    /// Run the build service: an HTTP API over a durable queue.
+    ///
+    /// Builds submitted through the API wait in a queue kept in the store
+    /// (SQLite in the data directory, or PostgreSQL with `--database-url`,
+    /// which lets several daemons share one queue: each build is claimed by
+    /// exactly one). Each daemon runs up to `--concurrency` builds through its
+    /// executor and holds a lease on each that it renews; a build whose
+    /// daemon died is failed by another (or queued again if its runner never
+    /// started). SIGTERM stops claiming, gives running builds the grace
+    /// period, then cancels them. Every `/api/v1` request needs a bearer
+    /// token (CUSTODY_TOKEN or `tokens` in the configuration); `/healthz`,
+    /// `/readyz` and `/metrics` are open. The OpenAPI document is at
+    /// `/api/v1/openapi.json`.
+    Serve(Box<serve::ServeArgs>),
+    /// Queue a build on a custody server.
+    ///
+    /// Sends DIR's custody.yaml with the git source to build: `--git` (and
+    /// `--revision`), else the spec's own `source`, else DIR's `origin`
+    /// remote at its current commit. Prints the build id; `--follow` streams
+    /// its log until it ends.
+    Submit(serve::SubmitArgs),
+    /// See, follow and cancel builds on a custody server.
+    #[command(subcommand)]
+    Builds(serve::BuildsCommand),
     /// Manage signing keys.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -241,6 +266,9 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Build(args) => build::build(args).await,
+        Command::Serve(args) => serve::serve(*args).await,
+        Command::Submit(args) => serve::submit(args).await,
+        Command::Builds(command) => serve::builds(command).await,
         Command::Push(args) | Command::Pull(args) => copy_image(args).await,
         Command::Referrers(args) => referrers(args).await,
         Command::Runner(args) => runner(args).await,
@@ -489,6 +517,14 @@ fn report(err: &anyhow::Error) -> ExitCode {
             Some(custody_daemon::embedded::Error::Key(_))
         );
     let misused = err.downcast_ref::<build::Usage>().is_some()
+        || err
+            .downcast_ref::<custody_server::client::ClientError>()
+            .is_some_and(|e| {
+                matches!(
+                    e,
+                    custody_server::client::ClientError::Api { status: 400, .. }
+                )
+            })
         || err
             .downcast_ref::<custody_daemon::spec::SpecError>()
             .is_some();

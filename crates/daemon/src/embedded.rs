@@ -1,7 +1,8 @@
-//! The daemon inside `custody build`: no server to set up. A data
-//! directory holds the SQLite store and (unless one is given) the signing
-//! key, created on first use; runners are local processes that connect back
-//! to a connector on 127.0.0.1.
+//! Setting a daemon up: the data directory, the signing key, the store, the
+//! runner connector and the executor. `custody build` uses it with the
+//! defaults (SQLite in the data directory, a key created on first use,
+//! local runners connecting back to 127.0.0.1); `custody serve` with its
+//! configuration.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use tokio::net::TcpListener;
 
 use crate::build::{BuildService, file_digest};
 use crate::dispatch::Dispatcher;
-use crate::local::LocalExecutor;
+use crate::executor::ExecutorSettings;
 use crate::store::{Store, StoreError};
 
 /// How to set the embedded daemon up.
@@ -26,6 +27,42 @@ pub struct Config {
     pub registry: RegistryOptions,
     /// The `custody` binary runners start from.
     pub runner_program: PathBuf,
+    /// `local` or `slurm`, with the settings the kind needs.
+    pub executor: String,
+    pub executor_settings: ExecutorSettings,
+    /// `None`: SQLite at `DATA_DIR/custody.db`.
+    pub database_url: Option<String>,
+    /// Where the runner connector listens.
+    pub connector_listen: String,
+    /// The `host:port` runners dial (default: the address it listens on).
+    pub connector_advertise: Option<String>,
+}
+
+impl Config {
+    /// The defaults `custody build` runs with.
+    pub fn local(
+        data_dir: PathBuf,
+        builder_id: String,
+        registry: RegistryOptions,
+        runner_program: PathBuf,
+    ) -> Self {
+        Self {
+            data_dir,
+            signing_key: None,
+            builder_id,
+            registry,
+            executor_settings: ExecutorSettings {
+                runner_program: runner_program.clone(),
+                spool_dir: None,
+                sbatch_args: Vec::new(),
+            },
+            runner_program,
+            executor: "local".to_owned(),
+            database_url: None,
+            connector_listen: "127.0.0.1:0".to_owned(),
+            connector_advertise: None,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +79,8 @@ pub enum Error {
     Store(#[from] StoreError),
     #[error("cannot start the runner connector: {0}")]
     Connector(String),
+    #[error(transparent)]
+    Executor(#[from] crate::ExecutorError),
 }
 
 /// A running embedded daemon.
@@ -71,24 +110,33 @@ pub async fn start(config: Config) -> Result<Embedded, Error> {
         source,
     })?;
     let (key, key_path, key_created, public_key_path) = load_or_create_key(&config)?;
-    let store = Store::open_sqlite(&data_dir.join("custody.db")).await?;
+    let executor = crate::executor::build(&config.executor, &config.executor_settings)?;
+    let store = match &config.database_url {
+        Some(url) => Store::open(url).await?,
+        None => Store::open_sqlite(&data_dir.join("custody.db")).await?,
+    };
 
     let identity = DaemonIdentity::generate().map_err(|e| Error::Connector(e.to_string()))?;
     let connector = Connector::new(&identity);
-    let listener = TcpListener::bind("127.0.0.1:0")
+    let listener = TcpListener::bind(&config.connector_listen)
         .await
-        .map_err(|e| Error::Connector(e.to_string()))?;
-    let daemon_addr = listener
-        .local_addr()
-        .map_err(|e| Error::Connector(e.to_string()))?
-        .to_string();
+        .map_err(|e| {
+            Error::Connector(format!("listening on `{}`: {e}", config.connector_listen))
+        })?;
+    let daemon_addr = match &config.connector_advertise {
+        Some(addr) => addr.clone(),
+        None => listener
+            .local_addr()
+            .map_err(|e| Error::Connector(e.to_string()))?
+            .to_string(),
+    };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(connector.clone().serve(listener, async {
         let _ = stopped.await;
     }));
     let dispatcher = Dispatcher {
         connector,
-        executor: Arc::new(LocalExecutor::new(config.runner_program.clone())),
+        executor,
         daemon_addr,
         connect_timeout: Duration::from_secs(30),
     };
@@ -103,7 +151,7 @@ pub async fn start(config: Config) -> Result<Embedded, Error> {
     Ok(Embedded {
         service: BuildService {
             dispatcher: Arc::new(dispatcher),
-            executor_kind: "local".to_owned(),
+            executor_kind: config.executor.clone(),
             registry: config.registry,
             key: Arc::new(key),
             builder_id: config.builder_id,

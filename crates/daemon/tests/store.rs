@@ -11,7 +11,10 @@ use custody_testkit::Postgres;
 enum Backend {
     Sqlite(tempfile::TempDir),
     /// The cluster, and a database of its own for the test.
-    Postgres(Postgres, String),
+    Postgres {
+        _cluster: Postgres,
+        url: String,
+    },
 }
 
 /// Opens the test's store; each call is a new pool, as a separate daemon
@@ -21,7 +24,7 @@ async fn open(backend: &Backend) -> Store {
         Backend::Sqlite(dir) => Store::open(&dir.path().join("custody.db").display().to_string())
             .await
             .unwrap(),
-        Backend::Postgres(_, url) => Store::open(url).await.unwrap(),
+        Backend::Postgres { url, .. } => Store::open(url).await.unwrap(),
     }
 }
 
@@ -39,7 +42,7 @@ macro_rules! on_both {
             async fn $name() {
                 let cluster = custody_testkit::Postgres::start();
                 let url = cluster.create_database("custody");
-                let backend = super::Backend::Postgres(cluster, url);
+                let backend = super::Backend::Postgres { _cluster: cluster, url };
                 super::$name(&backend).await;
             })*
         }

@@ -1,0 +1,581 @@
+//! `custody serve` and the commands that talk to it: `submit` and
+//! `builds list|show|logs|cancel|provenance`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+use custody_daemon::embedded;
+use custody_daemon::executor::ExecutorSettings;
+use custody_daemon::queue::QueueConfig;
+use custody_server::api::{Build, BuildState, GitSource, LogStream, SubmitRequest};
+use custody_server::client::{Client, ClientError};
+use custody_server::config::Config;
+use custody_server::serve::{self, Settings};
+
+use crate::RegistryArgs;
+use crate::build::{BuildFailed, Usage, hostname};
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// The configuration file (TOML; see examples/serve.toml). Flags and
+    /// the environment override what it sets.
+    #[arg(long, short = 'c', value_name = "FILE", env = "CUSTODY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where the HTTP API listens [default: 127.0.0.1:8420].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// The data directory: the SQLite store (unless `--database-url`) and
+    /// the signing key (unless `--signing-key`) [default:
+    /// $XDG_DATA_HOME/custody or ~/.local/share/custody].
+    #[arg(long, value_name = "DIR", env = "CUSTODY_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// `postgres://USER@HOST/DB` to share one queue between several
+    /// daemons [default: SQLite at DATA_DIR/custody.db].
+    #[arg(long, value_name = "URL", env = "CUSTODY_DATABASE_URL")]
+    database_url: Option<String>,
+    /// The PKCS#8 PEM key that signs provenance [default:
+    /// DATA_DIR/keys/custody.key, created on first use].
+    #[arg(long, value_name = "PEM")]
+    signing_key: Option<PathBuf>,
+    /// Recorded as `runDetails.builder.id` [default: custody+serve://HOSTNAME].
+    #[arg(long, value_name = "URI", env = "CUSTODY_BUILDER_ID")]
+    builder_id: Option<String>,
+    /// This daemon's name in the store [default: HOSTNAME-PID].
+    #[arg(long, value_name = "NAME")]
+    daemon_name: Option<String>,
+    /// Builds this daemon runs at once [default: 2].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    concurrency: Option<u32>,
+    /// Seconds a claim on a build holds without renewal; another daemon
+    /// ends a build whose owner stopped renewing [default: 30].
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    lease_seconds: Option<u64>,
+    /// How often to look for builds other daemons queued, in milliseconds
+    /// [default: 500].
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(10..))]
+    poll_millis: Option<u64>,
+    /// After SIGTERM, seconds running builds get to finish before they are
+    /// cancelled [default: 60].
+    #[arg(long, value_name = "SECONDS")]
+    grace_seconds: Option<u64>,
+    /// Where the runner connector listens [default: 127.0.0.1:0].
+    #[arg(long, value_name = "ADDR")]
+    runner_listen: Option<String>,
+    /// The `host:port` runners dial, when it differs from where the
+    /// connector listens (a Slurm cluster reaches this machine by another name).
+    #[arg(long, value_name = "HOST:PORT")]
+    runner_advertise: Option<String>,
+    /// The `custody` binary runners start from [default: this one].
+    #[arg(long, value_name = "PATH")]
+    runner_program: Option<PathBuf>,
+    /// `local` (runners are child processes) or `slurm` (batch jobs)
+    /// [default: local].
+    #[arg(long, value_name = "KIND")]
+    executor: Option<String>,
+    /// For `slurm`: a directory shared with the compute nodes.
+    #[arg(long, value_name = "DIR")]
+    slurm_spool_dir: Option<PathBuf>,
+    /// For `slurm`: an extra `sbatch` argument (repeatable).
+    #[arg(long = "sbatch-arg", value_name = "ARG", allow_hyphen_values = true)]
+    sbatch_args: Vec<String>,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let file = match &args.config {
+        Some(path) => Config::load(path).map_err(|e| Usage(e.to_string()))?,
+        None => Config::default(),
+    };
+    let mut tokens = file.tokens.clone();
+    if let Some(token) = std::env::var("CUSTODY_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+    {
+        tokens.push(token);
+    }
+    if tokens.iter().any(|t| t.trim().is_empty()) {
+        return Err(Usage("an API token in the configuration is empty".into()).into());
+    }
+    if tokens.is_empty() {
+        return Err(Usage(
+            "no API token: set CUSTODY_TOKEN or `tokens` in the configuration (every API \
+             request must carry one)"
+                .into(),
+        )
+        .into());
+    }
+    let data_dir = match args.data_dir.clone().or(file.data_dir.clone()) {
+        Some(dir) => dir,
+        None => embedded::default_data_dir().ok_or_else(|| {
+            Usage("no data directory: set HOME, XDG_DATA_HOME or pass `--data-dir`".into())
+        })?,
+    };
+    let runner_program = match args.runner_program.clone().or(file.runners.program.clone()) {
+        Some(program) => program,
+        None => std::env::current_exe().context("cannot find the custody binary")?,
+    };
+    let mut insecure = file.registry.insecure.clone();
+    insecure.extend(args.registry.insecure_registries.iter().cloned());
+    let registry = RegistryArgs {
+        certs_dir: args
+            .registry
+            .certs_dir
+            .clone()
+            .or(file.registry.certs_dir.clone()),
+        insecure_registries: insecure,
+        creds: args.registry.creds.clone(),
+        authfile: args
+            .registry
+            .authfile
+            .clone()
+            .or(file.registry.authfile.clone()),
+    };
+    let mut daemon = embedded::Config::local(
+        data_dir,
+        args.builder_id
+            .clone()
+            .or(file.builder_id.clone())
+            .unwrap_or_else(|| format!("custody+serve://{}", hostname())),
+        crate::registry_options(&registry)?,
+        runner_program.clone(),
+    );
+    daemon.signing_key = args.signing_key.clone().or(file.signing_key.clone());
+    daemon.database_url = args.database_url.clone().or(file.database_url.clone());
+    daemon.executor = args
+        .executor
+        .clone()
+        .or(file.executor.kind.clone())
+        .unwrap_or_else(|| "local".to_owned());
+    let mut sbatch_args = file.executor.sbatch_args.clone();
+    sbatch_args.extend(args.sbatch_args.iter().cloned());
+    daemon.executor_settings = ExecutorSettings {
+        runner_program,
+        spool_dir: args
+            .slurm_spool_dir
+            .clone()
+            .or(file.executor.spool_dir.clone()),
+        sbatch_args,
+    };
+    if let Some(listen) = args.runner_listen.clone().or(file.runners.listen.clone()) {
+        daemon.connector_listen = listen;
+    }
+    daemon.connector_advertise = args
+        .runner_advertise
+        .clone()
+        .or(file.runners.advertise.clone());
+
+    let owner = args
+        .daemon_name
+        .clone()
+        .or(file.daemon_name.clone())
+        .unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
+    let store_description = match &daemon.database_url {
+        Some(url) if url.contains('@') => {
+            format!(
+                "postgres on {}",
+                url.rsplit_once('@').map_or("", |(_, host)| host)
+            )
+        }
+        Some(url) => url.clone(),
+        None => format!("sqlite {}", daemon.data_dir.join("custody.db").display()),
+    };
+    let settings = Settings {
+        daemon,
+        listen: args
+            .listen
+            .clone()
+            .or(file.listen.clone())
+            .unwrap_or_else(|| "127.0.0.1:8420".to_owned()),
+        tokens,
+        queue: QueueConfig {
+            owner: owner.clone(),
+            concurrency: args
+                .concurrency
+                .map(|n| n as usize)
+                .or(file.concurrency)
+                .unwrap_or(2),
+            lease: Duration::from_secs(args.lease_seconds.or(file.lease_seconds).unwrap_or(30)),
+            poll: Duration::from_millis(args.poll_millis.or(file.poll_millis).unwrap_or(500)),
+        },
+        grace: Duration::from_secs(args.grace_seconds.or(file.grace_seconds).unwrap_or(60)),
+    };
+    serve::run(settings, |started| {
+        if started.key_created {
+            eprintln!("created a signing key at `{}`", started.key_path.display());
+        }
+        eprintln!(
+            "custody serve: API on http://{}/api/v1 (daemon `{owner}`, store: {store_description})",
+            started.api
+        );
+    })
+    .await?;
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct ServerArgs {
+    /// The custody server, `http://HOST:PORT`. The token comes from
+    /// CUSTODY_TOKEN.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "CUSTODY_SERVER",
+        default_value = "http://127.0.0.1:8420"
+    )]
+    server: String,
+    /// Print JSON (the API's own objects) instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+impl ServerArgs {
+    fn client(&self) -> anyhow::Result<Client> {
+        let token = std::env::var("CUSTODY_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty());
+        Ok(Client::new(&self.server, token).map_err(|e| Usage(e.to_string()))?)
+    }
+}
+
+#[derive(Args)]
+pub struct SubmitArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// The directory whose `custody.yaml` to submit.
+    #[arg(value_name = "DIR", default_value = ".")]
+    dir: PathBuf,
+    /// The spec file (default: `DIR/custody.yaml`).
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    file: Option<PathBuf>,
+    /// The git repository the server builds [default: the spec's `source`,
+    /// else DIR's `origin` remote].
+    #[arg(long, value_name = "URL")]
+    git: Option<String>,
+    /// The branch, tag or commit to build [default: with `--git`, HEAD;
+    /// from DIR's checkout, its current commit].
+    #[arg(long, value_name = "REV")]
+    revision: Option<String>,
+    /// Follow the build's log until it ends; exit 0 only if it succeeded.
+    #[arg(long)]
+    follow: bool,
+}
+
+pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
+    let spec_path = args
+        .file
+        .clone()
+        .unwrap_or_else(|| args.dir.join("custody.yaml"));
+    let spec = fs_err::read_to_string(&spec_path).map_err(|e| Usage(e.to_string()))?;
+    // The spec is checked here first, for the file's own name in errors.
+    let parsed = custody_daemon::spec::parse(&spec, &spec_path)?;
+    let source = match (&args.git, parsed.source.is_some()) {
+        (Some(git), _) => Some(GitSource {
+            git: git.clone(),
+            revision: args.revision.clone().unwrap_or_else(|| "HEAD".to_owned()),
+        }),
+        (None, true) => None,
+        (None, false) => Some(checkout_source(&args.dir, args.revision.as_deref())?),
+    };
+    let relative = spec_path
+        .strip_prefix(&args.dir)
+        .unwrap_or(&spec_path)
+        .display()
+        .to_string();
+    let client = args.server.client()?;
+    let build = client
+        .submit(&SubmitRequest {
+            spec,
+            spec_path: relative,
+            source,
+        })
+        .await
+        .map_err(|e| spec_located(e, &spec_path))?;
+    if args.server.json && !args.follow {
+        return print_json(&build);
+    }
+    eprintln!("queued build {}", build.id);
+    if !args.server.json {
+        println!("{}", build.id);
+    }
+    if args.follow {
+        let ended = follow(&client, &build.id, true).await?;
+        if args.server.json {
+            print_json(&ended)?;
+        }
+        return outcome(&ended);
+    }
+    Ok(())
+}
+
+/// The source a checkout stands for: its `origin` at its current commit.
+fn checkout_source(dir: &Path, revision: Option<&str>) -> anyhow::Result<GitSource> {
+    let git = |args: &[&str]| -> Option<String> {
+        let output = std::process::Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .output()
+            .ok()?;
+        output
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    };
+    let origin = git(&["remote", "get-url", "origin"]).ok_or_else(|| {
+        Usage(format!(
+            "the spec names no git `source` and `{}` has no `origin` remote: pass `--git URL` \
+             (the server fetches the source itself)",
+            dir.display()
+        ))
+    })?;
+    let revision = match revision {
+        Some(rev) => rev.to_owned(),
+        None => {
+            let commit = git(&["rev-parse", "HEAD"])
+                .ok_or_else(|| Usage(format!("`{}` has no commit yet", dir.display())))?;
+            if git(&["status", "--porcelain"]).is_some_and(|s| !s.is_empty()) {
+                eprintln!(
+                    "warning: `{}` has uncommitted changes; the server builds commit {commit} from {origin}",
+                    dir.display()
+                );
+            }
+            commit
+        }
+    };
+    Ok(GitSource {
+        git: origin,
+        revision,
+    })
+}
+
+/// A spec the server refused, named by the local file.
+fn spec_located(error: ClientError, spec_path: &Path) -> anyhow::Error {
+    match error {
+        ClientError::Api { code, message, .. } if code == "invalid_spec" => Usage(format!(
+            "the server refused `{}`: {message}",
+            spec_path.display()
+        ))
+        .into(),
+        other => other.into(),
+    }
+}
+
+#[derive(Subcommand)]
+pub enum BuildsCommand {
+    /// List builds, newest first.
+    List {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// Only builds in this state: queued, running, succeeded, failed, cancelled.
+        #[arg(long, value_parser = parse_state)]
+        state: Option<BuildState>,
+        /// At most this many (1–500).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=500))]
+        limit: u32,
+        /// Only builds older than this id (the previous page's last).
+        #[arg(long, value_name = "ID")]
+        before: Option<String>,
+    },
+    /// Show one build: its state, source, error and outputs.
+    Show {
+        #[command(flatten)]
+        server: ServerArgs,
+        id: String,
+    },
+    /// Print a build's log; `-f` follows it until the build ends (exit 0
+    /// only if it succeeded).
+    Logs {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[arg(short = 'f', long)]
+        follow: bool,
+        id: String,
+    },
+    /// Cancel a queued or running build.
+    Cancel {
+        #[command(flatten)]
+        server: ServerArgs,
+        id: String,
+    },
+    /// Write a build's signed provenance (DSSE envelope) to stdout or a file.
+    Provenance {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[arg(short = 'o', long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        id: String,
+    },
+}
+
+fn parse_state(text: &str) -> Result<BuildState, String> {
+    serde_json::from_value(serde_json::Value::String(text.to_owned())).map_err(|_| {
+        format!("`{text}` is not a state: use queued, running, succeeded, failed or cancelled")
+    })
+}
+
+pub async fn builds(command: BuildsCommand) -> anyhow::Result<()> {
+    match command {
+        BuildsCommand::List {
+            server,
+            state,
+            limit,
+            before,
+        } => {
+            let page = server
+                .client()?
+                .list(state, limit, before.as_deref())
+                .await?;
+            if server.json {
+                return print_json(&page);
+            }
+            let mut out = String::new();
+            out.push_str(&format!(
+                "{:<36}  {:<9}  {:<20}  {}\n",
+                "ID", "STATE", "CREATED", "SOURCE"
+            ));
+            for build in &page.builds {
+                out.push_str(&format!(
+                    "{:<36}  {:<9}  {:<20}  {}\n",
+                    build.id,
+                    build.state.as_str(),
+                    build.created_at.get(..19).unwrap_or(&build.created_at),
+                    source_text(build)
+                ));
+            }
+            if let Some(next) = &page.next {
+                out.push_str(&format!("(more: --before {next})\n"));
+            }
+            write_stdout(out.as_bytes())
+        }
+        BuildsCommand::Show { server, id } => {
+            let build = server.client()?.show(&id).await?;
+            if server.json {
+                return print_json(&build);
+            }
+            write_stdout(describe(&build).as_bytes())
+        }
+        BuildsCommand::Logs {
+            server,
+            follow: f,
+            id,
+        } => {
+            let client = server.client()?;
+            let ended = follow(&client, &id, f).await?;
+            if f { outcome(&ended) } else { Ok(()) }
+        }
+        BuildsCommand::Cancel { server, id } => {
+            let build = server.client()?.cancel(&id).await?;
+            if server.json {
+                return print_json(&build);
+            }
+            eprintln!(
+                "{}",
+                match build.state {
+                    BuildState::Cancelled => format!("cancelled build {id}"),
+                    _ => format!("asked the daemon running build {id} to stop it"),
+                }
+            );
+            Ok(())
+        }
+        BuildsCommand::Provenance { server, out, id } => {
+            let envelope = server.client()?.provenance(&id).await?;
+            match out {
+                Some(path) => Ok(fs_err::write(path, envelope)?),
+                None => write_stdout(&envelope),
+            }
+        }
+    }
+}
+
+/// Prints the log as it comes: stdout lines to stdout, stderr lines to
+/// stderr, each prefixed with its step.
+async fn follow(client: &Client, id: &str, follow: bool) -> anyhow::Result<Build> {
+    Ok(client
+        .logs(id, follow, |event| {
+            let text = format!("[{}] {}\n", event.step, event.line);
+            let _ = match event.stream {
+                LogStream::Stdout => std::io::stdout().lock().write_all(text.as_bytes()),
+                LogStream::Stderr => std::io::stderr().lock().write_all(text.as_bytes()),
+            };
+        })
+        .await?)
+}
+
+/// Exit 0 for a succeeded build, 1 (with its reason) otherwise.
+fn outcome(build: &Build) -> anyhow::Result<()> {
+    if build.state == BuildState::Succeeded {
+        eprintln!("build {} succeeded", build.id);
+        for output in &build.outputs {
+            eprintln!("  pushed {}@{}", output.reference, output.digest);
+        }
+        return Ok(());
+    }
+    Err(BuildFailed::new(
+        build.id.clone(),
+        build.state.as_str(),
+        build.error.clone().unwrap_or_default(),
+    )
+    .into())
+}
+
+fn source_text(build: &Build) -> String {
+    match (
+        build.source.get("git").and_then(|v| v.as_str()),
+        build.source.get("revision").and_then(|v| v.as_str()),
+    ) {
+        (Some(git), Some(rev)) => format!("{git} {rev}"),
+        _ => build.source.to_string(),
+    }
+}
+
+fn describe(build: &Build) -> String {
+    let mut text = format!(
+        "build     {}\nstate     {}\nsource    {}\nspec      {}\ncreated   {}\n",
+        build.id,
+        build.state.as_str(),
+        source_text(build),
+        build.spec_path,
+        build.created_at
+    );
+    for (label, value) in [
+        ("started", &build.started_at),
+        ("finished", &build.finished_at),
+        ("daemon", &build.daemon),
+        ("cancel", &build.cancel_requested),
+        ("error", &build.error),
+    ] {
+        if let Some(value) = value {
+            text.push_str(&format!("{label:<9} {value}\n"));
+        }
+    }
+    for output in &build.outputs {
+        text.push_str(&format!(
+            "pushed    {}@{}\n",
+            output.reference, output.digest
+        ));
+    }
+    if build.has_provenance {
+        text.push_str(&format!(
+            "provenance  custody builds provenance {}\n",
+            build.id
+        ));
+    }
+    text
+}
+
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    let mut text = serde_json::to_string_pretty(value)?;
+    text.push('\n');
+    write_stdout(text.as_bytes())
+}
+
+fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes)?;
+    out.flush()?;
+    Ok(())
+}

@@ -1,0 +1,699 @@
+//! The HTTP API: routes, bearer-token auth, JSON errors, log streaming.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use custody_daemon::queue::Queue;
+use custody_daemon::spec;
+use custody_daemon::store::{self, BuildRecord, CancelOutcome, StoreError};
+use futures_util::{Stream, StreamExt as _};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{IntoParams, Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::api::{
+    Build, BuildList, BuildState, ErrorBody, ErrorDetail, KeyList, LogEvent, LogStream, Output,
+    SubmitRequest,
+};
+use crate::metrics::Metrics;
+
+/// How often a log follower looks for new lines.
+const LOG_POLL: Duration = Duration::from_millis(200);
+/// The most builds one list page holds.
+const MAX_PAGE: i64 = 500;
+/// Specs are small; anything bigger is a mistake.
+const MAX_BODY: usize = 1 << 20;
+
+/// What every handler shares.
+pub struct App {
+    pub queue: Arc<Queue>,
+    /// SHA-256 of each accepted token: compared in constant time, and the
+    /// tokens themselves are not kept.
+    token_digests: Vec<[u8; 32]>,
+    pub metrics: Arc<Metrics>,
+    pub keys: KeyList,
+    pub shutting_down: AtomicBool,
+}
+
+impl App {
+    pub fn new(queue: Arc<Queue>, tokens: &[String], metrics: Arc<Metrics>, keys: KeyList) -> Self {
+        Self {
+            queue,
+            token_digests: tokens.iter().map(|t| Sha256::digest(t).into()).collect(),
+            metrics,
+            keys,
+            shutting_down: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether `presented` is one of the tokens. Every token is compared,
+    /// each in constant time, so timing says nothing about which or how
+    /// much matched.
+    fn accepts(&self, presented: &str) -> bool {
+        let digest: [u8; 32] = Sha256::digest(presented).into();
+        self.token_digests
+            .iter()
+            .fold(subtle::Choice::from(0), |any, known| {
+                any | known.ct_eq(&digest)
+            })
+            .into()
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "custody",
+        description = "Builds whose outputs can be trusted: queue builds, follow them, fetch their signed provenance."
+    ),
+    modifiers(&BearerAuth),
+    security(("bearer" = []))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        openapi
+            .components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+            );
+    }
+}
+
+/// The whole service: `/api/v1/…` behind the token, the probes and metrics
+/// open.
+pub fn router(app: Arc<App>) -> Router {
+    let (api, mut openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(submit, list))
+        .routes(routes!(show))
+        .routes(routes!(logs))
+        .routes(routes!(cancel))
+        .routes(routes!(provenance))
+        .routes(routes!(keys))
+        .split_for_parts();
+    openapi.paths.paths = std::mem::take(&mut openapi.paths.paths)
+        .into_iter()
+        .map(|(path, item)| (format!("/api/v1{path}"), item))
+        .collect();
+    let openapi = Arc::new(openapi);
+    let api = api
+        .route(
+            "/openapi.json",
+            get(move || {
+                let openapi = openapi.clone();
+                async move { Json(openapi.as_ref().clone()) }
+            }),
+        )
+        .route_layer(middleware::from_fn_with_state(app.clone(), require_token))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed);
+    Router::new()
+        .nest("/api/v1", api)
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(app)
+}
+
+/// An API error: a status, a stable code and a message.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    detail: ErrorDetail,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            detail: ErrorDetail {
+                code: code.to_owned(),
+                message: message.into(),
+                line: None,
+                column: None,
+            },
+        }
+    }
+
+    fn not_found(id: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no build `{id}`"),
+        )
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        tracing::error!("the store failed: {e}");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the job store is not answering; try again",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, Json(ErrorBody { error: self.detail })).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer realm=\"custody\""),
+            );
+        }
+        response
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not take that method",
+    )
+}
+
+async fn require_token(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        None => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "send `Authorization: Bearer TOKEN` (the CLI reads CUSTODY_TOKEN)",
+        )),
+        Some(token) if app.accepts(token.trim()) => Ok(next.run(request).await),
+        Some(_) => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the token is not one this service accepts",
+        )),
+    }
+}
+
+/// JSON bodies whose rejections are API errors too.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        Json::<T>::from_request(req, state)
+            .await
+            .map(|Json(v)| ApiJson(v))
+            .map_err(|e: JsonRejection| {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.body_text())
+            })
+    }
+}
+
+/// Query strings whose rejections are API errors too.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| ApiQuery(q.0))
+            .map_err(|e: QueryRejection| {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.body_text())
+            })
+    }
+}
+
+/// Queue a build.
+///
+/// The spec is checked first: a spec that cannot be used is refused with
+/// `invalid_spec` and the line and column at fault.
+#[utoipa::path(
+    post, path = "/builds", request_body = SubmitRequest,
+    responses(
+        (status = 201, description = "Queued", body = Build),
+        (status = 400, description = "Bad request or spec", body = ErrorBody),
+        (status = 401, description = "No or wrong token", body = ErrorBody),
+    )
+)]
+async fn submit(
+    State(app): State<Arc<App>>,
+    ApiJson(request): ApiJson<SubmitRequest>,
+) -> Result<(StatusCode, Json<Build>), ApiError> {
+    let spec_path = std::path::PathBuf::from(&request.spec_path);
+    if request.spec_path.is_empty() || spec_path.is_absolute() || request.spec_path.contains("..") {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!(
+                "`spec_path` `{}` must be a relative path inside the source",
+                request.spec_path
+            ),
+        ));
+    }
+    let parsed = spec::parse(&request.spec, &spec_path).map_err(|e| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        detail: ErrorDetail {
+            code: "invalid_spec".to_owned(),
+            message: e.to_string(),
+            line: (e.line > 0).then_some(e.line),
+            column: (e.line > 0).then_some(e.column),
+        },
+    })?;
+    let source = match (request.source, parsed.source) {
+        (Some(source), _) => spec::GitSource {
+            git: source.git,
+            revision: source.revision,
+        },
+        (None, Some(source)) => source,
+        (None, None) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "name the git source to build: `source` in the request or in the spec",
+            ));
+        }
+    };
+    if source.git.trim().is_empty() || source.revision.trim().is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "`source.git` and `source.revision` must not be empty",
+        ));
+    }
+    let service = app.queue.service();
+    let id = service
+        .enqueue(&request.spec_path, request.spec.as_bytes(), &source)
+        .await?;
+    app.queue.wake();
+    let record = service
+        .store
+        .build(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(&id))?;
+    Ok((StatusCode::CREATED, Json(to_build(record, Vec::new()))))
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct ListQuery {
+    /// Only builds in this state.
+    state: Option<BuildState>,
+    /// At most this many (1–500, default 50).
+    #[param(minimum = 1, maximum = 500)]
+    limit: Option<i64>,
+    /// Only builds older than this id: the previous page's `next`.
+    before: Option<String>,
+}
+
+/// List builds, newest first.
+#[utoipa::path(
+    get, path = "/builds", params(ListQuery),
+    responses(
+        (status = 200, description = "A page of builds", body = BuildList),
+        (status = 400, description = "Bad query", body = ErrorBody),
+        (status = 401, description = "No or wrong token", body = ErrorBody),
+    )
+)]
+async fn list(
+    State(app): State<Arc<App>>,
+    ApiQuery(query): ApiQuery<ListQuery>,
+) -> Result<Json<BuildList>, ApiError> {
+    let limit = query.limit.unwrap_or(50);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("`limit` must be 1 to {MAX_PAGE}, not {limit}"),
+        ));
+    }
+    let state = query.state.map(to_store_state);
+    let records = app
+        .queue
+        .service()
+        .store
+        .list(state, query.before.as_deref(), limit)
+        .await?;
+    let next = (records.len() as i64 == limit)
+        .then(|| records.last().map(|r| r.id.clone()))
+        .flatten();
+    Ok(Json(BuildList {
+        builds: records
+            .into_iter()
+            .map(|r| to_build(r, Vec::new()))
+            .collect(),
+        next,
+    }))
+}
+
+/// Show one build, with what it pushed.
+#[utoipa::path(
+    get, path = "/builds/{id}", params(("id" = String, Path, description = "Build id")),
+    responses(
+        (status = 200, description = "The build", body = Build),
+        (status = 401, description = "No or wrong token", body = ErrorBody),
+        (status = 404, description = "No such build", body = ErrorBody),
+    )
+)]
+async fn show(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> Result<Json<Build>, ApiError> {
+    let store = &app.queue.service().store;
+    let record = store
+        .build(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(&id))?;
+    let outputs = if record.state == store::State::Succeeded {
+        store.outputs(&id).await?
+    } else {
+        Vec::new()
+    };
+    Ok(Json(to_build(record, outputs)))
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct LogsQuery {
+    /// Keep the stream open until the build ends (default: send what is
+    /// stored, then end).
+    follow: Option<bool>,
+    /// Only lines after this `seq` (also taken from `Last-Event-ID`).
+    after: Option<i64>,
+}
+
+/// Stream a build's log as server-sent events.
+///
+/// `log` events carry a `LogEvent` (their `id` is its `seq`); the last
+/// event, `end`, carries the `Build` once it has ended (or, without
+/// `follow`, as it is now). A client that joins late gets the stored lines
+/// first; one that reconnects with `Last-Event-ID` resumes after it.
+#[utoipa::path(
+    get, path = "/builds/{id}/logs",
+    params(("id" = String, Path, description = "Build id"), LogsQuery),
+    responses(
+        (status = 200, description = "text/event-stream of `log` events, then one `end`", content_type = "text/event-stream", body = String),
+        (status = 400, description = "Bad query", body = ErrorBody),
+        (status = 401, description = "No or wrong token", body = ErrorBody),
+        (status = 404, description = "No such build", body = ErrorBody),
+    )
+)]
+async fn logs(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    ApiQuery(query): ApiQuery<LogsQuery>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    if app.queue.service().store.build(&id).await?.is_none() {
+        return Err(ApiError::not_found(&id));
+    }
+    let resume = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i64>().ok());
+    let after = query.after.or(resume).unwrap_or(-1);
+    let follow = query.follow.unwrap_or(false);
+    let stream = log_events(app, id, after, follow);
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// The log as events: stored lines in batches, polling for more while the
+/// build runs (another daemon may be writing them), then `end`.
+fn log_events(
+    app: Arc<App>,
+    id: String,
+    after: i64,
+    follow: bool,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    enum Next {
+        Lines(i64),
+        Done,
+    }
+    futures_util::stream::unfold(Next::Lines(after), move |next| {
+        let app = app.clone();
+        let id = id.clone();
+        async move {
+            let Next::Lines(mut after) = next else {
+                return None;
+            };
+            let store = &app.queue.service().store;
+            loop {
+                // The state first: a build that had ended by then has
+                // every line stored already.
+                let record = match store.build(&id).await {
+                    Ok(Some(record)) => record,
+                    Ok(None) => return None,
+                    Err(e) => {
+                        tracing::error!("following {id}: {e}");
+                        let event = Event::default().event("error").data("the job store failed");
+                        return Some((vec![Ok(event)], Next::Done));
+                    }
+                };
+                let ended =
+                    record.state != store::State::Queued && record.state != store::State::Running;
+                let lines = match store.logs_after(&id, after, 1000).await {
+                    Ok(lines) => lines,
+                    Err(e) => {
+                        tracing::error!("following {id}: {e}");
+                        return None;
+                    }
+                };
+                if !lines.is_empty() {
+                    after = lines.last().map_or(after, |(seq, _)| *seq);
+                    let events = lines
+                        .into_iter()
+                        .map(|(seq, line)| Ok(log_event(seq, line)))
+                        .collect();
+                    return Some((events, Next::Lines(after)));
+                }
+                if ended || !follow {
+                    let outputs = if record.state == store::State::Succeeded {
+                        store.outputs(&id).await.unwrap_or_default()
+                    } else {
+                        Vec::new()
+                    };
+                    let build = to_build(record, outputs);
+                    let event = Event::default()
+                        .event("end")
+                        .json_data(&build)
+                        .expect("a build serialises");
+                    return Some((vec![Ok(event)], Next::Done));
+                }
+                tokio::time::sleep(LOG_POLL).await;
+            }
+        }
+    })
+    .flat_map(futures_util::stream::iter)
+}
+
+fn log_event(seq: i64, line: store::LogLine) -> Event {
+    let event = LogEvent {
+        seq,
+        step: line.step,
+        stream: if line.stream == 1 {
+            LogStream::Stderr
+        } else {
+            LogStream::Stdout
+        },
+        line: String::from_utf8_lossy(&line.line).into_owned(),
+        time: line.unix_millis,
+    };
+    Event::default()
+        .event("log")
+        .id(seq.to_string())
+        .json_data(&event)
+        .expect("a log line serialises")
+}
+
+/// Cancel a build.
+///
+/// A queued build is cancelled at once; a running one is stopped by the
+/// daemon running it (its steps are killed, nothing is published).
+#[utoipa::path(
+    post, path = "/builds/{id}/cancel", params(("id" = String, Path, description = "Build id")),
+    responses(
+        (status = 202, description = "Cancelled, or being cancelled", body = Build),
+        (status = 401, description = "No or wrong token", body = ErrorBody),
+        (status = 404, description = "No such build", body = ErrorBody),
+        (status = 409, description = "It had already ended", body = ErrorBody),
+    )
+)]
+async fn cancel(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<Build>), ApiError> {
+    let store = &app.queue.service().store;
+    let now = custody_daemon::build::now();
+    match store.cancel(&id, "cancelled through the API", &now).await? {
+        CancelOutcome::Cancelled => {}
+        CancelOutcome::Requested => app.queue.cancel_local(&id),
+        CancelOutcome::AlreadyEnded(state) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "already_ended",
+                format!("build `{id}` already ended: {}", state.as_str()),
+            ));
+        }
+        CancelOutcome::NotFound => return Err(ApiError::not_found(&id)),
+    }
+    let record = store
+        .build(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(&id))?;
+    Ok((StatusCode::ACCEPTED, Json(to_build(record, Vec::new()))))
+}
+
+/// Download a build's signed provenance: a DSSE envelope holding an
+/// in-toto statement with SLSA Provenance v1.
+#[utoipa::path(
+    get, path = "/builds/{id}/provenance", params(("id" = String, Path, description = "Build id")),
+    responses(
+        (status = 200, description = "The DSSE envelope", content_type = "application/vnd.dsse.envelope.v1+json", body = Object),
+        (status = 401, description = "No or wrong token", body = ErrorBody),
+        (status = 404, description = "No such build, or it published none", body = ErrorBody),
+    )
+)]
+async fn provenance(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let store = &app.queue.service().store;
+    match store.provenance(&id).await? {
+        Some(envelope) => Ok((
+            [(
+                header::CONTENT_TYPE,
+                "application/vnd.dsse.envelope.v1+json",
+            )],
+            envelope,
+        )
+            .into_response()),
+        None => match store.build(&id).await? {
+            None => Err(ApiError::not_found(&id)),
+            Some(record) => Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "no_provenance",
+                format!(
+                    "build `{id}` published no provenance (it is {}; only a succeeded build has one)",
+                    record.state.as_str()
+                ),
+            )),
+        },
+    }
+}
+
+/// The public keys the service signs with.
+#[utoipa::path(
+    get, path = "/keys",
+    responses(
+        (status = 200, description = "Public keys", body = KeyList),
+        (status = 401, description = "No or wrong token", body = ErrorBody),
+    )
+)]
+async fn keys(State(app): State<Arc<App>>) -> Json<KeyList> {
+    Json(app.keys.clone())
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> Result<&'static str, ApiError> {
+    if app.shutting_down.load(Ordering::Relaxed) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "shutting down",
+        ));
+    }
+    app.queue.service().store.ping().await?;
+    Ok("ready\n")
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
+    let counts = app.queue.service().store.count_by_state().await?;
+    let text = app.metrics.render(&counts, app.queue.running());
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
+fn to_store_state(state: BuildState) -> store::State {
+    match state {
+        BuildState::Queued => store::State::Queued,
+        BuildState::Running => store::State::Running,
+        BuildState::Succeeded => store::State::Succeeded,
+        BuildState::Failed => store::State::Failed,
+        BuildState::Cancelled => store::State::Cancelled,
+    }
+}
+
+fn to_build(record: BuildRecord, outputs: Vec<store::Output>) -> Build {
+    Build {
+        state: match record.state {
+            store::State::Queued => BuildState::Queued,
+            store::State::Running => BuildState::Running,
+            store::State::Succeeded => BuildState::Succeeded,
+            store::State::Failed => BuildState::Failed,
+            store::State::Cancelled => BuildState::Cancelled,
+        },
+        source: serde_json::from_str(&record.source).unwrap_or(serde_json::Value::Null),
+        id: record.id,
+        spec_path: record.spec_path,
+        created_at: record.created_at,
+        started_at: record.started_at,
+        finished_at: record.finished_at,
+        error: record.error,
+        daemon: record.owner,
+        cancel_requested: record
+            .cancel_reason
+            .filter(|_| matches!(record.state, store::State::Running | store::State::Queued)),
+        has_provenance: record.has_provenance,
+        outputs: outputs
+            .into_iter()
+            .map(|o| Output {
+                reference: o.reference,
+                digest: o.digest,
+                size: o.size,
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,119 @@
+//! One `custody serve` process: the daemon, its queue worker and the HTTP
+//! API, from start to a clean stop.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use custody_daemon::embedded;
+use custody_daemon::queue::{Queue, QueueConfig};
+use tokio::net::TcpListener;
+
+use crate::api::{KeyList, PublicKey};
+use crate::http::{App, router};
+use crate::metrics::Metrics;
+
+/// Everything `serve` needs, defaults already applied.
+pub struct Settings {
+    pub daemon: embedded::Config,
+    pub listen: String,
+    pub tokens: Vec<String>,
+    pub queue: QueueConfig,
+    /// How long running builds get to finish after SIGTERM.
+    pub grace: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Daemon(#[from] embedded::Error),
+    #[error("cannot listen on `{addr}`: {source}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the HTTP server failed: {0}")]
+    Http(std::io::Error),
+}
+
+/// What a started service tells its caller.
+pub struct Started {
+    pub api: SocketAddr,
+    pub key_path: PathBuf,
+    pub public_key_path: Option<PathBuf>,
+    pub key_created: bool,
+}
+
+/// Runs until SIGTERM or SIGINT: then stops claiming, lets running builds
+/// finish within the grace period, cancels the rest, and returns.
+pub async fn run(settings: Settings, started: impl FnOnce(&Started)) -> Result<(), ServeError> {
+    let daemon = embedded::start(settings.daemon).await?;
+    let listener = TcpListener::bind(&settings.listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: settings.listen.clone(),
+            source,
+        })?;
+    let api = listener.local_addr().map_err(ServeError::Http)?;
+
+    let verifying = daemon.service.key.verifying_key();
+    let keys = KeyList {
+        keys: vec![PublicKey {
+            key_id: verifying.key_id().to_owned(),
+            algorithm: daemon.service.key.algorithm().to_string(),
+            pem: verifying.to_pem(),
+        }],
+    };
+    started(&Started {
+        api,
+        key_path: daemon.key_path.clone(),
+        public_key_path: daemon.public_key_path.clone(),
+        key_created: daemon.key_created,
+    });
+    let metrics = Arc::new(Metrics::default());
+    let service = Arc::new(daemon.service);
+    let queue = Queue::new(service.clone(), settings.queue, metrics.clone());
+    queue.start();
+    let app = Arc::new(App::new(queue.clone(), &settings.tokens, metrics, keys));
+
+    let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        axum::serve(listener, router(app.clone()))
+            .with_graceful_shutdown(async {
+                let _ = http_stopped.await;
+            })
+            .into_future(),
+    );
+
+    shutdown_signal().await;
+    tracing::info!(
+        running = queue.running(),
+        grace = ?settings.grace,
+        "stopping: no new builds claimed; running builds get the grace period"
+    );
+    app.shutting_down.store(true, Ordering::Relaxed);
+    queue.shutdown(settings.grace).await;
+    let _ = http_stop.send(());
+    // Followers of a log stream hold connections open; they have had their
+    // `end` event by now, so do not wait on them for long.
+    match tokio::time::timeout(Duration::from_secs(5), server).await {
+        Ok(Ok(Err(e))) => return Err(ServeError::Http(e)),
+        Ok(_) | Err(_) => {}
+    }
+    service.store.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
