@@ -1,0 +1,758 @@
+//! `custody serve` as users run it: real daemon processes, real runners,
+//! SQLite and a real PostgreSQL cluster, the HTTP API and the CLI clients.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use custody_daemon::store::Store;
+use custody_server::api::{Build, BuildState, GitSource, SubmitRequest};
+use custody_server::client::{Client, ClientError};
+use custody_testkit::{Postgres, Registry, free_port, git};
+
+const CUSTODY: &str = env!("CARGO_BIN_EXE_custody");
+const TOKEN: &str = "test-token-5f2b";
+
+/// One `custody serve` process.
+struct Daemon {
+    child: Option<Child>,
+    port: u16,
+    log: PathBuf,
+}
+
+struct DaemonOptions<'a> {
+    name: &'a str,
+    data_dir: &'a Path,
+    database_url: Option<&'a str>,
+    concurrency: u32,
+    lease_seconds: u64,
+    grace_seconds: u64,
+    extra: Vec<String>,
+}
+
+impl<'a> DaemonOptions<'a> {
+    fn new(name: &'a str, data_dir: &'a Path) -> Self {
+        Self {
+            name,
+            data_dir,
+            database_url: None,
+            concurrency: 2,
+            lease_seconds: 30,
+            grace_seconds: 30,
+            extra: Vec::new(),
+        }
+    }
+}
+
+impl Daemon {
+    fn start(options: DaemonOptions<'_>) -> Self {
+        let port = free_port();
+        let log = options.data_dir.join(format!("{}.log", options.name));
+        fs_err::create_dir_all(options.data_dir).unwrap();
+        let mut command = Command::new(CUSTODY);
+        command
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--data-dir", &options.data_dir.display().to_string()])
+            .args(["--daemon-name", options.name])
+            .args(["--concurrency", &options.concurrency.to_string()])
+            .args(["--lease-seconds", &options.lease_seconds.to_string()])
+            .args(["--grace-seconds", &options.grace_seconds.to_string()])
+            .args(["--poll-millis", "100"])
+            .args(&options.extra)
+            .env("CUSTODY_TOKEN", TOKEN)
+            .env("CUSTODY_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(fs_err::File::create(&log).unwrap().into_parts().0);
+        if let Some(url) = options.database_url {
+            command.args(["--database-url", url]);
+        }
+        let child = command.spawn().expect("custody serve starts");
+        let mut daemon = Self {
+            child: Some(child),
+            port,
+            log,
+        };
+        daemon.wait_ready();
+        daemon
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+                use std::io::{Read, Write};
+                let _ = stream.write_all(b"GET /readyz HTTP/1.0\r\n\r\n");
+                let mut answer = String::new();
+                let _ = stream.read_to_string(&mut answer);
+                if answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200") {
+                    return;
+                }
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("custody serve exited ({status}):\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not ready in 30 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn client(&self) -> Client {
+        Client::new(&self.url(), Some(TOKEN.to_owned())).unwrap()
+    }
+
+    fn log(&self) -> String {
+        fs_err::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn kill9(&mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// SIGTERM, then waits for it to exit; returns the exit code.
+    fn terminate(&mut self) -> Option<i32> {
+        let mut child = self.child.take().unwrap();
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        child.wait().unwrap().code()
+    }
+
+    /// The `custody` CLI against this daemon.
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(CUSTODY)
+            .args(args)
+            .env("CUSTODY_SERVER", self.url())
+            .env("CUSTODY_TOKEN", TOKEN)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn text(output: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// A git repository holding `spec` as custody.yaml; returns its file URL.
+fn repository(dir: &Path, spec: &str) -> String {
+    let src = dir.join("src");
+    fs_err::create_dir_all(&src).unwrap();
+    fs_err::write(src.join("custody.yaml"), spec).unwrap();
+    git(&src, &["init", "-q"]);
+    git(&src, &["add", "."]);
+    git(&src, &["commit", "-qm", "spec"]);
+    format!("file://{}", src.display())
+}
+
+fn request(spec: &str, git: &str) -> SubmitRequest {
+    SubmitRequest {
+        spec: spec.to_owned(),
+        spec_path: "custody.yaml".to_owned(),
+        source: Some(GitSource {
+            git: git.to_owned(),
+            revision: "main".to_owned(),
+        }),
+    }
+}
+
+/// Polls until `id` has ended.
+async fn wait_ended(client: &Client, id: &str, within: Duration) -> Build {
+    let deadline = Instant::now() + within;
+    loop {
+        let build = client.show(id).await.unwrap();
+        if build.state.is_final() {
+            return build;
+        }
+        assert!(Instant::now() < deadline, "{id} still {:?}", build.state);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The backends the shared tests run on: SQLite in the data directory, or a
+/// database on a throwaway PostgreSQL cluster.
+enum Backend {
+    Sqlite,
+    Postgres { _cluster: Postgres, url: String },
+}
+
+impl Backend {
+    fn postgres() -> Self {
+        let cluster = Postgres::start();
+        let url = cluster.create_database("custody");
+        Backend::Postgres {
+            _cluster: cluster,
+            url,
+        }
+    }
+
+    fn url(&self) -> Option<&str> {
+        match self {
+            Backend::Sqlite => None,
+            Backend::Postgres { url, .. } => Some(url),
+        }
+    }
+}
+
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Backend::Sqlite).await;
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Backend::postgres()).await;
+            })*
+        }
+    };
+}
+
+on_both!(
+    the_api_refuses_what_it_cannot_serve,
+    builds_run_stream_their_logs_and_cancel,
+    sigterm_lets_running_builds_finish_and_leaves_the_queue,
+);
+
+async fn the_api_refuses_what_it_cannot_serve(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = DaemonOptions::new("api", dir.path());
+    options.database_url = backend.url();
+    let daemon = Daemon::start(options);
+    let http = reqwest::Client::new();
+    let url = daemon.url();
+
+    for (token, why) in [(None, "no token"), (Some("wrong"), "wrong token")] {
+        for path in ["/api/v1/builds", "/api/v1/openapi.json", "/api/v1/keys"] {
+            let mut request = http.get(format!("{url}{path}"));
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 401, "{path} with {why}");
+            let body: serde_json::Value = response.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "unauthorized", "{body}");
+        }
+    }
+
+    // The spec's own line and column, in the message and as fields.
+    let response = http
+        .post(format!("{url}/api/v1/builds"))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({
+            "spec": "steps:\n  - name: one\n    run: true\n    timeout: soon\n",
+            "source": {"git": "file:///nowhere", "revision": "main"},
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_spec", "{body}");
+    assert_eq!(body["error"]["line"], 4, "{body}");
+    assert_eq!(body["error"]["column"], 14, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.starts_with("custody.yaml:4:14: "), "{message}");
+
+    let response = http
+        .post(format!("{url}/api/v1/builds"))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_request", "{body}");
+
+    for path in [
+        "/api/v1/builds/01234567-no-such-build",
+        "/api/v1/builds/01234567-no-such-build/logs",
+        "/api/v1/builds/01234567-no-such-build/provenance",
+    ] {
+        let response = http
+            .get(format!("{url}{path}"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 404, "{path}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "not_found", "{body}");
+    }
+    let response = http
+        .get(format!("{url}/api/v1/builds?limit=0"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+
+    // The OpenAPI document describes the routes it serves.
+    let openapi: serde_json::Value = http
+        .get(format!("{url}/api/v1/openapi.json"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(openapi["openapi"].as_str().unwrap().starts_with("3."));
+    for path in [
+        "/api/v1/builds",
+        "/api/v1/builds/{id}",
+        "/api/v1/builds/{id}/logs",
+        "/api/v1/builds/{id}/cancel",
+        "/api/v1/builds/{id}/provenance",
+        "/api/v1/keys",
+    ] {
+        assert!(openapi["paths"].get(path).is_some(), "{path} missing");
+    }
+    // The probes and metrics need no token.
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let response = http.get(format!("{url}{path}")).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+    }
+}
+
+async fn builds_run_stream_their_logs_and_cancel(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = "steps:\n  - name: count\n    run: for i in 1 2 3; do echo line $i; sleep 0.3; done; echo done >&2\n";
+    let git = repository(dir.path(), spec);
+    let mut options = DaemonOptions::new("d1", dir.path());
+    options.database_url = backend.url();
+    options.concurrency = 1;
+    let daemon = Daemon::start(options);
+    let client = daemon.client();
+
+    let build = client.submit(&request(spec, &git)).await.unwrap();
+    assert_eq!(build.state, BuildState::Queued);
+    // Followed live: the lines arrive before the build ends, in order.
+    let mut lines = Vec::new();
+    let ended = client
+        .logs(&build.id, true, |event| lines.push(event))
+        .await
+        .unwrap();
+    assert_eq!(ended.state, BuildState::Succeeded, "{ended:?}");
+    assert_eq!(ended.daemon.as_deref(), Some("d1"));
+    assert!(ended.has_provenance);
+    let texts: Vec<&str> = lines.iter().map(|l| l.line.as_str()).collect();
+    assert_eq!(texts, ["line 1", "line 2", "line 3", "done"]);
+    assert!(lines.windows(2).all(|w| w[0].seq < w[1].seq));
+    // A late reader gets the same backlog.
+    let mut late = Vec::new();
+    client
+        .logs(&build.id, false, |event| late.push(event.line))
+        .await
+        .unwrap();
+    assert_eq!(late, texts);
+
+    // Provenance and keys: the envelope is signed by the listed key.
+    let envelope = client.provenance(&build.id).await.unwrap();
+    let envelope: serde_json::Value = serde_json::from_slice(&envelope).unwrap();
+    let keys = client.keys().await.unwrap();
+    assert_eq!(envelope["signatures"][0]["keyid"], keys.keys[0].key_id);
+
+    // Cancel: a running build stops, a queued one never starts.
+    let slow = "steps:\n  - name: wait\n    run: echo waiting; sleep 60\n";
+    let running = client.submit(&request(slow, &git)).await.unwrap();
+    let queued = client.submit(&request(slow, &git)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client.show(&running.id).await.unwrap().state != BuildState::Running {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = daemon.cli(&["builds", "cancel", &queued.id]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        client.show(&queued.id).await.unwrap().state,
+        BuildState::Cancelled
+    );
+    let begun = Instant::now();
+    client.cancel(&running.id).await.unwrap();
+    let ended = wait_ended(&client, &running.id, Duration::from_secs(20)).await;
+    assert_eq!(ended.state, BuildState::Cancelled, "{ended:?}");
+    assert!(
+        begun.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        begun.elapsed()
+    );
+    assert!(!ended.has_provenance);
+    match client.cancel(&running.id).await {
+        Err(ClientError::Api {
+            status: 409, code, ..
+        }) => assert_eq!(code, "already_ended"),
+        other => panic!("{other:?}"),
+    }
+    // Listing: newest first, filtered by state, paged.
+    let all = client.list(None, 2, None).await.unwrap();
+    assert_eq!(
+        all.builds.iter().map(|b| &b.id).collect::<Vec<_>>(),
+        [&queued.id, &running.id]
+    );
+    let rest = client.list(None, 2, all.next.as_deref()).await.unwrap();
+    assert_eq!(rest.builds.len(), 1);
+    assert_eq!(rest.builds[0].id, build.id);
+    let cancelled = client
+        .list(Some(BuildState::Cancelled), 50, None)
+        .await
+        .unwrap();
+    assert_eq!(cancelled.builds.len(), 2);
+}
+
+async fn sigterm_lets_running_builds_finish_and_leaves_the_queue(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let short = "steps:\n  - name: s\n    run: echo begun; sleep 2; echo finished\n";
+    let git = repository(dir.path(), short);
+    let mut options = DaemonOptions::new("d1", dir.path());
+    options.database_url = backend.url();
+    options.concurrency = 1;
+    let mut daemon = Daemon::start(options);
+    let client = daemon.client();
+    let first = client.submit(&request(short, &git)).await.unwrap();
+    let second = client.submit(&request(short, &git)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client.show(&first.id).await.unwrap().state != BuildState::Running {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(daemon.terminate(), Some(0), "{}", daemon.log());
+
+    // The running build finished; the queued one waits for the next daemon.
+    let mut options = DaemonOptions::new("d2", dir.path());
+    options.database_url = backend.url();
+    options.concurrency = 1;
+    options.grace_seconds = 1;
+    let mut again = Daemon::start(options);
+    let client = again.client();
+    let first = client.show(&first.id).await.unwrap();
+    assert_eq!(first.state, BuildState::Succeeded, "{first:?}");
+    assert_eq!(first.daemon.as_deref(), Some("d1"));
+    let second = wait_ended(&client, &second.id, Duration::from_secs(30)).await;
+    assert_eq!(second.state, BuildState::Succeeded, "{second:?}");
+    assert_eq!(second.daemon.as_deref(), Some("d2"));
+
+    // Past the grace period a running build is cancelled, with the reason.
+    let slow = "steps:\n  - name: s\n    run: echo begun; sleep 60\n";
+    let third = client.submit(&request(slow, &git)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client.show(&third.id).await.unwrap().state != BuildState::Running {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let begun = Instant::now();
+    assert_eq!(again.terminate(), Some(0), "{}", again.log());
+    assert!(
+        begun.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        begun.elapsed()
+    );
+    let store = open_store(&backend, dir.path()).await;
+    let record = store.build(&third.id).await.unwrap().unwrap();
+    assert_eq!(record.state.as_str(), "cancelled");
+    assert!(
+        record.error.as_deref().unwrap().contains("shut down"),
+        "{record:?}"
+    );
+}
+
+async fn open_store(backend: &Backend, data_dir: &Path) -> Store {
+    match backend.url() {
+        Some(url) => Store::open(url).await.unwrap(),
+        None => Store::open_sqlite(&data_dir.join("custody.db"))
+            .await
+            .unwrap(),
+    }
+}
+
+/// Two daemons on one PostgreSQL queue: 300 builds, each run exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_run_each_of_300_builds_exactly_once() {
+    let backend = Backend::postgres();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = "steps:\n  - name: s\n    run: echo ran\n";
+    let git = repository(dir.path(), spec);
+    let daemons: Vec<Daemon> = ["a", "b"]
+        .iter()
+        .map(|name| {
+            let mut options = DaemonOptions::new(name, dir.path());
+            options.database_url = backend.url();
+            options.concurrency = 4;
+            Daemon::start(options)
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for n in 0..300 {
+        // Half submitted to each daemon.
+        let client = daemons[n % 2].client();
+        ids.push(client.submit(&request(spec, &git)).await.unwrap().id);
+    }
+    let client = daemons[0].client();
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let page = client
+            .list(Some(BuildState::Succeeded), 500, None)
+            .await
+            .unwrap();
+        if page.builds.len() == ids.len() {
+            break;
+        }
+        let failed = client
+            .list(Some(BuildState::Failed), 5, None)
+            .await
+            .unwrap();
+        assert!(failed.builds.is_empty(), "{:?}", failed.builds[0]);
+        assert!(
+            Instant::now() < deadline,
+            "{} of 300 succeeded",
+            page.builds.len()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let store = Store::open(backend.url().unwrap()).await.unwrap();
+    let mut by_daemon = std::collections::HashMap::<String, usize>::new();
+    for id in &ids {
+        let record = store.build(id).await.unwrap().unwrap();
+        assert_eq!(record.claims, 1, "{id} claimed {} times", record.claims);
+        *by_daemon.entry(record.owner.unwrap()).or_default() += 1;
+        let logs = store.logs(id).await.unwrap();
+        assert_eq!(logs.len(), 1, "{id}: {logs:?}");
+        assert_eq!(logs[0].line, b"ran");
+    }
+    assert_eq!(by_daemon.values().sum::<usize>(), 300);
+    assert!(
+        by_daemon.len() == 2 && by_daemon.values().all(|&n| n > 0),
+        "both daemons worked the queue: {by_daemon:?}"
+    );
+}
+
+/// `kill -9` in the middle of a build: another daemon ends it with the
+/// reason within the lease, its logs up to the kill are kept, and the
+/// queued builds still run.
+#[tokio::test]
+async fn a_killed_daemons_build_is_ended_by_another() {
+    let backend = Backend::postgres();
+    let dir = tempfile::tempdir().unwrap();
+    let slow = "steps:\n  - name: s\n    run: echo before the kill; sleep 120\n";
+    let quick = "steps:\n  - name: q\n    run: echo quick\n";
+    let git = repository(dir.path(), slow);
+    let mut options = DaemonOptions::new("doomed", dir.path());
+    options.database_url = backend.url();
+    options.concurrency = 1;
+    options.lease_seconds = 3;
+    let mut doomed = Daemon::start(options);
+    let client = doomed.client();
+    let victim = client.submit(&request(slow, &git)).await.unwrap();
+    let mut queued = Vec::new();
+    for _ in 0..3 {
+        queued.push(client.submit(&request(quick, &git)).await.unwrap().id);
+    }
+    // Wait until its first line is stored, then kill the daemon.
+    let store = Store::open(backend.url().unwrap()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while store.logs(&victim.id).await.unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "{}", doomed.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    doomed.kill9();
+    let killed_at = Instant::now();
+
+    let mut options = DaemonOptions::new("survivor", dir.path());
+    options.database_url = backend.url();
+    options.lease_seconds = 3;
+    let survivor = Daemon::start(options);
+    let client = survivor.client();
+    let ended = wait_ended(&client, &victim.id, Duration::from_secs(20)).await;
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(10),
+        "ended {:?} after the kill",
+        killed_at.elapsed()
+    );
+    assert_eq!(ended.state, BuildState::Failed, "{ended:?}");
+    let reason = ended.error.unwrap();
+    assert!(
+        reason.contains("`doomed`") && reason.contains("lease"),
+        "{reason}"
+    );
+    assert!(!ended.has_provenance);
+    let logs = store.logs(&victim.id).await.unwrap();
+    assert_eq!(logs[0].line, b"before the kill");
+    for id in &queued {
+        let build = wait_ended(&client, id, Duration::from_secs(30)).await;
+        assert_eq!(build.state, BuildState::Succeeded, "{build:?}");
+        assert_eq!(build.daemon.as_deref(), Some("survivor"));
+    }
+}
+
+/// The same on SQLite, where the restarted daemon is the one that notices.
+#[tokio::test]
+async fn a_restarted_daemon_ends_the_build_it_was_killed_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = "steps:\n  - name: s\n    run: echo before the kill; sleep 120\n";
+    let git = repository(dir.path(), slow);
+    let mut options = DaemonOptions::new("first-life", dir.path());
+    options.lease_seconds = 2;
+    let mut daemon = Daemon::start(options);
+    let client = daemon.client();
+    let victim = client.submit(&request(slow, &git)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut lines = Vec::new();
+        client
+            .logs(&victim.id, false, |e| lines.push(e.line))
+            .await
+            .unwrap();
+        if !lines.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    daemon.kill9();
+    let mut options = DaemonOptions::new("second-life", dir.path());
+    options.lease_seconds = 2;
+    let daemon = Daemon::start(options);
+    let client = daemon.client();
+    let ended = wait_ended(&client, &victim.id, Duration::from_secs(15)).await;
+    assert_eq!(ended.state, BuildState::Failed);
+    assert!(ended.error.unwrap().contains("`first-life`"));
+    let mut lines = Vec::new();
+    client
+        .logs(&victim.id, false, |e| lines.push(e.line))
+        .await
+        .unwrap();
+    assert_eq!(lines, ["before the kill"]);
+}
+
+/// The round trip a user makes: submit the example to a server, follow its
+/// log, fetch the server's key, verify the pushed image with it.
+#[tokio::test]
+async fn submit_follow_and_verify_the_example() {
+    let registry = Registry::builder().start();
+    let dir = tempfile::tempdir().unwrap();
+    // The example, pushing to the registry rather than to layouts beside it.
+    let src = dir.path().join("hello");
+    fs_err::create_dir_all(&src).unwrap();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/hello");
+    for name in ["custody.yaml", "hello.sh", ".gitignore"] {
+        fs_err::copy(example.join(name), src.join(name)).unwrap();
+    }
+    let spec = fs_err::read_to_string(src.join("custody.yaml"))
+        .unwrap()
+        .replace("oci:out/", &format!("{}/", registry.host()));
+    fs_err::write(src.join("custody.yaml"), spec).unwrap();
+    git(&src, &["init", "-q"]);
+    git(&src, &["add", "."]);
+    git(&src, &["commit", "-qm", "example"]);
+    let commit = git(&src, &["rev-parse", "HEAD"]);
+    let url = format!("file://{}", src.display());
+    git(&src, &["remote", "add", "origin", &url]);
+
+    let mut options = DaemonOptions::new("round-trip", dir.path());
+    options.extra = vec!["--insecure-registry".into(), registry.host().into()];
+    let daemon = Daemon::start(options);
+
+    // The source comes from the checkout's origin at its commit.
+    let submitted = daemon.cli(&["submit", &src.display().to_string(), "--follow"]);
+    let output = text(&submitted);
+    assert!(submitted.status.success(), "{output}\n{}", daemon.log());
+    assert!(
+        output.contains("image written to /output/hello"),
+        "{output}"
+    );
+    assert!(output.contains("hello.sh"), "{output}");
+
+    let listed = daemon.cli(&["builds", "list", "--json"]);
+    let page: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let build = &page["builds"][0];
+    assert_eq!(build["state"], "succeeded");
+    assert_eq!(build["source"]["revision"], commit.as_str());
+
+    let keys = daemon.client().keys().await.unwrap();
+    let key = dir.path().join("server.pub");
+    fs_err::write(&key, &keys.keys[0].pem).unwrap();
+    let image = format!("{}/hello:{}", registry.host(), &commit[..12]);
+    let verified = Command::new(CUSTODY)
+        .args(["verify", &image, "--insecure-registry", registry.host()])
+        .args(["--key", &key.display().to_string()])
+        .args(["--source", &format!("{url}@{commit}")])
+        .output()
+        .unwrap();
+    assert!(verified.status.success(), "{}", text(&verified));
+    let shown = daemon.cli(&["builds", "show", build["id"].as_str().unwrap()]);
+    let shown = text(&shown);
+    assert!(
+        shown.contains(&format!("pushed    {image}@sha256:")),
+        "{shown}"
+    );
+}
+
+/// Property-based testing of the API from its own OpenAPI document
+/// (schemathesis): whatever it sends, no 5xx comes back.
+#[tokio::test]
+async fn schemathesis_finds_no_server_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = DaemonOptions::new("fuzzed", dir.path());
+    options.concurrency = 1;
+    let daemon = Daemon::start(options);
+    let openapi = reqwest::Client::new()
+        .get(format!("{}/api/v1/openapi.json", daemon.url()))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let schema = dir.path().join("openapi.json");
+    fs_err::write(&schema, &openapi).unwrap();
+    let output = Command::new("st")
+        .arg("run")
+        .arg(&schema)
+        .args(["--url", &daemon.url()])
+        .args(["--header", &format!("Authorization: Bearer {TOKEN}")])
+        .args(["--checks", "not_a_server_error"])
+        .args(["--max-examples", "40", "--request-timeout", "10"])
+        .arg("--generation-deterministic")
+        .env("SCHEMATHESIS_HOOKS", "")
+        .current_dir(dir.path())
+        .output()
+        .expect("schemathesis (`st`) runs; scripts/setup installs it");
+    assert!(
+        output.status.success(),
+        "{}\n--- daemon\n{}",
+        text(&output),
+        daemon.log()
+    );
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(report.contains("passed"), "{report}");
+}
