@@ -99,9 +99,8 @@ pub async fn run(settings: Settings, started: impl FnOnce(&Started)) -> Result<(
     let _ = http_stop.send(());
     // Followers of a log stream hold connections open; they have had their
     // `end` event by now, so do not wait on them for long.
-    match tokio::time::timeout(Duration::from_secs(5), server).await {
-        Ok(Ok(Err(e))) => return Err(ServeError::Http(e)),
-        Ok(_) | Err(_) => {}
+    if let Ok(Ok(Err(e))) = tokio::time::timeout(Duration::from_secs(5), server).await {
+        return Err(ServeError::Http(e));
     }
     service.store.close().await;
     tracing::info!("stopped");
