@@ -167,6 +167,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .runner_advertise
         .clone()
         .or(file.runners.advertise.clone());
+    // It may hold tokens and a database password: no step may read it.
+    daemon.hidden_paths.extend(args.config.clone());
 
     let owner = args
         .daemon_name

@@ -756,3 +756,45 @@ async fn schemathesis_finds_no_server_errors() {
     let report = String::from_utf8_lossy(&output.stdout);
     assert!(report.contains("passed"), "{report}");
 }
+
+/// The service's secrets stay out of steps: the configuration file (tokens)
+/// and the daemon's environment (CUSTODY_TOKEN) are not theirs to read,
+/// though the host's other files are.
+#[tokio::test]
+async fn steps_cannot_read_the_service_tokens() {
+    // Outside /tmp, which steps see empty anyway.
+    let dir = tempfile::Builder::new()
+        .prefix("custody-serve-test")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let config = dir.path().join("serve.toml");
+    fs_err::write(&config, "tokens = [\"config-token-7d1e\"]\n").unwrap();
+    let neighbour = dir.path().join("readable.txt");
+    fs_err::write(&neighbour, "visible\n").unwrap();
+    let spec = format!(
+        "steps:\n  - name: snoop\n    run: cat {} {} 2>&1; env; echo end\n",
+        config.display(),
+        neighbour.display()
+    );
+    let git = repository(dir.path(), &spec);
+    // The data directory is hidden whole; the configuration sits elsewhere.
+    let data = dir.path().join("data");
+    let mut options = DaemonOptions::new("secretive", &data);
+    options.extra = vec!["--config".into(), config.display().to_string()];
+    let daemon = Daemon::start(options);
+    let client = daemon.client();
+    let build = client.submit(&request(&spec, &git)).await.unwrap();
+    let mut lines = Vec::new();
+    let ended = client
+        .logs(&build.id, true, |e| lines.push(e.line))
+        .await
+        .unwrap();
+    assert_eq!(ended.state, BuildState::Succeeded, "{ended:?}");
+    let log = lines.join("\n");
+    assert!(log.contains("visible") && log.ends_with("end"), "{log}");
+    assert!(!log.contains("config-token-7d1e"), "{log}");
+    assert!(!log.contains(TOKEN), "{log}");
+    // The token in the file does work for the API.
+    let other = Client::new(&daemon.url(), Some("config-token-7d1e".into())).unwrap();
+    other.show(&build.id).await.unwrap();
+}

@@ -36,6 +36,8 @@ pub struct Config {
     pub connector_listen: String,
     /// The `host:port` runners dial (default: the address it listens on).
     pub connector_advertise: Option<String>,
+    /// More host paths no step may see (a configuration file with tokens).
+    pub hidden_paths: Vec<PathBuf>,
 }
 
 impl Config {
@@ -61,6 +63,7 @@ impl Config {
             database_url: None,
             connector_listen: "127.0.0.1:0".to_owned(),
             connector_advertise: None,
+            hidden_paths: Vec::new(),
         }
     }
 }
@@ -146,8 +149,19 @@ pub async fn start(config: Config) -> Result<Embedded, Error> {
             .await
             .expect("hashing a file does not panic")
     };
-    let mut hidden_paths = vec![data_dir.clone()];
-    hidden_paths.push(key_path.clone());
+    // Steps see the host read-only: everything secret the daemon reads must
+    // be hidden from them (registry credentials and client keys too).
+    let mut hidden_paths = vec![data_dir.clone(), key_path.clone()];
+    hidden_paths.extend(config.hidden_paths.iter().cloned());
+    hidden_paths.extend(config.registry.certs_dirs.iter().cloned());
+    if let custody_oci::registry::CredentialSource::File(path) = &config.registry.credentials {
+        hidden_paths.push(path.clone());
+    }
+    // The sandbox needs absolute paths; what does not exist needs no hiding.
+    let hidden_paths = hidden_paths
+        .iter()
+        .filter_map(|path| path.canonicalize().ok())
+        .collect();
     Ok(Embedded {
         service: BuildService {
             dispatcher: Arc::new(dispatcher),
