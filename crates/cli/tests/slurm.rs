@@ -113,6 +113,8 @@ async fn jobs_run_on_different_slurm_nodes_and_authenticate() {
         .collect();
     assert!(left.is_empty(), "spool files left: {left:?}");
 
+    serve_builds_on_the_cluster(&cluster).await;
+
     drop(cluster);
     let running = std::process::Command::new("pgrep")
         .args(["-x", "slurmd|slurmctld"])
@@ -129,5 +131,79 @@ async fn jobs_run_on_different_slurm_nodes_and_authenticate() {
     assert!(
         !String::from_utf8_lossy(&namespaces.stdout).contains("cstdy-"),
         "namespaces survived the tear-down"
+    );
+}
+
+/// `custody serve --executor slurm`: a submitted build's runner is a Slurm
+/// job on a node and the provenance says so.
+async fn serve_builds_on_the_cluster(cluster: &SlurmCluster) {
+    use custody_server::api::{BuildState, GitSource, SubmitRequest};
+    use custody_server::client::Client;
+
+    let dir = tempfile::Builder::new()
+        .prefix("custody-serve-slurm-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let spool = dir.path().join("spool");
+    fs_err::create_dir_all(&spool).unwrap();
+    let src = dir.path().join("src");
+    fs_err::create_dir_all(&src).unwrap();
+    let spec = "steps:\n  - name: s\n    run: echo built on slurm\n";
+    fs_err::write(src.join("custody.yaml"), spec).unwrap();
+    custody_testkit::git(&src, &["init", "-q"]);
+    custody_testkit::git(&src, &["add", "."]);
+    custody_testkit::git(&src, &["commit", "-qm", "spec"]);
+
+    let port = custody_testkit::free_port();
+    let token = "slurm-test-token";
+    let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_custody"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--data-dir", &dir.path().join("data").display().to_string()])
+        .args(["--executor", "slurm"])
+        .args(["--slurm-spool-dir", &spool.display().to_string()])
+        .args(["--runner-listen", &format!("{}:0", cluster.host_addr)])
+        .env("SLURM_CONF", &cluster.conf)
+        .env("CUSTODY_TOKEN", token)
+        .spawn()
+        .unwrap();
+    let client = Client::new(&format!("http://127.0.0.1:{port}"), Some(token.into())).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while client.keys().await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "custody serve did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let build = client
+        .submit(&SubmitRequest {
+            spec: spec.into(),
+            spec_path: "custody.yaml".into(),
+            source: Some(GitSource {
+                git: format!("file://{}", src.display()),
+                revision: "main".into(),
+            }),
+        })
+        .await
+        .unwrap();
+    let mut lines = Vec::new();
+    let ended = client
+        .logs(&build.id, true, |e| lines.push(e.line))
+        .await
+        .unwrap();
+    let envelope = client.provenance(&build.id).await;
+    let _ = serve.kill();
+    let _ = serve.wait();
+    assert_eq!(ended.state, BuildState::Succeeded, "{ended:?}");
+    assert_eq!(lines, ["built on slurm"]);
+    let envelope: serde_json::Value = serde_json::from_slice(&envelope.unwrap()).unwrap();
+    use base64::Engine as _;
+    let payload = base64::engine::general_purpose::STANDARD
+        .decode(envelope["payload"].as_str().unwrap())
+        .unwrap();
+    let statement: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(
+        statement["predicate"]["buildDefinition"]["internalParameters"]["executor"],
+        "slurm"
     );
 }

@@ -305,7 +305,9 @@ async fn run_claims(url: &str, daemons: usize, jobs: usize) -> Result<()> {
     }
     let existing = total(&store.count_by_state().await?);
     if existing != 0 {
-        return Err(format!("the database already holds {existing} builds: give an empty one").into());
+        return Err(
+            format!("the database already holds {existing} builds: give an empty one").into(),
+        );
     }
     let started = Instant::now();
     let ids: Vec<String> = (0..jobs)
