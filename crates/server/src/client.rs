@@ -235,15 +235,15 @@ impl Client {
     }
 
     fn connect_error(&self, e: reqwest::Error) -> ClientError {
-        let mut detail = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(cause) = source {
-            detail.push_str(&format!(": {cause}"));
-            source = cause.source();
+        // reqwest's chain repeats the URL at every level; the innermost
+        // cause says what went wrong.
+        let mut cause: &dyn std::error::Error = &e;
+        while let Some(next) = cause.source() {
+            cause = next;
         }
         ClientError::Connect {
             server: self.base.clone(),
-            detail,
+            detail: cause.to_string(),
         }
     }
 }
