@@ -188,7 +188,7 @@ impl BuildService {
     ) -> Result<Outcome, StoreError> {
         let logs = LogWriter::start(self.store.clone(), id.to_owned());
         let result = self
-            .execute(id, request, &mut progress, &logs, cancel)
+            .execute(id, owner, request, &mut progress, &logs, cancel)
             .await;
         logs.finish().await?;
         let finished_at = now();
@@ -223,27 +223,21 @@ impl BuildService {
                 subjects: Vec::new(),
             });
         }
-        Ok(match published {
-            Some(published) => Outcome {
-                id: id.to_owned(),
-                state,
-                error,
-                envelope: Some(published.envelope),
-                subjects: published.subjects,
-            },
-            None => Outcome {
-                id: id.to_owned(),
-                state,
-                error,
-                envelope: None,
-                subjects: Vec::new(),
-            },
+        let (envelope, subjects) =
+            published.map_or((None, Vec::new()), |p| (Some(p.envelope), p.subjects));
+        Ok(Outcome {
+            id: id.to_owned(),
+            state,
+            error,
+            envelope,
+            subjects,
         })
     }
 
     async fn execute(
         &self,
         id: &str,
+        owner: Option<&str>,
         request: &BuildRequest,
         progress: &mut (impl FnMut(Progress) + Send),
         logs: &LogWriter,
@@ -466,6 +460,21 @@ impl BuildService {
                 byproducts,
             },
         };
+        // A daemon whose lease ran out while the runner worked must not
+        // publish: another daemon has already failed the build.
+        if let Some(owner) = owner {
+            let held = self
+                .store
+                .build(id)
+                .await
+                .map_err(|e| Failure::new(e.to_string()))?
+                .is_some_and(|b| b.state == State::Running && b.owner.as_deref() == Some(owner));
+            if !held {
+                return Err(Failure::new(
+                    "this daemon lost its claim on the build before signing; nothing was published",
+                ));
+            }
+        }
         let statement = Statement::provenance(subjects.clone(), &provenance);
         let envelope = statement
             .sign(&self.key)
