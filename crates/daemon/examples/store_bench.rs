@@ -30,7 +30,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use custody_daemon::store::{Ending, NewBuild, Output, State, Store};
 use custody_testkit::Postgres;
-use futures_util::{StreamExt as _, TryStreamExt as _, stream};
+use futures_util::{TryStreamExt as _, stream};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 
 type Result<T, E = Box<dyn std::error::Error>> = std::result::Result<T, E>;
@@ -363,9 +363,8 @@ async fn run_claims(url: &str, daemons: usize, jobs: usize) -> Result<()> {
         stdin.flush().await?;
     }
     let mut claimed = Vec::new();
-    for (owner, child, stdin, stdout) in &mut workers {
+    for (owner, child, _stdin, stdout) in &mut workers {
         let status = child.wait().await?;
-        drop(stdin);
         let mut count = None;
         while let Some(line) = stdout.next_line().await? {
             if let Some(n) = line.strip_prefix("claimed ") {
@@ -429,9 +428,12 @@ async fn claim_worker(args: &[String]) -> Result<()> {
     let store = Store::open(&url).await?;
     store.ping().await?;
     println!("ready");
-    let mut line = String::new();
-    let mut stdin = BufReader::new(tokio::io::stdin());
-    if stdin.read_line(&mut line).await? == 0 || line.trim() != "go" {
+    let line = tokio::task::spawn_blocking(|| {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).map(|_| line)
+    })
+    .await??;
+    if line.trim() != "go" {
         return Err(format!("{owner}: stdin closed before `go`").into());
     }
     let mut claimed = 0usize;

@@ -211,9 +211,9 @@ pub struct Store {
     backend: Backend,
 }
 
-const RECORD_COLUMNS: &str = "id, state, spec_path, source, created_at, started_at, finished_at, \
-     error, CASE WHEN provenance IS NULL THEN 0 ELSE 1 END AS has_provenance, owner, claims, \
-     cancel_reason";
+const RECORD_COLUMNS: &str = "builds.id, state, spec_path, source, created_at, started_at, \
+     finished_at, error, CASE WHEN provenance IS NULL THEN 0 ELSE 1 END AS has_provenance, owner, \
+     claims, cancel_reason";
 
 impl Store {
     /// Opens the store a URL names: `postgres://…` (or `postgresql://…`),
@@ -237,7 +237,7 @@ impl Store {
         let url = format!("sqlite://{location}?mode=rwc");
         let pool = connect(
             AnyPoolOptions::new()
-                .max_connections(4)
+                .max_connections(8)
                 .after_connect(|conn, _| {
                     Box::pin(async move {
                         // WAL lets readers go on while a build writes; the
@@ -544,8 +544,7 @@ impl Store {
         owner: Option<&str>,
         ending: &Ending<'_>,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let updated = sqlx::query(
+        let update = sqlx::query(
             "UPDATE builds
              SET state = $1, finished_at = $2, error = $3, provenance = $4, lease_until = NULL
              WHERE id = $5 AND state = 'running' AND ($6 IS NULL OR owner = $6)",
@@ -555,10 +554,13 @@ impl Store {
         .bind(ending.error)
         .bind(ending.provenance)
         .bind(id)
-        .bind(owner)
-        .execute(&mut *tx)
-        .await?;
-        if updated.rows_affected() == 0 {
+        .bind(owner);
+        if ending.outputs.is_empty() {
+            // One statement is atomic on its own: no transaction round trips.
+            return Ok(update.execute(&self.pool).await?.rows_affected() == 1);
+        }
+        let mut tx = self.pool.begin().await?;
+        if update.execute(&mut *tx).await?.rows_affected() == 0 {
             return Ok(false);
         }
         for (position, output) in ending.outputs.iter().enumerate() {
@@ -586,6 +588,35 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?;
         row.map(|row| record(&row)).transpose()
+    }
+
+    /// A build with its outputs, in one query.
+    pub async fn build_with_outputs(
+        &self,
+        id: &str,
+    ) -> Result<Option<(BuildRecord, Vec<Output>)>, StoreError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {RECORD_COLUMNS}, o.reference, o.digest, o.size
+             FROM builds LEFT JOIN build_outputs o ON o.build_id = builds.id
+             WHERE builds.id = $1 ORDER BY o.position"
+        )))
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        let Some(first) = rows.first() else {
+            return Ok(None);
+        };
+        let outputs = rows
+            .iter()
+            .filter_map(|row| {
+                Some(Output {
+                    reference: row.get::<Option<String>, _>("reference")?,
+                    digest: row.get("digest"),
+                    size: row.get::<i64, _>("size") as u64,
+                })
+            })
+            .collect();
+        Ok(Some((record(first)?, outputs)))
     }
 
     /// Builds newest first: at most `limit`, only those older than

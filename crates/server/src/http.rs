@@ -47,7 +47,13 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub keys: KeyList,
     pub shutting_down: AtomicBool,
+    /// Ended builds as served: an ended build never changes again, so its
+    /// answer is kept rather than read from the store for every poll.
+    ended: std::sync::Mutex<std::collections::HashMap<String, axum::body::Bytes>>,
 }
+
+/// How many ended builds' answers are kept (about 1 KiB each).
+const ENDED_CACHE: usize = 4096;
 
 impl App {
     pub fn new(queue: Arc<Queue>, tokens: &[String], metrics: Arc<Metrics>, keys: KeyList) -> Self {
@@ -57,6 +63,7 @@ impl App {
             metrics,
             keys,
             shutting_down: AtomicBool::new(false),
+            ended: Default::default(),
         }
     }
 
@@ -204,11 +211,11 @@ async fn method_not_allowed() -> ApiError {
 
 async fn require_token(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let presented = headers
+    let presented = request
+        .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
@@ -392,21 +399,32 @@ async fn list(
         (status = 404, description = "No such build", body = ErrorBody),
     )
 )]
-async fn show(
-    State(app): State<Arc<App>>,
-    Path(id): Path<String>,
-) -> Result<Json<Build>, ApiError> {
-    let store = &app.queue.service().store;
-    let record = store
-        .build(&id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(&id))?;
-    let outputs = if record.state == store::State::Succeeded {
-        store.outputs(&id).await?
-    } else {
-        Vec::new()
+async fn show(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let cached = app.ended.lock().expect("not poisoned").get(&id).cloned();
+    let body = match cached {
+        Some(body) => body,
+        None => {
+            let (record, outputs) = app
+                .queue
+                .service()
+                .store
+                .build_with_outputs(&id)
+                .await?
+                .ok_or_else(|| ApiError::not_found(&id))?;
+            let build = to_build(record, outputs);
+            let body =
+                axum::body::Bytes::from(serde_json::to_vec(&build).expect("a build serialises"));
+            if build.state.is_final() {
+                let mut ended = app.ended.lock().expect("not poisoned");
+                if ended.len() >= ENDED_CACHE {
+                    ended.clear();
+                }
+                ended.insert(id, body.clone());
+            }
+            body
+        }
     };
-    Ok(Json(to_build(record, outputs)))
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 #[derive(Deserialize, IntoParams)]
