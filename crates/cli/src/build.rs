@@ -40,6 +40,8 @@ pub struct BuildArgs {
     provenance_out: Option<PathBuf>,
     #[command(flatten)]
     registry: RegistryArgs,
+    #[command(flatten)]
+    bounds: crate::bounds::BoundsArgs,
 }
 
 /// The build ran and failed (exit 1), as opposed to custody being misused.
@@ -77,6 +79,7 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
         ))
         .into());
     }
+    let bounds = args.bounds.resolve(Default::default())?;
     let spec_bytes = fs_err::read(&spec_path)?;
     let spec = custody_daemon::spec::load(&spec_path)?;
     let data_dir = match args.data_dir.clone() {
@@ -96,6 +99,7 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
         std::env::current_exe().context("cannot find the custody binary")?,
     );
     config.signing_key = args.signing_key.clone();
+    config.bounds = bounds;
     let daemon = embedded::start(config).await?;
     if daemon.key_created {
         eprintln!(
@@ -192,6 +196,11 @@ impl Printer {
                     eprintln!("==> runner on {} (pid {})", hello.hostname, hello.pid);
                 }
                 Some(Kind::StepStarted(step)) => eprintln!("==> step `{}`", step.name),
+                Some(Kind::Isolation(isolation)) => {
+                    for note in &isolation.notes {
+                        eprintln!("warning: {note}");
+                    }
+                }
                 Some(Kind::Log(line)) => {
                     let name = self
                         .step_names

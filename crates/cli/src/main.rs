@@ -1,6 +1,7 @@
 //! The `custody` command: argument parsing, progress and error rendering
 //! only; the work happens in the libraries.
 
+mod bounds;
 mod build;
 mod progress;
 mod serve;
@@ -244,6 +245,13 @@ struct ReferrersArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Runner(_)) {
+        // Before any thread exists: the build's disk is mounted in a mount
+        // namespace of the runner's own.
+        if let Err(e) = custody_runner::isolate_mounts() {
+            eprintln!("warning: {e}; the build's disk limit will not be enforced");
+        }
+    }
     // Both rustls providers may be linked in; pick ours explicitly.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     tracing_subscriber::fmt()

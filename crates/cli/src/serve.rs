@@ -83,6 +83,8 @@ pub struct ServeArgs {
     sbatch_args: Vec<String>,
     #[command(flatten)]
     registry: RegistryArgs,
+    #[command(flatten)]
+    bounds: crate::bounds::BoundsArgs,
 }
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -169,6 +171,17 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .or(file.runners.advertise.clone());
     // It may hold tokens and a database password: no step may read it.
     daemon.hidden_paths.extend(args.config.clone());
+    let from_file = crate::bounds::BoundsArgs {
+        egress_allow: file.egress_allow.clone(),
+        disk: file.disk.clone(),
+        log_limit: file.log_limit.clone(),
+        step_ids: file.step_ids.clone(),
+        max_image_size: file.max_image_size.clone(),
+        max_image_layers: file.max_image_layers,
+    };
+    daemon.bounds = args
+        .bounds
+        .resolve(from_file.resolve(Default::default())?)?;
 
     let owner = args
         .daemon_name

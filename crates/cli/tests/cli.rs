@@ -892,10 +892,14 @@ fn custody_oci_push_referrer(registry: &Registry, layout: &Path, subject: &str) 
         for blob in [&manifest["config"], &manifest["layers"][0]] {
             let blob: custody_oci::oci_spec::image::Descriptor =
                 serde_json::from_value(blob.clone()).unwrap();
-            let path = layout.blob_path(blob.digest());
             client
                 .upload_blob("team/app", &blob, None, || {
-                    custody_oci::stream::from_file(path.clone(), None, blob.clone())
+                    let (layout, digest) = (layout.clone(), blob.digest().clone());
+                    custody_oci::stream::from_file(
+                        move || layout.open_blob(&digest).map(std::sync::Arc::new),
+                        None,
+                        blob.clone(),
+                    )
                 })
                 .await
                 .unwrap();

@@ -30,6 +30,7 @@ use serde_json::json;
 use sha2::{Digest as _, Sha256};
 
 use crate::attach;
+use crate::bounds::{LogBackstop, StepBounds, cut_marker};
 use crate::dispatch::{Dispatcher, JobError};
 use crate::spec::{self, Spec, Values};
 use crate::store::{self, Ending, NewBuild, State, Store, StoreError};
@@ -62,6 +63,8 @@ pub struct BuildService {
     pub runner_digest: Option<String>,
     /// Host paths no step may see (the data directory, the key file).
     pub hidden_paths: Vec<PathBuf>,
+    /// Disk, log, egress, step ids and step image limits.
+    pub bounds: StepBounds,
     pub store: Store,
 }
 
@@ -301,6 +304,7 @@ impl BuildService {
                 .iter()
                 .map(|p| p.display().to_string())
                 .collect(),
+            bounds: Some(self.bounds.for_job(&request.spec)),
         };
 
         // From here on a runner may exist: this build must never be handed
@@ -310,12 +314,18 @@ impl BuildService {
             .await
             .map_err(|e| Failure::new(e.to_string()))?;
         let mut step_logs: BTreeMap<u32, Sha256> = BTreeMap::new();
+        let mut isolation = None;
+        let mut cuts: BTreeMap<u32, proto::LogCut> = BTreeMap::new();
+        let mut backstop = LogBackstop::new(self.bounds.log_bytes);
         let report = self
             .dispatcher
             .run(
                 job,
                 |event| {
-                    if let Some(Kind::Log(line)) = &event.kind {
+                    let mut store_line = |line: &proto::LogLine| {
+                        if !backstop.admit(line.line.len()) {
+                            return;
+                        }
                         let hasher = step_logs.entry(line.step).or_default();
                         hasher.update(&line.line);
                         hasher.update(b"\n");
@@ -325,6 +335,28 @@ impl BuildService {
                             line: line.line.clone(),
                             unix_millis: line.unix_millis,
                         });
+                    };
+                    match &event.kind {
+                        Some(Kind::Log(line)) => store_line(line),
+                        Some(Kind::LogCut(cut)) => {
+                            cuts.insert(cut.step, *cut);
+                            if cut.lines == 0 {
+                                return; // only ends of long lines: each says so itself
+                            }
+                            let marker = proto::LogLine {
+                                step: cut.step,
+                                stream: proto::log_line::Stream::Stderr as i32,
+                                line: cut_marker(cut, self.bounds.log_bytes).into_bytes(),
+                                unix_millis: now_millis(),
+                            };
+                            store_line(&marker);
+                            progress(Progress::Runner(Event {
+                                kind: Some(Kind::Log(marker)),
+                            }));
+                            return;
+                        }
+                        Some(Kind::Isolation(reported)) => isolation = Some(reported.clone()),
+                        _ => {}
                     }
                     progress(Progress::Runner(event.clone()));
                 },
@@ -411,9 +443,17 @@ impl BuildService {
                     .remove(&(index as u32))
                     .map(|h| hex(&h.finalize()))
                     .unwrap_or_else(|| hex(&Sha256::digest(b"")));
+                // The digest covers the stored log; what was cut is said.
+                let annotations = cuts.get(&(index as u32)).map(|cut| {
+                    let mut map = serde_json::Map::new();
+                    map.insert("cutLines".into(), cut.lines.into());
+                    map.insert("cutBytes".into(), cut.bytes.into());
+                    map
+                });
                 ResourceDescriptor {
                     name: Some(format!("log:{}", step.name)),
                     digest: BTreeMap::from([("sha256".to_owned(), hex)]),
+                    annotations,
                     ..ResourceDescriptor::default()
                 }
             })
@@ -428,7 +468,11 @@ impl BuildService {
                         "digest": { "sha256": hex(&Sha256::digest(&request.spec_bytes)) },
                     },
                 }),
-                internal_parameters: Some(self.internal_parameters(&request.spec)),
+                internal_parameters: Some(self.internal_parameters(
+                    &request.spec,
+                    isolation.as_ref(),
+                    backstop.dropped_lines,
+                )),
                 resolved_dependencies: std::iter::once(resolved.source_dependency)
                     .chain(resolved.step_images)
                     .collect(),
@@ -687,14 +731,29 @@ impl BuildService {
         .expect("looking up registry access does not panic")
     }
 
-    fn internal_parameters(&self, spec: &Spec) -> serde_json::Value {
+    /// The executor and the step boundary as the runner reported it.
+    fn internal_parameters(
+        &self,
+        spec: &Spec,
+        isolation: Option<&proto::Isolation>,
+        dropped_lines: u64,
+    ) -> serde_json::Value {
+        let isolation = isolation.cloned().unwrap_or_default();
         json!({
             "executor": self.executor_kind,
             "sandbox": {
                 "kind": "bubblewrap",
+                "user": { "uidMap": isolation.uid_map, "gidMap": isolation.gid_map },
+                "network": "private",
+                "egressAllow": isolation.egress_allow,
+                "diskBytes": isolation.disk_bytes,
+                "cgroups": isolation.cgroups,
+                "logBytes": isolation.log_bytes,
+                "logLinesDroppedByDaemon": dropped_lines,
+                "notes": isolation.notes,
                 "steps": spec.steps.iter().map(|step| json!({
                     "name": step.name,
-                    "network": step.network,
+                    "egress": step.network,
                     "timeoutSeconds": step.timeout.map(|t| t.as_secs()),
                     "memoryBytes": step.memory.unwrap_or(spec::DEFAULT_MEMORY_BYTES),
                     "pids": step.pids.unwrap_or(spec::DEFAULT_PIDS),
@@ -987,6 +1046,13 @@ pub fn file_digest(path: &Path) -> std::io::Result<String> {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 pub fn now() -> String {

@@ -4,6 +4,7 @@
 //! local runners connecting back to 127.0.0.1); `custody serve` with its
 //! configuration.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +14,7 @@ use custody_oci::registry::RegistryOptions;
 use custody_wire::{Connector, DaemonIdentity};
 use tokio::net::TcpListener;
 
+use crate::bounds::StepBounds;
 use crate::build::{BuildService, file_digest};
 use crate::dispatch::Dispatcher;
 use crate::executor::ExecutorSettings;
@@ -38,6 +40,8 @@ pub struct Config {
     pub connector_advertise: Option<String>,
     /// More host paths no step may see (a configuration file with tokens).
     pub hidden_paths: Vec<PathBuf>,
+    /// The step boundary's settings.
+    pub bounds: StepBounds,
 }
 
 impl Config {
@@ -64,6 +68,7 @@ impl Config {
             connector_listen: "127.0.0.1:0".to_owned(),
             connector_advertise: None,
             hidden_paths: Vec::new(),
+            bounds: StepBounds::default(),
         }
     }
 }
@@ -108,15 +113,26 @@ pub fn default_data_dir() -> Option<PathBuf> {
 
 pub async fn start(config: Config) -> Result<Embedded, Error> {
     let data_dir = &config.data_dir;
-    fs_err::create_dir_all(data_dir).map_err(|source| Error::DataDir {
-        path: data_dir.clone(),
-        source,
-    })?;
+    // Build logs, keys and provenance: for the daemon's user only.
+    fs_err::create_dir_all(data_dir)
+        .and_then(|()| fs_err::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700)))
+        .map_err(|source| Error::DataDir {
+            path: data_dir.clone(),
+            source,
+        })?;
     let (key, key_path, key_created, public_key_path) = load_or_create_key(&config)?;
     let executor = crate::executor::build(&config.executor, &config.executor_settings)?;
     let store = match &config.database_url {
         Some(url) => Store::open(url).await?,
-        None => Store::open_sqlite(&data_dir.join("custody.db")).await?,
+        None => {
+            let path = data_dir.join("custody.db");
+            let store = Store::open_sqlite(&path).await?;
+            private_files(&path).map_err(|source| Error::DataDir {
+                path: data_dir.clone(),
+                source,
+            })?;
+            store
+        }
     };
 
     let identity = DaemonIdentity::generate().map_err(|e| Error::Connector(e.to_string()))?;
@@ -154,9 +170,8 @@ pub async fn start(config: Config) -> Result<Embedded, Error> {
     let mut hidden_paths = vec![data_dir.clone(), key_path.clone()];
     hidden_paths.extend(config.hidden_paths.iter().cloned());
     hidden_paths.extend(config.registry.certs_dirs.iter().cloned());
-    if let custody_oci::registry::CredentialSource::File(path) = &config.registry.credentials {
-        hidden_paths.push(path.clone());
-    }
+    // Every credential file the daemon would read, not only `--authfile`.
+    hidden_paths.extend(config.registry.credentials.files());
     // The sandbox needs absolute paths; what does not exist needs no hiding.
     let hidden_paths = hidden_paths
         .iter()
@@ -171,6 +186,7 @@ pub async fn start(config: Config) -> Result<Embedded, Error> {
             builder_id: config.builder_id,
             runner_digest,
             hidden_paths,
+            bounds: config.bounds,
             store,
         },
         key_path,
@@ -196,6 +212,22 @@ fn load_or_create_key(
     }
     let (private, public, key) = keys::generate_files(&dir, Algorithm::EcdsaP256)?;
     Ok((key, private, true, Some(public)))
+}
+
+/// The SQLite database and its journal files: 0600.
+fn private_files(database: &Path) -> std::io::Result<()> {
+    let name = database
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let path = database.with_file_name(format!("{name}{suffix}"));
+        if path.exists() {
+            fs_err::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    Ok(())
 }
 
 /// Where `build` keeps a copy of each published envelope.

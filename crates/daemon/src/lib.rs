@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod attach;
+pub mod bounds;
 pub mod build;
 pub mod dispatch;
 pub mod embedded;

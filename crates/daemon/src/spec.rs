@@ -6,12 +6,13 @@
 //! source:                      # optional when building a local directory
 //!   git: https://example.org/app.git
 //!   revision: main             # resolved to a commit; the commit is recorded
+//! disk: 5GiB                   # the build's disk (default: the daemon's, 20GiB)
 //! steps:
 //!   - name: build
 //!     image: registry.example.org/tools/builder@sha256:…   # omitted: the host's root, read-only
 //!     run: make image OUT=/output/app                        # or args: [make, image]
 //!     env: { KEY: value }
-//!     network: false                                         # default: no network
+//!     network: false                                         # default: only `lo`
 //!     timeout: 10m                                           # seconds, or 90s / 10m / 2h
 //!     memory: 2GiB                                           # cgroup limits (defaults 4GiB, 4096)
 //!     pids: 512
@@ -41,6 +42,8 @@ pub const OUTPUT_DIR: &str = "/output";
 pub const DEFAULT_MEMORY_BYTES: u64 = 4 << 30;
 /// A step's process limit when the spec sets none.
 pub const DEFAULT_PIDS: u32 = 4096;
+/// The smallest disk a build may ask for.
+pub const MIN_DISK_BYTES: u64 = 64 << 20;
 /// The placeholders destinations may use.
 pub const PLACEHOLDERS: &[&str] = &["revision", "commit", "short_commit", "job"];
 
@@ -48,6 +51,9 @@ pub const PLACEHOLDERS: &[&str] = &["revision", "commit", "short_commit", "job"]
 #[derive(Clone, Debug, PartialEq)]
 pub struct Spec {
     pub source: Option<GitSource>,
+    /// The build's disk (workspace, `/output`, step image roots) in bytes;
+    /// `None` leaves the daemon's default.
+    pub disk: Option<u64>,
     pub steps: Vec<Step>,
     pub images: Vec<ImageOutput>,
     pub artifacts: Vec<ArtifactOutput>,
@@ -330,6 +336,23 @@ pub fn parse(text: &str, file: &Path) -> Result<Spec, SpecError> {
         });
     }
 
+    let disk = match raw.disk {
+        Some(d) => Some(
+            parse_size(&d.value)
+                .filter(|bytes| *bytes >= MIN_DISK_BYTES)
+                .ok_or_else(|| {
+                    located(
+                        &d,
+                        format!(
+                            "`{}` is not a disk size of at least 64MiB: use bytes, or a number with `MiB` or `GiB`",
+                            d.value
+                        ),
+                    )
+                })?,
+        ),
+        None => None,
+    };
+
     let mut images = Vec::new();
     for image in raw.images {
         let from = image
@@ -403,6 +426,7 @@ pub fn parse(text: &str, file: &Path) -> Result<Spec, SpecError> {
     };
     Ok(Spec {
         source,
+        disk,
         steps,
         images,
         artifacts,
@@ -473,7 +497,8 @@ fn parse_duration(text: &str) -> Option<Duration> {
     (seconds > 0).then(|| Duration::from_secs(seconds))
 }
 
-fn parse_size(text: &str) -> Option<u64> {
+/// A size such as `512MiB`, `2GiB` or bytes, of at least 1 MiB.
+pub fn parse_size(text: &str) -> Option<u64> {
     let text = text.trim();
     let (number, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
         Some((i, _)) => (&text[..i], text[i..].trim()),
@@ -508,6 +533,8 @@ fn at(text: &str, file: &Path, line: u64, column: u64, message: String) -> SpecE
 struct RawSpec {
     #[serde(default)]
     source: Option<RawSource>,
+    #[serde(default)]
+    disk: Option<Spanned<String>>,
     steps: Vec<RawStep>,
     #[serde(default)]
     images: Vec<RawImage>,

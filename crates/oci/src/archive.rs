@@ -28,6 +28,9 @@ pub struct Range {
 #[derive(Debug)]
 pub struct DockerArchive {
     pub path: PathBuf,
+    /// The archive, opened once (never through a symlink); blobs are read
+    /// from it at their offsets.
+    pub file: std::sync::Arc<std::fs::File>,
     /// The generated OCI manifest, as the exact bytes that will be pushed.
     pub manifest: Vec<u8>,
     pub manifest_descriptor: Descriptor,
@@ -48,12 +51,18 @@ struct ArchiveManifest {
 
 impl DockerArchive {
     /// Reads the archive's index of files and hashes its layers (blocking).
+    /// No component of `path` may be a symlink.
     pub fn open(path: &Path) -> Result<Self, Error> {
+        Self::from_file(path, crate::beneath::open_file(path)?)
+    }
+
+    /// Reads the archive `file` (found at `path`, for messages).
+    pub fn from_file(path: &Path, file: std::fs::File) -> Result<Self, Error> {
         let bad = |reason: String| Error::Archive {
             path: path.to_owned(),
             reason,
         };
-        let mut file = fs::File::open(path)?;
+        let mut file = fs::File::from_parts(file, path);
         let mut magic = [0u8; 2];
         if file.read_exact(&mut magic).is_ok() && magic == [0x1f, 0x8b] {
             return Err(bad(
@@ -152,6 +161,7 @@ impl DockerArchive {
         );
         Ok(Self {
             path: path.to_owned(),
+            file: std::sync::Arc::new(file.into_parts().0),
             manifest: manifest_bytes,
             manifest_descriptor,
             config,

@@ -196,17 +196,23 @@ impl Source {
     /// A verified stream of the blob's bytes; nothing is read until polled.
     fn open_blob(&self, descriptor: &Descriptor) -> BlobStream {
         match self {
-            Source::Layout { layout, .. } => stream::from_file(
-                layout.blob_path(descriptor.digest()),
-                None,
-                descriptor.clone(),
-            ),
-            Source::Archive(archive) => match archive.blobs.get(descriptor.digest().as_ref()) {
-                Some(range) => stream::from_file(
-                    archive.path.clone(),
-                    Some((range.offset, range.len)),
+            Source::Layout { layout, .. } => {
+                let (layout, digest) = (layout.clone(), descriptor.digest().clone());
+                stream::from_file(
+                    move || layout.open_blob(&digest).map(Arc::new),
+                    None,
                     descriptor.clone(),
-                ),
+                )
+            }
+            Source::Archive(archive) => match archive.blobs.get(descriptor.digest().as_ref()) {
+                Some(range) => {
+                    let file = archive.file.clone();
+                    stream::from_file(
+                        move || Ok(file),
+                        Some((range.offset, range.len)),
+                        descriptor.clone(),
+                    )
+                }
                 None => {
                     let config = Bytes::from(archive.config.clone());
                     stream::verified(

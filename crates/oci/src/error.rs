@@ -46,6 +46,11 @@ pub enum Error {
     #[error("OCI layout `{}`: {reason}", path.display())]
     Layout { path: PathBuf, reason: String },
 
+    /// A path that is, or goes through, a symlink (or climbs out with `..`)
+    /// where custody follows none: layouts, outputs, job directories.
+    #[error("`{}` is a symlink or goes through one; custody never follows symlinks in layouts, outputs or job directories", path.display())]
+    Symlink { path: PathBuf },
+
     /// A docker-save archive that cannot be used.
     #[error("docker archive `{}`: {reason}", path.display())]
     Archive { path: PathBuf, reason: String },
@@ -153,6 +158,9 @@ impl Error {
             Error::Transport { host, .. } => Some(format!(
                 "check that `{host}` is up and reachable; use `--insecure-registry {host}` only if it serves plain HTTP"
             )),
+            Error::Symlink { .. } => Some(
+                "name the real directory (`realpath` prints it), or remove the symlink".into(),
+            ),
             Error::DigestMismatch { .. } | Error::SizeMismatch { .. } => {
                 Some("the source is corrupt or was modified; nothing was committed for this blob".into())
             }

@@ -6,13 +6,14 @@
 //! name and renamed only once their bytes matched the digest, so a layout
 //! never holds a blob under a wrong name, even after a crash.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
-use fs_err as fs;
 use oci_spec::image::{ANNOTATION_REF_NAME, Descriptor, ImageIndex, MediaType};
 
 use crate::Error;
+use crate::beneath::{Dir, Kind, TempFile};
 use crate::digest::{Digest, Hasher};
 
 const LAYOUT_FILE: &str = "oci-layout";
@@ -20,37 +21,68 @@ const INDEX_FILE: &str = "index.json";
 const LAYOUT_VERSION: &str = r#"{"imageLayoutVersion":"1.0.0"}"#;
 /// Manifests and indexes larger than this are refused, as registries do.
 pub const MAX_MANIFEST_SIZE: u64 = 4 << 20;
+/// `index.json` lists every image of the layout; past this it is refused.
+const MAX_INDEX_SIZE: u64 = 64 << 20;
 
-/// An OCI image layout directory.
+/// An OCI image layout directory. Every file in it is reached through the
+/// open root directory without following symlinks (see [`crate::beneath`]),
+/// and a layout that holds a symlink is refused naming it: layouts are
+/// written where build steps and repositories can plant things.
 #[derive(Clone, Debug)]
 pub struct Layout {
     root: PathBuf,
+    /// Set once the directory exists (at once for an existing layout, at
+    /// [`Layout::create_if_missing`] for a new one); shared by clones.
+    dir: Arc<OnceLock<Dir>>,
 }
 
 impl Layout {
-    /// Opens an existing layout, checking its `oci-layout` marker.
+    /// Opens an existing layout, checking its `oci-layout` marker. No
+    /// component of `root` may be a symlink, nor anything in the layout.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, Error> {
         let root = root.into();
-        let marker = root.join(LAYOUT_FILE);
-        if !marker.is_file() {
+        let dir = Dir::open(&root).map_err(|e| not_a_layout(&root, e))?;
+        Self::checked(root, dir)
+    }
+
+    /// Opens the existing layout `relative` beneath `parent` (a build's
+    /// `/output`), never through a symlink.
+    pub fn open_in(parent: &Dir, relative: &Path) -> Result<Self, Error> {
+        let root = parent.display_path(relative);
+        let dir = parent
+            .open_dir(relative)
+            .map_err(|e| not_a_layout(&root, e))?;
+        Self::checked(root, dir)
+    }
+
+    fn checked(root: PathBuf, dir: Dir) -> Result<Self, Error> {
+        if !dir.is_file(Path::new(LAYOUT_FILE)) {
             return Err(Error::Layout {
                 path: root,
                 reason: format!("it has no `{LAYOUT_FILE}` file, so it is not an OCI image layout"),
             });
         }
-        let text = fs::read_to_string(&marker)?;
+        let marker = root.join(LAYOUT_FILE);
+        let text = read_limited(&dir, Path::new(LAYOUT_FILE), 4096)?;
         let version: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::Layout {
+            serde_json::from_slice(&text).map_err(|e| Error::Layout {
                 path: marker.clone(),
                 reason: format!("it is not JSON: {e}"),
             })?;
         match version.get("imageLayoutVersion").and_then(|v| v.as_str()) {
-            Some(v) if v.starts_with("1.") => Ok(Self { root }),
-            other => Err(Error::Layout {
-                path: marker,
-                reason: format!("unsupported imageLayoutVersion {other:?}; custody reads 1.x"),
-            }),
+            Some(v) if v.starts_with("1.") => {}
+            other => {
+                return Err(Error::Layout {
+                    path: marker,
+                    reason: format!("unsupported imageLayoutVersion {other:?}; custody reads 1.x"),
+                });
+            }
         }
+        refuse_symlinks(&dir)?;
+        Ok(Self {
+            root,
+            dir: Arc::new(OnceLock::from(dir)),
+        })
     }
 
     /// A layout to write to: an existing one, or one to create at `root`
@@ -58,37 +90,64 @@ impl Layout {
     /// that holds other things is refused.
     pub fn for_writing(root: impl Into<PathBuf>) -> Result<Self, Error> {
         let root = root.into();
-        if root.join(LAYOUT_FILE).exists() {
-            return Self::open(root);
+        let dir = match Dir::open(&root) {
+            Ok(dir) => dir,
+            Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Self {
+                    root,
+                    dir: Arc::new(OnceLock::new()),
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        if dir.kind(Path::new(LAYOUT_FILE))?.is_some() {
+            return Self::checked(root, dir);
         }
-        if root.exists() && fs::read_dir(&root)?.next().is_some() {
+        if !dir.entries()?.is_empty() {
             return Err(Error::Layout {
                 path: root,
                 reason: "the directory is not empty and is not an OCI image layout".into(),
             });
         }
-        Ok(Self { root })
+        Ok(Self {
+            root,
+            dir: Arc::new(OnceLock::from(dir)),
+        })
     }
 
     /// Writes the `oci-layout` marker and an empty index if they are absent.
     pub fn create_if_missing(&self) -> Result<(), Error> {
-        if self.root.join(LAYOUT_FILE).exists() {
+        let dir = match self.dir.get() {
+            Some(dir) => dir.clone(),
+            None => {
+                let dir = Dir::create_all(&self.root)?;
+                self.dir.get_or_init(|| dir).clone()
+            }
+        };
+        if dir.kind(Path::new(LAYOUT_FILE))?.is_some() {
             return Ok(());
         }
-        fs::create_dir_all(self.root.join("blobs"))?;
-        write_atomically(&self.root.join(LAYOUT_FILE), LAYOUT_VERSION.as_bytes())?;
-        self.write_index(&empty_index())
+        dir.create_dir_all(Path::new("blobs"))?;
+        self.write_index(&empty_index())?;
+        dir.write_atomically(LAYOUT_FILE, LAYOUT_VERSION.as_bytes())
     }
 
     pub fn root(&self) -> &Path {
         &self.root
     }
 
+    /// The root directory; an error for a layout not created yet.
+    fn dir(&self) -> Result<&Dir, Error> {
+        self.dir.get().ok_or_else(|| Error::Layout {
+            path: self.root.clone(),
+            reason: "the layout does not exist yet".into(),
+        })
+    }
+
     pub fn index(&self) -> Result<ImageIndex, Error> {
-        let path = self.root.join(INDEX_FILE);
-        let bytes = fs::read(&path)?;
+        let bytes = read_limited(self.dir()?, Path::new(INDEX_FILE), MAX_INDEX_SIZE)?;
         serde_json::from_slice(&bytes).map_err(|e| Error::Layout {
-            path,
+            path: self.root.join(INDEX_FILE),
             reason: format!("it is not a valid image index: {e}"),
         })
     }
@@ -139,15 +198,35 @@ impl Layout {
         }
     }
 
-    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
-        self.root
-            .join("blobs")
+    /// Where the blob `digest` is, relative to the root.
+    fn blob_relative(digest: &Digest) -> PathBuf {
+        Path::new("blobs")
             .join(digest.algorithm().as_ref())
             .join(digest.digest())
     }
 
+    /// The path of the blob `digest`, for messages.
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.root.join(Self::blob_relative(digest))
+    }
+
     pub fn has_blob(&self, digest: &Digest) -> bool {
-        self.blob_path(digest).is_file()
+        self.dir
+            .get()
+            .is_some_and(|dir| dir.is_file(&Self::blob_relative(digest)))
+    }
+
+    /// Opens the blob `digest` for reading (a regular file, never a link).
+    pub fn open_blob(&self, digest: &Digest) -> Result<std::fs::File, Error> {
+        match self.dir()?.open_file(&Self::blob_relative(digest)) {
+            Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(Error::BlobsMissing {
+                    location: format!("oci:{}", self.root.display()),
+                    digests: vec![digest.clone()],
+                })
+            }
+            other => other,
+        }
     }
 
     /// Reads a small blob (a manifest or config) whole and checks it against
@@ -159,14 +238,11 @@ impl Layout {
                 size: descriptor.size(),
             });
         }
-        let path = self.blob_path(descriptor.digest());
-        if !path.is_file() {
-            return Err(Error::BlobsMissing {
-                location: format!("oci:{}", self.root.display()),
-                digests: vec![descriptor.digest().clone()],
-            });
-        }
-        let bytes = fs::read(&path)?;
+        let mut bytes = Vec::new();
+        self.open_blob(descriptor.digest())?
+            .take(descriptor.size() + 1)
+            .read_to_end(&mut bytes)
+            .map_err(Error::Read)?;
         crate::digest::verify_bytes(descriptor.digest(), descriptor.size(), &bytes)?;
         Ok(bytes)
     }
@@ -193,22 +269,13 @@ impl Layout {
 
     /// A writer for a blob whose bytes the caller has already verified.
     pub fn blob_writer(&self, digest: &Digest) -> Result<BlobWriter, Error> {
-        let final_path = self.blob_path(digest);
-        let dir = final_path.parent().expect("blob paths have a parent");
-        fs::create_dir_all(dir)?;
-        let file = tempfile::Builder::new()
-            .prefix(".partial-")
-            .tempfile_in(dir)
-            .map_err(|e| {
-                Error::Io(std::io::Error::new(
-                    e.kind(),
-                    format!(
-                        "failed to create a temporary file in `{}`: {e}",
-                        dir.display()
-                    ),
-                ))
-            })?;
-        Ok(BlobWriter { file, final_path })
+        let blobs = self
+            .dir()?
+            .create_dir_all(&Path::new("blobs").join(digest.algorithm().as_ref()))?;
+        Ok(BlobWriter {
+            file: blobs.create_temp(".partial-")?,
+            name: digest.digest().to_owned(),
+        })
     }
 
     /// Records `descriptor` in `index.json`. With a tag, the tag moves to
@@ -242,39 +309,77 @@ impl Layout {
 
     fn write_index(&self, index: &ImageIndex) -> Result<(), Error> {
         let bytes = serde_json::to_vec(index).expect("an image index serialises");
-        write_atomically(&self.root.join(INDEX_FILE), &bytes)
+        self.dir()?.write_atomically(INDEX_FILE, &bytes)
     }
 }
 
 /// A blob being written to a temporary file; `commit` moves it into place.
 pub struct BlobWriter {
-    file: tempfile::NamedTempFile,
-    final_path: PathBuf,
+    file: TempFile,
+    name: String,
 }
 
 impl BlobWriter {
     pub fn write_all(&mut self, bytes: &[u8]) -> Result<(), Error> {
-        self.file.write_all(bytes).map_err(|e| {
-            Error::Io(std::io::Error::new(
-                e.kind(),
-                format!("failed to write `{}`: {e}", self.file.path().display()),
-            ))
-        })
+        self.file.write_all(bytes)
     }
 
     pub fn commit(self) -> Result<(), Error> {
-        let final_path = self.final_path;
-        self.file.persist(&final_path).map_err(|e| {
-            Error::Io(std::io::Error::new(
-                e.error.kind(),
-                format!(
-                    "failed to move a blob into `{}`: {}",
-                    final_path.display(),
-                    e.error
-                ),
-            ))
-        })?;
-        Ok(())
+        self.file.persist(&self.name)
+    }
+}
+
+/// Reads the regular file `relative` of `dir`, refusing more than `limit` bytes.
+fn read_limited(dir: &Dir, relative: &Path, limit: u64) -> Result<Vec<u8>, Error> {
+    let mut bytes = Vec::new();
+    dir.open_file(relative)?
+        .take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(Error::Read)?;
+    if bytes.len() as u64 > limit {
+        return Err(Error::Layout {
+            path: dir.display_path(relative),
+            reason: format!("it is larger than {limit} bytes"),
+        });
+    }
+    Ok(bytes)
+}
+
+/// Refuses a layout holding a symlink anywhere custody reads or writes:
+/// its top level, `blobs/` and each `blobs/<algorithm>/`.
+fn refuse_symlinks(dir: &Dir) -> Result<(), Error> {
+    let check = |dir: &Dir| -> Result<Vec<std::ffi::OsString>, Error> {
+        let mut subdirs = Vec::new();
+        for (name, kind) in dir.entries()? {
+            match kind {
+                Kind::Symlink => {
+                    return Err(Error::Symlink {
+                        path: dir.display_path(Path::new(&name)),
+                    });
+                }
+                Kind::Dir => subdirs.push(name),
+                _ => {}
+            }
+        }
+        Ok(subdirs)
+    };
+    if check(dir)?.iter().any(|name| name == "blobs") {
+        let blobs = dir.open_dir(Path::new("blobs"))?;
+        for algorithm in check(&blobs)? {
+            check(&blobs.open_dir(Path::new(&algorithm))?)?;
+        }
+    }
+    Ok(())
+}
+
+/// An error opening a layout's root, said as such.
+fn not_a_layout(root: &Path, error: Error) -> Error {
+    match error {
+        Error::Io(e) if e.kind() == std::io::ErrorKind::NotFound => Error::Layout {
+            path: root.to_owned(),
+            reason: "no such directory".into(),
+        },
+        other => other,
     }
 }
 
@@ -304,17 +409,6 @@ fn empty_index() -> ImageIndex {
     index.set_media_type(Some(MediaType::ImageIndex));
     index.set_manifests(Vec::new());
     index
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    let dir = path.parent().expect("layout files have a parent");
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
-    ));
-    fs::write(&tmp, bytes)?;
-    fs::rename(&tmp, path)?;
-    Ok(())
 }
 
 fn list_or_none(items: &[String]) -> String {

@@ -6,7 +6,8 @@
 //! - [`digest`]: hashing exact bytes; [`stream`]: blob streams that verify
 //!   themselves while they flow.
 //! - [`reference`]: registry references and `oci:`/`docker-archive:` locations.
-//! - [`layout`]: OCI image layouts on disk; [`archive`]: `docker save` tars.
+//! - [`layout`]: OCI image layouts on disk; [`archive`]: `docker save` tars;
+//!   [`beneath`]: the file access both use, which never follows a symlink.
 //! - [`registry`]: the distribution API client (certs.d, auth, uploads,
 //!   referrers).
 //! - [`copy`]: the engine that moves an image between any source and
@@ -15,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod archive;
+pub mod beneath;
 pub mod copy;
 pub mod digest;
 mod error;

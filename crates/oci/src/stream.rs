@@ -5,8 +5,8 @@
 //! consumer (an upload, a file being written) never sees the end of a blob
 //! whose bytes are wrong, and the registry never commits it.
 
-use std::io::{Read, Seek, SeekFrom};
-use std::path::PathBuf;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
@@ -21,16 +21,20 @@ pub type BlobStream = Pin<Box<dyn Stream<Item = Result<Bytes, Error>> + Send>>;
 
 const CHUNK: usize = 256 * 1024;
 
-/// Streams `len` bytes at `offset` of `path` (the whole file when `range` is
-/// `None`), read and hashed on a blocking thread so hashing never stalls the
-/// runtime, with a few chunks in flight for read-ahead.
-pub fn from_file(path: PathBuf, range: Option<(u64, u64)>, descriptor: Descriptor) -> BlobStream {
+/// Streams `len` bytes at `offset` of the file `open` returns (the whole
+/// file when `range` is `None`), read and hashed on a blocking thread so
+/// hashing never stalls the runtime, with a few chunks in flight for
+/// read-ahead. Reads are positional, so streams may share one file.
+pub fn from_file(
+    open: impl FnOnce() -> Result<Arc<std::fs::File>, Error> + Send + 'static,
+    range: Option<(u64, u64)>,
+    descriptor: Descriptor,
+) -> BlobStream {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Error>>(4);
     tokio::task::spawn_blocking(move || {
         let result = (|| -> Result<(), Error> {
-            let mut file = fs_err::File::open(&path)?;
+            let file = open()?;
             let (offset, len) = range.unwrap_or((0, descriptor.size()));
-            file.seek(SeekFrom::Start(offset)).map_err(Error::Read)?;
             // A whole file is read one byte past the expected end, so a longer
             // file is noticed; a range is exactly its bytes.
             let limit = if range.is_some() {
@@ -38,7 +42,11 @@ pub fn from_file(path: PathBuf, range: Option<(u64, u64)>, descriptor: Descripto
             } else {
                 len.saturating_add(1)
             };
-            let mut reader = file.take(limit);
+            let mut reader = Positional {
+                file: &file,
+                at: offset,
+            }
+            .take(limit);
             let mut hasher = Hasher::for_digest(descriptor.digest())?;
             let mut held: Option<Bytes> = None;
             let mut total = 0u64;
@@ -77,6 +85,20 @@ pub fn from_file(path: PathBuf, range: Option<(u64, u64)>, descriptor: Descripto
     Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     }))
+}
+
+/// A reader at a position of a shared file.
+struct Positional<'a> {
+    file: &'a std::fs::File,
+    at: u64,
+}
+
+impl Read for Positional<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.file.read_at(buf, self.at)?;
+        self.at += n as u64;
+        Ok(n)
+    }
 }
 
 /// Wraps a stream from elsewhere (a registry) so that it verifies itself.

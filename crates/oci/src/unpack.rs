@@ -7,7 +7,11 @@
 //! the tree (a layer that plants `etc -> /etc` and then writes `etc/passwd`
 //! would otherwise write outside the root). Hard links must point inside
 //! the tree the same way. Devices and FIFOs are skipped; set-id bits are
-//! dropped. This is blocking work: run it under `spawn_blocking`.
+//! dropped. Owners are kept only through an [`Owners`] mapping (a step's
+//! user namespace range); without one everything belongs to the unpacker.
+//! [`Measured`] bounds and hashes the uncompressed stream, so a layer can be
+//! checked against its `diff_id` and a decompression bomb stops at the
+//! limit. This is blocking work: run it under `spawn_blocking`.
 
 use std::collections::HashSet;
 use std::io::Read;
@@ -30,6 +34,8 @@ pub enum UnpackError {
     Tar(#[source] std::io::Error),
     #[error("unsupported layer media type `{0}`")]
     MediaType(String),
+    #[error("the image is larger than the limit of {limit} bytes uncompressed")]
+    TooLarge { limit: u64 },
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
@@ -54,8 +60,16 @@ pub fn decompressor<'a>(
     }
 }
 
+/// Host owners for the owners a layer's entries name (`uid`, `gid` inside
+/// the image); `None` leaves files to whoever unpacks.
+pub type Owners<'a> = Option<&'a dyn Fn(u64, u64) -> (u32, u32)>;
+
 /// Applies one (uncompressed) layer tar on top of `root`.
-pub fn apply_layer(tar_stream: impl Read, root: &Path) -> Result<(), UnpackError> {
+pub fn apply_layer(
+    tar_stream: impl Read,
+    root: &Path,
+    owners: Owners<'_>,
+) -> Result<(), UnpackError> {
     let mut archive = tar::Archive::new(tar_stream);
     // Paths this layer itself created: an opaque marker hides lower layers
     // only, never entries of its own layer.
@@ -140,6 +154,11 @@ pub fn apply_layer(tar_stream: impl Read, root: &Path) -> Result<(), UnpackError
             // Devices and FIFOs need privileges and no build needs them from an image.
             _ => continue,
         }
+        if let Some(owners) = owners {
+            let header = entry.header();
+            let (uid, gid) = owners(header.uid().unwrap_or(0), header.gid().unwrap_or(0));
+            std::os::unix::fs::lchown(&target, Some(uid), Some(gid))?;
+        }
         created.insert(relative);
     }
     Ok(())
@@ -205,4 +224,63 @@ fn remove(path: &Path) -> std::io::Result<()> {
 fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+/// A reader that hashes (sha256) and counts what passes through it, and
+/// fails once more than `limit` bytes did.
+pub struct Measured<R> {
+    inner: R,
+    hasher: crate::digest::Hasher,
+    total: u64,
+    limit: u64,
+}
+
+impl<R: Read> Measured<R> {
+    pub fn new(inner: R, limit: u64) -> Self {
+        Self {
+            inner,
+            hasher: crate::digest::Hasher::new(&crate::digest::DigestAlgorithm::Sha256)
+                .expect("sha256 is supported"),
+            total: 0,
+            limit,
+        }
+    }
+
+    /// Whether the stream went past its limit.
+    pub fn exceeded(&self) -> bool {
+        self.total > self.limit
+    }
+
+    /// Reads what is left (a tar reader stops at its end marker), then
+    /// returns the digest and size of everything that passed.
+    pub fn finish(mut self) -> Result<(crate::Digest, u64), UnpackError> {
+        let drained = std::io::copy(&mut self, &mut std::io::sink());
+        if self.exceeded() {
+            return Err(UnpackError::TooLarge { limit: self.limit });
+        }
+        drained.map_err(UnpackError::Tar)?;
+        Ok((self.hasher.finish(), self.total))
+    }
+}
+
+impl<R: Read> Read for Measured<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.exceeded() {
+            return Err(std::io::Error::other(
+                "the uncompressed size limit was reached",
+            ));
+        }
+        // Never read more than one byte past the limit.
+        let room = (self.limit - self.total).saturating_add(1);
+        let want = buf.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        self.hasher.update(&buf[..n]);
+        self.total += n as u64;
+        if self.exceeded() {
+            return Err(std::io::Error::other(
+                "the uncompressed size limit was reached",
+            ));
+        }
+        Ok(n)
+    }
 }

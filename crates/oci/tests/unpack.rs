@@ -53,7 +53,7 @@ impl Tar {
 }
 
 fn apply(tar: Tar, root: &Path) -> Result<(), UnpackError> {
-    apply_layer(tar.bytes().as_slice(), root)
+    apply_layer(tar.bytes().as_slice(), root, None)
 }
 
 fn listing(root: &Path) -> Vec<String> {
@@ -125,6 +125,7 @@ fn gzip_and_zstd_layers_decompress_by_media_type() {
         apply_layer(
             decompressor(media_type, blob.as_slice()).unwrap(),
             root.path(),
+            None,
         )
         .unwrap();
         assert_eq!(

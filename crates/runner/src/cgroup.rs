@@ -5,8 +5,10 @@
 //! the `memory` and `pids` controllers enabled), each step gets its own
 //! cgroup under the runner's, with `memory` and `pids` limits. Elsewhere the
 //! step runs without them and the runner logs that once per job. The step is
-//! moved into its cgroup by a shell that then `exec`s bubblewrap, so no
-//! process of the step ever runs outside it.
+//! moved into its cgroup while bubblewrap waits for its user namespace to be
+//! mapped (see [`crate::sandbox`]), so no process of the step ever runs
+//! outside it; when the step ends, whatever is left in it is killed and the
+//! cgroup removed.
 
 use std::path::{Path, PathBuf};
 
@@ -135,9 +137,74 @@ impl StepCgroup {
         Ok(Some(self))
     }
 
-    /// The `cgroup.procs` files a step's first process writes itself into.
-    pub fn procs_files(&self) -> Vec<PathBuf> {
-        self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
+    /// Moves the process `pid` into this cgroup (every hierarchy).
+    pub fn add_process(&self, pid: u32) -> std::io::Result<()> {
+        for dir in &self.dirs {
+            fs::write(dir.join("cgroup.procs"), pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// The processes still in this cgroup.
+    fn processes(&self) -> Vec<i32> {
+        let mut pids: Vec<i32> = self
+            .dirs
+            .iter()
+            .filter_map(|dir| std::fs::read(dir.join("cgroup.procs")).ok())
+            .flat_map(|text| {
+                String::from_utf8_lossy(&text)
+                    .lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .collect::<Vec<i32>>()
+            })
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids
+    }
+
+    /// Kills whatever is left of the step (a process that escaped its
+    /// session or process group) and removes the cgroup, trying again until
+    /// it is empty; gives up after a few seconds and says so.
+    pub async fn remove(mut self) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let left = self.processes();
+            if left.is_empty() {
+                let mut failed = None;
+                for dir in &self.dirs {
+                    match std::fs::remove_dir(dir) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => failed = Some(format!("`{}`: {e}", dir.display())),
+                    }
+                }
+                if failed.is_none() {
+                    self.dirs.clear();
+                    return Ok(());
+                }
+                if tokio::time::Instant::now() > deadline {
+                    return Err(format!(
+                        "cannot remove the step's cgroup {}",
+                        failed.unwrap_or_default()
+                    ));
+                }
+            } else {
+                if self.version == Version::V2 {
+                    let _ = fs::write(self.dirs[0].join("cgroup.kill"), "1");
+                }
+                for pid in left {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                if tokio::time::Instant::now() > deadline {
+                    return Err("processes of the step survived SIGKILL".into());
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 
     /// Whether the kernel killed a process here for running out of memory.
@@ -173,9 +240,8 @@ impl StepCgroup {
 
 impl Drop for StepCgroup {
     fn drop(&mut self) {
+        // Normally `remove` has emptied `dirs`; this is the fallback.
         for dir in &self.dirs {
-            // Fails only while a process is still inside; the process group
-            // is killed before this runs.
             let _ = std::fs::remove_dir(dir);
         }
     }
@@ -193,27 +259,16 @@ fn v1_path(own: &str, controller: &str) -> Option<String> {
     })
 }
 
-/// Wraps `command` so its first process joins `procs_files` before it
-/// becomes bubblewrap.
-pub fn enter(command: &std::process::Command, procs_files: &[PathBuf]) -> tokio::process::Command {
-    // `$$` is the shell, which `exec` turns into the program.
-    const SCRIPT: &str = r#"n=$1; shift
-while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; shift; n=$((n - 1)); done
-exec "$@""#;
-    let mut wrapped = tokio::process::Command::new("/bin/sh");
-    wrapped
-        .args(["-c", SCRIPT, "sh"])
-        .arg(procs_files.len().to_string())
-        .args(procs_files)
-        .arg(command.get_program())
-        .args(command.get_args());
-    // The shell exports `PWD`, which bubblewrap would inherit: make it `/`,
-    // not the runner's directory.
-    wrapped.env_clear().current_dir("/");
-    for (key, value) in command.get_envs() {
-        if let Some(value) = value {
-            wrapped.env(key, value);
+/// Whether this runner can give steps cgroups: makes and removes a probe.
+pub fn supported(job_id: &str) -> bool {
+    let limits = Limits::or_defaults(0, 0);
+    match StepCgroup::create(&format!("custody-{job_id}-probe"), limits) {
+        Ok(Some(mut probe)) => {
+            for dir in std::mem::take(&mut probe.dirs) {
+                let _ = std::fs::remove_dir(dir);
+            }
+            true
         }
+        _ => false,
     }
-    wrapped
 }

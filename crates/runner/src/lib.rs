@@ -3,21 +3,40 @@
 //! RPC: the daemon hands it the job and it runs the steps one by one,
 //! streaming their output back as it is written.
 //!
-//! Steps run in a bubblewrap sandbox (see [`sandbox`]) with only the
-//! environment they declare, in their own process group so a cancel or
-//! timeout kills everything they started. The runner's token never reaches
-//! them: it arrives on stdin or in a file that is deleted once read.
+//! The step boundary — what every step runs within:
+//! - [`ids`]: the host ids a step's root maps to (never host root);
+//! - [`sandbox`]: bubblewrap with its own user, PID, IPC and UTS namespaces,
+//!   no capabilities, the environment it declares and nothing else;
+//! - [`netns`]: a network namespace of its own with only `lo`; [`egress`]:
+//!   the proxy a `network: true` step reaches the outside through, which
+//!   never connects to the host, its neighbours or metadata services;
+//! - [`cgroup`]: memory and process limits, and nothing left running after;
+//! - [`jobdir`]: the job's directories, 0710 to the step's group, on a disk
+//!   of the build's size; [`logs`]: a log that stays within its budget;
+//! - [`rootfs`]: step images within limits, checked layer by layer;
+//! - [`outputs`] and `push`: what steps produced, read without following
+//!   anything they planted (`custody_oci::beneath`), pushed by the runner.
+//!
+//! The runner's token never reaches steps: it arrives on stdin or in a file
+//! that is deleted once read.
 
 #![forbid(unsafe_code)]
 
 pub mod cgroup;
+pub mod egress;
+pub mod ids;
+pub mod jobdir;
+pub mod logs;
+pub mod netns;
 pub mod outputs;
 mod push;
 pub mod rootfs;
 pub mod sandbox;
 mod steps;
 
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -51,6 +70,53 @@ pub enum Error {
     Workdir(#[source] std::io::Error),
 }
 
+static MOUNTS_ISOLATED: AtomicBool = AtomicBool::new(false);
+
+/// Gives the runner a mount namespace of its own (root only; call it
+/// before any other thread exists): the build's disk is mounted there,
+/// invisible to the rest of the host and gone when the runner is, however
+/// it ends. Host mounts still show up inside; ours never leak out.
+pub fn isolate_mounts() -> Result<(), String> {
+    use nix::mount::{MsFlags, mount};
+    use nix::sched::{CloneFlags, unshare};
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    unshare(CloneFlags::CLONE_NEWNS).map_err(|e| format!("cannot make a mount namespace: {e}"))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_SLAVE,
+        None::<&str>,
+    )
+    .map_err(|e| format!("cannot make the mount namespace private: {e}"))?;
+    MOUNTS_ISOLATED.store(true, Ordering::SeqCst);
+    Ok(())
+}
+
+pub(crate) fn mounts_isolated() -> bool {
+    MOUNTS_ISOLATED.load(Ordering::SeqCst)
+}
+
+/// `20 GiB`, `512 MiB`, `300 bytes`: sizes for people.
+pub fn human_bytes(bytes: u64) -> String {
+    for (shift, unit) in [(30, "GiB"), (20, "MiB"), (10, "KiB")] {
+        if bytes >= 1 << shift {
+            let value = bytes as f64 / (1u64 << shift) as f64;
+            return if bytes % (1 << shift) == 0 {
+                format!("{} {unit}", bytes >> shift)
+            } else {
+                format!("{value:.1} {unit}")
+            };
+        }
+    }
+    format!("{bytes} bytes")
+}
+
+/// The build's disk when the daemon names none.
+pub const DEFAULT_DISK_BYTES: u64 = 20 << 30;
+
 /// Connects, authenticates and serves the job until the daemon is done.
 pub async fn run(settings: Settings) -> Result<(), Error> {
     let stream = custody_wire::dial(
@@ -72,40 +138,97 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         }
     };
     tracing::info!(job = %settings.job_id, workdir = %workdir.display(), "authenticated; serving the job");
+    // The daemon's port is never an egress destination, whatever is allowed.
+    let daemon = settings
+        .daemon
+        .to_socket_addrs()
+        .map(|addrs| addrs.collect())
+        .unwrap_or_default();
+    let cancel = Arc::new(watch::channel(None).0);
+    let job = Arc::new(Mutex::new(None));
     let service = JobService {
         workdir,
+        daemon,
         started: Mutex::new(false),
-        cancel: Arc::new(watch::channel(None).0),
+        cancel: cancel.clone(),
+        job: job.clone(),
     };
-    custody_wire::rpc::serve(stream, service).await?;
+    let served = custody_wire::rpc::serve(stream, service).await;
+    // The daemon is gone (or done): stop what still runs and let the job
+    // take its steps, cgroups and disk down before the work directory goes.
+    let running = job.lock().expect("never poisoned").take();
+    if let Some(running) = running {
+        cancel.send_if_modified(|reason| {
+            reason.get_or_insert_with(|| "the daemon ended the session".to_owned());
+            true
+        });
+        let _ = tokio::time::timeout(Duration::from_secs(30), running).await;
+    }
+    served?;
     Ok(())
 }
 
 struct JobService {
     workdir: PathBuf,
+    /// The daemon's connector addresses.
+    daemon: Vec<SocketAddr>,
     started: Mutex<bool>,
     /// Set to the reason once the daemon cancels.
     cancel: Arc<watch::Sender<Option<String>>>,
+    /// The job's task, awaited before the runner exits.
+    job: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
 impl JobService {
-    /// `workspace/` and `output/` inside the work directory; the work
-    /// directory itself (where the runner keeps what it pulls) and the paths
-    /// the daemon names are hidden from steps.
-    fn prepare(&self, job: &proto::Job) -> std::io::Result<sandbox::Sandbox> {
-        let workspace = self.workdir.join("workspace");
-        let output = self.workdir.join("output");
-        fs_err::create_dir_all(&workspace)?;
-        fs_err::create_dir_all(&output)?;
-        Ok(sandbox::Sandbox {
-            workspace,
-            output,
-            hidden: job
-                .hidden_paths
-                .iter()
-                .map(PathBuf::from)
-                .chain([self.workdir.clone()])
-                .collect(),
+    /// The job's directories and the boundary its steps run within; the
+    /// work directory itself (where the runner keeps what it pulls) and the
+    /// paths the daemon names are hidden from steps.
+    fn prepare(&self, job: &proto::Job) -> Result<steps::Boundary, String> {
+        let bounds = job.bounds.clone().unwrap_or_default();
+        let ids = ids::StepIds::for_runner(Some(&bounds.step_ids))?;
+        let disk = match bounds.disk_bytes {
+            0 => DEFAULT_DISK_BYTES,
+            n => n,
+        };
+        let (jobdir, note) = jobdir::JobDir::create(&self.workdir, ids, disk)
+            .map_err(|e| format!("cannot prepare the work directory: {e}"))?;
+        let policy = egress::Policy::new(&bounds.egress_allow, self.daemon.clone())?;
+        let defaults = rootfs::ImageLimits::default();
+        let mut notes: Vec<String> = note.into_iter().collect();
+        if !ids.privileged {
+            notes.push(
+                "steps run as the runner's own user (mapped to root inside): the runner is not root, so it cannot map them to an unprivileged range".into(),
+            );
+        }
+        Ok(steps::Boundary {
+            sandbox: sandbox::Sandbox {
+                workspace: jobdir.workspace.clone(),
+                output: jobdir.output.clone(),
+                hidden: job
+                    .hidden_paths
+                    .iter()
+                    .map(PathBuf::from)
+                    .chain([self.workdir.clone()])
+                    .collect(),
+                ids,
+            },
+            jobdir,
+            policy: Arc::new(policy),
+            log_bytes: match bounds.log_bytes {
+                0 => logs::DEFAULT_LOG_LIMIT,
+                n => n,
+            },
+            image_limits: rootfs::ImageLimits {
+                max_bytes: match bounds.image_max_bytes {
+                    0 => defaults.max_bytes,
+                    n => n,
+                },
+                max_layers: match bounds.image_max_layers {
+                    0 => defaults.max_layers,
+                    n => n as usize,
+                },
+            },
+            notes,
         })
     }
 }
@@ -132,19 +255,18 @@ impl custody_wire::rpc::Runner for JobService {
             runner_version: env!("CARGO_PKG_VERSION").to_owned(),
         };
         let _ = events.send(Ok(event(Kind::Hello(hello)))).await;
-        let sandbox = match self.prepare(&job) {
-            Ok(sandbox) => sandbox,
-            Err(e) => {
-                return Err(Status::internal(format!(
-                    "cannot prepare the work directory: {e}"
-                )));
-            }
+        let boundary = match self.prepare(&job) {
+            Ok(boundary) => boundary,
+            Err(e) => return Err(Status::internal(e)),
         };
         let cancel = self.cancel.subscribe();
-        tokio::spawn(async move {
-            let finished = steps::run_all(&job, &sandbox, &events, cancel).await;
+        let task = tokio::spawn(async move {
+            let finished = steps::run_all(&job, &boundary, &events, cancel).await;
+            // The build's disk goes before the daemon hears the end.
+            drop(boundary);
             let _ = events.send(Ok(event(Kind::Finished(finished)))).await;
         });
+        *self.job.lock().expect("never poisoned") = Some(task);
         Ok(Response::new(ReceiverStream::new(receiver)))
     }
 

@@ -1,11 +1,19 @@
 //! What steps produced, read by the runner (never by the steps): image
 //! layouts under `/output` and artifact files matched by globs in the
 //! workspace. Nothing a step wrote may lead the runner outside those two
-//! directories: a symlink that points out is refused, and so is an output
-//! that was declared but never written.
+//! directories: every file is opened through the directory it belongs to
+//! (see [`custody_oci::beneath`]), so a symlink that points out is refused,
+//! a layout or archive under `/output` is never reached through a symlink
+//! at all, and an output that was declared but never written fails.
 
+use std::io::Seek;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use custody_oci::Location;
+use custody_oci::archive::DockerArchive;
+use custody_oci::beneath::Dir;
+use custody_oci::copy::Source;
 use custody_oci::digest::{DigestAlgorithm, Hasher};
 use custody_oci::layout::Layout;
 use custody_oci::oci_spec::image::{Descriptor, MediaType};
@@ -16,6 +24,8 @@ pub const ARTIFACT_TYPE: &str = "application/vnd.custody.artifact.v1";
 pub const FILE_MEDIA_TYPE: &str = "application/octet-stream";
 /// Each file's path in the workspace, as OCI artifact tools read it.
 pub const TITLE_ANNOTATION: &str = "org.opencontainers.image.title";
+/// How steps see their output directory.
+const OUTPUT: &str = "/output";
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -24,14 +34,16 @@ pub enum OutputError {
     NothingMatched { glob: String },
     #[error("`{glob}` is not a valid glob: {detail}")]
     BadGlob { glob: String, detail: String },
-    #[error("`{path}` is refused: it leads outside {dir} (to `{}`)", target.display())]
+    #[error("`{path}` is refused: it leads outside {dir}{}", target.as_ref().map(|t| format!(" (to `{}`)", t.display())).unwrap_or_default())]
     Escapes {
         path: String,
         dir: &'static str,
-        target: PathBuf,
+        target: Option<PathBuf>,
     },
     #[error("`{path}` is not there; the build declared it as an output")]
     Missing { path: String },
+    #[error("`{path}` is not an output under /output")]
+    NotAnOutput { path: String },
     #[error(transparent)]
     Oci(#[from] custody_oci::Error),
     #[error(transparent)]
@@ -43,14 +55,13 @@ pub enum OutputError {
 pub struct ArtifactFile {
     /// Relative to the workspace, `/`-separated.
     pub path: String,
-    /// Where its bytes are (the symlink target for a link inside).
-    pub source: PathBuf,
 }
 
 /// Files in `workspace` matching `globs` (`*` does not cross `/`; `**`
-/// does), sorted by path. Every glob must match at least one file.
+/// does), sorted by path. Every glob must match at least one file. A
+/// matched symlink must stay inside the workspace.
 pub fn collect_files(workspace: &Path, globs: &[String]) -> Result<Vec<ArtifactFile>, OutputError> {
-    let root = workspace.canonicalize()?;
+    let dir = Dir::open(workspace)?;
     let matchers = globs
         .iter()
         .map(|g| {
@@ -66,12 +77,12 @@ pub fn collect_files(workspace: &Path, globs: &[String]) -> Result<Vec<ArtifactF
         .collect::<Result<Vec<_>, _>>()?;
     let mut matched = vec![false; globs.len()];
     let mut files = Vec::new();
-    for entry in walkdir::WalkDir::new(&root)
+    for entry in walkdir::WalkDir::new(workspace)
         .follow_links(false)
         .sort_by_file_name()
     {
         let entry = entry.map_err(|e| std::io::Error::other(e.to_string()))?;
-        let Ok(relative) = entry.path().strip_prefix(&root) else {
+        let Ok(relative) = entry.path().strip_prefix(workspace) else {
             continue;
         };
         let Some(path) = relative.to_str().map(str::to_owned) else {
@@ -90,13 +101,11 @@ pub fn collect_files(workspace: &Path, globs: &[String]) -> Result<Vec<ArtifactF
         if !hit {
             continue;
         }
-        let source = if entry.path_is_symlink() {
-            inside(&root, entry.path(), &path, "the workspace")?
-        } else {
-            entry.path().to_owned()
-        };
-        if source.is_file() {
-            files.push(ArtifactFile { path, source });
+        // A link to a directory inside is no file: skip it, as before.
+        match open_inside(&dir, relative) {
+            Ok(_) => files.push(ArtifactFile { path }),
+            Err(OutputError::Oci(custody_oci::Error::Io(_))) if entry.path_is_symlink() => {}
+            Err(e) => return Err(e),
         }
     }
     if let Some(i) = matched.iter().position(|m| !m) {
@@ -107,55 +116,78 @@ pub fn collect_files(workspace: &Path, globs: &[String]) -> Result<Vec<ArtifactF
     Ok(files)
 }
 
-/// The real location of `declared` (a path as steps saw it under
-/// `/output`), which must exist and stay inside `output_dir`.
-pub fn output_path(output_dir: &Path, declared: &Path) -> Result<PathBuf, OutputError> {
-    let relative = declared.strip_prefix("/output").unwrap_or(declared);
-    let candidate = output_dir.join(relative);
-    if std::fs::symlink_metadata(&candidate).is_err() {
-        return Err(OutputError::Missing {
+/// Opens the workspace file `relative`: symlinks are followed only while
+/// they stay inside.
+fn open_inside(workspace: &Dir, relative: &Path) -> Result<std::fs::File, OutputError> {
+    workspace.open_file_inside(relative).map_err(|e| match e {
+        custody_oci::Error::Symlink { .. } => OutputError::Escapes {
+            path: relative.display().to_string(),
+            dir: "the workspace",
+            target: workspace.link_target(relative),
+        },
+        other => OutputError::Oci(other),
+    })
+}
+
+/// Opens the image a step declared at `from` (`oci:/output/…[:TAG]` or
+/// `docker-archive:/output/…`) inside `output_dir`, the runner's copy of
+/// `/output`, never through a symlink.
+pub fn open_image(output_dir: &Path, from: &Location) -> Result<Source, OutputError> {
+    let output = Dir::open(output_dir)?.named(OUTPUT);
+    let declared = match from {
+        Location::Layout { path, .. } | Location::DockerArchive { path } => path,
+        Location::Registry(_) => {
+            return Err(OutputError::NotAnOutput {
+                path: from.to_string(),
+            });
+        }
+    };
+    let relative = declared
+        .strip_prefix(OUTPUT)
+        .map_err(|_| OutputError::NotAnOutput {
             path: declared.display().to_string(),
-        });
+        })?;
+    let missing = |e: custody_oci::Error| match e {
+        custody_oci::Error::Layout { reason, .. } if reason == "no such directory" => {
+            OutputError::Missing {
+                path: declared.display().to_string(),
+            }
+        }
+        custody_oci::Error::Io(io) if io.kind() == std::io::ErrorKind::NotFound => {
+            OutputError::Missing {
+                path: declared.display().to_string(),
+            }
+        }
+        other => OutputError::Oci(other),
+    };
+    match from {
+        Location::Layout { tag, .. } => Ok(Source::Layout {
+            layout: Layout::open_in(&output, relative).map_err(missing)?,
+            tag: tag.clone(),
+        }),
+        _ => {
+            let file = output.open_file(relative).map_err(missing)?;
+            Ok(Source::Archive(Arc::new(DockerArchive::from_file(
+                declared, file,
+            )?)))
+        }
     }
-    inside(
-        &output_dir.canonicalize()?,
-        &candidate,
-        &declared.display().to_string(),
-        "/output",
-    )
 }
 
-fn inside(
-    root: &Path,
-    path: &Path,
-    shown: &str,
-    dir: &'static str,
-) -> Result<PathBuf, OutputError> {
-    let target = path.canonicalize().map_err(|_| OutputError::Missing {
-        path: shown.to_owned(),
-    })?;
-    if !target.starts_with(root) {
-        return Err(OutputError::Escapes {
-            path: shown.to_owned(),
-            dir,
-            target,
-        });
-    }
-    Ok(target)
-}
-
-/// Writes `files` into `layout` as one OCI artifact (each file a layer
-/// titled with its path, the empty config) tagged `tag`, hashing each file
-/// as it is copied. Blocking.
+/// Writes `files` of `workspace` into `layout` as one OCI artifact (each
+/// file a layer titled with its path, the empty config) tagged `tag`,
+/// hashing each file as it is copied. Blocking.
 pub fn write_artifact(
+    workspace: &Path,
     files: &[ArtifactFile],
     layout: &Layout,
     tag: &str,
 ) -> Result<Descriptor, OutputError> {
+    let workspace = Dir::open(workspace)?;
     let mut layers = Vec::new();
     for file in files {
+        let mut reader = open_inside(&workspace, Path::new(&file.path))?;
         let (digest, size) = {
-            let mut reader = fs_err::File::open(&file.source)?;
             let mut hasher = Hasher::new(&DigestAlgorithm::Sha256)?;
             let mut buf = vec![0; 256 * 1024];
             let mut size = 0u64;
@@ -172,7 +204,8 @@ pub fn write_artifact(
         let descriptor = Descriptor::new(MediaType::from(FILE_MEDIA_TYPE), size, digest);
         if !layout.has_blob(descriptor.digest()) {
             // Checked again while copying: a file changed meanwhile is refused.
-            layout.write_blob(&descriptor, fs_err::File::open(&file.source)?)?;
+            reader.rewind()?;
+            layout.write_blob(&descriptor, &mut reader)?;
         }
         let mut layer = serde_json::to_value(&descriptor).expect("descriptors serialise");
         layer["annotations"] = serde_json::json!({ TITLE_ANNOTATION: file.path });

@@ -14,7 +14,7 @@ use tonic::Status;
 
 use crate::event;
 use crate::outputs;
-use crate::sandbox::Sandbox;
+use crate::steps::Boundary;
 
 /// How the runner reaches registries: exactly what the daemon sent for this
 /// job, nothing of this machine's own certs.d or credential files.
@@ -60,64 +60,57 @@ pub(crate) fn registry_options(job: &proto::Job) -> RegistryOptions {
 /// naming the output.
 pub(crate) async fn push_outputs(
     job: &proto::Job,
-    sandbox: &Sandbox,
+    boundary: &Boundary,
     events: &mpsc::Sender<Result<Event, Status>>,
 ) -> Result<(), String> {
     let options = registry_options(job);
+    let jobdir = &boundary.jobdir;
     for image in &job.images {
         let from: Location = image
             .from
             .parse()
             .map_err(|e: custody_oci::Error| e.to_string())?;
-        // The step saw `/output/…`; the runner finds it in its own directory.
-        let from = match from {
-            Location::Layout { path, tag } => Location::Layout {
-                path: outputs::output_path(&sandbox.output, &path).map_err(|e| e.to_string())?,
-                tag,
-            },
-            Location::DockerArchive { path } => Location::DockerArchive {
-                path: outputs::output_path(&sandbox.output, &path).map_err(|e| e.to_string())?,
-            },
-            Location::Registry(_) => {
-                return Err(format!("`{}` is not an output under /output", image.from));
-            }
+        // The step saw `/output/…`; the runner opens it inside its own copy.
+        let source = {
+            let output = jobdir.output.clone();
+            tokio::task::spawn_blocking(move || outputs::open_image(&output, &from))
+                .await
+                .expect("opening an output does not panic")
+                .map_err(|e| e.to_string())?
         };
         let to: Location = image
             .to
             .parse()
             .map_err(|e: custody_oci::Error| e.to_string())?;
-        let report = copy_to(&from, &to, &options)
+        let report = copy_to(&source, &to, &options)
             .await
             .map_err(|e| format!("pushing `{}` to `{}`: {e}", image.from, image.to))?;
         send_output(events, report).await;
     }
     for (index, artifact) in job.artifacts.iter().enumerate() {
-        let files = outputs::collect_files(&sandbox.workspace, &artifact.paths)
-            .map_err(|e| e.to_string())?;
-        let staging = sandbox
-            .workspace
-            .with_file_name(format!("artifact-{index}"));
+        let staging = jobdir.private.join(format!("artifact-{index}"));
         let layout = {
-            let staging = staging.clone();
+            let (workspace, globs) = (jobdir.workspace.clone(), artifact.paths.clone());
             tokio::task::spawn_blocking(move || -> Result<Layout, outputs::OutputError> {
+                let files = outputs::collect_files(&workspace, &globs)?;
                 let layout = Layout::for_writing(&staging)?;
                 layout.create_if_missing()?;
-                outputs::write_artifact(&files, &layout, "artifact")?;
+                outputs::write_artifact(&workspace, &files, &layout, "artifact")?;
                 Ok(layout)
             })
             .await
             .expect("writing an artifact does not panic")
             .map_err(|e| e.to_string())?
         };
-        let from = Location::Layout {
-            path: layout.root().to_owned(),
+        let source = Source::Layout {
+            layout,
             tag: Some("artifact".into()),
         };
         let to: Location = artifact
             .to
             .parse()
             .map_err(|e: custody_oci::Error| e.to_string())?;
-        let report = copy_to(&from, &to, &options).await.map_err(|e| {
+        let report = copy_to(&source, &to, &options).await.map_err(|e| {
             format!(
                 "pushing artifact {:?} to `{}`: {e}",
                 artifact.paths, artifact.to
@@ -129,14 +122,13 @@ pub(crate) async fn push_outputs(
 }
 
 async fn copy_to(
-    from: &Location,
+    source: &Source,
     to: &Location,
     options: &RegistryOptions,
 ) -> Result<copy::CopyReport, custody_oci::Error> {
-    let source = Source::open(from, options).await?;
     let destination = Destination::open(to, options).await?;
     copy::copy(
-        &source,
+        source,
         &destination,
         &CopyOptions {
             progress: Arc::new(copy::NoProgress),

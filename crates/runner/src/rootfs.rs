@@ -1,12 +1,18 @@
 //! A step image as a root filesystem: resolved to a digest, every blob
 //! verified as it downloads, layers applied in order with whiteouts (and
-//! refused if they reach outside, see `custody_oci::unpack`).
+//! refused if they reach outside, see `custody_oci::unpack`), each layer's
+//! uncompressed bytes checked against the config's `diff_ids`, and the whole
+//! image held to a layer count and an uncompressed size before the disk
+//! fills. Files belong to the step's ids, shifted into its host range, so a
+//! step that installs packages as its image's root can.
 
 use std::path::Path;
 
-use custody_oci::oci_spec::image::{ImageIndex, ImageManifest};
+use custody_oci::oci_spec::image::{ImageConfiguration, ImageIndex, ImageManifest};
 use custody_oci::registry::{Client, RegistryOptions};
-use custody_oci::unpack::{self, UnpackError};
+use custody_oci::unpack::{self, Measured, UnpackError};
+
+use crate::ids::StepIds;
 use custody_oci::{Digest, Reference};
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
@@ -24,8 +30,36 @@ pub enum RootfsError {
         layer: Digest,
         source: UnpackError,
     },
+    #[error("`{reference}` is refused: {detail}")]
+    Limit { reference: String, detail: String },
+    #[error(
+        "layer `{layer}` of `{reference}` does not match the image's config: its content hashes to `{actual}`, the config's `diff_id` says `{expected}`"
+    )]
+    DiffId {
+        reference: String,
+        layer: Digest,
+        expected: String,
+        actual: Digest,
+    },
     #[error(transparent)]
     Io(#[from] std::io::Error),
+}
+
+/// Bounds on a step image, checked before and while it unpacks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageLimits {
+    /// Uncompressed bytes of all layers together (and compressed, too).
+    pub max_bytes: u64,
+    pub max_layers: usize,
+}
+
+impl Default for ImageLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: 16 << 30,
+            max_layers: 256,
+        }
+    }
 }
 
 /// The image a step ran on, as provenance records it.
@@ -37,11 +71,15 @@ pub struct ResolvedImage {
     pub digest: Digest,
 }
 
-/// Pulls `reference` and unpacks it into `dest` (an empty directory).
+/// Pulls `reference` and unpacks it into `dest` (an empty directory),
+/// downloading layers into `scratch`; files are given to `ids` when set.
 pub async fn prepare(
     reference: &Reference,
     options: &RegistryOptions,
     dest: &Path,
+    scratch: &Path,
+    limits: ImageLimits,
+    ids: Option<StepIds>,
 ) -> Result<ResolvedImage, RootfsError> {
     let shown = reference.to_string();
     let bad = |detail: String| RootfsError::Image {
@@ -81,12 +119,56 @@ pub async fn prepare(
     };
     let manifest: ImageManifest = serde_json::from_slice(&manifest_bytes)
         .map_err(|e| bad(format!("not an image manifest: {e}")))?;
+    let limit = |detail: String| RootfsError::Limit {
+        reference: shown.clone(),
+        detail,
+    };
+    let layers = manifest.layers();
+    if layers.len() > limits.max_layers {
+        return Err(limit(format!(
+            "it has {} layers; step images may have at most {}",
+            layers.len(),
+            limits.max_layers
+        )));
+    }
+    let compressed: u64 = layers.iter().map(|l| l.size()).sum();
+    if compressed > limits.max_bytes {
+        return Err(limit(format!(
+            "its layers are {compressed} bytes; step images may be at most {} bytes",
+            limits.max_bytes
+        )));
+    }
+    let config = manifest.config();
+    if config.size() > custody_oci::layout::MAX_MANIFEST_SIZE {
+        return Err(limit(format!(
+            "its config is {} bytes; configs may be at most {} bytes",
+            config.size(),
+            custody_oci::layout::MAX_MANIFEST_SIZE
+        )));
+    }
+    let mut config_bytes = Vec::new();
+    let mut stream = client.blob(repository, config).await?;
+    while let Some(chunk) = stream.next().await {
+        config_bytes.extend_from_slice(&chunk?);
+    }
+    let diff_ids: Vec<String> = serde_json::from_slice::<ImageConfiguration>(&config_bytes)
+        .map_err(|e| bad(format!("its config is not an image config: {e}")))?
+        .rootfs()
+        .diff_ids()
+        .clone();
+    if diff_ids.len() != layers.len() {
+        return Err(bad(format!(
+            "its config lists {} diff_ids for {} layers",
+            diff_ids.len(),
+            layers.len()
+        )));
+    }
     tokio::fs::create_dir_all(dest).await?;
-    let scratch = tempfile::tempdir()?;
-    for layer in manifest.layers() {
+    let mut budget = limits.max_bytes;
+    for (layer, diff_id) in layers.iter().zip(diff_ids) {
         // Download (verified while it streams) to a file, then unpack off
         // the runtime: decompression and tar are blocking work.
-        let path = scratch.path().join(layer.digest().digest());
+        let path = scratch.join(layer.digest().digest());
         let mut file = tokio::fs::File::create(&path).await?;
         let mut stream = client.blob(repository, layer).await?;
         while let Some(chunk) = stream.next().await {
@@ -94,28 +176,85 @@ pub async fn prepare(
         }
         file.flush().await?;
         drop(file);
-        let (dest, media_type, digest, shown) = (
+        let (dest, media_type, digest, shown_here) = (
             dest.to_owned(),
             layer.media_type().to_string(),
             layer.digest().clone(),
             shown.clone(),
         );
-        tokio::task::spawn_blocking(move || {
+        let unpacked = tokio::task::spawn_blocking(move || {
             let blob = fs_err::File::open(&path)?;
-            let unpacked = unpack::decompressor(&media_type, blob)
-                .and_then(|tar| unpack::apply_layer(tar, &dest));
+            let owners = |uid: u64, gid: u64| match ids {
+                Some(ids) => (
+                    ids.host_uid(uid).unwrap_or(ids.uid),
+                    ids.host_gid(gid).unwrap_or(ids.gid),
+                ),
+                None => (0, 0),
+            };
+            let owners: unpack::Owners<'_> = ids.is_some().then_some(&owners);
+            let result = unpack::decompressor(&media_type, blob).and_then(|tar| {
+                let mut measured = Measured::new(tar, budget);
+                let applied = unpack::apply_layer(&mut measured, &dest, owners);
+                match applied {
+                    Err(_) if measured.exceeded() => Err(UnpackError::TooLarge { limit: budget }),
+                    Err(e) => Err(e),
+                    Ok(()) => measured.finish(),
+                }
+            });
             let _ = std::fs::remove_file(&path);
-            unpacked.map_err(|source| RootfsError::Unpack {
-                reference: shown,
-                layer: digest,
-                source,
+            result.map_err(|source| match source {
+                UnpackError::TooLarge { .. } => RootfsError::Limit {
+                    reference: shown_here.clone(),
+                    detail: format!(
+                        "it is larger than the limit of {} bytes uncompressed for step images",
+                        limits.max_bytes
+                    ),
+                },
+                source => RootfsError::Unpack {
+                    reference: shown_here.clone(),
+                    layer: digest.clone(),
+                    source,
+                },
             })
         })
         .await
-        .expect("unpacking does not panic")?;
+        .expect("unpacking does not panic");
+        let (actual, size) = unpacked?;
+        if actual.to_string() != diff_id {
+            return Err(RootfsError::DiffId {
+                reference: shown,
+                layer: layer.digest().clone(),
+                expected: diff_id,
+                actual,
+            });
+        }
+        budget -= size;
+    }
+    if let Some(ids) = ids {
+        let dest = dest.to_owned();
+        tokio::task::spawn_blocking(move || give_leftovers(&dest, ids))
+            .await
+            .expect("changing owners does not panic")?;
     }
     Ok(ResolvedImage {
         reference: shown,
         digest: top.digest().clone(),
     })
+}
+
+/// What unpacking made without an owner from the image (the root itself,
+/// parents a layer did not list) belongs to host root: give it to the
+/// step's root, so the step can write its own image.
+fn give_leftovers(dest: &Path, ids: StepIds) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    for entry in walkdir::WalkDir::new(dest).follow_links(false) {
+        let entry = entry.map_err(std::io::Error::other)?;
+        let meta = entry.metadata().map_err(std::io::Error::other)?;
+        if meta.uid() == 0 || meta.gid() == 0 {
+            let uid = if meta.uid() == 0 { ids.uid } else { meta.uid() };
+            let gid = if meta.gid() == 0 { ids.gid } else { meta.gid() };
+            std::os::unix::fs::lchown(entry.path(), Some(uid), Some(gid))?;
+        }
+    }
+    Ok(())
 }

@@ -1,19 +1,32 @@
-//! Steps run in a bubblewrap sandbox: their own PID, IPC, UTS, cgroup and
-//! (unless they ask for network) network namespaces, the host's top-level
-//! directories read-only, `/workspace` and `/output` read-write, fresh
-//! `/tmp`, `/dev` and `/proc`, and only the environment the step declares. In their PID
-//! namespace steps cannot see the runner, so neither its memory nor its
-//! environment; the token never reaches the disk they can read.
+//! Steps run in a bubblewrap sandbox: their own user, PID, IPC, UTS and
+//! cgroup namespaces, the network namespace the runner made for them (see
+//! [`crate::netns`]), the host's top-level directories read-only (or their
+//! image), `/workspace` and `/output` read-write, fresh `/tmp`, `/dev` and
+//! `/proc`, no capabilities, and only the environment the step declares.
 //!
-//! Where the runner is root, steps are root in the sandbox too, without
-//! capabilities: home directories and `/run` are empty tmpfs mounts, and
-//! directories the daemon names (its data directory) can be hidden the same
-//! way.
+//! The step is root in its user namespace and nobody on the host: where the
+//! runner is root, bubblewrap starts as the first id of the step's host range
+//! ([`crate::ids`]) and waits (`--userns-block-fd`) while the runner writes
+//! the namespace's `uid_map`/`gid_map` (`0 START COUNT`), moves it into the
+//! step's cgroup, and only then lets it go on — so nothing of the step ever
+//! runs with host privileges or outside its limits. The step's environment
+//! reaches bubblewrap as its environment, never in its arguments (which any
+//! local user can read in `/proc`).
 
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
 
+use command_fds::{CommandFdExt, FdMapping};
 use custody_wire::rpc::proto;
-use tokio::process::Command;
+use tokio::process::{Child, Command};
+
+use crate::cgroup::StepCgroup;
+use crate::ids::StepIds;
+use crate::netns::{SpawnGuard, StepNetwork};
 
 /// The `PATH` steps get.
 pub const STEP_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -22,6 +35,11 @@ const BWRAP: &str = "bwrap";
 const HIDDEN_TOP: &[&str] = &["root", "home", "run", "tmp"];
 /// Top-level entries the sandbox makes itself.
 const OWN_TOP: &[&str] = &["proc", "dev", "workspace", "output"];
+/// The descriptors bubblewrap reports on and waits on, in the child.
+const INFO_FD: i32 = 3;
+const BLOCK_FD: i32 = 4;
+/// How long bubblewrap may take to set its namespaces up.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where a job's steps work, on the runner's side.
 #[derive(Clone, Debug)]
@@ -33,6 +51,8 @@ pub struct Sandbox {
     /// More host paths to hide: directories behind empty tmpfs mounts,
     /// files behind `/dev/null`.
     pub hidden: Vec<PathBuf>,
+    /// The host ids steps run as.
+    pub ids: StepIds,
 }
 
 /// The root a step runs on.
@@ -44,61 +64,176 @@ pub enum Root<'a> {
 }
 
 impl Sandbox {
-    /// The command that runs `step` in this sandbox on `root`.
-    pub fn command(&self, step: &proto::Step, root: Root<'_>) -> Command {
+    /// Starts `step` on `root` inside `network`, with `extra_env` (the
+    /// proxy settings) under its own environment, in `cgroup` from its first
+    /// instruction. Output is piped; the step leads its own process group.
+    pub async fn start(
+        &self,
+        step: &proto::Step,
+        root: Root<'_>,
+        extra_env: &[(String, String)],
+        network: &StepNetwork,
+        cgroup: Option<&StepCgroup>,
+    ) -> std::io::Result<(Child, SpawnGuard)> {
+        let (mut info, info_child) = std::io::pipe()?;
+        let (block_child, mut block) = std::io::pipe()?;
         let mut command = Command::new(BWRAP);
-        command.args(["--die-with-parent", "--new-session", "--unshare-all"]);
-        if step.network {
-            command.arg("--share-net");
+        command
+            .args(self.arguments(step, root))
+            .env_clear()
+            .env("PATH", STEP_PATH)
+            .env("HOME", "/workspace")
+            .envs(extra_env.iter().map(|(k, v)| (k, v)))
+            .envs(&step.env)
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Its own process group, so everything the step starts can be killed.
+            .process_group(0)
+            .kill_on_drop(true);
+        command
+            .fd_mappings(vec![
+                FdMapping {
+                    parent_fd: OwnedFd::from(info_child),
+                    child_fd: INFO_FD,
+                },
+                FdMapping {
+                    parent_fd: OwnedFd::from(block_child),
+                    child_fd: BLOCK_FD,
+                },
+            ])
+            .map_err(std::io::Error::other)?;
+        if self.ids.privileged {
+            // Dropping from root also drops every supplementary group.
+            command.uid(self.ids.uid).gid(self.ids.gid);
         }
-        match root {
-            Root::Host => self.host_root(&mut command),
-            // The image's own files, writable: builds install things.
-            Root::Image(rootfs) => {
-                command
-                    .arg("--bind")
-                    .arg(rootfs)
-                    .arg("/")
-                    .args(["--tmpfs", "/tmp"]);
+        // Started from inside the step's network namespace; the command (and
+        // with it our copies of the child's pipe ends) is dropped there.
+        let (mut child, guard) = network.spawn(command)?;
+
+        // bubblewrap's child keeps its copy of the descriptor open until it
+        // goes on, so the report ends where its JSON does, not at EOF.
+        let report = tokio::task::spawn_blocking(move || {
+            let mut text = Vec::new();
+            let mut chunk = [0u8; 1024];
+            loop {
+                match info.read(&mut chunk) {
+                    Ok(0) | Err(_) => return None,
+                    Ok(n) => text.extend_from_slice(&chunk[..n]),
+                }
+                if let Ok(report) = serde_json::from_slice::<serde_json::Value>(&text) {
+                    return Some(report);
+                }
+                if text.len() > 64 * 1024 {
+                    return None;
+                }
+            }
+        });
+        let report = match tokio::time::timeout(SETUP_TIMEOUT, report).await {
+            Ok(Ok(report)) => report,
+            _ => None,
+        };
+        let inner = report
+            .and_then(|v| v["child-pid"].as_u64())
+            .and_then(|pid| u32::try_from(pid).ok());
+        let Some(inner) = inner else {
+            return Err(failed_to_start(child).await);
+        };
+        let prepared = self.prepare(inner, child.id(), cgroup);
+        if let Err(e) = prepared {
+            let _ = child.start_kill();
+            return Err(e);
+        }
+        // Go on: the namespace is mapped and the cgroup joined.
+        block.write_all(b"1")?;
+        drop(block);
+        Ok((child, guard))
+    }
+
+    /// Maps the user namespace of bubblewrap's child `inner` and moves it
+    /// and bubblewrap (`outer`) into the step's cgroup.
+    fn prepare(
+        &self,
+        inner: u32,
+        outer: Option<u32>,
+        cgroup: Option<&StepCgroup>,
+    ) -> std::io::Result<()> {
+        let proc = PathBuf::from(format!("/proc/{inner}"));
+        fs_err::write(proc.join("uid_map"), self.ids.uid_map())?;
+        fs_err::write(proc.join("setgroups"), "deny")?;
+        fs_err::write(proc.join("gid_map"), self.ids.gid_map())?;
+        if let Some(cgroup) = cgroup {
+            for pid in outer.into_iter().chain([inner]) {
+                cgroup.add_process(pid)?;
             }
         }
-        command
-            .args(["--dev", "/dev", "--proc", "/proc"])
-            .arg("--bind")
-            .arg(&self.workspace)
-            .arg("/workspace")
-            .arg("--bind")
-            .arg(&self.output)
-            .arg("/output")
-            .args([
-                "--chdir",
-                "/workspace",
-                "--clearenv",
-                "--setenv",
-                "PATH",
-                STEP_PATH,
-                "--setenv",
-                "HOME",
-                "/workspace",
-            ]);
-        for (key, value) in &step.env {
-            command.arg("--setenv").arg(key).arg(value);
+        Ok(())
+    }
+
+    /// bubblewrap's arguments: namespaces, the root, the bind mounts, the
+    /// command. Nothing secret: any local user may read them.
+    fn arguments(&self, step: &proto::Step, root: Root<'_>) -> Vec<OsString> {
+        let mut args: Vec<OsString> = [
+            "--die-with-parent",
+            "--new-session",
+            "--unshare-user",
+            "--unshare-ipc",
+            "--unshare-pid",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+            "--uid",
+            "0",
+            "--gid",
+            "0",
+            "--cap-drop",
+            "ALL",
+            "--info-fd",
+            "3",
+            "--userns-block-fd",
+            "4",
+        ]
+        .map(OsString::from)
+        .to_vec();
+        let mut push = |items: &[&dyn AsRef<std::ffi::OsStr>]| {
+            args.extend(items.iter().map(|i| i.as_ref().to_owned()));
+        };
+        match root {
+            Root::Host => self.host_root(&mut push),
+            // The image's own files, writable: builds install things.
+            Root::Image(rootfs) => {
+                push(&[&"--bind", &rootfs, &"/", &"--tmpfs", &"/tmp"]);
+            }
         }
-        command.arg("--");
+        push(&[
+            &"--dev",
+            &"/dev",
+            &"--proc",
+            &"/proc",
+            &"--bind",
+            &self.workspace,
+            &"/workspace",
+            &"--bind",
+            &self.output,
+            &"/output",
+            &"--chdir",
+            &"/workspace",
+            &"--",
+        ]);
         if step.args.is_empty() {
-            command.args(["/bin/sh", "-c", &step.run]);
+            push(&[&"/bin/sh", &"-c", &step.run]);
         } else {
-            command.args(&step.args);
+            for arg in &step.args {
+                push(&[arg]);
+            }
         }
-        // bwrap itself gets nothing of the runner's environment either.
-        command.env_clear().env("PATH", STEP_PATH);
-        command
+        args
     }
 
     /// A fresh tmpfs root holding the host's top-level entries read-only (so
     /// `/workspace` and `/output` can be made in it), with home
     /// directories, `/run` and `/tmp` empty.
-    fn host_root(&self, command: &mut Command) {
+    fn host_root(&self, push: &mut impl FnMut(&[&dyn AsRef<std::ffi::OsStr>])) {
         for entry in std::fs::read_dir("/").into_iter().flatten().flatten() {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
@@ -107,11 +242,11 @@ impl Sandbox {
                 continue;
             }
             if HIDDEN_TOP.contains(&name) {
-                command.arg("--tmpfs").arg(&path);
+                push(&[&"--tmpfs", &path]);
             } else if let Ok(target) = std::fs::read_link(&path) {
-                command.arg("--symlink").arg(target).arg(&path);
+                push(&[&"--symlink", &target, &path]);
             } else {
-                command.arg("--ro-bind").arg(&path).arg(&path);
+                push(&[&"--ro-bind", &path, &path]);
             }
         }
         for hidden in &self.hidden {
@@ -128,10 +263,30 @@ impl Sandbox {
                 continue;
             }
             if hidden.is_dir() {
-                command.arg("--tmpfs").arg(hidden);
+                push(&[&"--tmpfs", hidden]);
             } else if hidden.exists() {
-                command.arg("--ro-bind").arg("/dev/null").arg(hidden);
+                push(&[&"--ro-bind", &"/dev/null", hidden]);
             }
         }
     }
+}
+
+/// bubblewrap gave up before its sandbox existed: say what it said.
+async fn failed_to_start(mut child: Child) -> std::io::Error {
+    let _ = child.start_kill();
+    let mut said = Vec::new();
+    if let Some(mut stderr) = child.stderr.take() {
+        use tokio::io::AsyncReadExt;
+        let _ = tokio::time::timeout(Duration::from_secs(5), stderr.read_to_end(&mut said)).await;
+    }
+    let _ = child.wait().await;
+    let said = String::from_utf8_lossy(&said);
+    std::io::Error::other(format!(
+        "bubblewrap could not set the sandbox up{}",
+        if said.trim().is_empty() {
+            String::new()
+        } else {
+            format!(": {}", said.trim())
+        }
+    ))
 }

@@ -1,158 +1,104 @@
-//! Running a job's steps one by one, streaming their output.
+//! Running a job's steps one by one, inside the step boundary, streaming
+//! their output.
 
-use std::process::Stdio;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 use custody_wire::rpc::proto::{self, Event, event::Kind, log_line};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
 use crate::cgroup::{Limits, StepCgroup};
+use crate::egress::{self, Policy};
 use crate::event;
+use crate::jobdir::JobDir;
+use crate::logs::Log;
+use crate::netns::StepNetwork;
+use crate::rootfs::ImageLimits;
 use crate::sandbox::{Root, Sandbox};
 
 type Events = mpsc::Sender<Result<Event, Status>>;
 
+/// At most this many refused destinations are told per step.
+const MAX_EGRESS_NOTES: u32 = 100;
+
+/// Everything a job's steps run within.
+pub(crate) struct Boundary {
+    pub jobdir: JobDir,
+    pub sandbox: Sandbox,
+    pub policy: Arc<Policy>,
+    pub log_bytes: u64,
+    pub image_limits: ImageLimits,
+    /// What could not be enforced here (for the log and the provenance).
+    pub notes: Vec<String>,
+}
+
 /// Runs every step in order; stops at the first failure or on cancel.
 pub(crate) async fn run_all(
     job: &proto::Job,
-    sandbox: &Sandbox,
+    boundary: &Boundary,
     events: &Events,
     mut cancel: watch::Receiver<Option<String>>,
 ) -> proto::Finished {
-    if let Err(error) = prepare_source(job, &sandbox.workspace).await {
+    let cgroups = crate::cgroup::supported(&job.job_id);
+    let mut notes = boundary.notes.clone();
+    if !cgroups {
+        notes.push(
+            "memory and process limits are not enforced: the runner cannot create cgroups here"
+                .into(),
+        );
+    }
+    for note in &notes {
+        tracing::warn!("{note}");
+    }
+    let bounds = job.bounds.clone().unwrap_or_default();
+    let _ = events
+        .send(Ok(event(Kind::Isolation(proto::Isolation {
+            uid_map: boundary.sandbox.ids.uid_map(),
+            gid_map: boundary.sandbox.ids.gid_map(),
+            disk_bytes: boundary.jobdir.disk_limit.unwrap_or(0),
+            cgroups,
+            log_bytes: boundary.log_bytes,
+            egress_allow: bounds.egress_allow,
+            notes,
+        }))))
+        .await;
+    if let Err(error) = prepare_source(job, &boundary.jobdir).await {
         return failed(format!("source: {error}"));
     }
+    let mut log = Log::new(boundary.log_bytes, events.clone());
+    let mut outcome = None;
     for (index, step) in job.steps.iter().enumerate() {
-        let index = index as u32;
         if let Some(reason) = cancel.borrow().clone() {
-            return cancelled(reason);
+            outcome = Some(cancelled(reason));
+            break;
         }
-        // A step image becomes this step's root filesystem.
-        let rootfs = sandbox.workspace.with_file_name(format!("rootfs-{index}"));
-        let image_digest = if step.image.is_empty() {
-            String::new()
-        } else {
-            match prepare_image(&step.image, job, &rootfs).await {
-                Ok(digest) => digest,
-                Err(error) => {
-                    return proto::Finished {
-                        success: false,
-                        cancelled: false,
-                        error: format!("step `{}`: image `{}`: {error}", step.name, step.image),
-                    };
-                }
-            }
-        };
-        let root = if step.image.is_empty() {
-            Root::Host
-        } else {
-            Root::Image(&rootfs)
-        };
-        let _ = events
-            .send(Ok(event(Kind::StepStarted(proto::StepStarted {
-                index,
-                name: step.name.clone(),
-                image_digest,
-            }))))
-            .await;
-        let limits = step.limits.unwrap_or_default();
-        let limits = Limits::or_defaults(limits.memory_bytes, limits.pids);
-        let cgroup = match StepCgroup::create(&format!("custody-{}-{index}", job.job_id), limits) {
-            Ok(Some(cgroup)) => Some(cgroup),
-            Ok(None) => {
-                if index == 0 {
-                    tracing::warn!(
-                        "cannot create cgroups here: steps run without memory and process limits"
-                    );
-                }
-                None
-            }
-            Err(e) => {
-                return failed(format!(
-                    "step `{}`: cannot set up its cgroup: {e}",
-                    step.name
-                ));
-            }
-        };
-        let outcome = run_step(
-            index,
+        if let Err(finished) = run_one(
+            index as u32,
             step,
-            sandbox,
-            root,
-            cgroup.as_ref(),
+            job,
+            boundary,
             events,
+            &mut log,
             &mut cancel,
         )
-        .await;
-        let out_of_memory = cgroup.as_ref().is_some_and(StepCgroup::oom_killed);
-        let out_of_pids = cgroup.as_ref().is_some_and(StepCgroup::pids_exhausted);
-        drop(cgroup);
-        match outcome {
-            Ok(StepEnd::Exited(code)) => {
-                let _ = events
-                    .send(Ok(event(Kind::StepFinished(proto::StepFinished {
-                        index,
-                        exit_code: code,
-                        timed_out: false,
-                    }))))
-                    .await;
-                if code != 0 && out_of_memory {
-                    return failed(format!(
-                        "step `{}` ran out of memory (limit {} MiB) and was killed",
-                        step.name,
-                        limits.memory_bytes >> 20
-                    ));
-                }
-                if code != 0 {
-                    let hint = if out_of_pids {
-                        format!(" (it hit its limit of {} processes)", limits.pids)
-                    } else {
-                        String::new()
-                    };
-                    return failed(format!(
-                        "step `{}` exited with code {code}{hint}",
-                        step.name
-                    ));
-                }
-            }
-            Ok(StepEnd::TimedOut) => {
-                let _ = events
-                    .send(Ok(event(Kind::StepFinished(proto::StepFinished {
-                        index,
-                        exit_code: -1,
-                        timed_out: true,
-                    }))))
-                    .await;
-                return proto::Finished {
-                    success: false,
-                    cancelled: false,
-                    error: format!(
-                        "step `{}` timed out after {} s",
-                        step.name, step.timeout_seconds
-                    ),
-                };
-            }
-            Ok(StepEnd::Cancelled(reason)) => return cancelled(reason),
-            Err(err) => {
-                return proto::Finished {
-                    success: false,
-                    cancelled: false,
-                    error: format!("step `{}` could not start: {err}", step.name),
-                };
-            }
+        .await
+        {
+            outcome = Some(finished);
+            break;
         }
     }
+    // The log's kept tail goes out before anything else happens.
+    log.finish().await;
+    if let Some(finished) = outcome {
+        return finished;
+    }
     // The runner, not the steps, reads what they produced and pushes it.
-    if let Err(error) = crate::push::push_outputs(job, sandbox, events).await {
-        return proto::Finished {
-            success: false,
-            cancelled: false,
-            error,
-        };
+    if let Err(error) = crate::push::push_outputs(job, boundary, events).await {
+        return failed(error);
     }
     proto::Finished {
         success: true,
@@ -161,19 +107,213 @@ pub(crate) async fn run_all(
     }
 }
 
+/// One step, from its image to its end; `Err` ends the job.
+async fn run_one(
+    index: u32,
+    step: &proto::Step,
+    job: &proto::Job,
+    boundary: &Boundary,
+    events: &Events,
+    log: &mut Log,
+    cancel: &mut watch::Receiver<Option<String>>,
+) -> Result<(), proto::Finished> {
+    // A step image becomes this step's root filesystem.
+    let rootfs = boundary.jobdir.rootfs(index);
+    let image_digest = if step.image.is_empty() {
+        String::new()
+    } else {
+        prepare_image(&step.image, job, boundary, &rootfs)
+            .await
+            .map_err(|error| {
+                failed(format!(
+                    "step `{}`: image `{}`: {error}",
+                    step.name, step.image
+                ))
+            })?
+    };
+    let root = if step.image.is_empty() {
+        Root::Host
+    } else {
+        Root::Image(&rootfs)
+    };
+    let _ = events
+        .send(Ok(event(Kind::StepStarted(proto::StepStarted {
+            index,
+            name: step.name.clone(),
+            image_digest,
+        }))))
+        .await;
+    let limits = step.limits.unwrap_or_default();
+    let limits = Limits::or_defaults(limits.memory_bytes, limits.pids);
+    let cgroup =
+        StepCgroup::create(&format!("custody-{}-{index}", job.job_id), limits).map_err(|e| {
+            failed(format!(
+                "step `{}`: cannot set up its cgroup: {e}",
+                step.name
+            ))
+        })?;
+    let network =
+        StepNetwork::create().map_err(|e| failed(format!("step `{}`: {e}", step.name)))?;
+    let (proxy, extra_env) = if step.network {
+        let (proxy, env) = egress_proxy(index, &network, boundary, events).map_err(|e| {
+            failed(format!(
+                "step `{}`: cannot serve its egress proxy: {e}",
+                step.name
+            ))
+        })?;
+        (Some(proxy), env)
+    } else {
+        (None, Vec::new())
+    };
+
+    let outcome = run_step(
+        step,
+        boundary,
+        root,
+        &extra_env,
+        &network,
+        cgroup.as_ref(),
+        log,
+        index,
+        cancel,
+    )
+    .await;
+    if let Some(proxy) = proxy {
+        proxy.abort();
+    }
+    let out_of_memory = cgroup.as_ref().is_some_and(StepCgroup::oom_killed);
+    let out_of_pids = cgroup.as_ref().is_some_and(StepCgroup::pids_exhausted);
+    if let Some(cgroup) = cgroup
+        && let Err(e) = cgroup.remove().await
+    {
+        tracing::warn!(step = %step.name, "{e}");
+    }
+    let finished = |exit_code, timed_out| {
+        event(Kind::StepFinished(proto::StepFinished {
+            index,
+            exit_code,
+            timed_out,
+        }))
+    };
+    match outcome {
+        Ok(StepEnd::Exited(code)) => {
+            let _ = events.send(Ok(finished(code, false))).await;
+            if code == 0 {
+                return Ok(());
+            }
+            if out_of_memory {
+                return Err(failed(format!(
+                    "step `{}` ran out of memory (limit {} MiB) and was killed",
+                    step.name,
+                    limits.memory_bytes >> 20
+                )));
+            }
+            if let Some(limit) = boundary.jobdir.disk_limit
+                && boundary.jobdir.disk_full()
+            {
+                return Err(failed(format!(
+                    "step `{}` exceeded its disk limit of {} (it exited with code {code})",
+                    step.name,
+                    crate::human_bytes(limit)
+                )));
+            }
+            let hint = if out_of_pids {
+                format!(" (it hit its limit of {} processes)", limits.pids)
+            } else {
+                String::new()
+            };
+            Err(failed(format!(
+                "step `{}` exited with code {code}{hint}",
+                step.name
+            )))
+        }
+        Ok(StepEnd::TimedOut) => {
+            let _ = events.send(Ok(finished(-1, true))).await;
+            Err(failed(format!(
+                "step `{}` timed out after {} s",
+                step.name, step.timeout_seconds
+            )))
+        }
+        Ok(StepEnd::Cancelled(reason)) => Err(cancelled(reason)),
+        Err(err) => Err(failed(format!(
+            "step `{}` could not start: {err}",
+            step.name
+        ))),
+    }
+}
+
+/// Serves the egress proxy on the step's loopback; returns its task and the
+/// environment that points clients at it.
+fn egress_proxy(
+    index: u32,
+    network: &StepNetwork,
+    boundary: &Boundary,
+    events: &Events,
+) -> std::io::Result<(tokio::task::JoinHandle<()>, Vec<(String, String)>)> {
+    let listener = tokio::net::TcpListener::from_std(network.listen()?)?;
+    let port = listener.local_addr()?.port();
+    // Refusals are told in the step's log, a bounded number of them.
+    let (notes, mut incoming) = mpsc::unbounded_channel::<String>();
+    let told = Arc::new(AtomicU32::new(0));
+    let proxy = egress::serve(listener, boundary.policy.clone(), move |refusal| {
+        let n = told.fetch_add(1, Ordering::Relaxed);
+        if n < MAX_EGRESS_NOTES {
+            let _ = notes.send(format!("[custody] {refusal}"));
+        } else if n == MAX_EGRESS_NOTES {
+            let _ = notes.send("[custody] more egress was refused; not told further".into());
+        }
+    });
+    let events = events.clone();
+    tokio::spawn(async move {
+        while let Some(note) = incoming.recv().await {
+            let line = proto::LogLine {
+                step: index,
+                stream: log_line::Stream::Stderr as i32,
+                line: note.into_bytes(),
+                unix_millis: now_millis(),
+            };
+            if events.send(Ok(event(Kind::Log(line)))).await.is_err() {
+                break;
+            }
+        }
+    });
+    let url = format!("http://127.0.0.1:{port}");
+    let no_proxy = "localhost,127.0.0.1,::1".to_owned();
+    let env = [
+        ("HTTP_PROXY", url.clone()),
+        ("HTTPS_PROXY", url.clone()),
+        ("http_proxy", url.clone()),
+        ("https_proxy", url),
+        ("NO_PROXY", no_proxy.clone()),
+        ("no_proxy", no_proxy),
+    ]
+    .map(|(k, v)| (k.to_owned(), v))
+    .to_vec();
+    Ok((proxy, env))
+}
+
 /// Pulls and unpacks a step image; returns the digest it resolved to.
 async fn prepare_image(
     image: &str,
     job: &proto::Job,
+    boundary: &Boundary,
     rootfs: &std::path::Path,
 ) -> Result<String, String> {
     let reference: custody_oci::Reference = image
         .parse()
         .map_err(|e: custody_oci::Error| e.to_string())?;
     let options = crate::push::registry_options(job);
-    let resolved = crate::rootfs::prepare(&reference, &options, rootfs)
-        .await
-        .map_err(|e| e.to_string())?;
+    let ids = boundary.sandbox.ids;
+    let resolved = crate::rootfs::prepare(
+        &reference,
+        &options,
+        rootfs,
+        &boundary.jobdir.private,
+        boundary.image_limits,
+        ids.privileged.then_some(ids),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     Ok(resolved.digest.to_string())
 }
 
@@ -186,9 +326,11 @@ fn failed(error: String) -> proto::Finished {
 }
 
 /// Puts the job's source into the workspace: a git repository checked out
-/// at the commit the daemon resolved, or a copy of a local directory.
-async fn prepare_source(job: &proto::Job, workspace: &std::path::Path) -> Result<(), String> {
+/// at the commit the daemon resolved, or a copy of a local directory; then
+/// gives it to the steps' root.
+async fn prepare_source(job: &proto::Job, jobdir: &JobDir) -> Result<(), String> {
     use proto::source::Kind as SourceKind;
+    let workspace = &jobdir.workspace;
     match job.source.as_ref().and_then(|s| s.kind.as_ref()) {
         None => Ok(()),
         Some(SourceKind::Git(git)) => custody_source::fetch(&git.url, &git.commit, workspace)
@@ -199,7 +341,8 @@ async fn prepare_source(job: &proto::Job, workspace: &std::path::Path) -> Result
                 .await
                 .map_err(|e| e.to_string())
         }
-    }
+    }?;
+    jobdir.give_to_steps(workspace).map_err(|e| e.to_string())
 }
 
 fn cancelled(reason: String) -> proto::Finished {
@@ -216,40 +359,25 @@ enum StepEnd {
     Cancelled(String),
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_step(
-    index: u32,
     step: &proto::Step,
-    sandbox: &Sandbox,
+    boundary: &Boundary,
     root: Root<'_>,
+    extra_env: &[(String, String)],
+    network: &StepNetwork,
     cgroup: Option<&StepCgroup>,
-    events: &Events,
+    log: &mut Log,
+    index: u32,
     cancel: &mut watch::Receiver<Option<String>>,
 ) -> std::io::Result<StepEnd> {
-    let mut command = sandbox.command(step, root);
-    if let Some(cgroup) = cgroup {
-        command = crate::cgroup::enter(command.as_std(), &cgroup.procs_files());
-    }
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Its own process group, so everything the step starts can be killed.
-        .process_group(0)
-        .kill_on_drop(true);
-    let mut child = command.spawn()?;
+    let (mut child, _spawner) = boundary
+        .sandbox
+        .start(step, root, extra_env, network, cgroup)
+        .await?;
     let group = child.id().map(|id| Pid::from_raw(id as i32));
-    let stdout = forward(
-        index,
-        log_line::Stream::Stdout,
-        child.stdout.take().expect("piped"),
-        events.clone(),
-    );
-    let stderr = forward(
-        index,
-        log_line::Stream::Stderr,
-        child.stderr.take().expect("piped"),
-        events.clone(),
-    );
+    let stdout = child.stdout.take().expect("piped");
+    let stderr = child.stderr.take().expect("piped");
     let limit = match step.timeout_seconds {
         0 => Duration::MAX,
         s => Duration::from_secs(u64::from(s)),
@@ -259,25 +387,27 @@ async fn run_step(
             let _ = killpg(group, Signal::SIGKILL);
         }
     };
-    let end = tokio::select! {
-        status = child.wait() => {
-            let status = status?;
-            StepEnd::Exited(status.code().unwrap_or(-1))
-        }
-        () = sleep_or_forever(limit) => {
-            kill_group();
-            let _ = child.wait().await;
-            StepEnd::TimedOut
-        }
-        reason = wait_cancel(cancel) => {
-            kill_group();
-            let _ = child.wait().await;
-            StepEnd::Cancelled(reason)
+    let end = async {
+        tokio::select! {
+            status = child.wait() => {
+                let status = status?;
+                Ok(StepEnd::Exited(status.code().unwrap_or(-1)))
+            }
+            () = sleep_or_forever(limit) => {
+                kill_group();
+                let _ = child.wait().await;
+                Ok(StepEnd::TimedOut)
+            }
+            reason = wait_cancel(cancel) => {
+                kill_group();
+                let _ = child.wait().await;
+                Ok(StepEnd::Cancelled(reason))
+            }
         }
     };
     // Output written before the end is all sent before the step's end event.
-    let _ = tokio::join!(stdout, stderr);
-    Ok(end)
+    let (end, ()) = tokio::join!(end, log.follow(index, stdout, stderr));
+    end
 }
 
 async fn sleep_or_forever(limit: Duration) {
@@ -298,42 +428,9 @@ async fn wait_cancel(cancel: &mut watch::Receiver<Option<String>>) -> String {
     }
 }
 
-/// Sends each line as soon as it is read; a long line without a newline is
-/// sent in pieces rather than held.
-fn forward(
-    index: u32,
-    stream: log_line::Stream,
-    output: impl AsyncRead + Unpin + Send + 'static,
-    events: Events,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut reader = BufReader::with_capacity(64 * 1024, output);
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            match (&mut reader)
-                .take(64 * 1024)
-                .read_until(b'\n', &mut line)
-                .await
-            {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            };
-            if line.ends_with(b"\n") {
-                line.pop();
-            }
-            let log = proto::LogLine {
-                step: index,
-                stream: stream as i32,
-                line: std::mem::take(&mut line),
-                unix_millis: SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_millis() as i64)
-                    .unwrap_or(0),
-            };
-            if events.send(Ok(event(Kind::Log(log)))).await.is_err() {
-                break;
-            }
-        }
-    })
+fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }

@@ -50,19 +50,41 @@ fn a_glob_matching_a_symlink_to_outside_is_refused() {
 }
 
 #[test]
-fn output_paths_must_exist_and_stay_under_output() {
+fn images_under_output_are_opened_without_following_links() {
     let out = tempfile::tempdir().unwrap();
-    fs_err::create_dir_all(out.path().join("app")).unwrap();
-    symlink("/etc", out.path().join("sneaky")).unwrap();
-    assert_eq!(
-        outputs::output_path(out.path(), "/output/app".as_ref()).unwrap(),
-        out.path().canonicalize().unwrap().join("app")
-    );
+    let image = custody_testkit::image::Image::random(3, &[100]);
+    custody_testkit::image::LayoutWriter::new(&out.path().join("app"))
+        .image(&image)
+        .tag("v1", &image.manifest);
+    let location = |text: &str| text.parse::<custody_oci::Location>().unwrap();
     assert!(matches!(
-        outputs::output_path(out.path(), "/output/sneaky".as_ref()),
-        Err(OutputError::Escapes { .. })
+        outputs::open_image(out.path(), &location("oci:/output/app:v1")),
+        Ok(custody_oci::copy::Source::Layout { .. })
     ));
-    let err = outputs::output_path(out.path(), "/output/never-written".as_ref()).unwrap_err();
+    // A step that links its "image" to a directory it cannot read, or an
+    // archive to a file it cannot read, gets nothing read through the link.
+    let elsewhere = tempfile::tempdir().unwrap();
+    custody_testkit::image::LayoutWriter::new(elsewhere.path())
+        .image(&image)
+        .tag("v1", &image.manifest);
+    symlink(elsewhere.path(), out.path().join("sneaky")).unwrap();
+    symlink("/etc/shadow", out.path().join("shadow.tar")).unwrap();
+    for (declared, shown) in [
+        ("oci:/output/sneaky:v1", "/output/sneaky"),
+        ("docker-archive:/output/shadow.tar", "/output/shadow.tar"),
+    ] {
+        let err = outputs::open_image(out.path(), &location(declared))
+            .err()
+            .expect("a link is refused");
+        assert!(
+            matches!(err, OutputError::Oci(custody_oci::Error::Symlink { .. }))
+                && err.to_string().contains(shown),
+            "{err}"
+        );
+    }
+    let err = outputs::open_image(out.path(), &location("oci:/output/never-written"))
+        .err()
+        .unwrap();
     assert!(
         matches!(err, OutputError::Missing { .. })
             && err.to_string().contains("/output/never-written"),
@@ -81,7 +103,7 @@ fn artifacts_are_oci_artifacts_that_standard_tools_read() {
     let layout_root = dir.path().join("artifact");
     let layout = Layout::for_writing(&layout_root).unwrap();
     layout.create_if_missing().unwrap();
-    let descriptor = outputs::write_artifact(&files, &layout, "v1").unwrap();
+    let descriptor = outputs::write_artifact(ws.path(), &files, &layout, "v1").unwrap();
 
     let output = Command::new("skopeo")
         .args([

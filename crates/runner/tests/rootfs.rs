@@ -85,9 +85,16 @@ async fn a_pinned_step_image_unpacks_with_its_whiteouts() {
         report.descriptor.digest()
     );
     let rootfs_dir = dir.path().join("rootfs");
-    let resolved = rootfs::prepare(&pinned.parse().unwrap(), &options, &rootfs_dir)
-        .await
-        .unwrap();
+    let resolved = rootfs::prepare(
+        &pinned.parse().unwrap(),
+        &options,
+        &rootfs_dir,
+        dir.path(),
+        rootfs::ImageLimits::default(),
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(resolved.digest.to_string(), image.manifest.digest);
     assert_eq!(
         fs_err::read_to_string(rootfs_dir.join("etc/os-release")).unwrap(),
@@ -113,6 +120,9 @@ async fn a_pinned_step_image_unpacks_with_its_whiteouts() {
         &missing.parse().unwrap(),
         &options,
         &dir.path().join("other"),
+        dir.path(),
+        rootfs::ImageLimits::default(),
+        None,
     )
     .await
     .unwrap_err();

@@ -33,6 +33,20 @@ pub struct Config {
     pub executor: Executor,
     #[serde(default)]
     pub registry: Registry,
+    /// Destinations `network: true` steps may reach although private,
+    /// local or link-local: `HOST[:PORT]`, `IP[:PORT]` or `CIDR[:PORT]`.
+    #[serde(default)]
+    pub egress_allow: Vec<String>,
+    /// The disk of a build whose spec sets none, e.g. `20GiB`.
+    pub disk: Option<String>,
+    /// How much of a build's log is stored, e.g. `64MiB`.
+    pub log_limit: Option<String>,
+    /// The host ids steps run as, `START:COUNT`.
+    pub step_ids: Option<String>,
+    /// Step images larger than this uncompressed are refused, e.g. `16GiB`.
+    pub max_image_size: Option<String>,
+    /// Step images with more layers are refused.
+    pub max_image_layers: Option<u32>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

@@ -10,6 +10,7 @@
 pub mod certs;
 pub mod http;
 pub mod image;
+pub mod netns;
 pub mod postgres;
 mod proxy;
 mod registry;

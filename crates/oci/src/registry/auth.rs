@@ -98,6 +98,19 @@ impl CredentialSource {
     }
 }
 
+impl CredentialSource {
+    /// The files this source reads credentials from, those that exist:
+    /// what a daemon must keep out of every build step's sight.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let candidates = match self {
+            CredentialSource::File(path) => vec![path.clone()],
+            CredentialSource::Default => default_auth_files(),
+            CredentialSource::Explicit(_) | CredentialSource::PerHost(_) => Vec::new(),
+        };
+        candidates.into_iter().filter(|p| p.exists()).collect()
+    }
+}
+
 fn default_auth_files() -> Vec<PathBuf> {
     let env = |name: &str| std::env::var_os(name).map(PathBuf::from);
     let mut files = Vec::new();
