@@ -307,8 +307,43 @@ pub(crate) fn registry_options(args: &RegistryArgs) -> anyhow::Result<RegistryOp
     })
 }
 
+/// A location the user typed. Layouts and archives are reached without
+/// following symlinks (they may sit where builds write), so the path the
+/// user named is made real first: their own links on the way are fine.
 fn parse_location(text: &str) -> anyhow::Result<Location> {
-    Ok(text.parse::<Location>()?)
+    Ok(match text.parse::<Location>()? {
+        Location::Layout { path, tag } => Location::Layout {
+            path: real_path(&path),
+            tag,
+        },
+        Location::DockerArchive { path } => Location::DockerArchive {
+            path: real_path(&path),
+        },
+        registry => registry,
+    })
+}
+
+/// `path` with its longest existing prefix resolved (the rest may not
+/// exist yet: a layout about to be written).
+fn real_path(path: &std::path::Path) -> PathBuf {
+    let mut existing = path.to_owned();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(real) = existing.canonicalize() {
+            return rest.iter().rev().fold(real, |p, c| p.join(c));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                existing = if parent.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    parent.to_owned()
+                };
+            }
+            _ => return path.to_owned(),
+        }
+    }
 }
 
 async fn copy_image(args: CopyArgs) -> anyhow::Result<()> {

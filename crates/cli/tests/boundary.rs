@@ -30,7 +30,7 @@ fn build(dir: &Path, spec: &str, extra: &[&str]) -> Output {
 /// A directory outside /tmp, /root and /home (which steps never see), so
 /// what a test puts there is visible to steps unless custody hides it.
 fn visible_dir() -> tempfile::TempDir {
-    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
+    tempfile::tempdir_in("/var/tmp").unwrap()
 }
 
 fn stdout(output: &Output) -> String {
@@ -80,7 +80,7 @@ fn runner_pid(id: &str) -> u32 {
             let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
                 continue;
             };
-            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmdline = fs_err::read(entry.path().join("cmdline")).unwrap_or_default();
             let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
             if cmdline.contains(" runner ") && cmdline.contains(id) {
                 return pid;
@@ -104,7 +104,9 @@ fn in_runner(pid: u32, find: impl Fn(&Path) -> Option<PathBuf>) -> PathBuf {
     }
 }
 
-/// The job directory of the runner `pid` that holds `relative`.
+/// `relative` in the job directory of the runner `pid` (on the job's disk,
+/// `disk/…`, or directly in the job directory as runners before the disk
+/// kept it, so these attacks can be replayed against them).
 fn job_file(pid: u32, relative: &str) -> PathBuf {
     in_runner(pid, |root| {
         let tmp = root.join("tmp");
@@ -112,7 +114,12 @@ fn job_file(pid: u32, relative: &str) -> PathBuf {
             .ok()?
             .flatten()
             .filter(|e| e.file_name().to_string_lossy().starts_with("custody-job-"))
-            .map(|e| e.path().join(relative))
+            .flat_map(|e| {
+                [
+                    e.path().join("disk").join(relative),
+                    e.path().join(relative),
+                ]
+            })
             .find(|p| p.exists())
     })
 }
@@ -160,7 +167,7 @@ fn a_step_is_root_only_inside_its_own_namespace() {
     let (child, id) = start_build(dir.path(), &spec, &[]);
     let pid = runner_pid(&id);
     // What the step made belongs, on the host, to an unprivileged id.
-    let mine = job_file(pid, "disk/output/mine");
+    let mine = job_file(pid, "output/mine");
     let owner = fs_err::metadata(&mine).unwrap().uid();
     let output = child.wait_with_output().unwrap();
     assert!(output.status.success(), "{}", text(&output));
@@ -444,23 +451,60 @@ fn a_flood_of_output_is_cut_to_the_log_limit_in_bounded_memory() {
 
 #[test]
 fn nothing_of_a_build_is_left_running_or_behind() {
+    // A step that escapes its session, and one killed at its timeout with
+    // a crowd of children still running.
+    for (spec, ends) in [
+        (
+            "steps:\n  - name: escape\n    run: setsid sleep 7331 & setsid -f sh -c 'sleep 7332'; echo started\n",
+            0,
+        ),
+        (
+            "steps:\n  - name: crowd\n    timeout: 1s\n    run: for i in $(seq 50); do sleep 7333 & done; wait\n",
+            1,
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let output = build(dir.path(), spec, &[]);
+        assert_eq!(output.status.code(), Some(ends), "{}", text(&output));
+        let id = build_id(&output);
+        let ps = Command::new("ps").args(["-eo", "args"]).output().unwrap();
+        let ps = String::from_utf8_lossy(&ps.stdout);
+        assert!(
+            !ps.lines().any(|l| l.starts_with("sleep 733")),
+            "a step's process outlived its build:\n{ps}"
+        );
+        assert_no_cgroups(&id);
+    }
+
+    // The daemon dies (kill -9) while a step runs: its runner stops the
+    // step and cleans up before it goes.
     let dir = tempfile::tempdir().unwrap();
-    let spec = "steps:\n  - name: escape\n    run: setsid sleep 7331 & setsid -f sh -c 'sleep 7332'; echo started\n";
-    let output = build(dir.path(), spec, &[]);
-    assert!(output.status.success(), "{}", text(&output));
-    let id = build_id(&output);
+    let spec = "steps:\n  - name: long\n    run: sleep 7334 & sleep 7335\n";
+    let (mut daemon, id) = start_build(dir.path(), spec, &[]);
+    let runner = runner_pid(&id);
+    job_file(runner, "workspace");
+    std::thread::sleep(Duration::from_millis(500));
+    daemon.kill().unwrap();
+    let _ = daemon.wait();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Path::new(&format!("/proc/{runner}")).exists() {
+        assert!(Instant::now() < deadline, "the runner outlived its daemon");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let ps = Command::new("ps").args(["-eo", "args"]).output().unwrap();
     let ps = String::from_utf8_lossy(&ps.stdout);
-    assert!(
-        !ps.lines().any(|l| l.starts_with("sleep 733")),
-        "a step's process outlived its build:\n{ps}"
-    );
+    assert!(!ps.lines().any(|l| l.starts_with("sleep 733")), "{ps}");
+    assert_no_cgroups(&id);
+}
+
+/// No cgroup of the build `id` is left in any hierarchy.
+fn assert_no_cgroups(id: &str) {
     for hierarchy in ["pids", "memory"] {
         let left: Vec<String> = fs_err::read_dir(format!("/sys/fs/cgroup/{hierarchy}"))
             .unwrap()
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.contains(&id))
+            .filter(|n| n.contains(id))
             .collect();
         assert!(left.is_empty(), "cgroups left behind: {left:?}");
     }
@@ -530,7 +574,7 @@ fn a_build_cannot_write_through_links_another_build_planted() {
     );
     let (a_build, a_id) = start_build(a.path(), &plant, &[]);
     let pid = runner_pid(&a_id);
-    let planted = job_file(pid, "disk/output/planted");
+    let planted = job_file(pid, "output/planted");
     let evil_via_proc = planted.with_file_name("evil");
     // What A's runner sees, as a host path without /proc (another runner
     // has its own mount namespace, where A's disk is not mounted).
@@ -622,7 +666,7 @@ fn other_local_users_cannot_read_a_running_build() {
     let spec = "steps:\n  - name: work\n    env: { TOKENISH: canary-env-5e1f }\n    run: echo canary-file-9d2a > /workspace/secret && sleep 5\n";
     let (child, id) = start_build(dir.path(), spec, &[]);
     let pid = runner_pid(&id);
-    job_file(pid, "disk/workspace/secret");
+    job_file(pid, "workspace/secret");
     let data = dir.path().join("data");
     // `nobody` looks everywhere it might: argv and environments of every
     // process, the job directories, the store.
@@ -744,5 +788,32 @@ fn step_images_past_their_bounds_fail_before_the_disk_fills() {
         after + (64 << 20) > before,
         "{} MiB less free",
         (before - after) >> 20
+    );
+}
+
+/// Hidden paths the steps' ids cannot even reach (a data directory inside
+/// a 0700 directory) need no hiding, and must not stop the build.
+#[test]
+fn a_data_directory_out_of_the_steps_reach_is_no_obstacle() {
+    let private = visible_dir();
+    fs_err::set_permissions(private.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let data = private.path().join("data");
+    let dir = tempfile::tempdir().unwrap();
+    fs_err::write(
+        dir.path().join("custody.yaml"),
+        "steps:\n  - name: look\n    run: ls -d / && echo looked\n",
+    )
+    .unwrap();
+    let output = custody(&[
+        "build",
+        dir.path().to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(
+        stdout(&output).contains("[look] looked"),
+        "{}",
+        text(&output)
     );
 }

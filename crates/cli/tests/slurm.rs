@@ -148,7 +148,9 @@ async fn serve_builds_on_the_cluster(cluster: &SlurmCluster) {
     fs_err::create_dir_all(&spool).unwrap();
     let src = dir.path().join("src");
     fs_err::create_dir_all(&src).unwrap();
-    let spec = "steps:\n  - name: s\n    run: echo built on slurm\n";
+    // The step boundary holds on the nodes too: an unprivileged id range,
+    // a network namespace with only `lo`.
+    let spec = "steps:\n  - name: s\n    run: |\n      echo built on slurm\n      echo map $(cat /proc/self/uid_map)\n      head -1 /etc/shadow 2>/dev/null || echo shadow-refused\n      echo interfaces $(tail -n +3 /proc/net/dev | cut -d: -f1)\n";
     fs_err::write(src.join("custody.yaml"), spec).unwrap();
     custody_testkit::git(&src, &["init", "-q"]);
     custody_testkit::git(&src, &["add", "."]);
@@ -195,15 +197,26 @@ async fn serve_builds_on_the_cluster(cluster: &SlurmCluster) {
     let _ = serve.kill();
     let _ = serve.wait();
     assert_eq!(ended.state, BuildState::Succeeded, "{ended:?}");
-    assert_eq!(lines, ["built on slurm"]);
+    assert_eq!(lines[0], "built on slurm", "{lines:?}");
+    let map = lines[1]
+        .strip_prefix("map ")
+        .expect("the step printed its uid map");
+    let host_root = map.split_whitespace().nth(1).unwrap();
+    assert_ne!(host_root, "0", "the step is host root on the node: {map}");
+    assert_eq!(lines[2], "shadow-refused");
+    assert_eq!(lines[3], "interfaces lo");
     let envelope: serde_json::Value = serde_json::from_slice(&envelope.unwrap()).unwrap();
     use base64::Engine as _;
     let payload = base64::engine::general_purpose::STANDARD
         .decode(envelope["payload"].as_str().unwrap())
         .unwrap();
     let statement: serde_json::Value = serde_json::from_slice(&payload).unwrap();
-    assert_eq!(
-        statement["predicate"]["buildDefinition"]["internalParameters"]["executor"],
-        "slurm"
+    let internal = &statement["predicate"]["buildDefinition"]["internalParameters"];
+    assert_eq!(internal["executor"], "slurm");
+    assert_eq!(internal["sandbox"]["user"]["uidMap"], map);
+    assert_eq!(internal["sandbox"]["network"], "private");
+    assert!(
+        internal["sandbox"]["diskBytes"].as_u64().unwrap() > 0,
+        "{internal}"
     );
 }

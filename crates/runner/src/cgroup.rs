@@ -150,7 +150,7 @@ impl StepCgroup {
         let mut pids: Vec<i32> = self
             .dirs
             .iter()
-            .filter_map(|dir| std::fs::read(dir.join("cgroup.procs")).ok())
+            .filter_map(|dir| fs::read(dir.join("cgroup.procs")).ok())
             .flat_map(|text| {
                 String::from_utf8_lossy(&text)
                     .lines()

@@ -132,25 +132,24 @@ impl JobDir {
             Err(_) => false,
         }
     }
+}
 
-    /// Gives everything under `dir` to the step's root (lchown: links are
-    /// changed, never followed), so steps can change the source.
-    pub fn give_to_steps(&self, dir: &Path) -> std::io::Result<()> {
-        if !self.ids.privileged {
-            return Ok(());
-        }
-        for entry in walkdir::WalkDir::new(dir).follow_links(false) {
-            let entry = entry.map_err(std::io::Error::other)?;
-            std::os::unix::fs::lchown(entry.path(), Some(self.ids.uid), Some(self.ids.gid))
-                .map_err(|e| {
-                    std::io::Error::new(
-                        e.kind(),
-                        format!("cannot give `{}` to the step: {e}", entry.path().display()),
-                    )
-                })?;
-        }
-        Ok(())
+/// Gives everything under `dir` to the steps' root (lchown: links are
+/// changed, never followed), so steps can change the source. Blocking.
+pub fn give_to_steps(ids: StepIds, dir: &Path) -> std::io::Result<()> {
+    if !ids.privileged {
+        return Ok(());
     }
+    for entry in walkdir::WalkDir::new(dir).follow_links(false) {
+        let entry = entry.map_err(std::io::Error::other)?;
+        std::os::unix::fs::lchown(entry.path(), Some(ids.uid), Some(ids.gid)).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot give `{}` to the step: {e}", entry.path().display()),
+            )
+        })?;
+    }
+    Ok(())
 }
 
 impl Drop for JobDir {

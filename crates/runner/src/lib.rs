@@ -104,7 +104,7 @@ pub fn human_bytes(bytes: u64) -> String {
     for (shift, unit) in [(30, "GiB"), (20, "MiB"), (10, "KiB")] {
         if bytes >= 1 << shift {
             let value = bytes as f64 / (1u64 << shift) as f64;
-            return if bytes % (1 << shift) == 0 {
+            return if bytes.is_multiple_of(1 << shift) {
                 format!("{} {unit}", bytes >> shift)
             } else {
                 format!("{value:.1} {unit}")
@@ -179,7 +179,22 @@ struct JobService {
     job: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
+/// What preparing a job needs of the service (owned, for a blocking thread).
+struct Preparation {
+    workdir: PathBuf,
+    daemon: Vec<SocketAddr>,
+}
+
 impl JobService {
+    fn preparation(&self) -> Preparation {
+        Preparation {
+            workdir: self.workdir.clone(),
+            daemon: self.daemon.clone(),
+        }
+    }
+}
+
+impl Preparation {
     /// The job's directories and the boundary its steps run within; the
     /// work directory itself (where the runner keeps what it pulls) and the
     /// paths the daemon names are hidden from steps.
@@ -255,7 +270,14 @@ impl custody_wire::rpc::Runner for JobService {
             runner_version: env!("CARGO_PKG_VERSION").to_owned(),
         };
         let _ = events.send(Ok(event(Kind::Hello(hello)))).await;
-        let boundary = match self.prepare(&job) {
+        // Making the job's disk runs mkfs and mount: off the runtime.
+        let prepared = {
+            let (service, job) = (self.preparation(), job.clone());
+            tokio::task::spawn_blocking(move || service.prepare(&job))
+                .await
+                .expect("preparing a job does not panic")
+        };
+        let boundary = match prepared {
             Ok(boundary) => boundary,
             Err(e) => return Err(Status::internal(e)),
         };

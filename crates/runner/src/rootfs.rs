@@ -183,7 +183,7 @@ pub async fn prepare(
             shown.clone(),
         );
         let unpacked = tokio::task::spawn_blocking(move || {
-            let blob = fs_err::File::open(&path)?;
+            let blob = fs_err::File::open(&path).map_err(|e| Box::new(RootfsError::Io(e)))?;
             let owners = |uid: u64, gid: u64| match ids {
                 Some(ids) => (
                     ids.host_uid(uid).unwrap_or(ids.uid),
@@ -202,24 +202,26 @@ pub async fn prepare(
                 }
             });
             let _ = std::fs::remove_file(&path);
-            result.map_err(|source| match source {
-                UnpackError::TooLarge { .. } => RootfsError::Limit {
-                    reference: shown_here.clone(),
-                    detail: format!(
-                        "it is larger than the limit of {} bytes uncompressed for step images",
-                        limits.max_bytes
-                    ),
-                },
-                source => RootfsError::Unpack {
-                    reference: shown_here.clone(),
-                    layer: digest.clone(),
-                    source,
-                },
+            result.map_err(|source| {
+                Box::new(match source {
+                    UnpackError::TooLarge { .. } => RootfsError::Limit {
+                        reference: shown_here.clone(),
+                        detail: format!(
+                            "it is larger than the limit of {} bytes uncompressed for step images",
+                            limits.max_bytes
+                        ),
+                    },
+                    source => RootfsError::Unpack {
+                        reference: shown_here.clone(),
+                        layer: digest.clone(),
+                        source,
+                    },
+                })
             })
         })
         .await
         .expect("unpacking does not panic");
-        let (actual, size) = unpacked?;
+        let (actual, size) = unpacked.map_err(|e| *e)?;
         if actual.to_string() != diff_id {
             return Err(RootfsError::DiffId {
                 reference: shown,

@@ -259,7 +259,10 @@ impl Sandbox {
                     .hidden
                     .iter()
                     .any(|other| other != hidden && other.is_dir() && hidden.starts_with(other));
-            if covered {
+            // A path the step's ids cannot even reach needs no hiding (its
+            // own permissions already keep the step out), and bubblewrap,
+            // running as those ids, could not mount over it.
+            if covered || !self.reachable(hidden) {
                 continue;
             }
             if hidden.is_dir() {
@@ -268,6 +271,26 @@ impl Sandbox {
                 push(&[&"--ro-bind", &"/dev/null", hidden]);
             }
         }
+    }
+}
+
+impl Sandbox {
+    /// Whether the step's ids may search every directory on the way to
+    /// `path` (so it could look at it, were it not hidden).
+    fn reachable(&self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        if !self.ids.privileged {
+            return true;
+        }
+        path.ancestors().skip(1).all(|dir| {
+            let Ok(meta) = std::fs::metadata(dir) else {
+                return false;
+            };
+            let mode = meta.mode();
+            mode & 0o001 != 0
+                || (meta.gid() == self.ids.gid && mode & 0o010 != 0)
+                || (meta.uid() == self.ids.uid && mode & 0o100 != 0)
+        })
     }
 }
 

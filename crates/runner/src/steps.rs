@@ -152,16 +152,18 @@ async fn run_one(
                 step.name
             ))
         })?;
-    let network =
-        StepNetwork::create().map_err(|e| failed(format!("step `{}`: {e}", step.name)))?;
+    let network = tokio::task::spawn_blocking(StepNetwork::create)
+        .await
+        .expect("making a namespace does not panic")
+        .map_err(|e| failed(format!("step `{}`: {e}", step.name)))?;
     let (proxy, extra_env) = if step.network {
-        let (proxy, env) = egress_proxy(index, &network, boundary, events).map_err(|e| {
+        let proxy = egress_proxy(index, &network, boundary, events).map_err(|e| {
             failed(format!(
                 "step `{}`: cannot serve its egress proxy: {e}",
                 step.name
             ))
         })?;
-        (Some(proxy), env)
+        (Some(proxy.task), proxy.env)
     } else {
         (None, Vec::new())
     };
@@ -242,14 +244,20 @@ async fn run_one(
     }
 }
 
-/// Serves the egress proxy on the step's loopback; returns its task and the
-/// environment that points clients at it.
+/// The egress proxy of one step.
+struct Proxy {
+    task: tokio::task::JoinHandle<()>,
+    /// What points the step's clients at it.
+    env: Vec<(String, String)>,
+}
+
+/// Serves the egress proxy on the step's loopback.
 fn egress_proxy(
     index: u32,
     network: &StepNetwork,
     boundary: &Boundary,
     events: &Events,
-) -> std::io::Result<(tokio::task::JoinHandle<()>, Vec<(String, String)>)> {
+) -> std::io::Result<Proxy> {
     let listener = tokio::net::TcpListener::from_std(network.listen()?)?;
     let port = listener.local_addr()?.port();
     // Refusals are told in the step's log, a bounded number of them.
@@ -289,7 +297,7 @@ fn egress_proxy(
     ]
     .map(|(k, v)| (k.to_owned(), v))
     .to_vec();
-    Ok((proxy, env))
+    Ok(Proxy { task: proxy, env })
 }
 
 /// Pulls and unpacks a step image; returns the digest it resolved to.
@@ -342,7 +350,11 @@ async fn prepare_source(job: &proto::Job, jobdir: &JobDir) -> Result<(), String>
                 .map_err(|e| e.to_string())
         }
     }?;
-    jobdir.give_to_steps(workspace).map_err(|e| e.to_string())
+    let (ids, workspace) = (jobdir.ids, workspace.clone());
+    tokio::task::spawn_blocking(move || crate::jobdir::give_to_steps(ids, &workspace))
+        .await
+        .expect("changing owners does not panic")
+        .map_err(|e| e.to_string())
 }
 
 fn cancelled(reason: String) -> proto::Finished {
