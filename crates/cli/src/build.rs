@@ -196,11 +196,6 @@ impl Printer {
                     eprintln!("==> runner on {} (pid {})", hello.hostname, hello.pid);
                 }
                 Some(Kind::StepStarted(step)) => eprintln!("==> step `{}`", step.name),
-                Some(Kind::Isolation(isolation)) => {
-                    for note in &isolation.notes {
-                        eprintln!("warning: {note}");
-                    }
-                }
                 Some(Kind::Log(line)) => {
                     let name = self
                         .step_names

@@ -246,6 +246,8 @@ fn network_steps_reach_only_public_or_allowed_destinations_never_the_host() {
     let targets = [
         ("internet", format!("http://{server}/file")),
         ("loopback", format!("http://127.0.0.1:{loopback_port}/file")),
+        // A name that resolves to loopback: checked after DNS.
+        ("named", format!("http://localhost:{loopback_port}/file")),
         (
             "host",
             format!("http://{}:{host_port}/file", internet.host_addr),
@@ -306,7 +308,7 @@ fn network_steps_reach_only_public_or_allowed_destinations_never_the_host() {
     assert!(seen(&allowed, "internet", "proxy"), "{}", text(&allowed));
     assert!(seen(&allowed, "internet", "tunnel"), "{}", text(&allowed));
     assert!(!seen(&allowed, "internet", "direct"), "{}", text(&allowed));
-    for name in ["loopback", "host", "metadata"] {
+    for name in ["loopback", "named", "host", "metadata"] {
         for how in ["proxy", "tunnel", "direct"] {
             assert!(
                 !seen(&allowed, name, how),
@@ -816,4 +818,66 @@ fn a_data_directory_out_of_the_steps_reach_is_no_obstacle() {
         "{}",
         text(&output)
     );
+}
+
+/// A runner that is not root keeps what bubblewrap can do unprivileged:
+/// its own user maps to root inside, a network namespace with only `lo`;
+/// it says what it cannot enforce, and refuses egress it cannot police.
+#[test]
+fn a_runner_that_is_not_root_keeps_what_it_can_and_says_what_it_cannot() {
+    // Everything `nobody` needs, where `nobody` may reach it.
+    let home = tempfile::tempdir().unwrap();
+    fs_err::set_permissions(home.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let binary = home.path().join("custody");
+    fs_err::copy(CUSTODY, &binary).unwrap();
+    let project = home.path().join("project");
+    fs_err::create_dir(&project).unwrap();
+    fs_err::set_permissions(&project, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let run = |spec: &str| -> Output {
+        fs_err::write(project.join("custody.yaml"), spec).unwrap();
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&binary)
+            .args(["build"])
+            .arg(&project)
+            .arg("--data-dir")
+            .arg(home.path().join("data"))
+            .env("HOME", home.path())
+            .output()
+            .unwrap()
+    };
+    let output = run(
+        "steps:\n  - name: look\n    run: |\n      echo map $(cat /proc/self/uid_map)\n      head -1 /etc/shadow || echo shadow-refused\n      echo interfaces $(tail -n +3 /proc/net/dev | cut -d: -f1)\n",
+    );
+    assert!(output.status.success(), "{}", text(&output));
+    let out = stdout(&output);
+    assert!(out.contains("[look] map 0 65534 1"), "{out}");
+    assert!(out.contains("[look] shadow-refused"), "{out}");
+    assert!(out.contains("[look] interfaces lo"), "{out}");
+    let log = text(&output);
+    assert!(
+        log.contains("disk limit of 20 GiB is not enforced: the runner is not root"),
+        "{log}"
+    );
+    let statement = payload(
+        &home
+            .path()
+            .join(format!("data/provenance/{}.dsse.json", build_id(&output))),
+    );
+    let notes =
+        &statement["predicate"]["buildDefinition"]["internalParameters"]["sandbox"]["notes"];
+    assert!(notes.as_array().is_some_and(|n| n.len() >= 2), "{notes}");
+    assert_eq!(
+        statement["predicate"]["buildDefinition"]["internalParameters"]["sandbox"]["diskBytes"],
+        0
+    );
+
+    let output = run("steps:\n  - name: out\n    network: true\n    run: echo never\n");
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert!(
+        text(&output).contains("cannot serve its egress proxy: the runner is not root"),
+        "{}",
+        text(&output)
+    );
+    assert!(!stdout(&output).contains("never"));
 }

@@ -355,7 +355,24 @@ impl BuildService {
                             }));
                             return;
                         }
-                        Some(Kind::Isolation(reported)) => isolation = Some(reported.clone()),
+                        Some(Kind::Isolation(reported)) => {
+                            // What the runner could not enforce goes in the
+                            // build's log (first step), for every reader.
+                            for note in &reported.notes {
+                                let line = proto::LogLine {
+                                    step: 0,
+                                    stream: proto::log_line::Stream::Stderr as i32,
+                                    line: format!("[custody] warning: {note}").into_bytes(),
+                                    unix_millis: now_millis(),
+                                };
+                                store_line(&line);
+                                progress(Progress::Runner(Event {
+                                    kind: Some(Kind::Log(line)),
+                                }));
+                            }
+                            isolation = Some(reported.clone());
+                            return;
+                        }
                         _ => {}
                     }
                     progress(Progress::Runner(event.clone()));

@@ -9,6 +9,7 @@ use custody_oci::Location;
 const FULL: &str = r#"source:
   git: https://example.org/app.git
   revision: main
+disk: 5GiB
 steps:
   - name: build
     image: 127.0.0.1:5000/tools/builder@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855
@@ -39,6 +40,7 @@ fn a_full_spec_parses() {
         (source.git.as_str(), source.revision.as_str()),
         ("https://example.org/app.git", "main")
     );
+    assert_eq!(spec.disk, Some(5 << 30));
     assert_eq!(spec.steps.len(), 2);
     assert_eq!(
         spec.steps[0].command,
@@ -173,4 +175,18 @@ fn values_that_make_no_sense_are_located_too() {
 
     let err = error_of("steps: []\n");
     assert!(err.contains("at least one step"), "{err}");
+}
+
+#[test]
+fn a_disk_too_small_or_not_a_size_is_located() {
+    for bad in ["disk: 1MiB", "disk: lots", "disk: 5TB"] {
+        let text = format!("{bad}\nsteps:\n  - name: a\n    run: x\n");
+        let err = parse(&text, file()).unwrap_err().to_string();
+        assert!(
+            err.starts_with("app/custody.yaml:1:7: ") && err.contains("at least 64MiB"),
+            "{err}"
+        );
+    }
+    let spec = parse("steps:\n  - name: a\n    run: x\n", file()).unwrap();
+    assert_eq!(spec.disk, None, "the daemon's default applies");
 }

@@ -17,11 +17,24 @@ use nix::sched::{CloneFlags, setns, unshare};
 /// A step's network namespace; gone once this and every process in it are.
 #[derive(Clone, Debug)]
 pub struct StepNetwork {
-    /// `/proc/thread-self/ns/net` of the namespace, held open.
-    namespace: Arc<File>,
+    /// `/proc/thread-self/ns/net` of the namespace, held open; `None` when
+    /// the runner is not root and bubblewrap makes the namespace itself
+    /// (`--unshare-net`), which the runner cannot then enter.
+    namespace: Option<Arc<File>>,
 }
 
 impl StepNetwork {
+    /// The namespace bubblewrap makes itself, for a runner that is not
+    /// root: only `lo` too, but no egress proxy can be served in it.
+    pub fn made_by_sandbox() -> Self {
+        Self { namespace: None }
+    }
+
+    /// Whether bubblewrap must make the namespace (`--unshare-net`).
+    pub fn made_by_sandbox_itself(&self) -> bool {
+        self.namespace.is_none()
+    }
+
     /// A new namespace with `lo` up (and ports below 1024 usable by the
     /// step's own root).
     pub fn create() -> std::io::Result<Self> {
@@ -49,7 +62,7 @@ impl StepNetwork {
         .join()
         .expect("making a namespace does not panic")?;
         Ok(Self {
-            namespace: Arc::new(namespace),
+            namespace: Some(Arc::new(namespace)),
         })
     }
 
@@ -60,9 +73,7 @@ impl StepNetwork {
     ) -> std::io::Result<T> {
         let namespace = self.namespace.clone();
         std::thread::spawn(move || {
-            setns(namespace.as_ref(), CloneFlags::CLONE_NEWNET).map_err(|e| {
-                std::io::Error::other(format!("cannot enter the step's network namespace: {e}"))
-            })?;
+            enter(namespace.as_deref())?;
             work()
         })
         .join()
@@ -82,15 +93,11 @@ impl StepNetwork {
         let (started, child) = std::sync::mpsc::channel();
         let (release, released) = std::sync::mpsc::channel::<()>();
         std::thread::spawn(move || {
-            let spawned = setns(namespace.as_ref(), CloneFlags::CLONE_NEWNET)
-                .map_err(|e| {
-                    std::io::Error::other(format!("cannot enter the step's network namespace: {e}"))
-                })
-                .and_then(|()| {
-                    let _entered = runtime.enter();
-                    let mut command = command;
-                    command.spawn()
-                });
+            let spawned = enter(namespace.as_deref()).and_then(|()| {
+                let _entered = runtime.enter();
+                let mut command = command;
+                command.spawn()
+            });
             let ok = spawned.is_ok();
             let _ = started.send(spawned);
             if ok {
@@ -106,6 +113,11 @@ impl StepNetwork {
 
     /// A listener on the namespace's `127.0.0.1`, for the runner to serve.
     pub fn listen(&self) -> std::io::Result<TcpListener> {
+        if self.made_by_sandbox_itself() {
+            return Err(std::io::Error::other(
+                "the runner is not root, so it cannot serve anything inside the step's network namespace",
+            ));
+        }
         self.run(|| {
             let listener = TcpListener::bind("127.0.0.1:0")?;
             listener.set_nonblocking(true)?;
@@ -118,4 +130,14 @@ impl StepNetwork {
 #[derive(Debug)]
 pub struct SpawnGuard {
     _release: std::sync::mpsc::Sender<()>,
+}
+
+/// Moves this thread into `namespace` (nothing for one the sandbox makes).
+fn enter(namespace: Option<&File>) -> std::io::Result<()> {
+    let Some(namespace) = namespace else {
+        return Ok(());
+    };
+    setns(namespace, CloneFlags::CLONE_NEWNET).map_err(|e| {
+        std::io::Error::other(format!("cannot enter the step's network namespace: {e}"))
+    })
 }

@@ -78,6 +78,9 @@ impl Sandbox {
         let (mut info, info_child) = std::io::pipe()?;
         let (block_child, mut block) = std::io::pipe()?;
         let mut command = Command::new(BWRAP);
+        if network.made_by_sandbox_itself() {
+            command.arg("--unshare-net");
+        }
         command
             .args(self.arguments(step, root))
             .env_clear()

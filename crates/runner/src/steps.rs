@@ -152,10 +152,14 @@ async fn run_one(
                 step.name
             ))
         })?;
-    let network = tokio::task::spawn_blocking(StepNetwork::create)
-        .await
-        .expect("making a namespace does not panic")
-        .map_err(|e| failed(format!("step `{}`: {e}", step.name)))?;
+    let network = if boundary.sandbox.ids.privileged {
+        tokio::task::spawn_blocking(StepNetwork::create)
+            .await
+            .expect("making a namespace does not panic")
+            .map_err(|e| failed(format!("step `{}`: {e}", step.name)))?
+    } else {
+        StepNetwork::made_by_sandbox()
+    };
     let (proxy, extra_env) = if step.network {
         let proxy = egress_proxy(index, &network, boundary, events).map_err(|e| {
             failed(format!(
