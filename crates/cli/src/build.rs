@@ -72,7 +72,8 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
         .file
         .clone()
         .unwrap_or_else(|| args.dir.join("custody.yaml"));
-    if !spec_path.is_file() {
+    // A pipe is fine (`-f <(generate-spec)`): the spec is read exactly once.
+    if !spec_path.exists() || spec_path.is_dir() {
         return Err(Usage(format!(
             "no build spec at `{}`: write a custody.yaml there, or name one with `-f`",
             spec_path.display()
@@ -80,8 +81,14 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
         .into());
     }
     let bounds = args.bounds.resolve(Default::default())?;
+    // One read: the bytes whose digest the provenance records are the
+    // bytes that are parsed and run.
     let spec_bytes = fs_err::read(&spec_path)?;
-    let spec = custody_daemon::spec::load(&spec_path)?;
+    let request = BuildRequest::parse(
+        spec_path.canonicalize().unwrap_or(spec_path.clone()),
+        spec_bytes,
+        Some(args.dir.clone()),
+    )?;
     let data_dir = match args.data_dir.clone() {
         Some(dir) => dir,
         None => embedded::default_data_dir().ok_or_else(|| {
@@ -111,13 +118,7 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
                 .map_or_else(String::new, |p| p.display().to_string())
         );
     }
-    let request = BuildRequest {
-        spec_path: spec_path.canonicalize().unwrap_or(spec_path.clone()),
-        spec_bytes,
-        spec: spec.clone(),
-        directory: Some(args.dir.clone()),
-    };
-    let step_names: Vec<String> = spec.steps.iter().map(|s| s.name.clone()).collect();
+    let step_names: Vec<String> = request.spec.steps.iter().map(|s| s.name.clone()).collect();
     let mut printer = Printer { step_names };
     let cancel = async {
         let _ = tokio::signal::ctrl_c().await;

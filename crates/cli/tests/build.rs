@@ -600,3 +600,79 @@ fn spec_and_usage_errors_exit_2_naming_the_place() {
         text(&output)
     );
 }
+
+/// Regression: the spec was read twice, once for the digest the provenance
+/// records and once for the steps that run. Served through a FIFO whose
+/// writer hands every reader a different spec, a second read would run
+/// one spec and record another.
+#[test]
+fn the_spec_that_runs_is_the_spec_whose_digest_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("src");
+    fs_err::create_dir(&source).unwrap();
+    let fifo = dir.path().join("spec.fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let specs = [
+        "steps:\n  - name: which\n    run: echo spec-A\n",
+        "steps:\n  - name: which\n    run: echo spec-B\n",
+    ];
+    {
+        let fifo = fifo.clone();
+        // Each reader gets one spec: after the first, wait until its reader
+        // is gone (a non-blocking open fails with ENXIO when no one reads),
+        // then serve the next to whoever opens it again. Once custody reads
+        // only once, the second open blocks forever.
+        std::thread::spawn(move || {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            for (i, spec) in specs.iter().enumerate() {
+                if i > 0 {
+                    loop {
+                        match std::fs::OpenOptions::new()
+                            .write(true)
+                            .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+                            .open(&fifo)
+                        {
+                            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ENXIO as i32) => {
+                                break;
+                            }
+                            _ => std::thread::sleep(std::time::Duration::from_millis(1)),
+                        }
+                    }
+                }
+                let mut writer = fs_err::OpenOptions::new().write(true).open(&fifo).unwrap();
+                writer.write_all(spec.as_bytes()).unwrap();
+            }
+        });
+    }
+    let data = dir.path().join("data");
+    let envelope = dir.path().join("provenance.json");
+    let output = custody(&[
+        "build",
+        source.to_str().unwrap(),
+        "-f",
+        fifo.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--provenance-out",
+        envelope.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", text(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let ran = specs
+        .iter()
+        .find(|spec| {
+            stdout.contains(&format!(
+                "[which] {}",
+                &spec[spec.len() - 7..spec.len() - 1]
+            ))
+        })
+        .expect("one of the specs ran");
+    let recorded = &payload(&envelope)["predicate"]["buildDefinition"]["externalParameters"]["spec"]
+        ["digest"]["sha256"];
+    assert_eq!(
+        format!("sha256:{}", recorded.as_str().unwrap()),
+        custody_testkit::image::sha256(ran.as_bytes()),
+        "the provenance records another spec than the one that ran:\n{stdout}"
+    );
+}

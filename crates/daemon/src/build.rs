@@ -39,6 +39,7 @@ use crate::store::{self, Ending, NewBuild, State, Store, StoreError};
 const TITLE_ANNOTATION: &str = "org.opencontainers.image.title";
 
 /// What to build.
+#[derive(Debug)]
 pub struct BuildRequest {
     /// The spec file, as recorded in the provenance.
     pub spec_path: PathBuf,
@@ -47,6 +48,33 @@ pub struct BuildRequest {
     pub spec: Spec,
     /// The directory to build when the spec names no git source.
     pub directory: Option<PathBuf>,
+}
+
+impl BuildRequest {
+    /// The request for the spec whose exact bytes are `spec_bytes` (read
+    /// once: the digest recorded is of the bytes that are parsed and run),
+    /// found at `spec_path`, building `directory` unless the spec names a
+    /// git source.
+    pub fn parse(
+        spec_path: PathBuf,
+        spec_bytes: Vec<u8>,
+        directory: Option<PathBuf>,
+    ) -> Result<Self, spec::SpecError> {
+        let text = std::str::from_utf8(&spec_bytes).map_err(|e| spec::SpecError {
+            file: spec_path.clone(),
+            line: 0,
+            column: 0,
+            message: format!("the spec is not UTF-8 text: {e}"),
+            snippet: None,
+        })?;
+        let spec = spec::parse(text, &spec_path)?;
+        Ok(Self {
+            spec_path,
+            spec_bytes,
+            spec,
+            directory,
+        })
+    }
 }
 
 /// The daemon's side of building: everything trusted that a build needs.

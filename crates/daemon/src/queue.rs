@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::build::{BuildRequest, BuildService, Progress, now};
-use crate::spec::{self, GitSource};
+use crate::spec::GitSource;
 use crate::store::{Claimed, Ending, Renewal, State};
 
 /// How one daemon works the queue.
@@ -324,10 +324,13 @@ impl Queue {
 /// The build request a claimed row describes. The stored source is what
 /// was asked for; it overrides the spec's own `source`.
 fn request_for(claimed: &Claimed) -> Result<BuildRequest, String> {
-    let text = String::from_utf8(claimed.spec.clone())
-        .map_err(|_| format!("the spec `{}` is not UTF-8", claimed.spec_path))?;
-    let spec_path = PathBuf::from(&claimed.spec_path);
-    let mut spec = spec::parse(&text, &spec_path).map_err(|e| e.to_string())?;
+    let mut request = BuildRequest::parse(
+        PathBuf::from(&claimed.spec_path),
+        claimed.spec.clone(),
+        None,
+    )
+    .map_err(|e| e.to_string())?;
+    let spec = &mut request.spec;
     let source: serde_json::Value = serde_json::from_str(&claimed.source)
         .map_err(|e| format!("the stored source is not JSON: {e}"))?;
     if let (Some(git), Some(revision)) = (
@@ -342,12 +345,7 @@ fn request_for(claimed: &Claimed) -> Result<BuildRequest, String> {
     if spec.source.is_none() {
         return Err("the build names no git source (a submitted build must)".to_owned());
     }
-    Ok(BuildRequest {
-        spec_path,
-        spec_bytes: claimed.spec.clone(),
-        spec,
-        directory: None,
-    })
+    Ok(request)
 }
 
 pub fn unix_millis() -> i64 {
