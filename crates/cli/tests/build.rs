@@ -676,3 +676,32 @@ fn the_spec_that_runs_is_the_spec_whose_digest_is_recorded() {
         "the provenance records another spec than the one that ran:\n{stdout}"
     );
 }
+
+/// Regression: a source URL with credentials went into the signed
+/// provenance and the store. It is refused before anything is recorded.
+#[test]
+fn a_source_url_with_credentials_is_refused_and_never_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    fs_err::write(
+        dir.path().join("custody.yaml"),
+        "source:\n  git: https://alice:tok3n-s3cret@127.0.0.1:9/app.git\nsteps:\n  - name: a\n    run: 'true'\n",
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let output = custody(&[
+        "build",
+        dir.path().to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output));
+    let all = text(&output);
+    assert!(all.contains("custody.yaml:2:8"), "{all}");
+    assert!(
+        all.contains("`https://***@127.0.0.1:9/app.git` carries credentials"),
+        "{all}"
+    );
+    assert!(all.contains("remove the user and password"), "{all}");
+    assert!(!all.contains("tok3n-s3cret"), "{all}");
+    assert!(!data.join("custody.db").exists(), "nothing was recorded");
+}

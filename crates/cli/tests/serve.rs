@@ -281,6 +281,49 @@ async fn the_api_refuses_what_it_cannot_serve(backend: Backend) {
     let message = body["error"]["message"].as_str().unwrap();
     assert!(message.starts_with("custody.yaml:4:14: "), "{message}");
 
+    // Credentials in a source URL would be stored and signed: refused, in
+    // the request and in the spec, without repeating them; nothing stored.
+    for (spec, source) in [
+        (
+            "steps:\n  - name: one\n    run: true\n".to_owned(),
+            serde_json::json!({"git": "https://alice:tok3n-s3cret@example.org/app.git", "revision": "main"}),
+        ),
+        (
+            "source:\n  git: https://tok3n-s3cret@example.org/app.git\nsteps:\n  - name: one\n    run: true\n".to_owned(),
+            serde_json::Value::Null,
+        ),
+    ] {
+        let mut body = serde_json::json!({ "spec": spec });
+        if !source.is_null() {
+            body["source"] = source;
+        }
+        let response = http
+            .post(format!("{url}/api/v1/builds"))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400);
+        let text = response.text().await.unwrap();
+        assert!(text.contains("carries credentials"), "{text}");
+        assert!(!text.contains("tok3n-s3cret"), "{text}");
+    }
+    let listed: serde_json::Value = http
+        .get(format!("{url}/api/v1/builds"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        listed["builds"].as_array().map(Vec::len),
+        Some(0),
+        "{listed}"
+    );
+
     let response = http
         .post(format!("{url}/api/v1/builds"))
         .bearer_auth(TOKEN)

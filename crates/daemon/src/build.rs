@@ -193,7 +193,7 @@ impl BuildService {
         source: &spec::GitSource,
     ) -> Result<String, StoreError> {
         let id = uuid::Uuid::now_v7().to_string();
-        let source = json!({ "git": source.git, "revision": source.revision });
+        let source = json!({ "git": source.git.as_str(), "revision": source.revision });
         self.store
             .enqueue(&NewBuild {
                 id: &id,
@@ -618,7 +618,7 @@ impl BuildService {
                         ..ResourceDescriptor::default()
                     },
                     proto::source::Kind::Git(proto::GitSource {
-                        url: git.git.clone(),
+                        url: git.git.to_string(),
                         commit: commit.clone(),
                     }),
                     git.revision.clone(),
@@ -811,7 +811,7 @@ impl BuildService {
 /// `externalParameters.source`: what the build was asked to build.
 fn external_source(request: &BuildRequest) -> serde_json::Value {
     match (&request.spec.source, &request.directory) {
-        (Some(git), _) => json!({ "git": git.git, "revision": git.revision }),
+        (Some(git), _) => json!({ "git": git.git.as_str(), "revision": git.revision }),
         (None, Some(dir)) => json!({
             "directory": dir.canonicalize().unwrap_or_else(|_| dir.clone()).display().to_string()
         }),

@@ -338,7 +338,7 @@ fn request_for(claimed: &Claimed) -> Result<BuildRequest, String> {
         source.get("revision").and_then(|v| v.as_str()),
     ) {
         spec.source = Some(GitSource {
-            git: git.to_owned(),
+            git: custody_source::GitUrl::parse(git).map_err(|e| e.to_string())?,
             revision: revision.to_owned(),
         });
     }

@@ -33,6 +33,7 @@ use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use custody_oci::{Location, Reference};
+pub use custody_source::{GitUrl, GitUrlError};
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
@@ -61,7 +62,8 @@ pub struct Spec {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GitSource {
-    pub git: String,
+    /// Never with credentials: they would be stored and signed.
+    pub git: GitUrl,
     /// Branch, tag or commit; `HEAD` when not given.
     pub revision: String,
 }
@@ -414,11 +416,22 @@ pub fn parse(text: &str, file: &Path) -> Result<Spec, SpecError> {
 
     let source = match raw.source {
         Some(source) => {
-            if source.git.value.is_empty() {
-                return Err(located(&source.git, "`git` is empty".into()));
-            }
+            let git = GitUrl::parse(&source.git.value).map_err(|e| {
+                let message = match e.hint() {
+                    Some(hint) => format!("{e}; {hint}"),
+                    None => e.to_string(),
+                };
+                let mut error = located(&source.git, message);
+                // The line shown must not repeat the secret either.
+                if let GitUrlError::Credentials { redacted } = &e {
+                    error.snippet = error
+                        .snippet
+                        .map(|line| line.replace(source.git.value.trim(), redacted));
+                }
+                error
+            })?;
             Some(GitSource {
-                git: source.git.value,
+                git,
                 revision: source.revision.unwrap_or_else(|| "HEAD".into()),
             })
         }

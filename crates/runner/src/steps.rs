@@ -345,9 +345,12 @@ async fn prepare_source(job: &proto::Job, jobdir: &JobDir) -> Result<(), String>
     let workspace = &jobdir.workspace;
     match job.source.as_ref().and_then(|s| s.kind.as_ref()) {
         None => Ok(()),
-        Some(SourceKind::Git(git)) => custody_source::fetch(&git.url, &git.commit, workspace)
-            .await
-            .map_err(|e| e.to_string()),
+        Some(SourceKind::Git(git)) => {
+            let url = custody_source::GitUrl::parse(&git.url).map_err(|e| e.to_string())?;
+            custody_source::fetch(&url, &git.commit, workspace)
+                .await
+                .map_err(|e| e.to_string())
+        }
         Some(SourceKind::LocalDirectory(dir)) => {
             custody_source::copy_local(std::path::Path::new(dir), workspace)
                 .await

@@ -305,7 +305,14 @@ async fn submit(
     })?;
     let source = match (request.source, parsed.source) {
         (Some(source), _) => spec::GitSource {
-            git: source.git,
+            // Credentials in a source URL would be stored and signed.
+            git: spec::GitUrl::parse(&source.git).map_err(|e| {
+                let message = match e.hint() {
+                    Some(hint) => format!("`source.git`: {e}; {hint}"),
+                    None => format!("`source.git`: {e}"),
+                };
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+            })?,
             revision: source.revision,
         },
         (None, Some(source)) => source,
@@ -317,11 +324,11 @@ async fn submit(
             ));
         }
     };
-    if source.git.trim().is_empty() || source.revision.trim().is_empty() {
+    if source.revision.trim().is_empty() {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_request",
-            "`source.git` and `source.revision` must not be empty",
+            "`source.revision` must not be empty",
         ));
     }
     let service = app.queue.service();

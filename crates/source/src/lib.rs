@@ -7,6 +7,10 @@
 
 #![forbid(unsafe_code)]
 
+mod url;
+
+pub use url::{GitUrl, GitUrlError};
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -86,7 +90,8 @@ fn is_commit(text: &str) -> bool {
 
 /// Resolves `revision` (a branch, tag, `HEAD`, or a commit) in the
 /// repository at `url` to a commit.
-pub async fn resolve(url: &str, revision: &str) -> Result<String, SourceError> {
+pub async fn resolve(url: &GitUrl, revision: &str) -> Result<String, SourceError> {
+    let url = url.as_str();
     if is_commit(revision) {
         return Ok(revision.to_ascii_lowercase());
     }
@@ -116,7 +121,8 @@ pub async fn resolve(url: &str, revision: &str) -> Result<String, SourceError> {
 
 /// Checks out `commit` of `url` into `dest` (which must not exist) and
 /// confirms that `HEAD` is that commit.
-pub async fn fetch(url: &str, commit: &str, dest: &Path) -> Result<(), SourceError> {
+pub async fn fetch(url: &GitUrl, commit: &str, dest: &Path) -> Result<(), SourceError> {
+    let url = url.as_str();
     let mut clone = git();
     clone
         .args(["clone", "--quiet", "--no-checkout", "--", url])

@@ -23,7 +23,8 @@ fn repository(dir: &Path) -> (String, String) {
 async fn revisions_resolve_and_fetch_at_their_commit() {
     let repo = tempfile::tempdir().unwrap();
     let (first, second) = repository(repo.path());
-    let url = format!("file://{}", repo.path().display());
+    let text = format!("file://{}", repo.path().display());
+    let url = source::GitUrl::parse(&text).unwrap();
     assert_eq!(source::resolve(&url, "main").await.unwrap(), second);
     assert_eq!(source::resolve(&url, "HEAD").await.unwrap(), second);
     assert_eq!(
@@ -44,7 +45,7 @@ async fn revisions_resolve_and_fetch_at_their_commit() {
     let err = source::resolve(&url, "nope").await.unwrap_err();
     assert!(matches!(err, SourceError::UnknownRevision { .. }), "{err}");
     assert!(
-        err.to_string().contains("`nope`") && err.to_string().contains(&url),
+        err.to_string().contains("`nope`") && err.to_string().contains(&text),
         "{err}"
     );
 
@@ -58,7 +59,7 @@ async fn revisions_resolve_and_fetch_at_their_commit() {
 async fn ext_transport_urls_run_nothing() {
     let marker = tempfile::tempdir().unwrap();
     let flag = marker.path().join("ran");
-    let url = format!("ext::sh -c touch% {}", flag.display());
+    let url = source::GitUrl::parse(&format!("ext::sh -c touch% {}", flag.display())).unwrap();
     let err = source::resolve(&url, "main").await.unwrap_err();
     assert!(matches!(err, SourceError::Git { .. }), "{err}");
     assert!(!flag.exists(), "git ran a command from the URL");
