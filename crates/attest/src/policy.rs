@@ -30,6 +30,9 @@ pub struct Policy {
     /// When given, every step image must be one of these digests
     /// (`sha256:<hex>`); an empty list allows only steps without images.
     pub allowed_step_images: Option<Vec<String>>,
+    /// Accept a build of a working tree with uncommitted changes when a
+    /// source is required (it is not the repository at any commit).
+    pub allow_dirty: bool,
 }
 
 /// How a statement fails the policy.
@@ -42,6 +45,10 @@ pub enum Violation {
     SourceRepository { expected: String, actual: String },
     #[error("the source commit is `{actual}`, expected `{expected}`")]
     SourceCommit { expected: String, actual: String },
+    #[error(
+        "the source `{uri}` was built with uncommitted changes: it is not the repository at any commit (pass `--allow-dirty` to accept that)"
+    )]
+    Dirty { uri: String },
     #[error("step image `{image}` ({digest}) is not in the allowed list")]
     StepImage { image: String, digest: String },
     #[error("the provenance has no {0}")]
@@ -72,6 +79,11 @@ impl Policy {
                     actual: actual.to_owned(),
                 });
             }
+        }
+        if self.source_repository.is_some() && !self.allow_dirty && is_dirty(source) {
+            return Err(Violation::Dirty {
+                uri: source.and_then(|s| s.uri.clone()).unwrap_or_default(),
+            });
         }
         if let Some(expected) = &self.source_commit {
             let actual = source
@@ -110,6 +122,15 @@ pub fn source(provenance: &Provenance) -> Option<&ResourceDescriptor> {
         .resolved_dependencies
         .iter()
         .find(|d| d.name.as_deref() == Some(SOURCE_DEPENDENCY))
+}
+
+/// Whether the source was a working tree with uncommitted changes.
+pub fn is_dirty(source: Option<&ResourceDescriptor>) -> bool {
+    source
+        .and_then(|s| s.annotations.as_ref())
+        .and_then(|a| a.get("dirty"))
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(false)
 }
 
 /// The step images of the resolved dependencies.

@@ -129,6 +129,11 @@ struct VerifyArgs {
     /// every step image must be one of them.
     #[arg(long = "allow-step-image", value_name = "DIGEST")]
     allow_step_images: Vec<String>,
+    /// Accept a build of a working tree with uncommitted changes when
+    /// `--source` is given (by default it fails: such a build is not the
+    /// repository at any commit).
+    #[arg(long)]
+    allow_dirty: bool,
     /// Print the verified statement as JSON.
     #[arg(long)]
     json: bool,
@@ -456,6 +461,7 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
         source_commit,
         allowed_step_images: (!args.allow_step_images.is_empty())
             .then(|| args.allow_step_images.clone()),
+        allow_dirty: args.allow_dirty,
     };
     let verified = custody_daemon::verify::verify(&location, &options, &key, &policy).await?;
     if args.json {
@@ -471,9 +477,14 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     let source = custody_attest::policy::source(provenance)
         .map(|s| {
             format!(
-                "{} @ {}",
+                "{} @ {}{}",
                 s.uri.as_deref().unwrap_or("?"),
-                s.digest.get("gitCommit").map(String::as_str).unwrap_or("?")
+                s.digest.get("gitCommit").map(String::as_str).unwrap_or("?"),
+                if custody_attest::policy::is_dirty(Some(s)) {
+                    " (dirty: built with uncommitted changes)"
+                } else {
+                    ""
+                }
             )
         })
         .unwrap_or_else(|| "-".into());

@@ -705,3 +705,59 @@ fn a_source_url_with_credentials_is_refused_and_never_recorded() {
     assert!(!all.contains("tok3n-s3cret"), "{all}");
     assert!(!data.join("custody.db").exists(), "nothing was recorded");
 }
+
+/// Regression: a build of a working tree with uncommitted changes passed
+/// `custody verify --source URL@COMMIT` as if it were that commit.
+#[test]
+fn a_dirty_tree_satisfies_no_source_policy_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    fs_err::create_dir(&src).unwrap();
+    fs_err::write(
+        src.join("custody.yaml"),
+        "steps:\n  - name: a\n    run: cat notes.txt\nartifacts:\n  - paths: [notes.txt]\n    to: oci:out/files:v1\n",
+    )
+    .unwrap();
+    fs_err::write(src.join("notes.txt"), "committed\n").unwrap();
+    git(&src, &["init", "-q"]);
+    git(&src, &["add", "custody.yaml", "notes.txt"]);
+    git(&src, &["commit", "-qm", "one"]);
+    let commit = git(&src, &["rev-parse", "HEAD"]);
+    fs_err::write(src.join("notes.txt"), "not what was committed\n").unwrap();
+    let data = dir.path().join("data");
+    let output = custody(&[
+        "build",
+        src.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", text(&output));
+    let url = format!("file://{}", src.canonicalize().unwrap().display());
+    let verify = |extra: &[&str]| {
+        let artifact = format!("oci:{}:v1", src.join("out/files").display());
+        let key = data.join("keys/custody.pub");
+        let mut args = vec![
+            "verify",
+            artifact.as_str(),
+            "--key",
+            key.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        custody(&args)
+    };
+    let source = format!("{url}@{commit}");
+    let refused = verify(&["--source", &source]);
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("built with uncommitted changes"),
+        "{}",
+        text(&refused)
+    );
+    let allowed = verify(&["--source", &source, "--allow-dirty"]);
+    assert!(allowed.status.success(), "{}", text(&allowed));
+    assert!(
+        String::from_utf8_lossy(&allowed.stdout).contains("(dirty: built with uncommitted changes)"),
+        "{}",
+        text(&allowed)
+    );
+}
