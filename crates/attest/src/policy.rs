@@ -16,6 +16,48 @@ pub const BUILD_TYPE: &str = "https://custody.dev/build-types/build/v1";
 pub const SOURCE_DEPENDENCY: &str = "source";
 /// The `name` prefix of step images in `resolvedDependencies`.
 pub const STEP_IMAGE_PREFIX: &str = "step-image:";
+/// The subject annotation that says what a subject is.
+pub const SUBJECT_KIND: &str = "kind";
+
+/// What a subject of custody's provenance is. Only manifests custody
+/// pushed (images and artifacts) can vouch for an image; a file subject
+/// is a file's bytes, whatever they happen to look like.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubjectKind {
+    /// An image manifest a build pushed.
+    Image,
+    /// The manifest of a file artifact a build pushed.
+    Artifact,
+    /// One file of an artifact.
+    File,
+}
+
+impl SubjectKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SubjectKind::Image => "image",
+            SubjectKind::Artifact => "artifact",
+            SubjectKind::File => "file",
+        }
+    }
+
+    /// The `annotations` a subject of this kind carries.
+    pub fn annotations(self) -> serde_json::Map<String, serde_json::Value> {
+        let mut map = serde_json::Map::new();
+        map.insert(SUBJECT_KIND.to_owned(), self.as_str().into());
+        map
+    }
+
+    /// The kind `subject` says it is, if any.
+    pub fn of(subject: &ResourceDescriptor) -> Option<Self> {
+        match subject.annotations.as_ref()?.get(SUBJECT_KIND)?.as_str()? {
+            "image" => Some(SubjectKind::Image),
+            "artifact" => Some(SubjectKind::Artifact),
+            "file" => Some(SubjectKind::File),
+            _ => None,
+        }
+    }
+}
 
 /// What a verifier insists on, beyond a valid signature on a statement
 /// about the artifact.

@@ -137,6 +137,20 @@ impl VerifiedStatement {
             .any(|s| s.digest.get("sha256").is_some_and(|d| d == hex))
     }
 
+    /// Whether some subject is a manifest custody pushed (an image or an
+    /// artifact, never a file) named `name` with this sha256 digest.
+    pub fn names_manifest(&self, name: &str, hex: &str) -> bool {
+        use crate::policy::SubjectKind;
+        self.statement.subject.iter().any(|s| {
+            s.name.as_deref() == Some(name)
+                && s.digest.get("sha256").is_some_and(|d| d == hex)
+                && matches!(
+                    SubjectKind::of(s),
+                    Some(SubjectKind::Image | SubjectKind::Artifact)
+                )
+        })
+    }
+
     /// The SLSA Provenance v1 predicate, when that is what this is.
     pub fn provenance(&self) -> Result<Provenance, Error> {
         if self.statement.predicate_type != SLSA_PROVENANCE_V1 {

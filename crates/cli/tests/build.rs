@@ -736,12 +736,7 @@ fn a_dirty_tree_satisfies_no_source_policy_unless_allowed() {
     let verify = |extra: &[&str]| {
         let artifact = format!("oci:{}:v1", src.join("out/files").display());
         let key = data.join("keys/custody.pub");
-        let mut args = vec![
-            "verify",
-            artifact.as_str(),
-            "--key",
-            key.to_str().unwrap(),
-        ];
+        let mut args = vec!["verify", artifact.as_str(), "--key", key.to_str().unwrap()];
         args.extend_from_slice(extra);
         custody(&args)
     };
@@ -756,8 +751,124 @@ fn a_dirty_tree_satisfies_no_source_policy_unless_allowed() {
     let allowed = verify(&["--source", &source, "--allow-dirty"]);
     assert!(allowed.status.success(), "{}", text(&allowed));
     assert!(
-        String::from_utf8_lossy(&allowed.stdout).contains("(dirty: built with uncommitted changes)"),
+        String::from_utf8_lossy(&allowed.stdout)
+            .contains("(dirty: built with uncommitted changes)"),
         "{}",
         text(&allowed)
+    );
+}
+
+/// Regression: a repository committed the manifest bytes of an image custody
+/// never built as a file and declared it an artifact; the provenance named
+/// that digest as a file, and attached to the foreign image it verified.
+#[test]
+fn a_file_holding_a_foreign_manifest_vouches_for_no_image() {
+    let registry = Registry::builder().start();
+    let dir = tempfile::tempdir().unwrap();
+    // The foreign image, pushed by someone else.
+    let image = custody_testkit::image::Image::random(11, &[300]);
+    let layout = dir.path().join("foreign");
+    custody_testkit::image::LayoutWriter::new(&layout)
+        .image(&image)
+        .tag("v1", &image.manifest);
+    let foreign = format!("{}/foreign/app:v1", registry.host());
+    let pushed = custody(&[
+        "push",
+        "--insecure-registry",
+        registry.host(),
+        &format!("oci:{}:v1", layout.display()),
+        &foreign,
+    ]);
+    assert!(pushed.status.success(), "{}", text(&pushed));
+    // The attacker's repository: the manifest's bytes as a file.
+    let src = dir.path().join("src");
+    fs_err::create_dir(&src).unwrap();
+    fs_err::write(src.join("m.json"), &image.manifest.bytes).unwrap();
+    fs_err::write(
+        src.join("custody.yaml"),
+        format!(
+            "steps:\n  - name: a\n    run: 'true'\nartifacts:\n  - paths: [m.json]\n    to: {}/evil/files:v1\n",
+            registry.host()
+        ),
+    )
+    .unwrap();
+    git(&src, &["init", "-q"]);
+    git(&src, &["add", "."]);
+    git(&src, &["commit", "-qm", "innocent"]);
+    let commit = git(&src, &["rev-parse", "HEAD"]);
+    let data = dir.path().join("data");
+    let envelope = dir.path().join("provenance.json");
+    let output = build_in(
+        &registry,
+        &src,
+        &fs_err::read_to_string(src.join("custody.yaml")).unwrap(),
+        &data,
+        &[
+            "--provenance-out",
+            envelope.to_str().unwrap(),
+            "--builder-id",
+            "https://ci.example.org",
+        ],
+    );
+    assert!(output.status.success(), "{}", text(&output));
+    // The provenance says which subject is what.
+    let statement = payload(&envelope);
+    let file = statement["subject"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "m.json")
+        .unwrap();
+    assert_eq!(file["annotations"]["kind"], "file");
+    assert_eq!(
+        format!("sha256:{}", file["digest"]["sha256"].as_str().unwrap()),
+        image.manifest.digest
+    );
+    // Attached to the foreign image...
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let options = custody_oci::registry::RegistryOptions {
+            insecure_hosts: vec![registry.host().to_owned()],
+            ..Default::default()
+        };
+        let client = custody_oci::registry::Client::new(registry.host(), &options)
+            .await
+            .unwrap();
+        let subject: custody_oci::oci_spec::image::Descriptor =
+            serde_json::from_value(image.manifest.descriptor()).unwrap();
+        custody_daemon::attach::attach_to_registry(
+            &client,
+            "foreign/app",
+            &subject,
+            &fs_err::read(&envelope).unwrap(),
+            custody_attest::statement::SLSA_PROVENANCE_V1,
+        )
+        .await
+        .unwrap();
+    });
+    // ...it vouches for nothing.
+    let key = data.join("keys/custody.pub");
+    let source = format!("file://{}@{commit}", src.canonicalize().unwrap().display());
+    let verified = custody(&[
+        "verify",
+        &foreign,
+        "--insecure-registry",
+        registry.host(),
+        "--key",
+        key.to_str().unwrap(),
+        "--builder-id",
+        "https://ci.example.org",
+        "--source",
+        &source,
+    ]);
+    assert_eq!(verified.status.code(), Some(1), "{}", text(&verified));
+    assert!(
+        text(&verified).contains("only a file with those bytes"),
+        "{}",
+        text(&verified)
     );
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 
 use custody_attest::keys::{Algorithm, SigningKey, generate_files};
-use custody_attest::policy::BUILD_TYPE;
+use custody_attest::policy::{BUILD_TYPE, SubjectKind};
 use custody_attest::statement::{
     BuildDefinition, BuildMetadata, Builder, Provenance, ResourceDescriptor, RunDetails,
     SLSA_PROVENANCE_V1, Statement,
@@ -59,10 +59,13 @@ fn provenance() -> Provenance {
     }
 }
 
-fn envelope(subject_hex: &str, key: &SigningKey) -> Vec<u8> {
+/// A signed statement with one subject: `name` (`REGISTRY/REPO` or
+/// `oci:PATH`, as custody names what it pushed) of `kind`.
+fn envelope_of(name: &str, kind: SubjectKind, subject_hex: &str, key: &SigningKey) -> Vec<u8> {
     let subject = ResourceDescriptor {
-        name: Some("app".into()),
+        name: Some(name.into()),
         digest: BTreeMap::from([("sha256".into(), subject_hex.into())]),
+        annotations: Some(kind.annotations()),
         ..Default::default()
     };
     serde_json::to_vec(
@@ -71,6 +74,16 @@ fn envelope(subject_hex: &str, key: &SigningKey) -> Vec<u8> {
             .unwrap(),
     )
     .unwrap()
+}
+
+/// An image subject named for `repo` of `s`'s registry.
+fn envelope(s: &Setup, repo: &str, subject_hex: &str) -> Vec<u8> {
+    envelope_of(
+        &format!("{}/{repo}", s.registry.host()),
+        SubjectKind::Image,
+        subject_hex,
+        &s.key,
+    )
 }
 
 struct Setup {
@@ -187,7 +200,7 @@ fn a_signed_provenance_verifies_and_every_kind_of_mismatch_is_refused() {
     let s = setup();
     let subject = push_image(&s, 1, "team/app");
     let hex = subject.digest().digest().to_owned();
-    attach(&s, "team/app", &subject, &envelope(&hex, &s.key));
+    attach(&s, "team/app", &subject, &envelope(&s, "team/app", &hex));
     let image = format!("{}/team/app:v1", s.registry.host());
 
     let run = verify(
@@ -276,7 +289,8 @@ fn tampered_misdirected_and_missing_attestations_are_refused() {
     // A payload changed after signing.
     let subject = push_image(&s, 2, "team/tampered");
     let hex = subject.digest().digest().to_owned();
-    let mut envelope: serde_json::Value = serde_json::from_slice(&envelope(&hex, &s.key)).unwrap();
+    let mut envelope: serde_json::Value =
+        serde_json::from_slice(&envelope(&s, "team/tampered", &hex)).unwrap();
     let mut statement: serde_json::Value =
         serde_json::from_slice(&base64_decode(envelope["payload"].as_str().unwrap())).unwrap();
     statement["predicate"]["runDetails"]["builder"]["id"] = "https://evil/builder".into();
@@ -298,11 +312,40 @@ fn tampered_misdirected_and_missing_attestations_are_refused() {
         &s,
         "team/misdirected",
         &subject,
-        &self::envelope(&"c".repeat(64), &s.key),
+        &self::envelope(&s, "team/misdirected", &"c".repeat(64)),
     );
     refused(
         verify(&s, &s.public, &image_of("team/misdirected"), &[]),
         "subject:",
+    );
+
+    // This very digest, but pushed to another repository.
+    let subject = push_image(&s, 6, "team/elsewhere");
+    let hex = subject.digest().digest().to_owned();
+    attach(
+        &s,
+        "team/elsewhere",
+        &subject,
+        &self::envelope(&s, "team/original", &hex),
+    );
+    refused(
+        verify(&s, &s.public, &image_of("team/elsewhere"), &[]),
+        "names no image or artifact",
+    );
+
+    // This very digest as a file subject: a file's bytes vouch for no image.
+    let subject = push_image(&s, 7, "team/file");
+    let hex = subject.digest().digest().to_owned();
+    let name = format!("{}/team/file", s.registry.host());
+    attach(
+        &s,
+        "team/file",
+        &subject,
+        &envelope_of(&name, SubjectKind::File, &hex, &s.key),
+    );
+    refused(
+        verify(&s, &s.public, &image_of("team/file"), &[]),
+        "only a file with those bytes",
     );
 
     // No attestation at all.
@@ -335,7 +378,12 @@ fn attestations_in_an_oci_layout_verify() {
     attach::attach_to_layout(
         &layout,
         &subject,
-        &envelope(subject.digest().digest(), &s.key),
+        &envelope_of(
+            &format!("oci:{}", root.canonicalize().unwrap().display()),
+            SubjectKind::Image,
+            subject.digest().digest(),
+            &s.key,
+        ),
         SLSA_PROVENANCE_V1,
     )
     .unwrap();

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use custody_attest::keys::SigningKey;
-use custody_attest::policy::{BUILD_TYPE, SOURCE_DEPENDENCY, STEP_IMAGE_PREFIX};
+use custody_attest::policy::{BUILD_TYPE, SOURCE_DEPENDENCY, STEP_IMAGE_PREFIX, SubjectKind};
 use custody_attest::statement::{
     BuildDefinition, BuildMetadata, Builder, Provenance, ResourceDescriptor, RunDetails,
     SLSA_PROVENANCE_V1, Statement,
@@ -455,11 +455,15 @@ impl BuildService {
                 destination: expected.destination.to_string(),
                 digest: digest.to_string(),
             });
-            subjects.push(descriptor(
-                Some(subject_name(&expected.destination)),
-                None,
-                &digest,
-            ));
+            let kind = if expected.artifact {
+                SubjectKind::Artifact
+            } else {
+                SubjectKind::Image
+            };
+            subjects.push(ResourceDescriptor {
+                annotations: Some(kind.annotations()),
+                ..descriptor(Some(subject_name(&expected.destination)), None, &digest)
+            });
             if expected.artifact {
                 subjects.extend(artifact_files(&manifest).map_err(|e| {
                     Failure::new(format!(
@@ -913,8 +917,9 @@ fn pin(image: &Reference, digest: &Digest) -> String {
     format!("{}/{}@{digest}", image.registry(), image.repository())
 }
 
-/// A subject's name: the repository, or the layout.
-fn subject_name(destination: &Location) -> String {
+/// A subject's name: the repository, or the layout. `custody verify`
+/// names what it verifies the same way.
+pub fn subject_name(destination: &Location) -> String {
     match destination {
         Location::Registry(reference) => {
             format!("{}/{}", reference.registry(), reference.repository())
@@ -1033,7 +1038,10 @@ fn artifact_files(manifest: &Manifest) -> Result<Vec<ResourceDescriptor>, String
                 .as_ref()
                 .and_then(|a| a.get(TITLE_ANNOTATION))
                 .ok_or_else(|| format!("layer `{}` has no title", layer.digest()))?;
-            Ok(descriptor(Some(title.clone()), None, layer.digest()))
+            Ok(ResourceDescriptor {
+                annotations: Some(SubjectKind::File.annotations()),
+                ..descriptor(Some(title.clone()), None, layer.digest())
+            })
         })
         .collect()
 }

@@ -47,6 +47,7 @@ pub async fn verify(
     key: &VerifyingKey,
     policy: &Policy,
 ) -> Result<Verified, VerifyError> {
+    let name = crate::build::subject_name(location);
     let (target, digest, envelopes) = match location {
         Location::Registry(reference) => {
             let client = Client::new(reference.api_host(), options).await?;
@@ -94,7 +95,7 @@ pub async fn verify(
     let count = envelopes.len();
     let mut reasons = Vec::new();
     for bytes in &envelopes {
-        match check(bytes, key, &digest, policy) {
+        match check(bytes, key, &name, &digest, policy) {
             Ok((statement, provenance)) => {
                 return Ok(Verified {
                     target,
@@ -118,6 +119,7 @@ pub async fn verify(
 fn check(
     bytes: &[u8],
     key: &VerifyingKey,
+    name: &str,
     digest: &Digest,
     policy: &Policy,
 ) -> Result<(VerifiedStatement, Provenance), String> {
@@ -125,9 +127,18 @@ fn check(
         serde_json::from_slice(bytes).map_err(|e| format!("not a DSSE envelope: {e}"))?;
     let statement =
         VerifiedStatement::verify(&envelope, key).map_err(|e| format!("signature: {e}"))?;
-    if digest.algorithm().as_ref() != "sha256" || !statement.names_sha256(digest.digest()) {
+    // Only a manifest the build pushed, to this very repository (or
+    // layout), vouches for an image: a file whose bytes happen to be some
+    // image's manifest does not.
+    if digest.algorithm().as_ref() != "sha256" || !statement.names_manifest(name, digest.digest()) {
+        let as_file = statement.names_sha256(digest.digest());
         return Err(format!(
-            "subject: the statement is about other artifacts, not `{digest}`"
+            "subject: the statement names no image or artifact `{name}` with digest `{digest}`{}",
+            if as_file {
+                " (only a file with those bytes, which vouches for no image)"
+            } else {
+                ""
+            }
         ));
     }
     let provenance = statement
