@@ -192,6 +192,7 @@ impl Printer {
             Progress::Attached { destination } => {
                 eprintln!("==> attached provenance to {destination}");
             }
+            Progress::Tagged { destination } => eprintln!("==> tagged {destination}"),
             Progress::Runner(event) => match event.kind {
                 Some(Kind::Hello(hello)) => {
                     eprintln!("==> runner on {} (pid {})", hello.hostname, hello.pid);

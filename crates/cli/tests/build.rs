@@ -449,7 +449,8 @@ fn an_output_never_written_publishes_nothing() {
     );
     let (output, data) = build_spec(&registry, dir.path(), &spec);
     assert_failed_without_provenance(&output, &data, &registry, "/output/missing");
-    assert_eq!(tags(&registry, "t/app"), vec!["v1".to_owned()]);
+    // Every output is read before any is pushed: the first never was.
+    assert!(tags(&registry, "t/app").is_empty());
 }
 
 #[test]
@@ -871,4 +872,192 @@ fn a_file_holding_a_foreign_manifest_vouches_for_no_image() {
         "{}",
         text(&verified)
     );
+}
+
+/// An image layout written into `src/NAME` for a step to copy to /output:
+/// its digest is known before the build.
+fn staged_image(src: &Path, name: &str, seed: u64, layer: usize) -> custody_testkit::image::Image {
+    let image = custody_testkit::image::Image::random(seed, &[layer]);
+    custody_testkit::image::LayoutWriter::new(&src.join(name))
+        .image(&image)
+        .tag("v1", &image.manifest);
+    image
+}
+
+/// Pushes `image` to `registry` as `repository:v1`, as a previous build would have.
+fn push_existing(registry: &Registry, dir: &Path, repository: &str) -> String {
+    let image = custody_testkit::image::Image::random(99, &[100]);
+    let layout = dir.join(format!("existing-{}", repository.replace('/', "-")));
+    custody_testkit::image::LayoutWriter::new(&layout)
+        .image(&image)
+        .tag("v1", &image.manifest);
+    let pushed = custody(&[
+        "push",
+        "--insecure-registry",
+        registry.host(),
+        &format!("oci:{}:v1", layout.display()),
+        &format!("{}/{repository}:v1", registry.host()),
+    ]);
+    assert!(pushed.status.success(), "{}", text(&pushed));
+    image.manifest.digest
+}
+
+/// The digest `repository:v1` names now.
+fn tagged(registry: &Registry, repository: &str) -> String {
+    let output = skopeo(
+        registry,
+        &["inspect", "--raw"],
+        &format!("docker://{}/{repository}:v1", registry.host()),
+    );
+    assert!(output.status.success(), "{}", text(&output));
+    custody_testkit::image::sha256(&output.stdout)
+}
+
+/// Regression: an image output was pushed and tagged, then the build failed
+/// on an artifact whose glob matched nothing: the tag named an image
+/// without provenance. Now every output is read before any is pushed.
+#[test]
+fn an_artifact_glob_matching_nothing_moves_no_tag() {
+    let registry = Registry::builder().start();
+    let dir = tempfile::tempdir().unwrap();
+    let old = push_existing(&registry, dir.path(), "t/app");
+    let src = dir.path().join("src");
+    fs_err::create_dir(&src).unwrap();
+    staged_image(&src, "app", 1, 1000);
+    let spec = format!(
+        "steps:\n  - name: copy\n    run: cp -r app /output/app\nimages:\n  - from: oci:/output/app:v1\n    to: {host}/t/app:v1\nartifacts:\n  - paths: [\"dist/*.tar.gz\"]\n    to: {host}/t/files:v1\n",
+        host = registry.host()
+    );
+    let (output, data) = build_spec(&registry, &src, &spec);
+    assert_failed_without_provenance(&output, &data, &registry, "`dist/*.tar.gz` matched no file");
+    assert_eq!(tagged(&registry, "t/app"), old, "the tag moved");
+}
+
+/// Regression: outputs were tagged as they were pushed; a later push that
+/// failed left the earlier tags moved. Now tags move only after every
+/// output is pushed, checked, signed for and attached to.
+#[test]
+fn a_push_that_fails_midway_moves_no_earlier_tag() {
+    let registry = Registry::builder().start();
+    let dir = tempfile::tempdir().unwrap();
+    let old = push_existing(&registry, dir.path(), "t/first");
+    // The second destination is the same registry through a proxy that
+    // dies once the big second image is under way.
+    let proxy = custody_testkit::FaultProxy::start(registry.addr());
+    let src = dir.path().join("src");
+    fs_err::create_dir(&src).unwrap();
+    staged_image(&src, "first", 2, 1000);
+    staged_image(&src, "second", 3, 4 << 20);
+    let spec = format!(
+        "steps:\n  - name: copy\n    run: cp -r first second /output/\nimages:\n  - from: oci:/output/first:v1\n    to: {host}/t/first:v1\n  - from: oci:/output/second:v1\n    to: {proxy}/t/second:v1\n",
+        host = registry.host(),
+        proxy = proxy.host()
+    );
+    proxy.die_after(1 << 20);
+    let data = src.join("data");
+    let output = build_in(
+        &registry,
+        &src,
+        &spec,
+        &data,
+        &["--insecure-registry", &proxy.host()],
+    );
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert!(
+        text(&output).contains(&format!("to `{}/t/second:v1`", proxy.host())),
+        "{}",
+        text(&output)
+    );
+    assert_eq!(stored_provenance(&data), 0);
+    assert_eq!(
+        tagged(&registry, "t/first"),
+        old,
+        "the first image's tag moved"
+    );
+}
+
+/// A failure while attaching the provenance (the registry refuses the
+/// cosign tag custody extends) leaves every tag where it was.
+#[test]
+fn a_failure_while_attaching_moves_no_tag() {
+    let registry = Registry::builder().start();
+    let dir = tempfile::tempdir().unwrap();
+    let old = push_existing(&registry, dir.path(), "t/app");
+    let src = dir.path().join("src");
+    fs_err::create_dir(&src).unwrap();
+    let image = staged_image(&src, "app", 4, 1000);
+    // A cosign `.att` manifest for the new image that names a blob the
+    // registry no longer has: extending it is refused.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        use custody_oci::oci_spec::image::Descriptor;
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let options = custody_oci::registry::RegistryOptions {
+            insecure_hosts: vec![registry.host().to_owned()],
+            ..Default::default()
+        };
+        let client = custody_oci::registry::Client::new(registry.host(), &options)
+            .await
+            .unwrap();
+        let mut descriptors = Vec::new();
+        for bytes in [b"{}".to_vec(), b"a layer that will be deleted".to_vec()] {
+            let blob = custody_testkit::image::Blob::new("application/octet-stream", bytes);
+            let descriptor: Descriptor = serde_json::from_value(blob.descriptor()).unwrap();
+            let body = bytes::Bytes::from(blob.bytes.clone());
+            client
+                .upload_blob("t/app", &descriptor, None, || {
+                    let body = body.clone();
+                    custody_oci::stream::verified(
+                        futures_util::stream::once(async move { Ok(body) }),
+                        descriptor.clone(),
+                    )
+                })
+                .await
+                .unwrap();
+            descriptors.push(blob);
+        }
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": descriptors[0].descriptor(),
+            "layers": [descriptors[1].descriptor()],
+        });
+        let bytes = bytes::Bytes::from(serde_json::to_vec(&manifest).unwrap());
+        let descriptor = Descriptor::new(
+            custody_oci::oci_spec::image::MediaType::ImageManifest,
+            bytes.len() as u64,
+            custody_oci::digest::sha256(&bytes),
+        );
+        let tag = format!("{}.att", image.manifest.digest.replace(':', "-"));
+        client
+            .put_manifest("t/app", &tag, &descriptor, &bytes)
+            .await
+            .unwrap();
+        let deleted = reqwest::Client::new()
+            .delete(format!(
+                "http://{}/v2/t/app/blobs/{}",
+                registry.host(),
+                descriptors[1].digest
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert!(deleted.status().is_success(), "{deleted:?}");
+    });
+    let spec = format!(
+        "steps:\n  - name: copy\n    run: cp -r app /output/app\nimages:\n  - from: oci:/output/app:v1\n    to: {}/t/app:v1\n",
+        registry.host()
+    );
+    let data = src.join("data");
+    let output = build_in(&registry, &src, &spec, &data, &[]);
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert!(
+        text(&output).contains("attaching the provenance to"),
+        "{}",
+        text(&output)
+    );
+    assert_eq!(tagged(&registry, "t/app"), old, "the tag moved");
 }

@@ -512,9 +512,14 @@ async fn the_runner_pushes_declared_outputs_and_reports_them() {
     let report = d.dispatcher.run(job, |_| {}, never()).await.unwrap();
     assert!(report.finished.success, "{:?}", report.finished);
     assert_eq!(report.outputs.len(), 2, "{:?}", report.outputs);
+    // By digest only: tags are the daemon's to write, after signing.
     assert_eq!(
         report.outputs[0].reference,
-        format!("{app}@{}", image.manifest.digest)
+        format!("{}/team/app@{}", registry.host(), image.manifest.digest)
+    );
+    assert!(
+        !registry.has_manifest("team/app", "v1"),
+        "the runner tagged"
     );
     assert_eq!(report.outputs[0].digest, image.manifest.digest);
     for (output, repo) in report.outputs.iter().zip(["team/app", "team/app-dist"]) {

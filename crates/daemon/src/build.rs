@@ -99,12 +99,28 @@ pub struct BuildService {
 /// What happens, for whoever watches.
 #[derive(Debug)]
 pub enum Progress {
-    Queued { id: String },
-    Source { description: String },
-    StepImage { step: String, pinned: String },
+    Queued {
+        id: String,
+    },
+    Source {
+        description: String,
+    },
+    StepImage {
+        step: String,
+        pinned: String,
+    },
     Runner(Event),
-    Checked { destination: String, digest: String },
-    Attached { destination: String },
+    Checked {
+        destination: String,
+        digest: String,
+    },
+    Attached {
+        destination: String,
+    },
+    /// The destination's tag names the pushed manifest now.
+    Tagged {
+        destination: String,
+    },
 }
 
 /// How a build ended.
@@ -443,7 +459,7 @@ impl BuildService {
                     output.digest, expected.destination
                 ))
             })?;
-            let manifest = check_output(&mut clients, expected, &digest)
+            let manifest = check_output(&mut clients, expected, &digest, output.size)
                 .await
                 .map_err(|e| {
                     Failure::new(format!(
@@ -479,6 +495,7 @@ impl BuildService {
                     manifest.bytes.len() as u64,
                     digest,
                 ),
+                manifest.bytes,
             ));
         }
 
@@ -574,8 +591,8 @@ impl BuildService {
             .map_err(|e| Failure::new(format!("signing the provenance: {e}")))?;
         let envelope = serde_json::to_vec_pretty(&envelope).expect("an envelope serialises");
 
-        for (expected, subject) in checked {
-            attach_to(&mut clients, &expected.destination, &subject, &envelope)
+        for (expected, subject, _) in &checked {
+            attach_to(&mut clients, &expected.destination, subject, &envelope)
                 .await
                 .map_err(|e| {
                     Failure::new(format!(
@@ -587,11 +604,24 @@ impl BuildService {
                 destination: expected.destination.to_string(),
             });
         }
+        // Only now, with every output pushed, checked, signed for and
+        // attached to, do the tags move: a failure before here left every
+        // tag where it was.
+        for (expected, subject, bytes) in &checked {
+            tag(&mut clients, &expected.destination, subject, bytes)
+                .await
+                .map_err(|e| Failure::new(format!("tagging `{}`: {e}", expected.destination)))?;
+            progress(Progress::Tagged {
+                destination: expected.destination.to_string(),
+            });
+        }
+        // Recorded as published: the destination with its tag.
         let outputs = report
             .outputs
             .iter()
-            .map(|o| store::Output {
-                reference: o.reference.clone(),
+            .zip(&checked)
+            .map(|(o, (expected, _, _))| store::Output {
+                reference: expected.destination.to_string(),
                 digest: o.digest.clone(),
                 size: o.size,
             })
@@ -973,6 +1003,7 @@ async fn check_output(
     clients: &mut Clients<'_>,
     expected: &Expected,
     digest: &Digest,
+    size: u64,
 ) -> Result<Manifest, String> {
     match &expected.destination {
         Location::Registry(reference) => {
@@ -984,42 +1015,86 @@ async fn check_output(
                 .manifest(reference.repository(), digest.as_ref())
                 .await
                 .map_err(|e| e.to_string())?;
-            if let Some(tag) = reference.tag() {
-                let (tagged, _) = client
-                    .manifest(reference.repository(), tag)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if tagged.digest() != digest {
-                    return Err(format!(
-                        "the tag `{tag}` names `{}`, not the pushed manifest",
-                        tagged.digest()
-                    ));
-                }
-            }
             Ok(Manifest {
                 media_type: descriptor.media_type().clone(),
                 bytes: bytes.to_vec(),
             })
         }
-        Location::Layout { path, tag } => {
-            let (path, tag, digest) = (path.clone(), tag.clone(), digest.clone());
+        Location::Layout { path, .. } => {
+            let (path, digest) = (path.clone(), digest.clone());
             tokio::task::spawn_blocking(move || -> Result<Manifest, String> {
                 let layout = Layout::open(&path).map_err(|e| e.to_string())?;
-                let found = layout.resolve(tag.as_deref()).map_err(|e| e.to_string())?;
-                if found.digest() != &digest {
-                    return Err(format!(
-                        "the layout lists `{}` there, not the pushed manifest",
-                        found.digest()
-                    ));
-                }
-                let bytes = layout.read_small_blob(&found).map_err(|e| e.to_string())?;
-                Ok(Manifest {
-                    media_type: found.media_type().clone(),
-                    bytes,
-                })
+                // Any media type: the bytes are checked against digest and size.
+                let blob = oci_spec::image::Descriptor::new(
+                    oci_spec::image::MediaType::ImageManifest,
+                    size,
+                    digest,
+                );
+                let bytes = layout.read_small_blob(&blob).map_err(|e| e.to_string())?;
+                let media_type = serde_json::from_slice::<serde_json::Value>(&bytes)
+                    .ok()
+                    .and_then(|m| {
+                        m["mediaType"]
+                            .as_str()
+                            .map(oci_spec::image::MediaType::from)
+                    })
+                    .unwrap_or(oci_spec::image::MediaType::ImageManifest);
+                Ok(Manifest { media_type, bytes })
             })
             .await
             .expect("reading a layout does not panic")
+        }
+        Location::DockerArchive { .. } => Err("a docker archive is not a destination".into()),
+    }
+}
+
+/// Writes the destination's tag for the manifest `subject` (`bytes`), and
+/// checks that it names it: a registry gets the manifest again under the
+/// tag, a layout lists it in `index.json`.
+async fn tag(
+    clients: &mut Clients<'_>,
+    destination: &Location,
+    subject: &oci_spec::image::Descriptor,
+    bytes: &[u8],
+) -> Result<(), String> {
+    match destination {
+        Location::Registry(reference) => {
+            let Some(tag) = reference.tag() else {
+                return Ok(()); // pushed by digest, and that is all it asked for
+            };
+            let client = clients
+                .get(reference.api_host())
+                .await
+                .map_err(|e| e.to_string())?;
+            client
+                .put_manifest(
+                    reference.repository(),
+                    tag,
+                    subject,
+                    &bytes::Bytes::copy_from_slice(bytes),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            let (tagged, _) = client
+                .manifest(reference.repository(), tag)
+                .await
+                .map_err(|e| e.to_string())?;
+            if tagged.digest() != subject.digest() {
+                return Err(format!(
+                    "the tag `{tag}` names `{}`, not the pushed manifest",
+                    tagged.digest()
+                ));
+            }
+            Ok(())
+        }
+        Location::Layout { path, tag } => {
+            let (path, tag, subject) = (path.clone(), tag.clone(), subject.clone());
+            tokio::task::spawn_blocking(move || {
+                Layout::open(&path)?.add_manifest(&subject, tag.as_deref())
+            })
+            .await
+            .expect("writing a layout does not panic")
+            .map_err(|e| e.to_string())
         }
         Location::DockerArchive { .. } => Err("a docker archive is not a destination".into()),
     }

@@ -96,6 +96,9 @@ pub enum Destination {
     Layout {
         layout: Layout,
         tag: Option<String>,
+        /// Whether the image is listed in `index.json` (with `tag`, if
+        /// any); unlisted, only its blobs are written.
+        listed: bool,
     },
     Registry {
         client: Arc<Client>,
@@ -248,12 +251,34 @@ impl Destination {
                 Ok(Destination::Layout {
                     layout,
                     tag: tag.clone(),
+                    listed: true,
                 })
             }
             Location::DockerArchive { .. } => Err(crate::reference::read_only(location)),
             Location::Registry(reference) => Ok(Destination::Registry {
                 client: Arc::new(Client::new(reference.api_host(), options).await?),
                 reference: reference.clone(),
+            }),
+        }
+    }
+
+    /// Opens `location` to receive an image by digest only: a registry
+    /// reference loses its tag, a layout gets the blobs but no entry in
+    /// `index.json`. Whoever publishes writes the tag later, once
+    /// everything else has succeeded.
+    pub async fn open_untagged(
+        location: &Location,
+        options: &RegistryOptions,
+    ) -> Result<Self, Error> {
+        match Self::open(location, options).await? {
+            Destination::Layout { layout, .. } => Ok(Destination::Layout {
+                layout,
+                tag: None,
+                listed: false,
+            }),
+            Destination::Registry { client, reference } => Ok(Destination::Registry {
+                client,
+                reference: reference.untagged(),
             }),
         }
     }
@@ -315,18 +340,23 @@ impl Destination {
         top: bool,
     ) -> Result<(), Error> {
         match self {
-            Destination::Layout { layout, tag } => {
-                let (layout, descriptor, bytes, tag) = (
+            Destination::Layout {
+                layout,
+                tag,
+                listed,
+            } => {
+                let (layout, descriptor, bytes, tag, listed) = (
                     layout.clone(),
                     descriptor.clone(),
                     bytes.clone(),
                     tag.clone(),
+                    *listed,
                 );
                 blocking(move || {
                     if !layout.has_blob(descriptor.digest()) {
                         layout.write_blob(&descriptor, bytes.as_ref())?;
                     }
-                    if top {
+                    if top && listed {
                         let mut listed = descriptor.clone();
                         listed.set_annotations(None);
                         layout.add_manifest(&listed, tag.as_deref())?;
@@ -353,8 +383,11 @@ impl Destination {
             Destination::Layout {
                 layout,
                 tag: Some(tag),
+                ..
             } => format!("oci:{}:{tag}@{digest}", layout.root().display()),
-            Destination::Layout { layout, tag: None } => {
+            Destination::Layout {
+                layout, tag: None, ..
+            } => {
                 format!("oci:{}@{digest}", layout.root().display())
             }
             Destination::Registry { reference, .. } => {

@@ -75,6 +75,15 @@ impl Reference {
         }
     }
 
+    /// The same repository, without tag or digest.
+    pub fn untagged(&self) -> Self {
+        Self {
+            tag: None,
+            digest: None,
+            ..self.clone()
+        }
+    }
+
     /// Another repository on the same registry.
     pub fn with_repository(&self, repository: &str) -> Result<Self, Error> {
         Self::from_str(&format!("{}/{}", self.registry, repository))

@@ -56,69 +56,88 @@ pub(crate) fn registry_options(job: &proto::Job) -> RegistryOptions {
     }
 }
 
-/// Pushes every declared output; the first failure stops it, with a reason
-/// naming the output.
+/// An output ready to push: its source opened, its destination parsed.
+struct Ready {
+    /// What to say in errors: the output as the spec declared it.
+    what: String,
+    source: Source,
+    to: Location,
+}
+
+/// Pushes every declared output by digest only: the daemon writes the tags
+/// once every output was pushed and checked, the provenance signed and
+/// attached, so a failed build moves no tag. Every output is read and
+/// checked before anything is pushed; the first failure stops it, with a
+/// reason naming the output.
 pub(crate) async fn push_outputs(
     job: &proto::Job,
     boundary: &Boundary,
     events: &mpsc::Sender<Result<Event, Status>>,
 ) -> Result<(), String> {
     let options = registry_options(job);
-    let jobdir = &boundary.jobdir;
+    let mut ready = Vec::new();
     for image in &job.images {
         let from: Location = image
             .from
             .parse()
             .map_err(|e: custody_oci::Error| e.to_string())?;
         // The step saw `/output/…`; the runner opens it inside its own copy.
-        let source = {
-            let output = jobdir.output.clone();
-            tokio::task::spawn_blocking(move || outputs::open_image(&output, &from))
-                .await
-                .expect("opening an output does not panic")
-                .map_err(|e| e.to_string())?
-        };
-        let to: Location = image
-            .to
-            .parse()
-            .map_err(|e: custody_oci::Error| e.to_string())?;
-        let report = copy_to(&source, &to, &options)
+        let output = boundary.jobdir.output.clone();
+        let source = tokio::task::spawn_blocking(move || outputs::open_image(&output, &from))
             .await
-            .map_err(|e| format!("pushing `{}` to `{}`: {e}", image.from, image.to))?;
-        send_output(events, report).await;
+            .expect("opening an output does not panic")
+            .map_err(|e| e.to_string())?;
+        ready.push(Ready {
+            what: format!("`{}`", image.from),
+            source,
+            to: parse(&image.to)?,
+        });
     }
     for (index, artifact) in job.artifacts.iter().enumerate() {
-        let staging = jobdir.private.join(format!("artifact-{index}"));
-        let layout = {
-            let (workspace, globs) = (jobdir.workspace.clone(), artifact.paths.clone());
-            tokio::task::spawn_blocking(move || -> Result<Layout, outputs::OutputError> {
-                let files = outputs::collect_files(&workspace, &globs)?;
-                let layout = Layout::for_writing(&staging)?;
-                layout.create_if_missing()?;
-                outputs::write_artifact(&workspace, &files, &layout, "artifact")?;
-                Ok(layout)
-            })
+        ready.push(Ready {
+            what: format!("artifact {:?}", artifact.paths),
+            source: stage_artifact(boundary, index, &artifact.paths).await?,
+            to: parse(&artifact.to)?,
+        });
+    }
+    for output in ready {
+        let report = copy_to(&output.source, &output.to, &options)
             .await
-            .expect("writing an artifact does not panic")
-            .map_err(|e| e.to_string())?
-        };
-        let source = Source::Layout {
-            layout,
-            tag: Some("artifact".into()),
-        };
-        let to: Location = artifact
-            .to
-            .parse()
-            .map_err(|e: custody_oci::Error| e.to_string())?;
-        let report = copy_to(&source, &to, &options).await.map_err(|e| {
-            format!(
-                "pushing artifact {:?} to `{}`: {e}",
-                artifact.paths, artifact.to
-            )
-        })?;
+            .map_err(|e| format!("pushing {} to `{}`: {e}", output.what, output.to))?;
         send_output(events, report).await;
     }
     Ok(())
+}
+
+/// Writes the workspace files `globs` match as one artifact, in a layout
+/// only the runner can reach.
+async fn stage_artifact(
+    boundary: &Boundary,
+    index: usize,
+    globs: &[String],
+) -> Result<Source, String> {
+    let staging = boundary.jobdir.private.join(format!("artifact-{index}"));
+    let (workspace, globs) = (boundary.jobdir.workspace.clone(), globs.to_vec());
+    let layout = tokio::task::spawn_blocking(move || -> Result<Layout, outputs::OutputError> {
+        let files = outputs::collect_files(&workspace, &globs)?;
+        let layout = Layout::for_writing(&staging)?;
+        layout.create_if_missing()?;
+        outputs::write_artifact(&workspace, &files, &layout, "artifact")?;
+        Ok(layout)
+    })
+    .await
+    .expect("writing an artifact does not panic")
+    .map_err(|e| e.to_string())?;
+    Ok(Source::Layout {
+        layout,
+        tag: Some("artifact".into()),
+    })
+}
+
+fn parse(location: &str) -> Result<Location, String> {
+    location
+        .parse()
+        .map_err(|e: custody_oci::Error| e.to_string())
 }
 
 async fn copy_to(
@@ -126,7 +145,7 @@ async fn copy_to(
     to: &Location,
     options: &RegistryOptions,
 ) -> Result<copy::CopyReport, custody_oci::Error> {
-    let destination = Destination::open(to, options).await?;
+    let destination = Destination::open_untagged(to, options).await?;
     copy::copy(
         source,
         &destination,
