@@ -425,9 +425,10 @@ fn a_push_to_a_stopped_registry_publishes_nothing() {
     let (output, data) = build_spec(&registry, dir.path(), &spec);
     assert_eq!(output.status.code(), Some(1), "{}", text(&output));
     let stderr = String::from_utf8_lossy(&output.stderr);
+    // Found before any step ran, naming the destination and its line.
     assert!(
         stderr.contains(&format!(
-            "pushing `oci:/output/app:v1` to `{}",
+            "custody.yaml:6:9: destination `{}/t/app:v1` cannot take the build's output",
             registry.host()
         )),
         "{stderr}"
@@ -1060,4 +1061,64 @@ fn a_failure_while_attaching_moves_no_tag() {
         text(&output)
     );
     assert_eq!(tagged(&registry, "t/app"), old, "the tag moved");
+}
+
+/// Regression: a destination that could never take the push (plain HTTP
+/// spoken to as TLS, a host nothing listens on, credentials refused) was
+/// found broken only after every step ran. Now before the first.
+#[test]
+fn a_destination_that_cannot_take_a_push_fails_before_any_step_runs() {
+    let plain = Registry::builder().start();
+    let guarded = Registry::builder().basic_auth("dave", "right-pw").start();
+    let nowhere = format!("127.0.0.1:{}", custody_testkit::free_port());
+    for (destination, extra, said) in [
+        (
+            format!("{}/t/app:v1", plain.host()),
+            vec![],
+            "--insecure-registry",
+        ),
+        (
+            format!("{nowhere}/t/app:v1"),
+            vec!["--insecure-registry".to_owned(), nowhere.clone()],
+            "check that",
+        ),
+        (
+            format!("{}/t/app:v1", guarded.host()),
+            vec![
+                "--insecure-registry".to_owned(),
+                guarded.host().to_owned(),
+                "--creds".to_owned(),
+                "dave:wrong-pw".to_owned(),
+            ],
+            "refused access",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        fs_err::write(dir.path().join("f.txt"), "f\n").unwrap();
+        fs_err::write(
+            dir.path().join("custody.yaml"),
+            format!(
+                "steps:\n  - name: slow\n    run: echo STEP-RAN && sleep 20\nartifacts:\n  - paths: [f.txt]\n    to: {destination}\n"
+            ),
+        )
+        .unwrap();
+        let data = dir.path().join("data");
+        let mut args = vec![
+            "build".to_owned(),
+            dir.path().display().to_string(),
+            "--data-dir".to_owned(),
+            data.display().to_string(),
+        ];
+        args.extend(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let started = std::time::Instant::now();
+        let output = custody(&args);
+        assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+        assert!(started.elapsed() < std::time::Duration::from_secs(15));
+        let all = text(&output);
+        assert!(!all.contains("STEP-RAN"), "a step ran:\n{all}");
+        assert!(all.contains("custody.yaml:6:9: destination"), "{all}");
+        assert!(all.contains(said), "expected `{said}`:\n{all}");
+        assert!(!all.contains("wrong-pw"), "{all}");
+    }
 }

@@ -327,6 +327,29 @@ impl BuildService {
             });
         }
 
+        // Every destination must be able to take its output before any
+        // step runs: a typo in a host should cost seconds, not a build.
+        let declared = request
+            .spec
+            .images
+            .iter()
+            .map(|i| &i.to)
+            .chain(request.spec.artifacts.iter().map(|a| &a.to));
+        for (declared, expected) in declared.zip(&expected) {
+            preflight(&mut clients, &expected.destination)
+                .await
+                .map_err(|e| {
+                    let hint = e.hint().map(|h| format!("; hint: {h}")).unwrap_or_default();
+                    Failure::new(format!(
+                        "{}:{}:{}: destination `{}` cannot take the build's output: {e}{hint}",
+                        request.spec_path.display(),
+                        declared.line,
+                        declared.column,
+                        expected.destination
+                    ))
+                })?;
+        }
+
         let hosts = registry_hosts(&expected, &resolved.step_images);
         let job = proto::Job {
             job_id: id.to_owned(),
@@ -1045,6 +1068,28 @@ async fn check_output(
             .expect("reading a layout does not panic")
         }
         Location::DockerArchive { .. } => Err("a docker archive is not a destination".into()),
+    }
+}
+
+/// Whether `destination` would take a push now: a registry grants push
+/// access (an upload started and cancelled), a layout path is one custody
+/// may write (a layout or nothing yet, no symlink on the way).
+async fn preflight(
+    clients: &mut Clients<'_>,
+    destination: &Location,
+) -> Result<(), custody_oci::Error> {
+    match destination {
+        Location::Registry(reference) => {
+            let client = clients.get(reference.api_host()).await?;
+            client.check_push(reference.repository()).await
+        }
+        Location::Layout { path, .. } => {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || Layout::for_writing(path).map(|_| ()))
+                .await
+                .expect("checking a layout does not panic")
+        }
+        Location::DockerArchive { .. } => Ok(()),
     }
 }
 

@@ -109,7 +109,12 @@ pub struct ArtifactOutput {
 
 /// A destination with placeholders still in it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Destination(String);
+pub struct Destination {
+    template: String,
+    /// Where the spec says it, for errors found later (`file:line:column`).
+    pub line: u64,
+    pub column: u64,
+}
 
 /// The values placeholders stand for in one build.
 pub struct Values<'a> {
@@ -120,13 +125,13 @@ pub struct Values<'a> {
 
 impl Destination {
     pub fn template(&self) -> &str {
-        &self.0
+        &self.template
     }
 
     /// The destination for one build.
     pub fn resolve(&self, values: &Values<'_>) -> Result<Location, custody_oci::Error> {
         let short = &values.commit[..values.commit.len().min(12)];
-        substitute(&self.0, |name| match name {
+        substitute(&self.template, |name| match name {
             "revision" => Some(values.revision),
             "commit" => Some(values.commit),
             "short_commit" => Some(short),
@@ -468,7 +473,11 @@ fn destination(to: &Spanned<String>) -> Result<Destination, String> {
         .parse()
         .map_err(|e: custody_oci::Error| e.to_string())?;
     location.check_writable().map_err(|e| e.to_string())?;
-    Ok(Destination(to.value.clone()))
+    Ok(Destination {
+        template: to.value.clone(),
+        line: to.referenced.line(),
+        column: to.referenced.column(),
+    })
 }
 
 /// Replaces `{name}` placeholders; `Err(name)` for an unknown one.

@@ -93,6 +93,11 @@ impl Layout {
         let dir = match Dir::open(&root) {
             Ok(dir) => dir,
             Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                // What exists of the path already may not go through a
+                // symlink either: say so now, not when the first blob lands.
+                if let Some(existing) = root.ancestors().skip(1).find(|a| a.exists()) {
+                    Dir::open(existing)?;
+                }
                 return Ok(Self {
                     root,
                     dir: Arc::new(OnceLock::new()),

@@ -296,6 +296,28 @@ impl Client {
         .await
     }
 
+    /// Whether `repository` would take a push, without pushing anything:
+    /// reaches the registry (TLS or plain HTTP as configured), gets push
+    /// access (credentials, token scope), starts an upload and cancels it.
+    pub async fn check_push(&self, repository: &str) -> Result<(), Error> {
+        let action = format!("starting an upload to `{repository}`");
+        let scope = Scope::push(repository);
+        let url = self.url(&format!("v2/{repository}/blobs/uploads/"));
+        let response = self
+            .send(&action, &scope, || self.http.post(url.clone()))
+            .await?;
+        let response = self
+            .expect(response, &action, &[StatusCode::ACCEPTED])
+            .await?;
+        let location = self.location(&response, &action)?;
+        // Cancelling is a courtesy: a registry that cannot leaves the
+        // empty upload to its own expiry.
+        let _ = self
+            .send(&action, &scope, || self.http.delete(location.clone()))
+            .await;
+        Ok(())
+    }
+
     /// Asks the registry to mount `digest` from `from` into `repository`.
     pub async fn mount_blob(
         &self,
