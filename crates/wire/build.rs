@@ -4,6 +4,12 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/runner.proto");
     let descriptors = protox::compile(["runner.proto"], ["proto"])?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    // Credentials and client keys must never print: no derived `Debug`.
+    tonic_prost_build::configure()
+        .skip_debug([
+            "custody.runner.v1.RegistryCredential",
+            "custody.runner.v1.HostTls",
+        ])
+        .compile_fds(descriptors)?;
     Ok(())
 }

@@ -14,7 +14,6 @@
 
 pub mod dsse;
 pub mod keys;
-pub mod policy;
 pub mod statement;
 
 /// Everything that can go wrong with keys and envelopes.

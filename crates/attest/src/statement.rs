@@ -107,11 +107,12 @@ impl Statement {
     }
 }
 
-/// A statement whose envelope signature checked out with a known key.
+/// A statement whose envelope signature checked out with a known key. It
+/// exists only through [`VerifiedStatement::verify`].
 #[derive(Debug)]
 pub struct VerifiedStatement {
-    pub statement: Statement,
-    pub key_id: String,
+    statement: Statement,
+    key_id: String,
 }
 
 impl VerifiedStatement {
@@ -129,26 +130,22 @@ impl VerifiedStatement {
         Ok(Self { statement, key_id })
     }
 
+    /// The statement, as signed.
+    pub fn statement(&self) -> &Statement {
+        &self.statement
+    }
+
+    /// The id of the key whose signature verified.
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
     /// Whether some subject has this sha256 digest (hex, no prefix).
     pub fn names_sha256(&self, hex: &str) -> bool {
         self.statement
             .subject
             .iter()
             .any(|s| s.digest.get("sha256").is_some_and(|d| d == hex))
-    }
-
-    /// Whether some subject is a manifest custody pushed (an image or an
-    /// artifact, never a file) named `name` with this sha256 digest.
-    pub fn names_manifest(&self, name: &str, hex: &str) -> bool {
-        use crate::policy::SubjectKind;
-        self.statement.subject.iter().any(|s| {
-            s.name.as_deref() == Some(name)
-                && s.digest.get("sha256").is_some_and(|d| d == hex)
-                && matches!(
-                    SubjectKind::of(s),
-                    Some(SubjectKind::Image | SubjectKind::Artifact)
-                )
-        })
     }
 
     /// The SLSA Provenance v1 predicate, when that is what this is.

@@ -5,10 +5,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use clap::Args;
-use custody_daemon::build::{BuildRequest, Progress};
+use custody_daemon::build::{BuildRequest, Outcome, Progress};
 use custody_daemon::embedded;
-use custody_daemon::store::State;
-use custody_wire::rpc::proto::{event::Kind, log_line};
+use custody_wire::events::{RunnerEvent, StepEnd, Stream};
 
 use crate::RegistryArgs;
 
@@ -130,22 +129,26 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
         .await?;
     daemon.service.store.close().await;
 
-    let Some(envelope) = outcome.envelope else {
-        return Err(BuildFailed {
-            id: outcome.id,
-            state: outcome.state.as_str(),
-            reason: outcome.error.unwrap_or_default(),
+    let (id, envelope, subjects) = match outcome {
+        Outcome::Succeeded {
+            id,
+            envelope,
+            subjects,
+        } => (id, envelope, subjects),
+        Outcome::Failed { id, error } => {
+            return Err(BuildFailed::new(id, "failed", error).into());
         }
-        .into());
+        Outcome::Cancelled { id, reason } => {
+            return Err(BuildFailed::new(id, "cancelled", reason).into());
+        }
     };
-    debug_assert_eq!(outcome.state, State::Succeeded);
-    let stored = embedded::provenance_file(&data_dir, &outcome.id);
+    let stored = embedded::provenance_file(&data_dir, &id);
     write_file(&stored, &envelope)?;
     if let Some(out) = &args.provenance_out {
         fs_err::write(out, &envelope)?;
     }
-    let mut summary = format!("build {} succeeded\n", outcome.id);
-    for subject in &outcome.subjects {
+    let mut summary = format!("build {id} succeeded\n");
+    for subject in &subjects {
         let digest = subject
             .digest
             .iter()
@@ -193,12 +196,12 @@ impl Printer {
                 eprintln!("==> attached provenance to {destination}");
             }
             Progress::Tagged { destination } => eprintln!("==> tagged {destination}"),
-            Progress::Runner(event) => match event.kind {
-                Some(Kind::Hello(hello)) => {
-                    eprintln!("==> runner on {} (pid {})", hello.hostname, hello.pid);
+            Progress::Runner(event) => match event {
+                RunnerEvent::Hello { hostname, pid, .. } => {
+                    eprintln!("==> runner on {hostname} (pid {pid})");
                 }
-                Some(Kind::StepStarted(step)) => eprintln!("==> step `{}`", step.name),
-                Some(Kind::Log(line)) => {
+                RunnerEvent::StepStarted { name, .. } => eprintln!("==> step `{name}`"),
+                RunnerEvent::Log(line) => {
                     let name = self
                         .step_names
                         .get(line.step as usize)
@@ -207,17 +210,19 @@ impl Printer {
                     text.extend_from_slice(&line.line);
                     text.push(b'\n');
                     // A closed pipe must not stop the build.
-                    let _ = if line.stream == log_line::Stream::Stderr as i32 {
-                        std::io::stderr().write_all(&text)
-                    } else {
-                        std::io::stdout().write_all(&text)
+                    let _ = match line.stream {
+                        Stream::Stderr => std::io::stderr().write_all(&text),
+                        Stream::Stdout => std::io::stdout().write_all(&text),
                     };
                 }
-                Some(Kind::StepFinished(end)) if end.timed_out => {
-                    eprintln!("==> step {} timed out", end.index);
+                RunnerEvent::StepFinished {
+                    index,
+                    end: StepEnd::TimedOut,
+                } => {
+                    eprintln!("==> step {index} timed out");
                 }
-                Some(Kind::Output(output)) => {
-                    eprintln!("==> pushed {} ({} bytes)", output.reference, output.size);
+                RunnerEvent::Pushed(pushed) => {
+                    eprintln!("==> pushed {} ({} bytes)", pushed.reference, pushed.size);
                 }
                 _ => {}
             },

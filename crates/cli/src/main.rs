@@ -455,7 +455,7 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
         },
         None => (None, None),
     };
-    let policy = custody_attest::policy::Policy {
+    let policy = custody_provenance::policy::Policy {
         builder_id: args.builder_id.clone(),
         source_repository,
         source_commit,
@@ -463,24 +463,24 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
             .then(|| args.allow_step_images.clone()),
         allow_dirty: args.allow_dirty,
     };
-    let verified = custody_daemon::verify::verify(&location, &options, &key, &policy).await?;
+    let verified = custody_provenance::verify::verify(&location, &options, &key, &policy).await?;
     if args.json {
         let report = serde_json::json!({
             "verified": true,
             "target": verified.target,
-            "keyId": verified.statement.key_id,
-            "statement": verified.statement.statement,
+            "keyId": verified.statement.key_id(),
+            "statement": verified.statement.statement(),
         });
         return print_line(&serde_json::to_string_pretty(&report).expect("json"));
     }
     let provenance = &verified.provenance;
-    let source = custody_attest::policy::source(provenance)
+    let source = custody_provenance::build_type::source(provenance)
         .map(|s| {
             format!(
                 "{} @ {}{}",
                 s.uri.as_deref().unwrap_or("?"),
                 s.digest.get("gitCommit").map(String::as_str).unwrap_or("?"),
-                if custody_attest::policy::is_dirty(Some(s)) {
+                if custody_provenance::build_type::is_dirty(Some(s)) {
                     " (dirty: built with uncommitted changes)"
                 } else {
                     ""
@@ -497,10 +497,10 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     print_line(&format!(
         "verified {}\n  signed by    {}\n  builder      {}\n  source       {}\n  step images  {}\n  invocation   {}",
         verified.target,
-        verified.statement.key_id,
+        verified.statement.key_id(),
         provenance.run_details.builder.id,
         source,
-        custody_attest::policy::step_images(provenance).count(),
+        custody_provenance::build_type::step_images(provenance).count(),
         invocation,
     ))
 }

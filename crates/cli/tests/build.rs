@@ -842,7 +842,7 @@ fn a_file_holding_a_foreign_manifest_vouches_for_no_image() {
             .unwrap();
         let subject: custody_oci::oci_spec::image::Descriptor =
             serde_json::from_value(image.manifest.descriptor()).unwrap();
-        custody_daemon::attach::attach_to_registry(
+        custody_provenance::attach::attach_to_registry(
             &client,
             "foreign/app",
             &subject,

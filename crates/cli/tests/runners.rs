@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use custody_daemon::dispatch::{Dispatcher, JobError};
 use custody_daemon::local::LocalExecutor;
-use custody_wire::rpc::proto::{self, Event, event::Kind};
+use custody_wire::events::{JobEnd, RunnerEvent, Stream};
+use custody_wire::rpc::proto;
 use custody_wire::{Connector, DaemonIdentity};
 use tokio::net::TcpListener;
 
@@ -54,15 +55,23 @@ fn job(id: &str, steps: &[(&str, &str)]) -> proto::Job {
     }
 }
 
+/// Why a job failed; panics if it did not.
+fn failure(end: &JobEnd) -> &str {
+    match end {
+        JobEnd::Failed(error) => error,
+        other => panic!("the job did not fail: {other:?}"),
+    }
+}
+
 fn never() -> std::future::Pending<String> {
     std::future::pending()
 }
 
-fn log_text(events: &[(Event, std::time::Instant)]) -> Vec<String> {
+fn log_text(events: &[(RunnerEvent, std::time::Instant)]) -> Vec<String> {
     events
         .iter()
-        .filter_map(|(e, _)| match &e.kind {
-            Some(Kind::Log(l)) => Some(String::from_utf8_lossy(&l.line).into_owned()),
+        .filter_map(|(e, _)| match e {
+            RunnerEvent::Log(l) => Some(String::from_utf8_lossy(&l.line).into_owned()),
             _ => None,
         })
         .collect()
@@ -87,26 +96,28 @@ async fn a_job_runs_and_its_logs_stream_as_they_are_written() {
         )
         .await
         .unwrap();
-    assert!(report.finished.success, "{:?}", report.finished);
+    assert_eq!(report.end, JobEnd::Succeeded);
     assert!(report.peer.ip().is_loopback());
-    assert_ne!(report.hello.as_ref().unwrap().pid, 0);
+    assert_ne!(report.hello.as_ref().unwrap().1, 0);
     assert_eq!(log_text(&events), ["one", "two", "three"]);
 
     // `one` arrived a second before `two`: it was streamed, not batched.
     let at = |text: &str| {
         events
             .iter()
-            .find(|(e, _)| matches!(&e.kind, Some(Kind::Log(l)) if l.line == text.as_bytes()))
+            .find(|(e, _)| matches!(e, RunnerEvent::Log(l) if l.line == text.as_bytes()))
             .unwrap()
             .1
     };
     assert!(at("two").duration_since(at("one")) >= Duration::from_millis(800));
-    let stderr = events.iter().any(|(e, _)| matches!(&e.kind, Some(Kind::Log(l)) if l.line == b"two" && l.stream == proto::log_line::Stream::Stderr as i32));
+    let stderr = events.iter().any(
+        |(e, _)| matches!(e, RunnerEvent::Log(l) if l.line == b"two" && l.stream == Stream::Stderr),
+    );
     assert!(stderr, "stderr lines are marked as such");
     let starts: Vec<String> = events
         .iter()
-        .filter_map(|(e, _)| match &e.kind {
-            Some(Kind::StepStarted(s)) => Some(s.name.clone()),
+        .filter_map(|(e, _)| match e {
+            RunnerEvent::StepStarted { name, .. } => Some(name.clone()),
             _ => None,
         })
         .collect();
@@ -129,11 +140,10 @@ async fn a_failing_step_ends_the_job_naming_the_step_and_code() {
         )
         .await
         .unwrap();
-    assert!(!report.finished.success);
+    let error = failure(&report.end);
     assert!(
-        report.finished.error.contains("`compile`") && report.finished.error.contains('3'),
-        "{}",
-        report.finished.error
+        error.contains("`compile`") && error.contains('3'),
+        "{error}"
     );
 }
 
@@ -148,7 +158,7 @@ async fn cancelling_kills_the_running_step() {
         .run(
             job("cancel-1", &[("wait", "echo waiting; sleep 60 & wait")]),
             move |e| {
-                if matches!(&e.kind, Some(Kind::Log(_)))
+                if matches!(e, RunnerEvent::Log(_))
                     && let Some(cancel) = cancel.take()
                 {
                     let _ = cancel.send("the user asked".into());
@@ -158,8 +168,7 @@ async fn cancelling_kills_the_running_step() {
         )
         .await
         .unwrap();
-    assert!(report.finished.cancelled, "{:?}", report.finished);
-    assert_eq!(report.finished.error, "the user asked");
+    assert_eq!(report.end, JobEnd::Cancelled("the user asked".into()));
     assert!(
         started.elapsed() < Duration::from_secs(15),
         "cancel took {:?}",
@@ -214,7 +223,7 @@ async fn the_token_is_not_in_the_runners_arguments_nor_in_any_steps_environment(
         )
         .await
         .unwrap();
-    assert!(report.finished.success, "{:?}", report.finished);
+    assert_eq!(report.end, JobEnd::Succeeded);
     let lines = log_text(&events);
     let token = recording.tokens.lock().unwrap()[0].clone();
     assert!(
@@ -271,7 +280,7 @@ async fn steps_get_the_network_only_when_they_ask_and_a_read_only_host() {
             )
             .await
             .unwrap();
-        assert!(report.finished.success, "{:?}", report.finished);
+        assert_eq!(report.end, JobEnd::Succeeded);
         assert!(
             log_text(&events).iter().any(|l| l == expected),
             "network={network}: {:?}",
@@ -296,7 +305,7 @@ async fn steps_get_the_network_only_when_they_ask_and_a_read_only_host() {
         )
         .await
         .unwrap();
-    assert!(report.finished.success, "{:?}", report.finished);
+    assert_eq!(report.end, JobEnd::Succeeded);
     assert_eq!(log_text(&events), ["0", "hi", "/workspace"]);
     assert!(!std::path::Path::new("/etc/custody-probe").exists());
 }
@@ -359,10 +368,10 @@ async fn many_jobs_leave_no_waiter_behind() {
     for (i, result) in results.iter().enumerate() {
         let report = result.as_ref().unwrap();
         assert_eq!(
-            report.finished.success,
+            report.end == JobEnd::Succeeded,
             i % 3 != 0,
             "job {i}: {:?}",
-            report.finished
+            report.end
         );
     }
     assert_eq!(d.dispatcher.connector.waiting(), 0);
@@ -425,17 +434,17 @@ async fn a_step_with_an_image_runs_on_that_image_and_sees_nothing_of_the_host() 
         .await
         .unwrap();
     assert!(
-        report.finished.success,
+        report.end == JobEnd::Succeeded,
         "{:?} {:?}",
-        report.finished,
+        report.end,
         log_text(&events)
     );
     assert_eq!(
         log_text(&events),
         ["ID=custody-test-image", "host-hidden", "/workspace"]
     );
-    let digest = events.iter().find_map(|(e, _)| match &e.kind {
-        Some(Kind::StepStarted(s)) => Some(s.image_digest.clone()),
+    let digest = events.iter().find_map(|(e, _)| match e {
+        RunnerEvent::StepStarted { image_digest, .. } => image_digest.clone(),
         _ => None,
     });
     assert_eq!(
@@ -461,11 +470,7 @@ async fn a_step_with_an_image_runs_on_that_image_and_sees_nothing_of_the_host() 
         ..Default::default()
     };
     let report = d.dispatcher.run(job, |_| {}, never()).await.unwrap();
-    assert!(
-        !report.finished.success && report.finished.error.contains(&missing),
-        "{:?}",
-        report.finished
-    );
+    assert!(failure(&report.end).contains(&missing), "{:?}", report.end);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -510,7 +515,7 @@ async fn the_runner_pushes_declared_outputs_and_reports_them() {
         ..Default::default()
     };
     let report = d.dispatcher.run(job, |_| {}, never()).await.unwrap();
-    assert!(report.finished.success, "{:?}", report.finished);
+    assert_eq!(report.end, JobEnd::Succeeded);
     assert_eq!(report.outputs.len(), 2, "{:?}", report.outputs);
     // By digest only: tags are the daemon's to write, after signing.
     assert_eq!(
@@ -567,9 +572,9 @@ async fn the_runner_pushes_declared_outputs_and_reports_them() {
     };
     let report = d.dispatcher.run(job, |_| {}, never()).await.unwrap();
     assert!(
-        !report.finished.success && report.finished.error.contains("/output/never"),
+        failure(&report.end).contains("/output/never"),
         "{:?}",
-        report.finished
+        report.end
     );
     assert!(report.outputs.is_empty());
 }

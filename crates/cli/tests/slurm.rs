@@ -72,7 +72,7 @@ async fn jobs_run_on_different_slurm_nodes_and_authenticate() {
     let mut peers = Vec::new();
     for report in reports {
         let report = report.unwrap();
-        assert!(report.finished.success, "{:?}", report.finished);
+        assert_eq!(report.end, custody_wire::events::JobEnd::Succeeded);
         assert!(report.runner.starts_with("slurm job "), "{}", report.runner);
         peers.push(report.peer.ip().to_string());
     }

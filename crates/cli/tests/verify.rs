@@ -6,13 +6,13 @@ use std::path::Path;
 use std::process::Command;
 
 use custody_attest::keys::{Algorithm, SigningKey, generate_files};
-use custody_attest::policy::{BUILD_TYPE, SubjectKind};
 use custody_attest::statement::{
     BuildDefinition, BuildMetadata, Builder, Provenance, ResourceDescriptor, RunDetails,
     SLSA_PROVENANCE_V1, Statement,
 };
-use custody_daemon::attach;
 use custody_oci::registry::{Client, RegistryOptions};
+use custody_provenance::attach;
+use custody_provenance::build_type::{BUILD_TYPE, SubjectKind};
 use custody_testkit::Registry;
 use custody_testkit::image::{Image, LayoutWriter};
 

@@ -80,7 +80,7 @@ async fn main() {
                 let result = dispatcher.run(job, |_| {}, std::future::pending()).await;
                 drop(permit);
                 let report = result.expect("a bench job failed");
-                assert!(report.finished.success);
+                assert_eq!(report.end, custody_wire::events::JobEnd::Succeeded);
                 (report.timings.authenticated, report.timings.first_event)
             }));
         }

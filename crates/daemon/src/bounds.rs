@@ -88,12 +88,11 @@ impl LogBackstop {
     }
 }
 
-/// The line the log shows where a step's output was cut.
-pub fn cut_marker(cut: &proto::LogCut, limit: u64) -> String {
+/// The line the log shows where `lines` lines (`bytes` bytes) of a step's
+/// output were cut.
+pub fn cut_marker(lines: u64, bytes: u64, limit: u64) -> String {
     format!(
-        "[custody] {} lines ({} bytes) of this step's output were cut here: a build's log keeps its first and last {} bytes (its limit is {limit} bytes)",
-        cut.lines,
-        cut.bytes,
+        "[custody] {lines} lines ({bytes} bytes) of this step's output were cut here: a build's log keeps its first and last {} bytes (its limit is {limit} bytes)",
         limit / 2
     )
 }

@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use custody_wire::rpc::proto::{self, Event, event::Kind};
+use custody_wire::events::{JobEnd, Pushed, RunnerEvent};
+use custody_wire::rpc::proto;
 use custody_wire::{Connector, RunnerSession};
 use futures_util::StreamExt as _;
 use futures_util::future::BoxFuture;
@@ -31,9 +32,10 @@ pub struct JobReport {
     pub runner: String,
     /// The address the runner connected from.
     pub peer: SocketAddr,
-    pub hello: Option<proto::Hello>,
-    pub outputs: Vec<proto::Output>,
-    pub finished: proto::Finished,
+    /// Where the runner said it runs: host name and pid.
+    pub hello: Option<(String, u32)>,
+    pub outputs: Vec<Pushed>,
+    pub end: JobEnd,
     pub timings: Timings,
 }
 
@@ -66,11 +68,12 @@ pub enum JobError {
 
 impl Dispatcher {
     /// Runs `job` on a fresh runner. `on_event` sees every event as it
-    /// arrives; `cancel` resolving (with a reason) cancels the job.
+    /// arrives (turned from the wire's types into the daemon's here, and
+    /// nowhere else); `cancel` resolving (with a reason) cancels the job.
     pub async fn run(
         &self,
         job: proto::Job,
-        mut on_event: impl FnMut(&Event) + Send,
+        mut on_event: impl FnMut(&RunnerEvent) + Send,
         cancel: impl Future<Output = String> + Send,
     ) -> Result<JobReport, JobError> {
         let begun = Instant::now();
@@ -121,16 +124,19 @@ impl Dispatcher {
         let mut outputs = Vec::new();
         let mut first_event = None;
         let mut cancel_sent = false;
-        let finished = loop {
+        let end = loop {
             tokio::select! {
                 next = events.next() => match next {
                     Some(Ok(event)) => {
                         first_event.get_or_insert_with(|| begun.elapsed());
+                        let Ok(event) = RunnerEvent::try_from(event) else {
+                            continue; // an event this daemon does not know
+                        };
                         on_event(&event);
-                        match event.kind {
-                            Some(Kind::Hello(h)) => hello = Some(h),
-                            Some(Kind::Output(o)) => outputs.push(o),
-                            Some(Kind::Finished(f)) => break f,
+                        match event {
+                            RunnerEvent::Hello { hostname, pid, .. } => hello = Some((hostname, pid)),
+                            RunnerEvent::Pushed(pushed) => outputs.push(pushed),
+                            RunnerEvent::Finished(end) => break end,
                             _ => {}
                         }
                     }
@@ -173,7 +179,7 @@ impl Dispatcher {
             peer,
             hello,
             outputs,
-            finished,
+            end,
             timings: Timings {
                 runner_started,
                 authenticated,

@@ -15,7 +15,7 @@ use custody_wire::{Connector, DaemonIdentity};
 use tokio::net::TcpListener;
 
 use crate::bounds::StepBounds;
-use crate::build::{BuildService, file_digest};
+use crate::build::BuildService;
 use crate::dispatch::Dispatcher;
 use crate::executor::ExecutorSettings;
 use crate::store::{Store, StoreError};
@@ -161,7 +161,7 @@ pub async fn start(config: Config) -> Result<Embedded, Error> {
     };
     let runner_digest = {
         let program = config.runner_program.clone();
-        tokio::task::spawn_blocking(move || file_digest(&program).ok())
+        tokio::task::spawn_blocking(move || custody_oci::digest::sha256_file(&program).ok())
             .await
             .expect("hashing a file does not panic")
     };

@@ -9,7 +9,6 @@
 
 #![forbid(unsafe_code)]
 
-pub mod attach;
 pub mod bounds;
 pub mod build;
 pub mod dispatch;
@@ -20,7 +19,6 @@ pub mod queue;
 pub mod slurm;
 pub mod spec;
 pub mod store;
-pub mod verify;
 
 pub use dispatch::{Dispatcher, JobError, JobReport};
 pub use executor::{Executor, ExecutorError, ExecutorSettings, Launch, RunnerProcess};

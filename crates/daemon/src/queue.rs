@@ -12,12 +12,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use custody_wire::rpc::proto::event::Kind;
+use custody_wire::events::RunnerEvent;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::build::{BuildRequest, BuildService, Progress, now};
+use crate::build::{BuildRequest, BuildService, Outcome, Progress, now};
 use crate::spec::GitSource;
 use crate::store::{Claimed, Ending, Renewal, State};
 
@@ -203,11 +203,11 @@ impl Queue {
                 let last_step = request.spec.steps.len().saturating_sub(1) as u32;
                 let progress = |event: Progress| {
                     if let Progress::Runner(event) = event {
-                        match event.kind {
-                            Some(Kind::StepFinished(f)) if f.index == last_step => {
+                        match event {
+                            RunnerEvent::StepFinished { index, .. } if index == last_step => {
                                 push_began = Some(Instant::now());
                             }
-                            Some(Kind::Finished(_)) => {
+                            RunnerEvent::Finished(_) => {
                                 push_took = push_began.map(|b| b.elapsed());
                             }
                             _ => {}
@@ -239,15 +239,19 @@ impl Queue {
                 };
                 match result {
                     Ok(outcome) => {
-                        match &outcome.error {
-                            Some(error) => {
-                                tracing::info!(%id, state = outcome.state.as_str(), %error, "build ended")
+                        let state = outcome.state();
+                        match &outcome {
+                            Outcome::Failed { error, .. } => {
+                                tracing::info!(%id, state = state.as_str(), %error, "build ended")
                             }
-                            None => {
-                                tracing::info!(%id, state = outcome.state.as_str(), "build ended")
+                            Outcome::Cancelled { reason, .. } => {
+                                tracing::info!(%id, state = state.as_str(), error = %reason, "build ended")
+                            }
+                            Outcome::Succeeded { .. } => {
+                                tracing::info!(%id, state = state.as_str(), "build ended")
                             }
                         }
-                        Some((outcome.state, push_took))
+                        Some((state, push_took))
                     }
                     Err(e) => {
                         tracing::error!(%id, "the store failed while the build ran: {e}");

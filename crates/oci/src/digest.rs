@@ -74,6 +74,21 @@ pub fn sha256(bytes: &[u8]) -> Digest {
     hasher.finish()
 }
 
+/// The sha256 digest of the file at `path`, read in pieces (blocking).
+pub fn sha256_file(path: &std::path::Path) -> std::io::Result<Digest> {
+    use std::io::Read as _;
+    let mut file = fs_err::File::open(path)?;
+    let mut hasher = Hasher::new(&DigestAlgorithm::Sha256).expect("sha256 is supported");
+    let mut buffer = vec![0; 1 << 16];
+    loop {
+        match file.read(&mut buffer)? {
+            0 => break,
+            n => hasher.update(&buffer[..n]),
+        }
+    }
+    Ok(hasher.finish())
+}
+
 /// Checks that `bytes` are exactly what `digest` and `size` describe.
 pub fn verify_bytes(digest: &Digest, size: u64, bytes: &[u8]) -> Result<(), Error> {
     if bytes.len() as u64 != size {

@@ -40,7 +40,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use custody_wire::rpc::proto::{self, Event, event::Kind};
+use custody_wire::events::RunnerEvent;
+use custody_wire::rpc::proto::{self, Event};
 use custody_wire::{DialError, JobToken};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -263,13 +264,15 @@ impl custody_wire::rpc::Runner for JobService {
             *started = true;
         }
         let job = request.into_inner();
-        let (events, receiver) = mpsc::channel(256);
-        let hello = proto::Hello {
-            hostname: hostname(),
-            pid: std::process::id(),
-            runner_version: env!("CARGO_PKG_VERSION").to_owned(),
-        };
-        let _ = events.send(Ok(event(Kind::Hello(hello)))).await;
+        let (sender, receiver) = mpsc::channel(256);
+        let events = EventSink(sender);
+        events
+            .send(RunnerEvent::Hello {
+                hostname: hostname(),
+                pid: std::process::id(),
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+            })
+            .await;
         // Making the job's disk runs mkfs and mount: off the runtime.
         let prepared = {
             let (service, job) = (self.preparation(), job.clone());
@@ -286,7 +289,7 @@ impl custody_wire::rpc::Runner for JobService {
             let finished = steps::run_all(&job, &boundary, &events, cancel).await;
             // The build's disk goes before the daemon hears the end.
             drop(boundary);
-            let _ = events.send(Ok(event(Kind::Finished(finished)))).await;
+            events.send(RunnerEvent::Finished(finished)).await;
         });
         *self.job.lock().expect("never poisoned") = Some(task);
         Ok(Response::new(ReceiverStream::new(receiver)))
@@ -306,8 +309,16 @@ impl custody_wire::rpc::Runner for JobService {
     }
 }
 
-pub(crate) fn event(kind: Kind) -> Event {
-    Event { kind: Some(kind) }
+/// Where the runner's events go: turned into the wire's `proto::Event`
+/// here, the one place the runner touches the generated types for them.
+#[derive(Clone)]
+pub(crate) struct EventSink(mpsc::Sender<Result<Event, Status>>);
+
+impl EventSink {
+    /// Sends `event`; `false` once the daemon stopped listening.
+    pub(crate) async fn send(&self, event: RunnerEvent) -> bool {
+        self.0.send(Ok(Event::from(event))).await.is_ok()
+    }
 }
 
 fn hostname() -> String {

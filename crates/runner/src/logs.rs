@@ -14,12 +14,11 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use custody_wire::rpc::proto::{self, Event, event::Kind, log_line::Stream};
+use custody_wire::events::{LogLine, RunnerEvent, Stream};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
-use tonic::Status;
 
-use crate::event;
+use crate::EventSink;
 
 /// A build's log budget when the daemon sets none.
 pub const DEFAULT_LOG_LIMIT: u64 = 64 << 20;
@@ -30,8 +29,6 @@ pub const MAX_LINE: usize = 64 * 1024;
 /// How much is read from a step's pipe at once; never more than
 /// [`MAX_LINE`], so a chunk's complete lines never need cutting.
 const CHUNK: usize = 64 * 1024;
-
-type Events = mpsc::Sender<Result<Event, Status>>;
 
 /// Output read from one of a step's pipes.
 struct Chunk {
@@ -65,7 +62,7 @@ pub struct Cut {
 
 /// The log of a whole job: steps' output goes through it in order.
 pub struct Log {
-    events: Events,
+    events: EventSink,
     /// Budget left for lines sent as they come.
     head_left: u64,
     tail_limit: u64,
@@ -78,7 +75,7 @@ pub struct Log {
 
 impl Log {
     /// A log of at most `limit` bytes (0: [`DEFAULT_LOG_LIMIT`]) going to `events`.
-    pub fn new(limit: u64, events: Events) -> Self {
+    pub(crate) fn new(limit: u64, events: EventSink) -> Self {
         let limit = if limit == 0 { DEFAULT_LOG_LIMIT } else { limit };
         Self {
             events,
@@ -105,7 +102,7 @@ impl Log {
         ];
         let mut lines = [LineCutter::default(), LineCutter::default()];
         while let Some(chunk) = incoming.recv().await {
-            let cutter = &mut lines[chunk.stream as usize];
+            let cutter = &mut lines[chunk.stream.number() as usize];
             self.take(step, cutter, chunk).await;
         }
         for (stream, cutter) in [Stream::Stdout, Stream::Stderr].into_iter().zip(&mut lines) {
@@ -122,13 +119,12 @@ impl Log {
     /// kept tail. Returns the cuts, by step.
     pub async fn finish(mut self) -> BTreeMap<u32, Cut> {
         for (&step, cut) in &self.cut {
-            let _ = self
-                .events
-                .send(Ok(event(Kind::LogCut(proto::LogCut {
+            self.events
+                .send(RunnerEvent::LogCut {
                     step,
                     lines: cut.lines,
                     bytes: cut.bytes,
-                }))))
+                })
                 .await;
         }
         while let Some(segment) = self.tail.pop_front() {
@@ -260,14 +256,13 @@ impl Log {
     }
 
     async fn send(&self, step: u32, stream: Stream, line: Vec<u8>, unix_millis: i64) {
-        let _ = self
-            .events
-            .send(Ok(event(Kind::Log(proto::LogLine {
+        self.events
+            .send(RunnerEvent::Log(LogLine {
                 step,
-                stream: stream as i32,
+                stream,
                 line,
                 unix_millis,
-            }))))
+            }))
             .await;
     }
 }
@@ -334,7 +329,7 @@ mod tests {
     /// the daemon would get.
     async fn through(limit: u64, chunks: Vec<Vec<u8>>) -> (Vec<Vec<u8>>, BTreeMap<u32, Cut>) {
         let (events, mut received) = mpsc::channel(1 << 16);
-        let mut log = Log::new(limit, events);
+        let mut log = Log::new(limit, EventSink(events));
         let (mut writer, reader) = tokio::io::duplex(1 << 20);
         let feeder = tokio::spawn(async move {
             use tokio::io::AsyncWriteExt;
@@ -347,9 +342,9 @@ mod tests {
         let cut = log.finish().await;
         let mut lines = Vec::new();
         while let Ok(Ok(event)) = received.try_recv() {
-            match event.kind {
-                Some(Kind::Log(line)) => lines.push(line.line),
-                Some(Kind::LogCut(_)) => lines.push(b"<cut>".to_vec()),
+            match RunnerEvent::try_from(event) {
+                Ok(RunnerEvent::Log(line)) => lines.push(line.line),
+                Ok(RunnerEvent::LogCut { .. }) => lines.push(b"<cut>".to_vec()),
                 _ => {}
             }
         }

@@ -8,11 +8,10 @@ use custody_oci::copy::{self, CopyOptions, Destination, Source};
 use custody_oci::layout::Layout;
 use custody_oci::registry::certs::HostTls;
 use custody_oci::registry::{Credential, CredentialSource, RegistryOptions, Secret};
-use custody_wire::rpc::proto::{self, Event, event::Kind};
-use tokio::sync::mpsc;
-use tonic::Status;
+use custody_wire::events::{Pushed, RunnerEvent};
+use custody_wire::rpc::proto;
 
-use crate::event;
+use crate::EventSink;
 use crate::outputs;
 use crate::steps::Boundary;
 
@@ -72,7 +71,7 @@ struct Ready {
 pub(crate) async fn push_outputs(
     job: &proto::Job,
     boundary: &Boundary,
-    events: &mpsc::Sender<Result<Event, Status>>,
+    events: &EventSink,
 ) -> Result<(), String> {
     let options = registry_options(job);
     let mut ready = Vec::new();
@@ -157,11 +156,12 @@ async fn copy_to(
     .await
 }
 
-async fn send_output(events: &mpsc::Sender<Result<Event, Status>>, report: copy::CopyReport) {
-    let output = proto::Output {
-        reference: report.pinned,
-        digest: report.descriptor.digest().to_string(),
-        size: report.descriptor.size(),
-    };
-    let _ = events.send(Ok(event(Kind::Output(output)))).await;
+async fn send_output(events: &EventSink, report: copy::CopyReport) {
+    events
+        .send(RunnerEvent::Pushed(Pushed {
+            reference: report.pinned,
+            digest: report.descriptor.digest().to_string(),
+            size: report.descriptor.size(),
+        }))
+        .await;
 }

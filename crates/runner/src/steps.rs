@@ -5,22 +5,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use custody_wire::rpc::proto::{self, Event, event::Kind, log_line};
+use custody_wire::events::{Isolation, JobEnd, LogLine, RunnerEvent, StepEnd as Ended, Stream};
+use custody_wire::rpc::proto;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::sync::{mpsc, watch};
-use tonic::Status;
 
+use crate::EventSink;
 use crate::cgroup::{Limits, StepCgroup};
 use crate::egress::{self, Policy};
-use crate::event;
 use crate::jobdir::JobDir;
 use crate::logs::Log;
 use crate::netns::StepNetwork;
 use crate::rootfs::ImageLimits;
 use crate::sandbox::{Root, Sandbox};
-
-type Events = mpsc::Sender<Result<Event, Status>>;
 
 /// At most this many refused destinations are told per step.
 const MAX_EGRESS_NOTES: u32 = 100;
@@ -40,9 +38,9 @@ pub(crate) struct Boundary {
 pub(crate) async fn run_all(
     job: &proto::Job,
     boundary: &Boundary,
-    events: &Events,
+    events: &EventSink,
     mut cancel: watch::Receiver<Option<String>>,
-) -> proto::Finished {
+) -> JobEnd {
     let cgroups = crate::cgroup::supported(&job.job_id);
     let mut notes = boundary.notes.clone();
     if !cgroups {
@@ -55,25 +53,25 @@ pub(crate) async fn run_all(
         tracing::warn!("{note}");
     }
     let bounds = job.bounds.clone().unwrap_or_default();
-    let _ = events
-        .send(Ok(event(Kind::Isolation(proto::Isolation {
+    events
+        .send(RunnerEvent::Isolation(Isolation {
             uid_map: boundary.sandbox.ids.uid_map(),
             gid_map: boundary.sandbox.ids.gid_map(),
-            disk_bytes: boundary.jobdir.disk_limit.unwrap_or(0),
+            disk_bytes: boundary.jobdir.disk_limit,
             cgroups,
             log_bytes: boundary.log_bytes,
             egress_allow: bounds.egress_allow,
             notes,
-        }))))
+        }))
         .await;
     if let Err(error) = prepare_source(job, &boundary.jobdir).await {
-        return failed(format!("source: {error}"));
+        return JobEnd::Failed(format!("source: {error}"));
     }
     let mut log = Log::new(boundary.log_bytes, events.clone());
     let mut outcome = None;
     for (index, step) in job.steps.iter().enumerate() {
         if let Some(reason) = cancel.borrow().clone() {
-            outcome = Some(cancelled(reason));
+            outcome = Some(JobEnd::Cancelled(reason));
             break;
         }
         if let Err(finished) = run_one(
@@ -98,13 +96,9 @@ pub(crate) async fn run_all(
     }
     // The runner, not the steps, reads what they produced and pushes it.
     if let Err(error) = crate::push::push_outputs(job, boundary, events).await {
-        return failed(error);
+        return JobEnd::Failed(error);
     }
-    proto::Finished {
-        success: true,
-        cancelled: false,
-        error: String::new(),
-    }
+    JobEnd::Succeeded
 }
 
 /// One step, from its image to its end; `Err` ends the job.
@@ -113,41 +107,43 @@ async fn run_one(
     step: &proto::Step,
     job: &proto::Job,
     boundary: &Boundary,
-    events: &Events,
+    events: &EventSink,
     log: &mut Log,
     cancel: &mut watch::Receiver<Option<String>>,
-) -> Result<(), proto::Finished> {
+) -> Result<(), JobEnd> {
     // A step image becomes this step's root filesystem.
     let rootfs = boundary.jobdir.rootfs(index);
     let image_digest = if step.image.is_empty() {
-        String::new()
+        None
     } else {
-        prepare_image(&step.image, job, boundary, &rootfs)
-            .await
-            .map_err(|error| {
-                failed(format!(
-                    "step `{}`: image `{}`: {error}",
-                    step.name, step.image
-                ))
-            })?
+        Some(
+            prepare_image(&step.image, job, boundary, &rootfs)
+                .await
+                .map_err(|error| {
+                    JobEnd::Failed(format!(
+                        "step `{}`: image `{}`: {error}",
+                        step.name, step.image
+                    ))
+                })?,
+        )
     };
     let root = if step.image.is_empty() {
         Root::Host
     } else {
         Root::Image(&rootfs)
     };
-    let _ = events
-        .send(Ok(event(Kind::StepStarted(proto::StepStarted {
+    events
+        .send(RunnerEvent::StepStarted {
             index,
             name: step.name.clone(),
             image_digest,
-        }))))
+        })
         .await;
     let limits = step.limits.unwrap_or_default();
     let limits = Limits::or_defaults(limits.memory_bytes, limits.pids);
     let cgroup =
         StepCgroup::create(&format!("custody-{}-{index}", job.job_id), limits).map_err(|e| {
-            failed(format!(
+            JobEnd::Failed(format!(
                 "step `{}`: cannot set up its cgroup: {e}",
                 step.name
             ))
@@ -156,13 +152,13 @@ async fn run_one(
         tokio::task::spawn_blocking(StepNetwork::create)
             .await
             .expect("making a namespace does not panic")
-            .map_err(|e| failed(format!("step `{}`: {e}", step.name)))?
+            .map_err(|e| JobEnd::Failed(format!("step `{}`: {e}", step.name)))?
     } else {
         StepNetwork::made_by_sandbox()
     };
     let (proxy, extra_env) = if step.network {
         let proxy = egress_proxy(index, &network, boundary, events).map_err(|e| {
-            failed(format!(
+            JobEnd::Failed(format!(
                 "step `{}`: cannot serve its egress proxy: {e}",
                 step.name
             ))
@@ -194,21 +190,15 @@ async fn run_one(
     {
         tracing::warn!(step = %step.name, "{e}");
     }
-    let finished = |exit_code, timed_out| {
-        event(Kind::StepFinished(proto::StepFinished {
-            index,
-            exit_code,
-            timed_out,
-        }))
-    };
+    let finished = |end| RunnerEvent::StepFinished { index, end };
     match outcome {
         Ok(StepEnd::Exited(code)) => {
-            let _ = events.send(Ok(finished(code, false))).await;
+            events.send(finished(Ended::Exited(code))).await;
             if code == 0 {
                 return Ok(());
             }
             if out_of_memory {
-                return Err(failed(format!(
+                return Err(JobEnd::Failed(format!(
                     "step `{}` ran out of memory (limit {} MiB) and was killed",
                     step.name,
                     limits.memory_bytes >> 20
@@ -217,7 +207,7 @@ async fn run_one(
             if let Some(limit) = boundary.jobdir.disk_limit
                 && boundary.jobdir.disk_full()
             {
-                return Err(failed(format!(
+                return Err(JobEnd::Failed(format!(
                     "step `{}` exceeded its disk limit of {} (it exited with code {code})",
                     step.name,
                     crate::human_bytes(limit)
@@ -228,20 +218,20 @@ async fn run_one(
             } else {
                 String::new()
             };
-            Err(failed(format!(
+            Err(JobEnd::Failed(format!(
                 "step `{}` exited with code {code}{hint}",
                 step.name
             )))
         }
         Ok(StepEnd::TimedOut) => {
-            let _ = events.send(Ok(finished(-1, true))).await;
-            Err(failed(format!(
+            events.send(finished(Ended::TimedOut)).await;
+            Err(JobEnd::Failed(format!(
                 "step `{}` timed out after {} s",
                 step.name, step.timeout_seconds
             )))
         }
-        Ok(StepEnd::Cancelled(reason)) => Err(cancelled(reason)),
-        Err(err) => Err(failed(format!(
+        Ok(StepEnd::Cancelled(reason)) => Err(JobEnd::Cancelled(reason)),
+        Err(err) => Err(JobEnd::Failed(format!(
             "step `{}` could not start: {err}",
             step.name
         ))),
@@ -260,7 +250,7 @@ fn egress_proxy(
     index: u32,
     network: &StepNetwork,
     boundary: &Boundary,
-    events: &Events,
+    events: &EventSink,
 ) -> std::io::Result<Proxy> {
     let listener = tokio::net::TcpListener::from_std(network.listen()?)?;
     let port = listener.local_addr()?.port();
@@ -278,13 +268,13 @@ fn egress_proxy(
     let events = events.clone();
     tokio::spawn(async move {
         while let Some(note) = incoming.recv().await {
-            let line = proto::LogLine {
+            let line = LogLine {
                 step: index,
-                stream: log_line::Stream::Stderr as i32,
+                stream: Stream::Stderr,
                 line: note.into_bytes(),
                 unix_millis: now_millis(),
             };
-            if events.send(Ok(event(Kind::Log(line)))).await.is_err() {
+            if !events.send(RunnerEvent::Log(line)).await {
                 break;
             }
         }
@@ -329,14 +319,6 @@ async fn prepare_image(
     Ok(resolved.digest.to_string())
 }
 
-fn failed(error: String) -> proto::Finished {
-    proto::Finished {
-        success: false,
-        cancelled: false,
-        error,
-    }
-}
-
 /// Puts the job's source into the workspace: a git repository checked out
 /// at the commit the daemon resolved, or a copy of a local directory; then
 /// gives it to the steps' root.
@@ -362,14 +344,6 @@ async fn prepare_source(job: &proto::Job, jobdir: &JobDir) -> Result<(), String>
         .await
         .expect("changing owners does not panic")
         .map_err(|e| e.to_string())
-}
-
-fn cancelled(reason: String) -> proto::Finished {
-    proto::Finished {
-        success: false,
-        cancelled: true,
-        error: reason,
-    }
 }
 
 enum StepEnd {

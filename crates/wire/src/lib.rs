@@ -9,11 +9,14 @@
 //! - [`connector`]: the daemon's listener and its waiters.
 //! - [`dial`]: the runner's side of the handshake.
 //! - [`rpc`]: the tonic service from `proto/runner.proto`, roles inverted.
+//! - [`events`]: what a runner reports, in both sides' own types; the
+//!   generated ones stay at the RPC edge.
 
 #![forbid(unsafe_code)]
 
 pub mod connector;
 pub mod dial;
+pub mod events;
 pub mod handshake;
 pub mod identity;
 pub mod rpc;

@@ -17,6 +17,36 @@ pub mod proto {
     tonic::include_proto!("custody.runner.v1");
 }
 
+// Credentials and client keys print redacted (their derived `Debug` is
+// skipped in build.rs).
+impl std::fmt::Debug for proto::RegistryCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryCredential")
+            .field("host", &self.host)
+            .field("username", &self.username)
+            .field("password", &"***")
+            .field("identity_token", &"***")
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for proto::HostTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostTls")
+            .field("host", &self.host)
+            .field("roots", &self.roots.len())
+            .field(
+                "identity",
+                &if self.identity.is_empty() {
+                    "none"
+                } else {
+                    "***"
+                },
+            )
+            .finish()
+    }
+}
+
 pub use proto::runner_client::RunnerClient as GeneratedClient;
 pub use proto::runner_server::{Runner, RunnerServer};
 
@@ -114,5 +144,36 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Session<S> {
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::proto;
+
+    #[test]
+    fn credentials_in_a_job_never_print() {
+        let job = proto::Job {
+            registries: Some(proto::RegistryAccess {
+                credentials: vec![proto::RegistryCredential {
+                    host: "r.example".into(),
+                    username: "u".into(),
+                    password: "pa55word".into(),
+                    identity_token: "t0ken".into(),
+                }],
+                tls: vec![proto::HostTls {
+                    host: "r.example".into(),
+                    roots: Vec::new(),
+                    identity: b"-----BEGIN PRIVATE KEY-----".to_vec(),
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let shown = format!("{job:?}");
+        for secret in ["pa55word", "t0ken", "PRIVATE KEY"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(shown.contains("r.example"), "{shown}");
     }
 }

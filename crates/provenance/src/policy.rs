@@ -1,63 +1,9 @@
-//! What custody's provenance says, where, and the policy `custody verify`
-//! checks against it.
-//!
-//! custody's build type (documented in `docs/build-type.md`):
-//! - `externalParameters.source`: `{ "git": URL, "revision": asked-for }`
-//!   (or `{ "directory": PATH }` for a local build);
-//! - `resolvedDependencies`: the source as `name: "source"`,
-//!   `uri: "git+URL"`, `digest: { "gitCommit": SHA }`, and each step image as
-//!   `name: "step-image:STEP"`, `uri: REFERENCE`, `digest: { "sha256": HEX }`.
+//! The policy `custody verify` checks a provenance against: who built it,
+//! from which source at which commit, with which step images.
 
-use crate::statement::{Provenance, ResourceDescriptor};
+use custody_attest::statement::Provenance;
 
-/// custody's build type URI.
-pub const BUILD_TYPE: &str = "https://custody.dev/build-types/build/v1";
-/// The `name` of the source in `resolvedDependencies`.
-pub const SOURCE_DEPENDENCY: &str = "source";
-/// The `name` prefix of step images in `resolvedDependencies`.
-pub const STEP_IMAGE_PREFIX: &str = "step-image:";
-/// The subject annotation that says what a subject is.
-pub const SUBJECT_KIND: &str = "kind";
-
-/// What a subject of custody's provenance is. Only manifests custody
-/// pushed (images and artifacts) can vouch for an image; a file subject
-/// is a file's bytes, whatever they happen to look like.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SubjectKind {
-    /// An image manifest a build pushed.
-    Image,
-    /// The manifest of a file artifact a build pushed.
-    Artifact,
-    /// One file of an artifact.
-    File,
-}
-
-impl SubjectKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SubjectKind::Image => "image",
-            SubjectKind::Artifact => "artifact",
-            SubjectKind::File => "file",
-        }
-    }
-
-    /// The `annotations` a subject of this kind carries.
-    pub fn annotations(self) -> serde_json::Map<String, serde_json::Value> {
-        let mut map = serde_json::Map::new();
-        map.insert(SUBJECT_KIND.to_owned(), self.as_str().into());
-        map
-    }
-
-    /// The kind `subject` says it is, if any.
-    pub fn of(subject: &ResourceDescriptor) -> Option<Self> {
-        match subject.annotations.as_ref()?.get(SUBJECT_KIND)?.as_str()? {
-            "image" => Some(SubjectKind::Image),
-            "artifact" => Some(SubjectKind::Artifact),
-            "file" => Some(SubjectKind::File),
-            _ => None,
-        }
-    }
-}
+use crate::build_type::{is_dirty, source, step_images};
 
 /// What a verifier insists on, beyond a valid signature on a statement
 /// about the artifact.
@@ -155,37 +101,6 @@ impl Policy {
         }
         Ok(())
     }
-}
-
-/// The source entry of the resolved dependencies.
-pub fn source(provenance: &Provenance) -> Option<&ResourceDescriptor> {
-    provenance
-        .build_definition
-        .resolved_dependencies
-        .iter()
-        .find(|d| d.name.as_deref() == Some(SOURCE_DEPENDENCY))
-}
-
-/// Whether the source was a working tree with uncommitted changes.
-pub fn is_dirty(source: Option<&ResourceDescriptor>) -> bool {
-    source
-        .and_then(|s| s.annotations.as_ref())
-        .and_then(|a| a.get("dirty"))
-        .and_then(serde_json::Value::as_bool)
-        .unwrap_or(false)
-}
-
-/// The step images of the resolved dependencies.
-pub fn step_images(provenance: &Provenance) -> impl Iterator<Item = &ResourceDescriptor> {
-    provenance
-        .build_definition
-        .resolved_dependencies
-        .iter()
-        .filter(|d| {
-            d.name
-                .as_deref()
-                .is_some_and(|n| n.starts_with(STEP_IMAGE_PREFIX))
-        })
 }
 
 /// `https://host/path.git` and `https://host/path` name the same repository.

@@ -11,10 +11,10 @@ use custody_attest::statement::{
     BuildDefinition, Builder, Provenance, ResourceDescriptor, RunDetails, SLSA_PROVENANCE_V1,
     Statement, VerifiedStatement,
 };
-use custody_daemon::attach::{self, DSSE_MEDIA_TYPE};
 use custody_oci::copy::{self, CopyOptions, Destination, Source};
 use custody_oci::layout::Layout;
 use custody_oci::registry::{Client, RegistryOptions};
+use custody_provenance::attach::{self, DSSE_MEDIA_TYPE};
 use custody_testkit::Registry;
 use custody_testkit::image::{Image, LayoutWriter};
 

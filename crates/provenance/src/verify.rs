@@ -5,13 +5,14 @@
 
 use custody_attest::dsse::Envelope;
 use custody_attest::keys::VerifyingKey;
-use custody_attest::policy::Policy;
 use custody_attest::statement::{Provenance, VerifiedStatement};
 use custody_oci::layout::Layout;
 use custody_oci::registry::{Client, RegistryOptions};
 use custody_oci::{Digest, Location};
 
 use crate::attach;
+use crate::build_type::SubjectKind;
+use crate::policy::{Policy, Violation};
 
 /// An attestation that passed every check.
 #[derive(Debug)]
@@ -34,10 +35,40 @@ pub enum VerifyError {
     #[error("no attestation of `{target}` passed:\n{}", reasons.iter().map(|r| format!("  - {r}")).collect::<Vec<_>>().join("\n"))]
     Rejected {
         target: String,
-        reasons: Vec<String>,
+        /// Why each distinct envelope failed, by the stage it failed at.
+        reasons: Vec<Rejection>,
     },
     #[error(transparent)]
     Oci(#[from] custody_oci::Error),
+}
+
+/// Why one envelope was refused, by the stage it failed at.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Rejection {
+    /// Not a DSSE envelope at all.
+    #[error("not a DSSE envelope: {0}")]
+    Envelope(String),
+    /// No signature verifies with the key, or the payload is no statement.
+    #[error("signature: {0}")]
+    Signature(String),
+    /// The statement is about something else.
+    #[error(
+        "subject: the statement names no image or artifact `{name}` with digest `{digest}`{}",
+        if *only_as_file { " (only a file with those bytes, which vouches for no image)" } else { "" }
+    )]
+    Subject {
+        name: String,
+        digest: String,
+        /// A file subject had this digest: a file's bytes vouch for no image.
+        only_as_file: bool,
+    },
+    /// Not SLSA provenance v1.
+    #[error("predicate: {0}")]
+    Predicate(String),
+    /// Signed and about this image, but the policy says no.
+    #[error("policy: {0}")]
+    Policy(Violation),
 }
 
 /// Verifies the image at `location`.
@@ -47,7 +78,7 @@ pub async fn verify(
     key: &VerifyingKey,
     policy: &Policy,
 ) -> Result<Verified, VerifyError> {
-    let name = crate::build::subject_name(location);
+    let name = crate::build_type::subject_name(location);
     let (target, digest, envelopes) = match location {
         Location::Registry(reference) => {
             let client = Client::new(reference.api_host(), options).await?;
@@ -115,37 +146,43 @@ pub async fn verify(
     Err(VerifyError::Rejected { target, reasons })
 }
 
-/// One envelope through every stage; the reason names the stage it failed.
+/// One envelope through every stage; the rejection names the stage it failed.
 fn check(
     bytes: &[u8],
     key: &VerifyingKey,
     name: &str,
     digest: &Digest,
     policy: &Policy,
-) -> Result<(VerifiedStatement, Provenance), String> {
+) -> Result<(VerifiedStatement, Provenance), Rejection> {
     let envelope: Envelope =
-        serde_json::from_slice(bytes).map_err(|e| format!("not a DSSE envelope: {e}"))?;
-    let statement =
-        VerifiedStatement::verify(&envelope, key).map_err(|e| format!("signature: {e}"))?;
+        serde_json::from_slice(bytes).map_err(|e| Rejection::Envelope(e.to_string()))?;
+    let statement = VerifiedStatement::verify(&envelope, key)
+        .map_err(|e| Rejection::Signature(e.to_string()))?;
     // Only a manifest the build pushed, to this very repository (or
     // layout), vouches for an image: a file whose bytes happen to be some
     // image's manifest does not.
-    if digest.algorithm().as_ref() != "sha256" || !statement.names_manifest(name, digest.digest()) {
-        let as_file = statement.names_sha256(digest.digest());
-        return Err(format!(
-            "subject: the statement names no image or artifact `{name}` with digest `{digest}`{}",
-            if as_file {
-                " (only a file with those bytes, which vouches for no image)"
-            } else {
-                ""
-            }
-        ));
+    let hex = digest.digest();
+    let sha256 = digest.algorithm().as_ref() == "sha256";
+    let subjects = &statement.statement().subject;
+    let names_manifest = sha256
+        && subjects.iter().any(|s| {
+            s.name.as_deref() == Some(name)
+                && s.digest.get("sha256").is_some_and(|d| d == hex)
+                && matches!(
+                    SubjectKind::of(s),
+                    Some(SubjectKind::Image | SubjectKind::Artifact)
+                )
+        });
+    if !names_manifest {
+        return Err(Rejection::Subject {
+            name: name.to_owned(),
+            digest: digest.to_string(),
+            only_as_file: sha256 && statement.names_sha256(hex),
+        });
     }
     let provenance = statement
         .provenance()
-        .map_err(|e| format!("predicate: {e}"))?;
-    policy
-        .check(&provenance)
-        .map_err(|e| format!("policy: {e}"))?;
+        .map_err(|e| Rejection::Predicate(e.to_string()))?;
+    policy.check(&provenance).map_err(Rejection::Policy)?;
     Ok((statement, provenance))
 }

@@ -1,0 +1,125 @@
+//! Why a build did not succeed, by the stage it stopped at. Each variant
+//! keeps its cause; the build's end state and the hint a user sees follow
+//! from the variant, not from parsing a message.
+
+use std::path::PathBuf;
+
+use crate::dispatch::JobError;
+use crate::store::{State, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// The git source could not be resolved to a commit.
+    #[error("source: {0}")]
+    Source(#[source] custody_source::SourceError),
+    /// A local build of a directory that is not there.
+    #[error("source directory `{}`: {source}", path.display())]
+    SourceDirectory {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Neither the spec nor the caller named a source.
+    #[error("the spec names no `source` and no directory was given")]
+    NoSource,
+    /// A step image's tag could not be resolved to a digest.
+    #[error("step `{step}`: image `{image}`: {source}")]
+    StepImage {
+        step: String,
+        image: String,
+        #[source]
+        source: custody_oci::Error,
+    },
+    /// A destination that cannot be made from its template for this build.
+    #[error("destination `{template}`: {reason}")]
+    DestinationTemplate { template: String, reason: String },
+    /// A destination that cannot take a push: found before any step ran.
+    #[error(
+        "{}:{line}:{column}: destination `{destination}` cannot take the build's output: {source}",
+        spec.display()
+    )]
+    Destination {
+        spec: PathBuf,
+        line: u64,
+        column: u64,
+        destination: String,
+        #[source]
+        source: custody_oci::Error,
+    },
+    /// The daemon's own credentials or TLS material for a registry.
+    #[error("registry access: {0}")]
+    RegistryAccess(#[source] custody_oci::Error),
+    /// No runner ran the job to its end.
+    #[error(transparent)]
+    Dispatch(JobError),
+    /// The runner ran the job and says it failed (a step, a push).
+    #[error("{0}")]
+    Runner(String),
+    /// Cancelled, with the reason.
+    #[error("{0}")]
+    Cancelled(String),
+    /// The runner's report does not match what the spec declares.
+    #[error("the runner reported {reported} pushed outputs; the spec declares {declared}")]
+    OutputCount { reported: usize, declared: usize },
+    /// A pushed output is not what the runner said it pushed.
+    #[error("checking `{digest}` at `{destination}`: {detail}")]
+    Check {
+        destination: String,
+        digest: String,
+        detail: String,
+    },
+    #[error("signing the provenance: {0}")]
+    Sign(#[source] custody_attest::Error),
+    /// Another daemon took the build over (this one's lease ran out).
+    #[error("this daemon lost its claim on the build before signing; nothing was published")]
+    LostClaim,
+    #[error("attaching the provenance to `{destination}`: {detail}")]
+    Attach { destination: String, detail: String },
+    #[error("tagging `{destination}`: {detail}")]
+    Tag { destination: String, detail: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl BuildError {
+    /// The state a build that ended with this error is in.
+    pub fn state(&self) -> State {
+        match self {
+            BuildError::Cancelled(_) | BuildError::Dispatch(JobError::Cancelled(_)) => {
+                State::Cancelled
+            }
+            _ => State::Failed,
+        }
+    }
+
+    /// What the user can do about it, where there is something to say.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            BuildError::Destination { source, .. }
+            | BuildError::StepImage { source, .. }
+            | BuildError::RegistryAccess(source) => source.hint(),
+            BuildError::LostClaim => {
+                Some("the build was ended by another daemon; see its record".into())
+            }
+            _ => None,
+        }
+    }
+
+    /// The message as stored and shown: the error, then its hint.
+    pub fn report(&self) -> String {
+        match self.hint() {
+            Some(hint) => format!("{self}; hint: {hint}"),
+            None => self.to_string(),
+        }
+    }
+}
+
+impl From<JobError> for BuildError {
+    fn from(error: JobError) -> Self {
+        match error {
+            JobError::Cancelled(reason) => BuildError::Cancelled(reason),
+            other => BuildError::Dispatch(other),
+        }
+    }
+}

@@ -1,0 +1,459 @@
+//! One build, from spec to signed provenance, as a pipeline of typed stages:
+//!
+//! 1. [`plan`]: everything the provenance will claim, resolved before any
+//!    runner exists (the source to a commit, step image tags to digests,
+//!    destinations — each checked able to take a push) and the job.
+//! 2. [`run`]: a runner runs the steps and pushes every output by digest;
+//!    the log streams to the store within its bound.
+//! 3. [`publish`]: `Checked` outputs (fetched back from their destinations)
+//!    are the only thing that can be `Signed` for; only a signed statement
+//!    is `Attached`; only then are the tags written.
+//!
+//! A failure at any stage is a [`BuildError`] that keeps its cause; the
+//! build's end state follows from it. A failed build publishes nothing: no
+//! provenance, no tag moved ("a failed build publishes nothing" is kept by
+//! [`BuildService::execute`] and the stage types).
+
+mod error;
+mod logs;
+mod plan;
+mod publish;
+mod run;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use custody_attest::keys::SigningKey;
+use custody_attest::statement::{
+    BuildDefinition, BuildMetadata, Builder, Provenance, ResourceDescriptor, RunDetails,
+};
+use custody_oci::registry::RegistryOptions;
+use custody_provenance::build_type::BUILD_TYPE;
+use custody_wire::events::{Isolation, RunnerEvent};
+use serde_json::json;
+
+pub use error::BuildError;
+pub use logs::LOG_BATCH_INTERVAL;
+
+use crate::bounds::StepBounds;
+use crate::dispatch::Dispatcher;
+use crate::spec::{self, Spec};
+use crate::store::{Ending, NewBuild, State, Store, StoreError};
+use logs::LogWriter;
+use plan::{Clients, Plan};
+use publish::Published;
+use run::Ran;
+
+/// What to build.
+#[derive(Debug)]
+pub struct BuildRequest {
+    /// The spec file, as recorded in the provenance.
+    pub spec_path: PathBuf,
+    /// Its exact bytes (their digest is recorded).
+    pub spec_bytes: Vec<u8>,
+    pub spec: Spec,
+    /// The directory to build when the spec names no git source.
+    pub directory: Option<PathBuf>,
+}
+
+impl BuildRequest {
+    /// The request for the spec whose exact bytes are `spec_bytes` (read
+    /// once: the digest recorded is of the bytes that are parsed and run),
+    /// found at `spec_path`, building `directory` unless the spec names a
+    /// git source.
+    pub fn parse(
+        spec_path: PathBuf,
+        spec_bytes: Vec<u8>,
+        directory: Option<PathBuf>,
+    ) -> Result<Self, spec::SpecError> {
+        let text = std::str::from_utf8(&spec_bytes).map_err(|e| spec::SpecError {
+            file: spec_path.clone(),
+            line: 0,
+            column: 0,
+            message: format!("the spec is not UTF-8 text: {e}"),
+            snippet: None,
+        })?;
+        let spec = spec::parse(text, &spec_path)?;
+        Ok(Self {
+            spec_path,
+            spec_bytes,
+            spec,
+            directory,
+        })
+    }
+}
+
+/// The daemon's side of building: everything trusted that a build needs.
+pub struct BuildService {
+    pub dispatcher: Arc<Dispatcher>,
+    /// The executor's kind, recorded in the provenance.
+    pub executor_kind: String,
+    /// How the daemon reaches registries; the runner gets what it needs of
+    /// this for one job.
+    pub registry: RegistryOptions,
+    pub key: Arc<SigningKey>,
+    pub builder_id: String,
+    /// The runner binary's digest, when the daemon can read it.
+    pub runner_digest: Option<custody_oci::Digest>,
+    /// Host paths no step may see (the data directory, the key file).
+    pub hidden_paths: Vec<PathBuf>,
+    /// Disk, log, egress, step ids and step image limits.
+    pub bounds: StepBounds,
+    pub store: Store,
+}
+
+/// What happens, for whoever watches.
+#[derive(Debug)]
+pub enum Progress {
+    Queued {
+        id: String,
+    },
+    Source {
+        description: String,
+    },
+    StepImage {
+        step: String,
+        pinned: String,
+    },
+    /// What the runner said (its log, its steps, what it pushed).
+    Runner(RunnerEvent),
+    Checked {
+        destination: String,
+        digest: String,
+    },
+    Attached {
+        destination: String,
+    },
+    /// The destination's tag names the pushed manifest now.
+    Tagged {
+        destination: String,
+    },
+}
+
+/// How a build ended.
+#[derive(Debug)]
+pub enum Outcome {
+    Succeeded {
+        id: String,
+        /// The signed DSSE envelope (JSON).
+        envelope: Vec<u8>,
+        subjects: Vec<ResourceDescriptor>,
+    },
+    Failed {
+        id: String,
+        /// Why, with what to do about it when there is something to say.
+        error: String,
+    },
+    Cancelled {
+        id: String,
+        reason: String,
+    },
+}
+
+impl Outcome {
+    pub fn id(&self) -> &str {
+        match self {
+            Outcome::Succeeded { id, .. }
+            | Outcome::Failed { id, .. }
+            | Outcome::Cancelled { id, .. } => id,
+        }
+    }
+
+    pub fn state(&self) -> State {
+        match self {
+            Outcome::Succeeded { .. } => State::Succeeded,
+            Outcome::Failed { .. } => State::Failed,
+            Outcome::Cancelled { .. } => State::Cancelled,
+        }
+    }
+
+    /// The outcome a store record tells (another daemon ended the build).
+    fn recorded(id: &str, state: Option<State>, error: Option<String>) -> Self {
+        let error = error
+            .unwrap_or_else(|| "the build was ended elsewhere while this daemon ran it".to_owned());
+        match state {
+            Some(State::Cancelled) => Outcome::Cancelled {
+                id: id.to_owned(),
+                reason: error,
+            },
+            _ => Outcome::Failed {
+                id: id.to_owned(),
+                error,
+            },
+        }
+    }
+}
+
+impl BuildService {
+    /// Records `request` and runs it to the end at once, outside the queue;
+    /// `cancel` resolving cancels it. Only the store failing is an `Err`:
+    /// everything else is in the outcome.
+    pub async fn run(
+        &self,
+        request: BuildRequest,
+        mut progress: impl FnMut(Progress) + Send,
+        cancel: impl Future<Output = String> + Send,
+    ) -> Result<Outcome, StoreError> {
+        let id = uuid::Uuid::now_v7().to_string();
+        let source = external_source(&request);
+        self.store
+            .insert_running(
+                &NewBuild {
+                    id: &id,
+                    spec_path: &request.spec_path.display().to_string(),
+                    spec: &request.spec_bytes,
+                    source: &source.to_string(),
+                    created_at: &now(),
+                },
+                &now(),
+            )
+            .await?;
+        progress(Progress::Queued { id: id.clone() });
+        self.run_recorded(&id, None, &request, progress, cancel)
+            .await
+    }
+
+    /// Puts a build of `spec_bytes` (already checked) from `source` in the
+    /// queue; returns its id.
+    pub async fn enqueue(
+        &self,
+        spec_path: &str,
+        spec_bytes: &[u8],
+        source: &spec::GitSource,
+    ) -> Result<String, StoreError> {
+        let id = uuid::Uuid::now_v7().to_string();
+        let source = json!({ "git": source.git.as_str(), "revision": source.revision });
+        self.store
+            .enqueue(&NewBuild {
+                id: &id,
+                spec_path,
+                spec: spec_bytes,
+                source: &source.to_string(),
+                created_at: &now(),
+            })
+            .await?;
+        Ok(id)
+    }
+
+    /// Runs a build the store already holds as running (`owner` is the
+    /// daemon that claimed it from the queue, if one did) to its end. Log
+    /// lines reach the store in batches while it runs.
+    pub async fn run_recorded(
+        &self,
+        id: &str,
+        owner: Option<&str>,
+        request: &BuildRequest,
+        mut progress: impl FnMut(Progress) + Send,
+        cancel: impl Future<Output = String> + Send,
+    ) -> Result<Outcome, StoreError> {
+        let logs = LogWriter::start(self.store.clone(), id.to_owned());
+        let result = self
+            .execute(id, owner, request, &mut progress, &logs, cancel)
+            .await;
+        logs.finish().await?;
+        let (state, error, outputs, envelope) = match &result {
+            Ok(published) => (
+                State::Succeeded,
+                None,
+                published.outputs.as_slice(),
+                Some(published.envelope.as_slice()),
+            ),
+            Err(error) => (error.state(), Some(error.report()), &[][..], None),
+        };
+        let recorded = self
+            .store
+            .finish(
+                id,
+                owner,
+                &Ending {
+                    state,
+                    finished_at: &now(),
+                    error: error.as_deref(),
+                    outputs,
+                    provenance: envelope,
+                },
+            )
+            .await?;
+        if !recorded {
+            // Another daemon ended it (our lease ran out): its word stands.
+            let record = self.store.build(id).await?;
+            return Ok(Outcome::recorded(
+                id,
+                record.as_ref().map(|r| r.state),
+                record.and_then(|r| r.error),
+            ));
+        }
+        let id = id.to_owned();
+        Ok(match result {
+            Ok(published) => Outcome::Succeeded {
+                id,
+                envelope: published.envelope,
+                subjects: published.subjects,
+            },
+            Err(error) if error.state() == State::Cancelled => Outcome::Cancelled {
+                id,
+                reason: error.to_string(),
+            },
+            Err(error) => Outcome::Failed {
+                id,
+                error: error.report(),
+            },
+        })
+    }
+
+    /// The stages, in order; the first failure ends the build.
+    async fn execute(
+        &self,
+        id: &str,
+        owner: Option<&str>,
+        request: &BuildRequest,
+        progress: &mut (impl FnMut(Progress) + Send),
+        logs: &LogWriter,
+        cancel: impl Future<Output = String> + Send,
+    ) -> Result<Published, BuildError> {
+        let started_on = now();
+        let mut clients = Clients::new(&self.registry);
+        let plan = self.plan(id, request, &mut clients, progress).await?;
+        // From here on a runner may exist: this build must never be handed
+        // to another daemon.
+        self.store.mark_runner_started(id).await?;
+        let ran = self.run_job(&plan, logs, progress, cancel).await?;
+        let checked = publish::check(&plan.outputs, &ran.outputs, &mut clients, progress).await?;
+        let provenance = self.provenance(id, request, plan, ran, started_on);
+        self.ensure_claim(id, owner).await?;
+        let signed = publish::sign(checked, &provenance, &self.key)?;
+        let attached = publish::attach_all(signed, &mut clients, progress).await?;
+        publish::tag_all(attached, &mut clients, progress).await
+    }
+
+    /// A daemon whose lease ran out while the runner worked must not
+    /// publish: another daemon has already ended the build.
+    async fn ensure_claim(&self, id: &str, owner: Option<&str>) -> Result<(), BuildError> {
+        let Some(owner) = owner else {
+            return Ok(());
+        };
+        let held = self
+            .store
+            .build(id)
+            .await?
+            .is_some_and(|b| b.state == State::Running && b.owner.as_deref() == Some(owner));
+        if held {
+            Ok(())
+        } else {
+            Err(BuildError::LostClaim)
+        }
+    }
+
+    /// The SLSA provenance of build `id` (custody's build type).
+    fn provenance(
+        &self,
+        id: &str,
+        request: &BuildRequest,
+        plan: Plan,
+        ran: Ran,
+        started_on: String,
+    ) -> Provenance {
+        let spec_digest = custody_oci::digest::sha256(&request.spec_bytes);
+        Provenance {
+            build_definition: BuildDefinition {
+                build_type: BUILD_TYPE.to_owned(),
+                external_parameters: json!({
+                    "source": external_source(request),
+                    "spec": {
+                        "path": request.spec_path.display().to_string(),
+                        "digest": { "sha256": spec_digest.digest() },
+                    },
+                }),
+                internal_parameters: Some(self.internal_parameters(
+                    &request.spec,
+                    &ran.isolation,
+                    ran.dropped_lines,
+                )),
+                resolved_dependencies: std::iter::once(plan.source)
+                    .chain(plan.step_images)
+                    .collect(),
+            },
+            run_details: RunDetails {
+                builder: Builder {
+                    id: self.builder_id.clone(),
+                    builder_dependencies: self
+                        .runner_digest
+                        .iter()
+                        .map(|digest| ResourceDescriptor {
+                            name: Some("runner".to_owned()),
+                            digest: BTreeMap::from([(
+                                digest.algorithm().to_string(),
+                                digest.digest().to_owned(),
+                            )]),
+                            ..ResourceDescriptor::default()
+                        })
+                        .collect(),
+                    version: BTreeMap::from([(
+                        "custody".to_owned(),
+                        env!("CARGO_PKG_VERSION").to_owned(),
+                    )]),
+                },
+                metadata: Some(BuildMetadata {
+                    invocation_id: id.to_owned(),
+                    started_on: Some(started_on),
+                    finished_on: Some(now()),
+                }),
+                byproducts: ran.logs.byproducts(&request.spec),
+            },
+        }
+    }
+
+    /// The executor and the step boundary as the runner reported it.
+    fn internal_parameters(
+        &self,
+        spec: &Spec,
+        isolation: &Isolation,
+        dropped_lines: u64,
+    ) -> serde_json::Value {
+        json!({
+            "executor": self.executor_kind,
+            "sandbox": {
+                "kind": "bubblewrap",
+                "user": { "uidMap": isolation.uid_map, "gidMap": isolation.gid_map },
+                "network": "private",
+                "egressAllow": isolation.egress_allow,
+                "diskBytes": isolation.disk_bytes.unwrap_or(0),
+                "cgroups": isolation.cgroups,
+                "logBytes": isolation.log_bytes,
+                "logLinesDroppedByDaemon": dropped_lines,
+                "notes": isolation.notes,
+                "steps": spec.steps.iter().map(|step| json!({
+                    "name": step.name,
+                    "egress": step.network,
+                    "timeoutSeconds": step.timeout.map(|t| t.as_secs()),
+                    "memoryBytes": step.memory.unwrap_or(spec::DEFAULT_MEMORY_BYTES),
+                    "pids": step.pids.unwrap_or(spec::DEFAULT_PIDS),
+                })).collect::<Vec<_>>(),
+            },
+        })
+    }
+}
+
+/// `externalParameters.source`: what the build was asked to build.
+fn external_source(request: &BuildRequest) -> serde_json::Value {
+    match (&request.spec.source, &request.directory) {
+        (Some(git), _) => json!({ "git": git.git.as_str(), "revision": git.revision }),
+        (None, Some(dir)) => json!({
+            "directory": dir.canonicalize().unwrap_or_else(|_| dir.clone()).display().to_string()
+        }),
+        (None, None) => json!({}),
+    }
+}
+
+fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+pub fn now() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}

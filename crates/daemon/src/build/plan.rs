@@ -1,0 +1,440 @@
+//! Stage one: everything the provenance will claim, resolved before any
+//! runner exists — the source to a commit, each step image tag to a digest,
+//! each destination for this build (and checked able to take a push) — and
+//! the job the runner gets: its steps, its outputs, the registry access it
+//! needs for this job only, the paths and bounds of the step boundary.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use custody_attest::statement::ResourceDescriptor;
+use custody_oci::digest::Digest;
+use custody_oci::layout::Layout;
+use custody_oci::registry::{Client, Credential, RegistryOptions, certs};
+use custody_oci::{Location, Reference};
+use custody_provenance::build_type;
+use custody_wire::rpc::proto;
+
+use super::{BuildError, BuildRequest, BuildService, Progress};
+use crate::spec::{self, Values};
+
+/// What a build will do and claim, fixed before it runs.
+pub(crate) struct Plan {
+    /// What the runner is handed.
+    pub job: proto::Job,
+    /// The source as a resolved dependency.
+    pub source: ResourceDescriptor,
+    pub step_images: Vec<ResourceDescriptor>,
+    /// Where each output goes, in the order the runner reports them.
+    pub outputs: Vec<Expected>,
+}
+
+/// A pushed output as the daemon expects it.
+pub(crate) struct Expected {
+    pub destination: Location,
+    pub artifact: bool,
+}
+
+/// Registry clients by host, made once per build: resolving step images,
+/// checking outputs, attaching and tagging share TLS setup and tokens.
+pub(crate) struct Clients<'a> {
+    options: &'a RegistryOptions,
+    by_host: HashMap<String, Client>,
+}
+
+impl<'a> Clients<'a> {
+    pub fn new(options: &'a RegistryOptions) -> Self {
+        Self {
+            options,
+            by_host: HashMap::new(),
+        }
+    }
+
+    pub async fn get(&mut self, host: &str) -> Result<&Client, custody_oci::Error> {
+        if !self.by_host.contains_key(host) {
+            let client = Client::new(host, self.options).await?;
+            self.by_host.insert(host.to_owned(), client);
+        }
+        Ok(&self.by_host[host])
+    }
+}
+
+/// The source, resolved.
+struct Source {
+    dependency: ResourceDescriptor,
+    job: proto::source::Kind,
+    revision: String,
+    commit: String,
+}
+
+impl BuildService {
+    /// Plans build `id` of `request`.
+    pub(crate) async fn plan(
+        &self,
+        id: &str,
+        request: &BuildRequest,
+        clients: &mut Clients<'_>,
+        progress: &mut (impl FnMut(Progress) + Send),
+    ) -> Result<Plan, BuildError> {
+        let source = resolve_source(request, progress).await?;
+        let step_images = resolve_step_images(request, clients, progress).await?;
+        let values = Values {
+            revision: &source.revision,
+            commit: &source.commit,
+            job: id,
+        };
+        let declared = request
+            .spec
+            .images
+            .iter()
+            .map(|i| (&i.to, false))
+            .chain(request.spec.artifacts.iter().map(|a| (&a.to, true)));
+        let mut outputs = Vec::new();
+        for (to, artifact) in declared {
+            let destination = resolve_destination(to, &values, &request.spec_path)?;
+            // Every destination must be able to take its output before any
+            // step runs: a typo in a host should cost seconds, not a build.
+            preflight(clients, &destination)
+                .await
+                .map_err(|source| BuildError::Destination {
+                    spec: request.spec_path.clone(),
+                    line: to.line,
+                    column: to.column,
+                    destination: destination.to_string(),
+                    source,
+                })?;
+            outputs.push(Expected {
+                destination,
+                artifact,
+            });
+        }
+        let job = self
+            .job(id, request, &source.job, &step_images, &outputs)
+            .await?;
+        Ok(Plan {
+            job,
+            source: source.dependency,
+            step_images,
+            outputs,
+        })
+    }
+
+    /// The job as the runner gets it.
+    async fn job(
+        &self,
+        id: &str,
+        request: &BuildRequest,
+        source: &proto::source::Kind,
+        step_images: &[ResourceDescriptor],
+        outputs: &[Expected],
+    ) -> Result<proto::Job, BuildError> {
+        let spec = &request.spec;
+        let (images, artifacts) = outputs.split_at(spec.images.len());
+        let hosts = registry_hosts(outputs, step_images);
+        Ok(proto::Job {
+            job_id: id.to_owned(),
+            steps: spec
+                .steps
+                .iter()
+                .zip(pinned_images(spec, step_images))
+                .map(|(step, image)| job_step(step, image))
+                .collect(),
+            registries: Some(self.registry_access(&hosts).await?),
+            images: spec
+                .images
+                .iter()
+                .zip(images)
+                .map(|(image, expected)| proto::ImageOutput {
+                    from: image.from.to_string(),
+                    to: expected.destination.to_string(),
+                })
+                .collect(),
+            artifacts: spec
+                .artifacts
+                .iter()
+                .zip(artifacts)
+                .map(|(artifact, expected)| proto::ArtifactOutput {
+                    paths: artifact.paths.clone(),
+                    to: expected.destination.to_string(),
+                })
+                .collect(),
+            source: Some(proto::Source {
+                kind: Some(source.clone()),
+            }),
+            hidden_paths: self
+                .hidden_paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect(),
+            bounds: Some(self.bounds.for_job(spec)),
+        })
+    }
+
+    /// The registry access the runner gets for this job: credentials and TLS
+    /// material for exactly the hosts the job talks to. Credentials stay in
+    /// their redacting type until they are put on the wire here.
+    async fn registry_access(&self, hosts: &[String]) -> Result<proto::RegistryAccess, BuildError> {
+        let options = self.registry.clone();
+        let hosts = hosts.to_vec();
+        tokio::task::spawn_blocking(move || {
+            let mut access = proto::RegistryAccess {
+                insecure_hosts: options.insecure_hosts.clone(),
+                ..proto::RegistryAccess::default()
+            };
+            for host in hosts {
+                match options.credentials.lookup(&host)? {
+                    Some(Credential::UserPassword { user, password }) => {
+                        access.credentials.push(proto::RegistryCredential {
+                            host: host.clone(),
+                            username: user,
+                            password: password.expose().to_owned(),
+                            identity_token: String::new(),
+                        });
+                    }
+                    Some(Credential::IdentityToken(token)) => {
+                        access.credentials.push(proto::RegistryCredential {
+                            host: host.clone(),
+                            identity_token: token.expose().to_owned(),
+                            ..proto::RegistryCredential::default()
+                        });
+                    }
+                    None => {}
+                }
+                let tls = match options.host_tls.get(&host) {
+                    Some(tls) => tls.clone(),
+                    None => certs::load(&options.certs_dirs, &host)?,
+                };
+                if !tls.roots.is_empty() || tls.identity.is_some() {
+                    access.tls.push(proto::HostTls {
+                        host,
+                        roots: tls.roots,
+                        identity: tls.identity.unwrap_or_default(),
+                    });
+                }
+            }
+            Ok(access)
+        })
+        .await
+        .expect("looking up registry access does not panic")
+        .map_err(BuildError::RegistryAccess)
+    }
+}
+
+/// The git source resolved to a commit, or a local directory's state.
+async fn resolve_source(
+    request: &BuildRequest,
+    progress: &mut (impl FnMut(Progress) + Send),
+) -> Result<Source, BuildError> {
+    if let Some(git) = &request.spec.source {
+        let commit = custody_source::resolve(&git.git, &git.revision)
+            .await
+            .map_err(BuildError::Source)?;
+        progress(Progress::Source {
+            description: format!("{} {} at {commit}", git.git, git.revision),
+        });
+        return Ok(Source {
+            dependency: build_type::git_source(git.git.as_str(), &commit),
+            job: proto::source::Kind::Git(proto::GitSource {
+                url: git.git.to_string(),
+                commit: commit.clone(),
+            }),
+            revision: git.revision.clone(),
+            commit,
+        });
+    }
+    let dir = request.directory.as_deref().ok_or(BuildError::NoSource)?;
+    let dir = dir
+        .canonicalize()
+        .map_err(|source| BuildError::SourceDirectory {
+            path: dir.to_owned(),
+            source,
+        })?;
+    let state = custody_source::local_state(&dir).await;
+    let uri = format!("file://{}", dir.display());
+    let job = proto::source::Kind::LocalDirectory(dir.display().to_string());
+    Ok(match state {
+        Some(state) => {
+            let dirty = if state.dirty {
+                " (uncommitted changes)"
+            } else {
+                ""
+            };
+            progress(Progress::Source {
+                description: format!("{} at {}{dirty}", dir.display(), state.commit),
+            });
+            Source {
+                dependency: build_type::local_source(&uri, Some((&state.commit, state.dirty))),
+                job,
+                revision: state.commit.clone(),
+                commit: state.commit,
+            }
+        }
+        None => {
+            progress(Progress::Source {
+                description: format!("{} (not a git checkout)", dir.display()),
+            });
+            Source {
+                dependency: build_type::local_source(&uri, None),
+                job,
+                revision: "local".to_owned(),
+                commit: String::new(),
+            }
+        }
+    })
+}
+
+/// Each step image pinned to the digest its tag names now.
+async fn resolve_step_images(
+    request: &BuildRequest,
+    clients: &mut Clients<'_>,
+    progress: &mut (impl FnMut(Progress) + Send),
+) -> Result<Vec<ResourceDescriptor>, BuildError> {
+    let mut step_images = Vec::new();
+    for step in &request.spec.steps {
+        let Some(image) = &step.image else { continue };
+        let failed = |source| BuildError::StepImage {
+            step: step.name.clone(),
+            image: image.to_string(),
+            source,
+        };
+        let digest = match image.digest() {
+            Some(digest) => digest.clone(),
+            None => {
+                let client = clients.get(image.api_host()).await.map_err(failed)?;
+                let (descriptor, _) = client
+                    .manifest(image.repository(), &image.manifest_ref())
+                    .await
+                    .map_err(failed)?;
+                descriptor.digest().clone()
+            }
+        };
+        let pinned = pin(image, &digest);
+        progress(Progress::StepImage {
+            step: step.name.clone(),
+            pinned: pinned.clone(),
+        });
+        step_images.push(build_type::step_image(&step.name, &pinned, &digest));
+    }
+    Ok(step_images)
+}
+
+/// A destination for this build: placeholders filled in, and a relative
+/// `oci:` path taken from the spec file's directory.
+fn resolve_destination(
+    to: &spec::Destination,
+    values: &Values<'_>,
+    spec_path: &Path,
+) -> Result<Location, BuildError> {
+    let template = to.template();
+    let refused = |reason: String| BuildError::DestinationTemplate {
+        template: template.to_owned(),
+        reason,
+    };
+    if values.commit.is_empty()
+        && (template.contains("{commit}") || template.contains("{short_commit}"))
+    {
+        return Err(refused(
+            "it uses the commit, but the source is not a git checkout".into(),
+        ));
+    }
+    let location = to
+        .resolve(values)
+        .map_err(|e| refused(format!("after substitution: {e}")))?;
+    Ok(match location {
+        Location::Layout { path, .. } if path.is_relative() && spec_path.is_relative() => {
+            return Err(refused(
+                "it is a layout path relative to the spec, and a submitted build has no \
+                 directory to resolve it against: push to a registry or give an absolute \
+                 `oci:` path on the daemon's machine"
+                    .into(),
+            ));
+        }
+        Location::Layout { path, tag } if path.is_relative() => Location::Layout {
+            path: spec_path.parent().unwrap_or(Path::new("/")).join(path),
+            tag,
+        },
+        other => other,
+    })
+}
+
+/// Whether `destination` would take a push now: a registry grants push
+/// access (an upload started and cancelled), a layout path is one custody
+/// may write (a layout or nothing yet, no symlink on the way).
+async fn preflight(
+    clients: &mut Clients<'_>,
+    destination: &Location,
+) -> Result<(), custody_oci::Error> {
+    match destination {
+        Location::Registry(reference) => {
+            let client = clients.get(reference.api_host()).await?;
+            client.check_push(reference.repository()).await
+        }
+        Location::Layout { path, .. } => {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || Layout::for_writing(path).map(|_| ()))
+                .await
+                .expect("checking a layout does not panic")
+        }
+        Location::DockerArchive { .. } => Ok(()),
+    }
+}
+
+/// Each step's image pinned by digest, in step order (`None` for the host).
+fn pinned_images<'a>(
+    spec: &'a spec::Spec,
+    resolved: &'a [ResourceDescriptor],
+) -> impl Iterator<Item = Option<&'a str>> + 'a {
+    let mut resolved = resolved.iter();
+    spec.steps.iter().map(move |step| {
+        step.image
+            .as_ref()
+            .and_then(|_| resolved.next().and_then(|d| d.uri.as_deref()))
+    })
+}
+
+fn job_step(step: &spec::Step, image: Option<&str>) -> proto::Step {
+    let (run, args) = match &step.command {
+        spec::Command::Run(run) => (run.clone(), Vec::new()),
+        spec::Command::Args(args) => (String::new(), args.clone()),
+    };
+    proto::Step {
+        name: step.name.clone(),
+        run,
+        args,
+        env: step.env.clone().into_iter().collect(),
+        timeout_seconds: step
+            .timeout
+            .map(|t| u32::try_from(t.as_secs()).unwrap_or(u32::MAX))
+            .unwrap_or(0),
+        network: step.network,
+        image: image.unwrap_or_default().to_owned(),
+        limits: Some(proto::Limits {
+            memory_bytes: step.memory.unwrap_or(spec::DEFAULT_MEMORY_BYTES),
+            pids: step.pids.unwrap_or(spec::DEFAULT_PIDS),
+        }),
+    }
+}
+
+/// Registry hosts the job talks to: destinations and step images.
+fn registry_hosts(outputs: &[Expected], step_images: &[ResourceDescriptor]) -> Vec<String> {
+    let mut hosts: Vec<String> = outputs
+        .iter()
+        .filter_map(|e| match &e.destination {
+            Location::Registry(reference) => Some(reference.api_host().to_owned()),
+            _ => None,
+        })
+        .chain(step_images.iter().filter_map(|d| {
+            d.uri
+                .as_deref()
+                .and_then(|u| u.parse::<Reference>().ok())
+                .map(|r| r.api_host().to_owned())
+        }))
+        .collect();
+    hosts.sort();
+    hosts.dedup();
+    hosts
+}
+
+fn pin(image: &Reference, digest: &Digest) -> String {
+    format!("{}/{}@{digest}", image.registry(), image.repository())
+}

@@ -1,0 +1,183 @@
+//! custody's build type, written and read in one place (documented in
+//! `docs/build-type.md`):
+//! - `externalParameters`: `source` (`{ "git": URL, "revision": asked-for }`
+//!   or `{ "directory": PATH }`) and `spec` (`path`, `digest`);
+//! - `internalParameters`: the executor and the step boundary the runner
+//!   reported;
+//! - `resolvedDependencies`: the source as `name: "source"`,
+//!   `uri: "git+URL"`, `digest: { "gitCommit": SHA }` (with
+//!   `annotations.dirty` for a working tree with uncommitted changes), and
+//!   each step image as `name: "step-image:STEP"`, `uri: REFERENCE`,
+//!   `digest: { "sha256": HEX }`;
+//! - subjects, each with `annotations.kind`: `image`, `artifact` or `file`;
+//! - `byproducts`: each step's log as `name: "log:STEP"`, with
+//!   `annotations.cutLines`/`cutBytes` when the log passed its bound.
+
+use std::collections::BTreeMap;
+
+use custody_attest::statement::{Provenance, ResourceDescriptor};
+use custody_oci::{Digest, Location};
+
+/// custody's build type URI.
+pub const BUILD_TYPE: &str = "https://custody.dev/build-types/build/v1";
+/// The `name` of the source in `resolvedDependencies`.
+pub const SOURCE_DEPENDENCY: &str = "source";
+/// The `name` prefix of step images in `resolvedDependencies`.
+pub const STEP_IMAGE_PREFIX: &str = "step-image:";
+/// The subject annotation that says what a subject is.
+pub const SUBJECT_KIND: &str = "kind";
+
+/// What a subject of custody's provenance is. Only manifests custody
+/// pushed (images and artifacts) can vouch for an image; a file subject
+/// is a file's bytes, whatever they happen to look like.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubjectKind {
+    /// An image manifest a build pushed.
+    Image,
+    /// The manifest of a file artifact a build pushed.
+    Artifact,
+    /// One file of an artifact.
+    File,
+}
+
+impl SubjectKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SubjectKind::Image => "image",
+            SubjectKind::Artifact => "artifact",
+            SubjectKind::File => "file",
+        }
+    }
+
+    /// The `annotations` a subject of this kind carries.
+    pub fn annotations(self) -> serde_json::Map<String, serde_json::Value> {
+        let mut map = serde_json::Map::new();
+        map.insert(SUBJECT_KIND.to_owned(), self.as_str().into());
+        map
+    }
+
+    /// The kind `subject` says it is, if any.
+    pub fn of(subject: &ResourceDescriptor) -> Option<Self> {
+        match subject.annotations.as_ref()?.get(SUBJECT_KIND)?.as_str()? {
+            "image" => Some(SubjectKind::Image),
+            "artifact" => Some(SubjectKind::Artifact),
+            "file" => Some(SubjectKind::File),
+            _ => None,
+        }
+    }
+}
+
+/// The source dependency of a git repository at `commit`.
+pub fn git_source(url: &str, commit: &str) -> ResourceDescriptor {
+    ResourceDescriptor {
+        name: Some(SOURCE_DEPENDENCY.to_owned()),
+        uri: Some(format!("git+{url}")),
+        digest: BTreeMap::from([("gitCommit".to_owned(), commit.to_owned())]),
+        ..ResourceDescriptor::default()
+    }
+}
+
+/// The source dependency of a local directory: a git checkout at `commit`
+/// (`dirty` when its tree had uncommitted changes), or just its `file://` URI.
+pub fn local_source(file_uri: &str, commit: Option<(&str, bool)>) -> ResourceDescriptor {
+    match commit {
+        Some((commit, dirty)) => {
+            let mut source = git_source(file_uri, commit);
+            if dirty {
+                let mut annotations = serde_json::Map::new();
+                annotations.insert("dirty".into(), true.into());
+                source.annotations = Some(annotations);
+            }
+            source
+        }
+        None => ResourceDescriptor {
+            name: Some(SOURCE_DEPENDENCY.to_owned()),
+            uri: Some(file_uri.to_owned()),
+            ..ResourceDescriptor::default()
+        },
+    }
+}
+
+/// The dependency on step `step`'s image, `pinned` to `digest`.
+pub fn step_image(step: &str, pinned: &str, digest: &Digest) -> ResourceDescriptor {
+    ResourceDescriptor {
+        name: Some(format!("{STEP_IMAGE_PREFIX}{step}")),
+        uri: Some(pinned.to_owned()),
+        ..digest_descriptor(digest)
+    }
+}
+
+/// A subject: what `kind` of thing `name` is, with its digest.
+pub fn subject(kind: SubjectKind, name: &str, digest: &Digest) -> ResourceDescriptor {
+    ResourceDescriptor {
+        name: Some(name.to_owned()),
+        annotations: Some(kind.annotations()),
+        ..digest_descriptor(digest)
+    }
+}
+
+/// The byproduct for step `step`'s log: the sha256 `hex` of its stored
+/// lines, and what was cut (`(lines, bytes)`) when it passed its bound.
+pub fn step_log(step: &str, hex: String, cut: Option<(u64, u64)>) -> ResourceDescriptor {
+    ResourceDescriptor {
+        name: Some(format!("log:{step}")),
+        digest: BTreeMap::from([("sha256".to_owned(), hex)]),
+        annotations: cut.map(|(lines, bytes)| {
+            let mut map = serde_json::Map::new();
+            map.insert("cutLines".into(), lines.into());
+            map.insert("cutBytes".into(), bytes.into());
+            map
+        }),
+        ..ResourceDescriptor::default()
+    }
+}
+
+/// A subject's name for `destination`: `REGISTRY/REPO`, or `oci:PATH` for
+/// a layout. Verification names what it checks the same way.
+pub fn subject_name(destination: &Location) -> String {
+    match destination {
+        Location::Registry(reference) => {
+            format!("{}/{}", reference.registry(), reference.repository())
+        }
+        Location::Layout { path, .. } => format!("oci:{}", path.display()),
+        Location::DockerArchive { path } => format!("docker-archive:{}", path.display()),
+    }
+}
+
+fn digest_descriptor(digest: &Digest) -> ResourceDescriptor {
+    ResourceDescriptor {
+        digest: BTreeMap::from([(digest.algorithm().to_string(), digest.digest().to_owned())]),
+        ..ResourceDescriptor::default()
+    }
+}
+
+/// The source entry of the resolved dependencies.
+pub fn source(provenance: &Provenance) -> Option<&ResourceDescriptor> {
+    provenance
+        .build_definition
+        .resolved_dependencies
+        .iter()
+        .find(|d| d.name.as_deref() == Some(SOURCE_DEPENDENCY))
+}
+
+/// Whether the source was a working tree with uncommitted changes.
+pub fn is_dirty(source: Option<&ResourceDescriptor>) -> bool {
+    source
+        .and_then(|s| s.annotations.as_ref())
+        .and_then(|a| a.get("dirty"))
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(false)
+}
+
+/// The step images of the resolved dependencies.
+pub fn step_images(provenance: &Provenance) -> impl Iterator<Item = &ResourceDescriptor> {
+    provenance
+        .build_definition
+        .resolved_dependencies
+        .iter()
+        .filter(|d| {
+            d.name
+                .as_deref()
+                .is_some_and(|n| n.starts_with(STEP_IMAGE_PREFIX))
+        })
+}
