@@ -29,7 +29,7 @@ pub enum BuildError {
         step: String,
         image: String,
         #[source]
-        source: custody_oci::Error,
+        source: Box<custody_oci::Error>,
     },
     /// A destination that cannot be made from its template for this build.
     #[error("destination `{template}`: {reason}")]
@@ -45,11 +45,11 @@ pub enum BuildError {
         column: u64,
         destination: String,
         #[source]
-        source: custody_oci::Error,
+        source: Box<custody_oci::Error>,
     },
     /// The daemon's own credentials or TLS material for a registry.
     #[error("registry access: {0}")]
-    RegistryAccess(#[source] custody_oci::Error),
+    RegistryAccess(#[source] Box<custody_oci::Error>),
     /// No runner ran the job to its end.
     #[error(transparent)]
     Dispatch(JobError),

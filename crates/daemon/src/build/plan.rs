@@ -101,7 +101,7 @@ impl BuildService {
                     line: to.line,
                     column: to.column,
                     destination: destination.to_string(),
-                    source,
+                    source: Box::new(source),
                 })?;
             outputs.push(Expected {
                 destination,
@@ -216,7 +216,7 @@ impl BuildService {
         })
         .await
         .expect("looking up registry access does not panic")
-        .map_err(BuildError::RegistryAccess)
+        .map_err(|e| BuildError::RegistryAccess(Box::new(e)))
     }
 }
 
@@ -295,7 +295,7 @@ async fn resolve_step_images(
         let failed = |source| BuildError::StepImage {
             step: step.name.clone(),
             image: image.to_string(),
-            source,
+            source: Box::new(source),
         };
         let digest = match image.digest() {
             Some(digest) => digest.clone(),
