@@ -64,30 +64,8 @@ impl BuildFailed {
 pub struct Usage(pub String);
 
 pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
-    if !args.dir.is_dir() {
-        return Err(Usage(format!("`{}` is not a directory", args.dir.display())).into());
-    }
-    let spec_path = args
-        .file
-        .clone()
-        .unwrap_or_else(|| args.dir.join("custody.yaml"));
-    // A pipe is fine (`-f <(generate-spec)`): the spec is read exactly once.
-    if !spec_path.exists() || spec_path.is_dir() {
-        return Err(Usage(format!(
-            "no build spec at `{}`: write a custody.yaml there, or name one with `-f`",
-            spec_path.display()
-        ))
-        .into());
-    }
+    let request = read_request(&args)?;
     let bounds = args.bounds.resolve(Default::default())?;
-    // One read: the bytes whose digest the provenance records are the
-    // bytes that are parsed and run.
-    let spec_bytes = fs_err::read(&spec_path)?;
-    let request = BuildRequest::parse(
-        spec_path.canonicalize().unwrap_or(spec_path.clone()),
-        spec_bytes,
-        Some(args.dir.clone()),
-    )?;
     let data_dir = match args.data_dir.clone() {
         Some(dir) => dir,
         None => embedded::default_data_dir().ok_or_else(|| {
@@ -106,7 +84,8 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
     );
     config.signing_key = args.signing_key.clone();
     config.bounds = bounds;
-    let daemon = embedded::start(config).await?;
+    let connector = embedded::bind_connector(&config).await?;
+    let daemon = embedded::start(config, connector).await?;
     if daemon.key_created {
         eprintln!(
             "created a signing key at `{}`; its public key, for `custody verify --key`, is `{}`",
@@ -172,6 +151,32 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
             .map_or_else(|| "PUBLIC.pem".to_owned(), |p| p.display().to_string())
     ));
     crate::print_line(&summary)
+}
+
+/// The build request for `args`: the spec read once (the bytes whose
+/// digest the provenance records are the bytes parsed and run; a pipe is
+/// fine, `-f <(generate-spec)`).
+fn read_request(args: &BuildArgs) -> anyhow::Result<BuildRequest> {
+    if !args.dir.is_dir() {
+        return Err(Usage(format!("`{}` is not a directory", args.dir.display())).into());
+    }
+    let spec_path = args
+        .file
+        .clone()
+        .unwrap_or_else(|| args.dir.join("custody.yaml"));
+    if !spec_path.exists() || spec_path.is_dir() {
+        return Err(Usage(format!(
+            "no build spec at `{}`: write a custody.yaml there, or name one with `-f`",
+            spec_path.display()
+        ))
+        .into());
+    }
+    let spec_bytes = fs_err::read(&spec_path)?;
+    Ok(BuildRequest::parse(
+        spec_path.canonicalize().unwrap_or(spec_path.clone()),
+        spec_bytes,
+        Some(args.dir.clone()),
+    )?)
 }
 
 /// Prints what happens: the daemon's progress on stderr, the steps' output

@@ -3,17 +3,12 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use anyhow::Context as _;
 use clap::{Args, Subcommand};
-use custody_daemon::embedded;
-use custody_daemon::executor::ExecutorSettings;
-use custody_daemon::queue::QueueConfig;
 use custody_server::api::{Build, BuildState, GitSource, LogStream, SubmitRequest};
 use custody_server::client::{Client, ClientError};
-use custody_server::config::Config;
-use custody_server::serve::{self, Settings};
+use custody_server::config::{Config, Environment};
+use custody_server::serve::{self, Listeners};
 
 use crate::RegistryArgs;
 use crate::build::{BuildFailed, Usage, hostname};
@@ -92,103 +87,36 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Some(path) => Config::load(path).map_err(|e| Usage(e.to_string()))?,
         None => Config::default(),
     };
-    let mut tokens = file.tokens.clone();
-    if let Some(token) = std::env::var("CUSTODY_TOKEN")
-        .ok()
-        .filter(|t| !t.is_empty())
-    {
-        tokens.push(token);
-    }
-    if tokens.iter().any(|t| t.trim().is_empty()) {
-        return Err(Usage("an API token in the configuration is empty".into()).into());
-    }
-    if tokens.is_empty() {
-        return Err(Usage(
-            "no API token: set CUSTODY_TOKEN or `tokens` in the configuration (every API \
-             request must carry one)"
-                .into(),
-        )
-        .into());
-    }
-    let data_dir = match args.data_dir.clone().or(file.data_dir.clone()) {
-        Some(dir) => dir,
-        None => embedded::default_data_dir().ok_or_else(|| {
-            Usage("no data directory: set HOME, XDG_DATA_HOME or pass `--data-dir`".into())
-        })?,
-    };
-    let runner_program = match args.runner_program.clone().or(file.runners.program.clone()) {
-        Some(program) => program,
-        None => std::env::current_exe().context("cannot find the custody binary")?,
-    };
-    let mut insecure = file.registry.insecure.clone();
-    insecure.extend(args.registry.insecure_registries.iter().cloned());
+    let config = file.overlay(args.as_config());
+    // What needs flags only the binary knows (`--creds`) or crates the
+    // server does not depend on (the runner's egress syntax) is made here.
     let registry = RegistryArgs {
-        certs_dir: args
-            .registry
-            .certs_dir
-            .clone()
-            .or(file.registry.certs_dir.clone()),
-        insecure_registries: insecure,
+        certs_dir: config.registry.certs_dir.clone(),
+        insecure_registries: config.registry.insecure.clone(),
         creds: args.registry.creds.clone(),
-        authfile: args
-            .registry
-            .authfile
-            .clone()
-            .or(file.registry.authfile.clone()),
+        authfile: config.registry.authfile.clone(),
     };
-    let mut daemon = embedded::Config::local(
-        data_dir,
-        args.builder_id
-            .clone()
-            .or(file.builder_id.clone())
-            .unwrap_or_else(|| format!("custody+serve://{}", hostname())),
-        crate::registry_options(&registry)?,
-        runner_program.clone(),
-    );
-    daemon.signing_key = args.signing_key.clone().or(file.signing_key.clone());
-    daemon.database_url = args.database_url.clone().or(file.database_url.clone());
-    daemon.executor = args
-        .executor
-        .clone()
-        .or(file.executor.kind.clone())
-        .unwrap_or_else(|| "local".to_owned());
-    let mut sbatch_args = file.executor.sbatch_args.clone();
-    sbatch_args.extend(args.sbatch_args.iter().cloned());
-    daemon.executor_settings = ExecutorSettings {
-        runner_program,
-        spool_dir: args
-            .slurm_spool_dir
-            .clone()
-            .or(file.executor.spool_dir.clone()),
-        sbatch_args,
-    };
-    if let Some(listen) = args.runner_listen.clone().or(file.runners.listen.clone()) {
-        daemon.connector_listen = listen;
+    let bounds = crate::bounds::BoundsArgs {
+        egress_allow: config.egress_allow.clone(),
+        disk: config.disk.clone(),
+        log_limit: config.log_limit.clone(),
+        step_ids: config.step_ids.clone(),
+        max_image_size: config.max_image_size.clone(),
+        max_image_layers: config.max_image_layers,
     }
-    daemon.connector_advertise = args
-        .runner_advertise
-        .clone()
-        .or(file.runners.advertise.clone());
-    // It may hold tokens and a database password: no step may read it.
-    daemon.hidden_paths.extend(args.config.clone());
-    let from_file = crate::bounds::BoundsArgs {
-        egress_allow: file.egress_allow.clone(),
-        disk: file.disk.clone(),
-        log_limit: file.log_limit.clone(),
-        step_ids: file.step_ids.clone(),
-        max_image_size: file.max_image_size.clone(),
-        max_image_layers: file.max_image_layers,
+    .resolve(Default::default())?;
+    let env = Environment {
+        token: std::env::var("CUSTODY_TOKEN").ok(),
+        config_path: args.config.clone(),
+        current_exe: std::env::current_exe().ok(),
+        hostname: hostname(),
+        pid: std::process::id(),
     };
-    daemon.bounds = args
-        .bounds
-        .resolve(from_file.resolve(Default::default())?)?;
-
-    let owner = args
-        .daemon_name
-        .clone()
-        .or(file.daemon_name.clone())
-        .unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
-    let store_description = match &daemon.database_url {
+    let settings = config
+        .resolve(env, crate::registry_options(&registry)?, bounds)
+        .map_err(|e| Usage(e.to_string()))?;
+    let owner = settings.queue.owner.clone();
+    let store_description = match &settings.daemon.database_url {
         Some(url) if url.contains('@') => {
             format!(
                 "postgres on {}",
@@ -196,29 +124,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             )
         }
         Some(url) => url.clone(),
-        None => format!("sqlite {}", daemon.data_dir.join("custody.db").display()),
+        None => format!(
+            "sqlite {}",
+            settings.daemon.data_dir.join("custody.db").display()
+        ),
     };
-    let settings = Settings {
-        daemon,
-        listen: args
-            .listen
-            .clone()
-            .or(file.listen.clone())
-            .unwrap_or_else(|| "127.0.0.1:8420".to_owned()),
-        tokens,
-        queue: QueueConfig {
-            owner: owner.clone(),
-            concurrency: args
-                .concurrency
-                .map(|n| n as usize)
-                .or(file.concurrency)
-                .unwrap_or(2),
-            lease: Duration::from_secs(args.lease_seconds.or(file.lease_seconds).unwrap_or(30)),
-            poll: Duration::from_millis(args.poll_millis.or(file.poll_millis).unwrap_or(500)),
-        },
-        grace: Duration::from_secs(args.grace_seconds.or(file.grace_seconds).unwrap_or(60)),
-    };
-    serve::run(settings, |started| {
+    let listeners = Listeners::bind(&settings).await?;
+    serve::run(settings, listeners, serve::shutdown_signal(), |started| {
         if started.key_created {
             eprintln!("created a signing key at `{}`", started.key_path.display());
         }
@@ -229,6 +141,46 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     })
     .await?;
     Ok(())
+}
+
+impl ServeArgs {
+    /// The flags as a configuration layer over the file's.
+    fn as_config(&self) -> Config {
+        Config {
+            listen: self.listen.clone(),
+            data_dir: self.data_dir.clone(),
+            database_url: self.database_url.clone(),
+            signing_key: self.signing_key.clone(),
+            builder_id: self.builder_id.clone(),
+            tokens: Vec::new(),
+            daemon_name: self.daemon_name.clone(),
+            concurrency: self.concurrency.map(|n| n as usize),
+            lease_seconds: self.lease_seconds,
+            poll_millis: self.poll_millis,
+            grace_seconds: self.grace_seconds,
+            runners: custody_server::config::Runners {
+                listen: self.runner_listen.clone(),
+                advertise: self.runner_advertise.clone(),
+                program: self.runner_program.clone(),
+            },
+            executor: custody_server::config::Executor {
+                kind: self.executor.clone(),
+                spool_dir: self.slurm_spool_dir.clone(),
+                sbatch_args: self.sbatch_args.clone(),
+            },
+            registry: custody_server::config::Registry {
+                insecure: self.registry.insecure_registries.clone(),
+                certs_dir: self.registry.certs_dir.clone(),
+                authfile: self.registry.authfile.clone(),
+            },
+            egress_allow: self.bounds.egress_allow.clone(),
+            disk: self.bounds.disk.clone(),
+            log_limit: self.bounds.log_limit.clone(),
+            step_ids: self.bounds.step_ids.clone(),
+            max_image_size: self.bounds.max_image_size.clone(),
+            max_image_layers: self.bounds.max_image_layers,
+        }
+    }
 }
 
 #[derive(Args)]

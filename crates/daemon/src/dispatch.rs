@@ -113,80 +113,121 @@ impl Dispatcher {
         };
         let authenticated = session.authenticated_at.saturating_duration_since(begun);
         let peer = session.peer;
-        let mut client = session.client;
-        let session_error = |e: tonic::Status| JobError::Session {
-            runner: runner.clone(),
-            detail: e.message().to_owned(),
+        let mut runner = Running {
+            description: runner,
+            ended,
+            stop,
         };
-        let mut events = client.run(job).await.map_err(session_error)?.into_inner();
-
-        let mut hello = None;
-        let mut outputs = Vec::new();
-        let mut first_event = None;
-        let mut cancel_sent = false;
-        let end = loop {
-            tokio::select! {
-                next = events.next() => match next {
-                    Some(Ok(event)) => {
-                        first_event.get_or_insert_with(|| begun.elapsed());
-                        let Ok(event) = RunnerEvent::try_from(event) else {
-                            continue; // an event this daemon does not know
-                        };
-                        on_event(&event);
-                        match event {
-                            RunnerEvent::Hello { hostname, pid, .. } => hello = Some((hostname, pid)),
-                            RunnerEvent::Pushed(pushed) => outputs.push(pushed),
-                            RunnerEvent::Finished(end) => break end,
-                            _ => {}
-                        }
-                    }
-                    Some(Err(status)) => return Err(session_failed(runner, status, &mut ended, &mut stop).await),
-                    None => {
-                        let detail = match poll_ended_within(&mut ended, Duration::from_secs(2)).await {
-                            Some(end) => end.detail,
-                            None => "the event stream ended without a result".to_owned(),
-                        };
-                        stop_runner(&mut stop).await;
-                        return Err(JobError::RunnerEnded { runner, detail });
-                    }
-                },
-                end = poll_ended(&mut ended) => {
-                    return Err(JobError::RunnerEnded { runner, detail: end.detail });
-                }
-                reason = &mut cancel, if !cancel_sent => {
-                    cancel_sent = true;
-                    // The runner kills the step and ends the stream with a
-                    // `Finished { cancelled }`; if it cannot, stop it.
-                    if client.cancel(proto::CancelRequest { reason: reason.clone() }).await.is_err() {
-                        stop_runner(&mut stop).await;
-                        return Err(JobError::Cancelled(reason));
-                    }
-                }
-            }
-        };
+        let followed = follow(session, job, &mut runner, begun, &mut on_event, cancel).await?;
         let finished_at = begun.elapsed();
         // Closing the session lets the runner exit; make sure it did.
-        drop(events);
-        drop(client);
-        if poll_ended_within(&mut ended, Duration::from_secs(5))
+        if poll_ended_within(&mut runner.ended, Duration::from_secs(5))
             .await
             .is_none()
         {
-            stop_runner(&mut stop).await;
+            stop_runner(&mut runner.stop).await;
         }
         Ok(JobReport {
-            runner,
+            runner: runner.description,
             peer,
-            hello,
-            outputs,
-            end,
+            hello: followed.hello,
+            outputs: followed.outputs,
+            end: followed.end,
             timings: Timings {
                 runner_started,
                 authenticated,
-                first_event: first_event.unwrap_or(finished_at),
+                first_event: followed.first_event.unwrap_or(finished_at),
                 finished: finished_at,
             },
         })
+    }
+}
+
+/// A runner that was started: how to hear it end and how to stop it.
+struct Running {
+    description: String,
+    ended: Option<BoxFuture<'static, RunnerEnded>>,
+    stop: Option<Box<dyn FnOnce() -> BoxFuture<'static, ()> + Send>>,
+}
+
+/// What the runner said, to the end of its job.
+struct Followed {
+    hello: Option<(String, u32)>,
+    outputs: Vec<Pushed>,
+    end: JobEnd,
+    first_event: Option<Duration>,
+}
+
+/// Hands `job` to the runner over its session and follows its events
+/// (turned into the daemon's own types here) until it says the job ended;
+/// `cancel` resolving asks the runner to stop the job.
+async fn follow(
+    session: RunnerSession,
+    job: proto::Job,
+    runner: &mut Running,
+    begun: Instant,
+    on_event: &mut (impl FnMut(&RunnerEvent) + Send),
+    cancel: impl Future<Output = String> + Send,
+) -> Result<Followed, JobError> {
+    let mut client = session.client;
+    let session_error = |e: tonic::Status| JobError::Session {
+        runner: runner.description.clone(),
+        detail: e.message().to_owned(),
+    };
+    let mut events = client.run(job).await.map_err(session_error)?.into_inner();
+    tokio::pin!(cancel);
+    let mut followed = Followed {
+        hello: None,
+        outputs: Vec::new(),
+        end: JobEnd::Succeeded,
+        first_event: None,
+    };
+    let mut cancel_sent = false;
+    loop {
+        tokio::select! {
+            next = events.next() => match next {
+                Some(Ok(event)) => {
+                    followed.first_event.get_or_insert_with(|| begun.elapsed());
+                    let Ok(event) = RunnerEvent::try_from(event) else {
+                        continue; // an event this daemon does not know
+                    };
+                    on_event(&event);
+                    match event {
+                        RunnerEvent::Hello { hostname, pid, .. } => followed.hello = Some((hostname, pid)),
+                        RunnerEvent::Pushed(pushed) => followed.outputs.push(pushed),
+                        RunnerEvent::Finished(end) => {
+                            followed.end = end;
+                            return Ok(followed);
+                        }
+                        _ => {}
+                    }
+                }
+                Some(Err(status)) => {
+                    let description = runner.description.clone();
+                    return Err(session_failed(description, status, &mut runner.ended, &mut runner.stop).await);
+                }
+                None => {
+                    let detail = match poll_ended_within(&mut runner.ended, Duration::from_secs(2)).await {
+                        Some(end) => end.detail,
+                        None => "the event stream ended without a result".to_owned(),
+                    };
+                    stop_runner(&mut runner.stop).await;
+                    return Err(JobError::RunnerEnded { runner: runner.description.clone(), detail });
+                }
+            },
+            end = poll_ended(&mut runner.ended) => {
+                return Err(JobError::RunnerEnded { runner: runner.description.clone(), detail: end.detail });
+            }
+            reason = &mut cancel, if !cancel_sent => {
+                cancel_sent = true;
+                // The runner kills the step and ends the stream with a
+                // `Finished(Cancelled)`; if it cannot, stop it.
+                if client.cancel(proto::CancelRequest { reason: reason.clone() }).await.is_err() {
+                    stop_runner(&mut runner.stop).await;
+                    return Err(JobError::Cancelled(reason));
+                }
+            }
+        }
     }
 }
 

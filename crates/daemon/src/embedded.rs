@@ -111,7 +111,16 @@ pub fn default_data_dir() -> Option<PathBuf> {
         .map(|d| d.join("custody"))
 }
 
-pub async fn start(config: Config) -> Result<Embedded, Error> {
+/// Binds the runner connector's listener where `config` says.
+pub async fn bind_connector(config: &Config) -> Result<TcpListener, Error> {
+    TcpListener::bind(&config.connector_listen)
+        .await
+        .map_err(|e| Error::Connector(format!("listening on `{}`: {e}", config.connector_listen)))
+}
+
+/// Starts a daemon with `config`, its runners connecting back on
+/// `listener` (already bound, so a caller or a test picks the address).
+pub async fn start(config: Config, listener: TcpListener) -> Result<Embedded, Error> {
     let data_dir = &config.data_dir;
     // Build logs, keys and provenance: for the daemon's user only.
     fs_err::create_dir_all(data_dir)
@@ -137,11 +146,6 @@ pub async fn start(config: Config) -> Result<Embedded, Error> {
 
     let identity = DaemonIdentity::generate().map_err(|e| Error::Connector(e.to_string()))?;
     let connector = Connector::new(&identity);
-    let listener = TcpListener::bind(&config.connector_listen)
-        .await
-        .map_err(|e| {
-            Error::Connector(format!("listening on `{}`: {e}", config.connector_listen))
-        })?;
     let daemon_addr = match &config.connector_advertise {
         Some(addr) => addr.clone(),
         None => listener

@@ -198,92 +198,110 @@ impl Queue {
 
         let state = match request_for(&claimed) {
             Ok(request) => {
-                let mut push_began = None;
-                let mut push_took = None;
-                let last_step = request.spec.steps.len().saturating_sub(1) as u32;
-                let progress = |event: Progress| {
-                    if let Progress::Runner(event) = event {
-                        match event {
-                            RunnerEvent::StepFinished { index, .. } if index == last_step => {
-                                push_began = Some(Instant::now());
-                            }
-                            RunnerEvent::Finished(_) => {
-                                push_took = push_began.map(|b| b.elapsed());
-                            }
-                            _ => {}
-                        }
-                    }
-                };
-                let shutdown = self.cancel_running.clone();
-                let stop = async {
-                    tokio::select! {
-                        () = cancel.cancelled() => {}
-                        () = shutdown.cancelled() => {}
-                    }
-                    reason
-                        .lock()
-                        .expect("not poisoned")
-                        .take()
-                        .unwrap_or_else(|| {
-                            if shutdown.is_cancelled() {
-                                "the daemon shut down before the build finished".to_owned()
-                            } else {
-                                "cancelled".to_owned()
-                            }
-                        })
-                };
-                let result = tokio::select! {
-                    result = self.service.run_recorded(
-                        &id, Some(&self.config.owner), &request, progress, stop) => result,
+                let run = self.run_request(&id, &request, &cancel, &reason);
+                tokio::select! {
+                    state = run => state,
                     () = lease => unreachable!("the lease loop runs until dropped"),
-                };
-                match result {
-                    Ok(outcome) => {
-                        let state = outcome.state();
-                        match &outcome {
-                            Outcome::Failed { error, .. } => {
-                                tracing::info!(%id, state = state.as_str(), %error, "build ended")
-                            }
-                            Outcome::Cancelled { reason, .. } => {
-                                tracing::info!(%id, state = state.as_str(), error = %reason, "build ended")
-                            }
-                            Outcome::Succeeded { .. } => {
-                                tracing::info!(%id, state = state.as_str(), "build ended")
-                            }
-                        }
-                        Some((state, push_took))
-                    }
-                    Err(e) => {
-                        tracing::error!(%id, "the store failed while the build ran: {e}");
-                        None
-                    }
                 }
             }
-            Err(message) => {
-                let ending = Ending {
-                    state: State::Failed,
-                    finished_at: &now(),
-                    error: Some(&message),
-                    outputs: &[],
-                    provenance: None,
-                };
-                match self
-                    .service
-                    .store
-                    .finish(&id, Some(&self.config.owner), &ending)
-                    .await
-                {
-                    Ok(_) => Some((State::Failed, None)),
-                    Err(e) => {
-                        tracing::error!(%id, "recording a build that cannot start: {e}");
-                        None
-                    }
-                }
-            }
+            Err(message) => self.refuse(&id, &message).await,
         };
         self.running.lock().expect("not poisoned").remove(&id);
         if let Some((state, push)) = state {
             self.observer.build_finished(state, begun.elapsed(), push);
+        }
+    }
+
+    /// Runs the claimed build `id` to its end; its end state and how long
+    /// its push took, unless the store failed.
+    async fn run_request(
+        &self,
+        id: &str,
+        request: &BuildRequest,
+        cancel: &CancellationToken,
+        reason: &Mutex<Option<String>>,
+    ) -> Option<(State, Option<Duration>)> {
+        let mut push_began = None;
+        let mut push_took = None;
+        let last_step = request.spec.steps.len().saturating_sub(1) as u32;
+        let progress = |event: Progress| {
+            if let Progress::Runner(event) = event {
+                match event {
+                    RunnerEvent::StepFinished { index, .. } if index == last_step => {
+                        push_began = Some(Instant::now());
+                    }
+                    RunnerEvent::Finished(_) => {
+                        push_took = push_began.map(|b| b.elapsed());
+                    }
+                    _ => {}
+                }
+            }
+        };
+        let shutdown = self.cancel_running.clone();
+        let stop = async {
+            tokio::select! {
+                () = cancel.cancelled() => {}
+                () = shutdown.cancelled() => {}
+            }
+            reason
+                .lock()
+                .expect("not poisoned")
+                .take()
+                .unwrap_or_else(|| {
+                    if shutdown.is_cancelled() {
+                        "the daemon shut down before the build finished".to_owned()
+                    } else {
+                        "cancelled".to_owned()
+                    }
+                })
+        };
+        let result = self
+            .service
+            .run_recorded(id, Some(&self.config.owner), request, progress, stop)
+            .await;
+        match result {
+            Ok(outcome) => {
+                let state = outcome.state();
+                match &outcome {
+                    Outcome::Failed { error, .. } => {
+                        tracing::info!(%id, state = state.as_str(), %error, "build ended")
+                    }
+                    Outcome::Cancelled { reason, .. } => {
+                        tracing::info!(%id, state = state.as_str(), error = %reason, "build ended")
+                    }
+                    Outcome::Succeeded { .. } => {
+                        tracing::info!(%id, state = state.as_str(), "build ended")
+                    }
+                }
+                Some((state, push_took))
+            }
+            Err(e) => {
+                tracing::error!(%id, "the store failed while the build ran: {e}");
+                None
+            }
+        }
+    }
+
+    /// Ends a claimed build that cannot even start, saying why.
+    async fn refuse(&self, id: &str, message: &str) -> Option<(State, Option<Duration>)> {
+        let ending = Ending {
+            state: State::Failed,
+            finished_at: &now(),
+            error: Some(message),
+            outputs: &[],
+            provenance: None,
+        };
+        match self
+            .service
+            .store
+            .finish(id, Some(&self.config.owner), &ending)
+            .await
+        {
+            Ok(_) => Some((State::Failed, None)),
+            Err(e) => {
+                tracing::error!(%id, "recording a build that cannot start: {e}");
+                None
+            }
         }
     }
 

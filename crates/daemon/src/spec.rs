@@ -209,245 +209,253 @@ pub fn parse(text: &str, file: &Path) -> Result<Spec, SpecError> {
             .map_or(message, |i| &message[..i]);
         at(text, file, line, column, message.to_owned())
     })?;
-    let error = |spanned_line: u64, column: u64, message: String| {
-        at(text, file, spanned_line, column, message)
-    };
-    let located = |s: &Spanned<String>, message: String| {
-        error(s.referenced.line(), s.referenced.column(), message)
-    };
-
+    let at = Locator { text, file };
     if raw.steps.is_empty() {
-        return Err(error(
+        return Err(at.error(
             1,
             1,
             "`steps` is empty: a build needs at least one step".into(),
         ));
     }
-    let mut steps = Vec::new();
     let mut names = std::collections::HashSet::new();
-    for step in raw.steps {
-        let name = &step.name;
-        if name.value.is_empty()
-            || !name
+    let steps = raw
+        .steps
+        .into_iter()
+        .map(|step| parse_step(step, &mut names, &at))
+        .collect::<Result<_, _>>()?;
+    Ok(Spec {
+        source: raw.source.map(|s| parse_source(s, &at)).transpose()?,
+        disk: raw.disk.map(|d| parse_disk(&d, &at)).transpose()?,
+        steps,
+        images: raw
+            .images
+            .into_iter()
+            .map(|i| parse_image(i, &at))
+            .collect::<Result<_, _>>()?,
+        artifacts: raw
+            .artifacts
+            .into_iter()
+            .map(|a| parse_artifact(a, &at))
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+/// Errors located in one spec's text.
+struct Locator<'a> {
+    text: &'a str,
+    file: &'a Path,
+}
+
+impl Locator<'_> {
+    fn error(&self, line: u64, column: u64, message: String) -> SpecError {
+        at(self.text, self.file, line, column, message)
+    }
+
+    fn located<T>(&self, spanned: &Spanned<T>, message: String) -> SpecError {
+        self.error(
+            spanned.referenced.line(),
+            spanned.referenced.column(),
+            message,
+        )
+    }
+}
+
+fn parse_step(
+    step: RawStep,
+    names: &mut std::collections::HashSet<String>,
+    at: &Locator<'_>,
+) -> Result<Step, SpecError> {
+    let name = &step.name;
+    let problem = |message: String| Err(at.located(name, message));
+    if name.value.is_empty()
+        || !name
+            .value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return problem(format!(
+            "step name `{}` must be letters, digits, `-`, `_` or `.`",
+            name.value
+        ));
+    }
+    if !names.insert(name.value.clone()) {
+        return problem(format!(
+            "a step named `{}` already exists; names must be unique",
+            name.value
+        ));
+    }
+    let command = match (step.run, step.args) {
+        (Some(run), None) => Command::Run(run),
+        (None, Some(args)) if !args.is_empty() => Command::Args(args),
+        (None, Some(_)) => return problem(format!("step `{}` has an empty `args`", name.value)),
+        (Some(_), Some(_)) => {
+            return problem(format!(
+                "step `{}` has both `run` and `args`; give one",
+                name.value
+            ));
+        }
+        (None, None) => return problem(format!("step `{}` needs `run` or `args`", name.value)),
+    };
+    if let Some(key) = step
+        .env
+        .keys()
+        .find(|key| key.is_empty() || key.contains('=') || key.contains('\0'))
+    {
+        return problem(format!(
+            "step `{}` has an invalid environment variable name `{key}`",
+            name.value
+        ));
+    }
+    let image = step
+        .image
+        .map(|image| {
+            image
                 .value
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        {
-            return Err(located(
-                name,
-                format!(
-                    "step name `{}` must be letters, digits, `-`, `_` or `.`",
-                    name.value
-                ),
-            ));
-        }
-        if !names.insert(name.value.clone()) {
-            return Err(located(
-                name,
-                format!(
-                    "a step named `{}` already exists; names must be unique",
-                    name.value
-                ),
-            ));
-        }
-        let command = match (step.run, step.args) {
-            (Some(run), None) => Command::Run(run),
-            (None, Some(args)) if !args.is_empty() => Command::Args(args),
-            (None, Some(_)) => {
-                return Err(located(
-                    name,
-                    format!("step `{}` has an empty `args`", name.value),
-                ));
-            }
-            (Some(_), Some(_)) => {
-                return Err(located(
-                    name,
-                    format!("step `{}` has both `run` and `args`; give one", name.value),
-                ));
-            }
-            (None, None) => {
-                return Err(located(
-                    name,
-                    format!("step `{}` needs `run` or `args`", name.value),
-                ));
-            }
-        };
-        let image = match step.image {
-            Some(image) => Some(
-                image
-                    .value
-                    .parse::<Reference>()
-                    .map_err(|e| located(&image, e.to_string()))?,
-            ),
-            None => None,
-        };
-        let timeout = match step.timeout {
-            Some(t) => Some(parse_duration(&t.value).ok_or_else(|| {
-                error(
-                    t.referenced.line(),
-                    t.referenced.column(),
+                .parse::<Reference>()
+                .map_err(|e| at.located(&image, e.to_string()))
+        })
+        .transpose()?;
+    let timeout = step
+        .timeout
+        .map(|t| {
+            parse_duration(&t.value).ok_or_else(|| {
+                at.located(
+                    &t,
                     format!(
                         "`{}` is not a duration: use seconds, or a number with `s`, `m` or `h`",
                         t.value
                     ),
                 )
-            })?),
-            None => None,
-        };
-        let memory = match step.memory {
-            Some(m) => Some(parse_size(&m.value).ok_or_else(|| {
-                located(
+            })
+        })
+        .transpose()?;
+    let memory = step
+        .memory
+        .map(|m| {
+            parse_size(&m.value).ok_or_else(|| {
+                at.located(
                     &m,
                     format!(
                         "`{}` is not a memory size: use bytes, or a number with `KiB`, `MiB` or `GiB`",
                         m.value
                     ),
                 )
-            })?),
-            None => None,
-        };
-        let pids = match step.pids {
-            Some(p) if p.value < 8 => {
-                return Err(error(
-                    p.referenced.line(),
-                    p.referenced.column(),
-                    format!(
-                        "`pids: {}` is too low for a shell to start; use 8 or more",
-                        p.value
-                    ),
-                ));
-            }
-            Some(p) => Some(p.value),
-            None => None,
-        };
-        for key in step.env.keys() {
-            if key.is_empty() || key.contains('=') || key.contains('\0') {
-                return Err(located(
-                    name,
-                    format!(
-                        "step `{}` has an invalid environment variable name `{key}`",
-                        name.value
-                    ),
-                ));
-            }
-        }
-        steps.push(Step {
-            name: name.value.clone(),
-            image,
-            command,
-            env: step.env,
-            network: step.network.unwrap_or(false),
-            timeout,
-            memory,
-            pids,
-        });
-    }
-
-    let disk = match raw.disk {
-        Some(d) => Some(
-            parse_size(&d.value)
-                .filter(|bytes| *bytes >= MIN_DISK_BYTES)
-                .ok_or_else(|| {
-                    located(
-                        &d,
-                        format!(
-                            "`{}` is not a disk size of at least 64MiB: use bytes, or a number with `MiB` or `GiB`",
-                            d.value
-                        ),
-                    )
-                })?,
-        ),
-        None => None,
-    };
-
-    let mut images = Vec::new();
-    for image in raw.images {
-        let from = image
-            .from
-            .value
-            .parse::<Location>()
-            .map_err(|e| located(&image.from, e.to_string()))?;
-        let path = match &from {
-            Location::Layout { path, .. } | Location::DockerArchive { path } => path.clone(),
-            Location::Registry(_) => {
-                return Err(located(
-                    &image.from,
-                    "`from` must be `oci:/output/…` or `docker-archive:/output/…`".into(),
-                ));
-            }
-        };
-        if !is_under(&path, Path::new(OUTPUT_DIR)) {
-            return Err(located(
-                &image.from,
+            })
+        })
+        .transpose()?;
+    let pids = match step.pids {
+        Some(p) if p.value < 8 => {
+            return Err(at.located(
+                &p,
                 format!(
-                    "`{}` is not under `{OUTPUT_DIR}`, where steps write images",
-                    path.display()
+                    "`pids: {}` is too low for a shell to start; use 8 or more",
+                    p.value
                 ),
             ));
         }
-        images.push(ImageOutput {
-            from,
-            to: destination(&image.to).map_err(|m| located(&image.to, m))?,
-        });
-    }
-
-    let mut artifacts = Vec::new();
-    for artifact in raw.artifacts {
-        if artifact.paths.is_empty() {
-            return Err(located(&artifact.to, "`paths` is empty".into()));
-        }
-        let mut paths = Vec::new();
-        for glob in &artifact.paths {
-            let relative = Path::new(&glob.value);
-            if relative.is_absolute()
-                || relative.components().any(|c| c == Component::ParentDir)
-                || glob.value.is_empty()
-            {
-                return Err(located(
-                    glob,
-                    format!(
-                        "`{}` must be a glob inside the workspace: relative, without `..`",
-                        glob.value
-                    ),
-                ));
-            }
-            paths.push(glob.value.clone());
-        }
-        artifacts.push(ArtifactOutput {
-            paths,
-            to: destination(&artifact.to).map_err(|m| located(&artifact.to, m))?,
-        });
-    }
-
-    let source = match raw.source {
-        Some(source) => {
-            let git = GitUrl::parse(&source.git.value).map_err(|e| {
-                let message = match e.hint() {
-                    Some(hint) => format!("{e}; {hint}"),
-                    None => e.to_string(),
-                };
-                let mut error = located(&source.git, message);
-                // The line shown must not repeat the secret either.
-                if let GitUrlError::Credentials { redacted } = &e {
-                    error.snippet = error
-                        .snippet
-                        .map(|line| line.replace(source.git.value.trim(), redacted));
-                }
-                error
-            })?;
-            Some(GitSource {
-                git,
-                revision: source.revision.unwrap_or_else(|| "HEAD".into()),
-            })
-        }
-        None => None,
+        other => other.map(|p| p.value),
     };
-    Ok(Spec {
-        source,
-        disk,
-        steps,
-        images,
-        artifacts,
+    Ok(Step {
+        name: name.value.clone(),
+        image,
+        command,
+        env: step.env,
+        network: step.network.unwrap_or(false),
+        timeout,
+        memory,
+        pids,
+    })
+}
+
+fn parse_disk(disk: &Spanned<String>, at: &Locator<'_>) -> Result<u64, SpecError> {
+    parse_size(&disk.value)
+        .filter(|bytes| *bytes >= MIN_DISK_BYTES)
+        .ok_or_else(|| {
+            at.located(
+                disk,
+                format!(
+                    "`{}` is not a disk size of at least 64MiB: use bytes, or a number with `MiB` or `GiB`",
+                    disk.value
+                ),
+            )
+        })
+}
+
+fn parse_image(image: RawImage, at: &Locator<'_>) -> Result<ImageOutput, SpecError> {
+    let from = image
+        .from
+        .value
+        .parse::<Location>()
+        .map_err(|e| at.located(&image.from, e.to_string()))?;
+    let path = match &from {
+        Location::Layout { path, .. } | Location::DockerArchive { path } => path.clone(),
+        Location::Registry(_) => {
+            return Err(at.located(
+                &image.from,
+                "`from` must be `oci:/output/…` or `docker-archive:/output/…`".into(),
+            ));
+        }
+    };
+    if !is_under(&path, Path::new(OUTPUT_DIR)) {
+        return Err(at.located(
+            &image.from,
+            format!(
+                "`{}` is not under `{OUTPUT_DIR}`, where steps write images",
+                path.display()
+            ),
+        ));
+    }
+    Ok(ImageOutput {
+        from,
+        to: destination(&image.to).map_err(|m| at.located(&image.to, m))?,
+    })
+}
+
+fn parse_artifact(artifact: RawArtifact, at: &Locator<'_>) -> Result<ArtifactOutput, SpecError> {
+    if artifact.paths.is_empty() {
+        return Err(at.located(&artifact.to, "`paths` is empty".into()));
+    }
+    let mut paths = Vec::new();
+    for glob in &artifact.paths {
+        let relative = Path::new(&glob.value);
+        if relative.is_absolute()
+            || relative.components().any(|c| c == Component::ParentDir)
+            || glob.value.is_empty()
+        {
+            return Err(at.located(
+                glob,
+                format!(
+                    "`{}` must be a glob inside the workspace: relative, without `..`",
+                    glob.value
+                ),
+            ));
+        }
+        paths.push(glob.value.clone());
+    }
+    Ok(ArtifactOutput {
+        paths,
+        to: destination(&artifact.to).map_err(|m| at.located(&artifact.to, m))?,
+    })
+}
+
+fn parse_source(source: RawSource, at: &Locator<'_>) -> Result<GitSource, SpecError> {
+    let git = GitUrl::parse(&source.git.value).map_err(|e| {
+        let message = match e.hint() {
+            Some(hint) => format!("{e}; {hint}"),
+            None => e.to_string(),
+        };
+        let mut error = at.located(&source.git, message);
+        // The line shown must not repeat the secret either.
+        if let GitUrlError::Credentials { redacted } = &e {
+            error.snippet = error
+                .snippet
+                .map(|line| line.replace(source.git.value.trim(), redacted));
+        }
+        error
+    })?;
+    Ok(GitSource {
+        git,
+        revision: source.revision.unwrap_or_else(|| "HEAD".into()),
     })
 }
 

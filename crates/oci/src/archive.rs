@@ -71,32 +71,7 @@ impl DockerArchive {
             ));
         }
         file.seek(SeekFrom::Start(0)).map_err(Error::Read)?;
-
-        let mut files: HashMap<String, Range> = HashMap::new();
-        // The archive borrows the file only while its index is read.
-        let mut archive = tar::Archive::new(file.file_mut());
-        let entries = archive
-            .entries()
-            .map_err(|e| bad(format!("it is not a tar archive: {e}")))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| bad(format!("it is not a readable tar archive: {e}")))?;
-            if !entry.header().entry_type().is_file() {
-                continue;
-            }
-            let name = entry
-                .path()
-                .map_err(|e| bad(format!("an entry has an unreadable name: {e}")))?
-                .to_string_lossy()
-                .trim_start_matches("./")
-                .to_owned();
-            files.insert(
-                name,
-                Range {
-                    offset: entry.raw_file_position(),
-                    len: entry.size(),
-                },
-            );
-        }
+        let files = members(file.file_mut()).map_err(bad)?;
 
         let read_member = |file: &mut fs::File, name: &str, limit: u64| -> Result<Vec<u8>, Error> {
             let range = files
@@ -169,6 +144,36 @@ impl DockerArchive {
             repo_tags: image.repo_tags.unwrap_or_default(),
         })
     }
+}
+
+/// Where each regular file of the tar `file` is, by name.
+fn members(file: &mut std::fs::File) -> Result<HashMap<String, Range>, String> {
+    let mut files = HashMap::new();
+    // The archive borrows the file only while its index is read.
+    let mut archive = tar::Archive::new(file);
+    let entries = archive
+        .entries()
+        .map_err(|e| format!("it is not a tar archive: {e}"))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("it is not a readable tar archive: {e}"))?;
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        let name = entry
+            .path()
+            .map_err(|e| format!("an entry has an unreadable name: {e}"))?
+            .to_string_lossy()
+            .trim_start_matches("./")
+            .to_owned();
+        files.insert(
+            name,
+            Range {
+                offset: entry.raw_file_position(),
+                len: entry.size(),
+            },
+        );
+    }
+    Ok(files)
 }
 
 /// Hashes one member and tells from its first bytes how it is compressed.

@@ -406,6 +406,73 @@ impl Destination {
     }
 }
 
+/// The blobs to upload, each with an upload already started by a failed
+/// mount; blobs the destination has or could mount are counted in
+/// `report`. A blob neither the destination nor the source has is an error
+/// before a single byte is uploaded.
+async fn plan_transfers(
+    source: &Source,
+    destination: &Destination,
+    options: &CopyOptions,
+    blobs: Vec<Descriptor>,
+    report: &mut CopyReport,
+) -> Result<Vec<(Descriptor, Option<url::Url>)>, Error> {
+    let jobs = options.jobs.max(1);
+    // The futures are made before they are polled, which keeps this whole
+    // future `Send` (a lazily mapping stream trips rustc's HRTB inference).
+    let checks: Vec<_> = blobs
+        .iter()
+        .map(|b| destination.has_blob(b.digest()))
+        .collect();
+    let present: Vec<bool> = futures_util::stream::iter(checks)
+        .buffered(jobs)
+        .try_collect()
+        .await?;
+    let mut needed = Vec::new();
+    for (blob, present) in blobs.into_iter().zip(present) {
+        if present {
+            report.blobs_present += 1;
+            options
+                .progress
+                .blob_finished(blob.digest(), BlobOutcome::Present);
+        } else {
+            needed.push(blob);
+        }
+    }
+    let mount_from = mount_candidates(source, destination, &options.mount_from);
+    let mounts: Vec<_> = needed
+        .iter()
+        .map(|blob| try_mount(destination, &mount_from, blob.digest()))
+        .collect();
+    let plans: Vec<Plan> = futures_util::stream::iter(mounts)
+        .buffered(jobs)
+        .try_collect()
+        .await?;
+    let mut transfers = Vec::new();
+    let mut missing = Vec::new();
+    for (blob, plan) in needed.into_iter().zip(plans) {
+        match plan {
+            Plan::Mounted => {
+                report.blobs_mounted += 1;
+                options
+                    .progress
+                    .blob_finished(blob.digest(), BlobOutcome::Mounted);
+            }
+            Plan::Transfer(started) if source.has_blob(blob.digest()) => {
+                transfers.push((blob, started))
+            }
+            Plan::Transfer(_) => missing.push(blob.digest().clone()),
+        }
+    }
+    if !missing.is_empty() {
+        return Err(Error::BlobsMissing {
+            location: source.describe(),
+            digests: missing,
+        });
+    }
+    Ok(transfers)
+}
+
 /// Copies the image at `source` to `destination`.
 pub async fn copy(
     source: &Source,
@@ -460,64 +527,8 @@ pub async fn copy(
         return Ok(report);
     }
 
-    // Which blobs the destination lacks.
+    let transfers = plan_transfers(source, destination, options, blobs, &mut report).await?;
     let jobs = options.jobs.max(1);
-    // The futures are made before they are polled, which keeps this whole
-    // future `Send` (a lazily mapping stream trips rustc's HRTB inference).
-    let checks: Vec<_> = blobs
-        .iter()
-        .map(|b| destination.has_blob(b.digest()))
-        .collect();
-    let present: Vec<bool> = futures_util::stream::iter(checks)
-        .buffered(jobs)
-        .try_collect()
-        .await?;
-    let mut needed = Vec::new();
-    for (blob, present) in blobs.into_iter().zip(present) {
-        if present {
-            report.blobs_present += 1;
-            options
-                .progress
-                .blob_finished(blob.digest(), BlobOutcome::Present);
-        } else {
-            needed.push(blob);
-        }
-    }
-
-    // Mount what we can; what is neither mountable nor in the source is an
-    // error before a single byte is uploaded.
-    let mount_from = mount_candidates(source, destination, &options.mount_from);
-    let mounts: Vec<_> = needed
-        .iter()
-        .map(|blob| try_mount(destination, &mount_from, blob.digest()))
-        .collect();
-    let plans: Vec<Plan> = futures_util::stream::iter(mounts)
-        .buffered(jobs)
-        .try_collect()
-        .await?;
-    let mut transfers = Vec::new();
-    let mut missing = Vec::new();
-    for (blob, plan) in needed.into_iter().zip(plans) {
-        match plan {
-            Plan::Mounted => {
-                report.blobs_mounted += 1;
-                options
-                    .progress
-                    .blob_finished(blob.digest(), BlobOutcome::Mounted);
-            }
-            Plan::Transfer(started) if source.has_blob(blob.digest()) => {
-                transfers.push((blob, started))
-            }
-            Plan::Transfer(_) => missing.push(blob.digest().clone()),
-        }
-    }
-    if !missing.is_empty() {
-        return Err(Error::BlobsMissing {
-            location: source.describe(),
-            digests: missing,
-        });
-    }
-
     let uploads: Vec<_> = transfers
         .into_iter()
         .map(|(blob, started)| async move {

@@ -250,86 +250,83 @@ pub fn serve(
     })
 }
 
-/// One client connection: one CONNECT tunnel, or one plain HTTP request.
-/// `Err` is a refusal worth telling the build log.
-async fn handle(mut client: TcpStream, policy: &Policy, own: &[IpAddr]) -> Result<(), String> {
-    let mut buffer = Vec::with_capacity(4096);
-    let head_end =
-        match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut client, &mut buffer)).await {
-            Ok(Ok(Some(end))) => end,
-            _ => {
-                let _ = respond(
-                    &mut client,
-                    400,
-                    "custody's egress proxy: an incomplete or oversized request head",
-                )
-                .await;
-                return Ok(());
-            }
-        };
+/// Where a client asked to go, read from its request head.
+struct Target {
+    host: String,
+    port: u16,
+    /// For plain HTTP, the head to send upstream; `None` for a CONNECT tunnel.
+    head: Option<Vec<u8>>,
+}
+
+/// Reads and parses the request head in `buffer`; a bad request is the
+/// message to answer it with (400).
+async fn read_target(
+    client: &mut TcpStream,
+    buffer: &mut Vec<u8>,
+) -> Result<(Target, usize), &'static str> {
+    let head_end = match tokio::time::timeout(HEAD_TIMEOUT, read_head(client, buffer)).await {
+        Ok(Ok(Some(end))) => end,
+        _ => return Err("custody's egress proxy: an incomplete or oversized request head"),
+    };
     let mut headers = [httparse::EMPTY_HEADER; 128];
     let mut request = httparse::Request::new(&mut headers);
     if !matches!(
         request.parse(&buffer[..head_end]),
         Ok(httparse::Status::Complete(_))
     ) {
-        let _ = respond(
-            &mut client,
-            400,
-            "custody's egress proxy: a malformed request",
-        )
-        .await;
-        return Ok(());
+        return Err("custody's egress proxy: a malformed request");
     }
-    let method = request.method.unwrap_or_default().to_owned();
-    let target = request.path.unwrap_or_default().to_owned();
-    let (host, port, forwarded_head) = if method.eq_ignore_ascii_case("CONNECT") {
-        let Some((host, port)) = split_authority(&target, None) else {
-            let _ = respond(
-                &mut client,
-                400,
-                "custody's egress proxy: CONNECT needs HOST:PORT",
-            )
-            .await;
-            return Ok(());
-        };
-        (host, port, None)
-    } else {
-        let Ok(url) = url::Url::parse(&target) else {
-            let _ = respond(
-                &mut client,
-                400,
-                "custody's egress proxy: send absolute URLs (http://HOST/...) or CONNECT",
-            )
-            .await;
-            return Ok(());
-        };
-        if url.scheme() != "http" {
-            let _ = respond(
-                &mut client,
-                400,
-                "custody's egress proxy: only http:// URLs are forwarded; use CONNECT for TLS",
-            )
-            .await;
+    let method = request.method.unwrap_or_default();
+    let target = request.path.unwrap_or_default();
+    if method.eq_ignore_ascii_case("CONNECT") {
+        let (host, port) = split_authority(target, None)
+            .ok_or("custody's egress proxy: CONNECT needs HOST:PORT")?;
+        return Ok((
+            Target {
+                host,
+                port,
+                head: None,
+            },
+            head_end,
+        ));
+    }
+    let url = url::Url::parse(target)
+        .map_err(|_| "custody's egress proxy: send absolute URLs (http://HOST/...) or CONNECT")?;
+    if url.scheme() != "http" {
+        return Err("custody's egress proxy: only http:// URLs are forwarded; use CONNECT for TLS");
+    }
+    let host = url
+        .host_str()
+        .map(|h| h.trim_matches(['[', ']']).to_owned())
+        .ok_or("custody's egress proxy: the URL names no host")?;
+    let port = url.port_or_known_default().unwrap_or(80);
+    let head = origin_form(method, &url, request.headers);
+    Ok((
+        Target {
+            host,
+            port,
+            head: Some(head),
+        },
+        head_end,
+    ))
+}
+
+/// One client connection: one CONNECT tunnel, or one plain HTTP request.
+/// `Err` is a refusal worth telling the build log.
+async fn handle(mut client: TcpStream, policy: &Policy, own: &[IpAddr]) -> Result<(), String> {
+    let mut buffer = Vec::with_capacity(4096);
+    let (target, head_end) = match read_target(&mut client, &mut buffer).await {
+        Ok(target) => target,
+        Err(message) => {
+            let _ = respond(&mut client, 400, message).await;
             return Ok(());
         }
-        let Some(host) = url
-            .host_str()
-            .map(|h| h.trim_matches(['[', ']']).to_owned())
-        else {
-            let _ = respond(
-                &mut client,
-                400,
-                "custody's egress proxy: the URL names no host",
-            )
-            .await;
-            return Ok(());
-        };
-        let port = url.port_or_known_default().unwrap_or(80);
-        let head = origin_form(&method, &url, request.headers);
-        (host, port, Some(head))
     };
-
+    let Target {
+        host,
+        port,
+        head: forwarded_head,
+    } = target;
     let upstream = match connect(&host, port, policy, own).await {
         Ok(stream) => stream,
         Err(Refused { status, reason }) => {

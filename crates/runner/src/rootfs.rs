@@ -82,18 +82,76 @@ pub async fn prepare(
     ids: Option<StepIds>,
 ) -> Result<ResolvedImage, RootfsError> {
     let shown = reference.to_string();
+    let client = Client::new(reference.api_host(), options).await?;
+    let (top, manifest) = manifest_for_this_machine(&client, reference).await?;
+    let diff_ids = checked_diff_ids(&client, reference, &manifest, limits).await?;
+    tokio::fs::create_dir_all(dest).await?;
+    let mut budget = limits.max_bytes;
+    for (layer, diff_id) in manifest.layers().iter().zip(diff_ids) {
+        let path = scratch.join(layer.digest().digest());
+        download(&client, reference.repository(), layer, &path).await?;
+        let unpack = Unpack {
+            path,
+            dest: dest.to_owned(),
+            media_type: layer.media_type().to_string(),
+            budget,
+            ids,
+        };
+        let (actual, size) = tokio::task::spawn_blocking(move || unpack.run())
+            .await
+            .expect("unpacking does not panic")
+            .map_err(|source| match source {
+                UnpackError::TooLarge { .. } => RootfsError::Limit {
+                    reference: shown.clone(),
+                    detail: format!(
+                        "it is larger than the limit of {} bytes uncompressed for step images",
+                        limits.max_bytes
+                    ),
+                },
+                source => RootfsError::Unpack {
+                    reference: shown.clone(),
+                    layer: layer.digest().clone(),
+                    source,
+                },
+            })?;
+        if actual.to_string() != diff_id {
+            return Err(RootfsError::DiffId {
+                reference: shown,
+                layer: layer.digest().clone(),
+                expected: diff_id,
+                actual,
+            });
+        }
+        budget -= size;
+    }
+    if let Some(ids) = ids {
+        let dest = dest.to_owned();
+        tokio::task::spawn_blocking(move || give_leftovers(&dest, ids))
+            .await
+            .expect("changing owners does not panic")?;
+    }
+    Ok(ResolvedImage {
+        reference: shown,
+        digest: top,
+    })
+}
+
+/// The digest `reference` resolves to, and its image manifest for this
+/// machine (linux/ARCH from an index).
+async fn manifest_for_this_machine(
+    client: &Client,
+    reference: &Reference,
+) -> Result<(Digest, ImageManifest), RootfsError> {
     let bad = |detail: String| RootfsError::Image {
-        reference: shown.clone(),
+        reference: reference.to_string(),
         detail,
     };
-    let client = Client::new(reference.api_host(), options).await?;
     let repository = reference.repository();
     let (top, bytes) = client
         .manifest(repository, &reference.manifest_ref())
         .await?;
-    let manifest_bytes = if top.media_type().to_string().contains("index")
-        || top.media_type().to_string().contains("manifest.list")
-    {
+    let media_type = top.media_type().to_string();
+    let bytes = if media_type.contains("index") || media_type.contains("manifest.list") {
         let index: ImageIndex =
             serde_json::from_slice(&bytes).map_err(|e| bad(format!("not an image index: {e}")))?;
         let arch = match std::env::consts::ARCH {
@@ -117,10 +175,21 @@ pub async fn prepare(
     } else {
         bytes
     };
-    let manifest: ImageManifest = serde_json::from_slice(&manifest_bytes)
-        .map_err(|e| bad(format!("not an image manifest: {e}")))?;
+    let manifest =
+        serde_json::from_slice(&bytes).map_err(|e| bad(format!("not an image manifest: {e}")))?;
+    Ok((top.digest().clone(), manifest))
+}
+
+/// The layers' `diff_ids` from the image's config, once the image is
+/// known to be within `limits` (layer count, compressed size, config size).
+async fn checked_diff_ids(
+    client: &Client,
+    reference: &Reference,
+    manifest: &ImageManifest,
+    limits: ImageLimits,
+) -> Result<Vec<String>, RootfsError> {
     let limit = |detail: String| RootfsError::Limit {
-        reference: shown.clone(),
+        reference: reference.to_string(),
         detail,
     };
     let layers = manifest.layers();
@@ -147,11 +216,15 @@ pub async fn prepare(
         )));
     }
     let mut config_bytes = Vec::new();
-    let mut stream = client.blob(repository, config).await?;
+    let mut stream = client.blob(reference.repository(), config).await?;
     while let Some(chunk) = stream.next().await {
         config_bytes.extend_from_slice(&chunk?);
     }
-    let diff_ids: Vec<String> = serde_json::from_slice::<ImageConfiguration>(&config_bytes)
+    let bad = |detail: String| RootfsError::Image {
+        reference: reference.to_string(),
+        detail,
+    };
+    let diff_ids = serde_json::from_slice::<ImageConfiguration>(&config_bytes)
         .map_err(|e| bad(format!("its config is not an image config: {e}")))?
         .rootfs()
         .diff_ids()
@@ -163,85 +236,64 @@ pub async fn prepare(
             layers.len()
         )));
     }
-    tokio::fs::create_dir_all(dest).await?;
-    let mut budget = limits.max_bytes;
-    for (layer, diff_id) in layers.iter().zip(diff_ids) {
-        // Download (verified while it streams) to a file, then unpack off
-        // the runtime: decompression and tar are blocking work.
-        let path = scratch.join(layer.digest().digest());
-        let mut file = tokio::fs::File::create(&path).await?;
-        let mut stream = client.blob(repository, layer).await?;
-        while let Some(chunk) = stream.next().await {
-            file.write_all(&chunk?).await?;
-        }
-        file.flush().await?;
-        drop(file);
-        let (dest, media_type, digest, shown_here) = (
-            dest.to_owned(),
-            layer.media_type().to_string(),
-            layer.digest().clone(),
-            shown.clone(),
-        );
-        let unpacked = tokio::task::spawn_blocking(move || {
-            let blob = fs_err::File::open(&path).map_err(|e| Box::new(RootfsError::Io(e)))?;
-            let owners = |uid: u64, gid: u64| match ids {
-                Some(ids) => (
-                    ids.host_uid(uid).unwrap_or(ids.uid),
-                    ids.host_gid(gid).unwrap_or(ids.gid),
-                ),
-                None => (0, 0),
-            };
-            let owners: unpack::Owners<'_> = ids.is_some().then_some(&owners);
-            let result = unpack::decompressor(&media_type, blob).and_then(|tar| {
-                let mut measured = Measured::new(tar, budget);
-                let applied = unpack::apply_layer(&mut measured, &dest, owners);
-                match applied {
-                    Err(_) if measured.exceeded() => Err(UnpackError::TooLarge { limit: budget }),
+    Ok(diff_ids)
+}
+
+/// Downloads a layer to `path`, verified while it streams.
+async fn download(
+    client: &Client,
+    repository: &str,
+    layer: &custody_oci::oci_spec::image::Descriptor,
+    path: &Path,
+) -> Result<(), RootfsError> {
+    let mut file = tokio::fs::File::create(path).await?;
+    let mut stream = client.blob(repository, layer).await?;
+    while let Some(chunk) = stream.next().await {
+        file.write_all(&chunk?).await?;
+    }
+    file.flush().await?;
+    Ok(())
+}
+
+/// One downloaded layer to apply (blocking work: decompression and tar).
+struct Unpack {
+    path: std::path::PathBuf,
+    dest: std::path::PathBuf,
+    media_type: String,
+    /// Uncompressed bytes this layer may still take.
+    budget: u64,
+    ids: Option<StepIds>,
+}
+
+impl Unpack {
+    /// Applies the layer; returns the digest and size of its uncompressed
+    /// stream (for its `diff_id`). The download is removed either way.
+    fn run(self) -> Result<(Digest, u64), UnpackError> {
+        let ids = self.ids;
+        let owners = |uid: u64, gid: u64| match ids {
+            Some(ids) => (
+                ids.host_uid(uid).unwrap_or(ids.uid),
+                ids.host_gid(gid).unwrap_or(ids.gid),
+            ),
+            None => (0, 0),
+        };
+        let owners: unpack::Owners<'_> = ids.is_some().then_some(&owners);
+        let result = fs_err::File::open(&self.path)
+            .map_err(UnpackError::Io)
+            .and_then(|blob| unpack::decompressor(&self.media_type, blob))
+            .and_then(|tar| {
+                let mut measured = Measured::new(tar, self.budget);
+                match unpack::apply_layer(&mut measured, &self.dest, owners) {
+                    Err(_) if measured.exceeded() => {
+                        Err(UnpackError::TooLarge { limit: self.budget })
+                    }
                     Err(e) => Err(e),
                     Ok(()) => measured.finish(),
                 }
             });
-            let _ = std::fs::remove_file(&path);
-            result.map_err(|source| {
-                Box::new(match source {
-                    UnpackError::TooLarge { .. } => RootfsError::Limit {
-                        reference: shown_here.clone(),
-                        detail: format!(
-                            "it is larger than the limit of {} bytes uncompressed for step images",
-                            limits.max_bytes
-                        ),
-                    },
-                    source => RootfsError::Unpack {
-                        reference: shown_here.clone(),
-                        layer: digest.clone(),
-                        source,
-                    },
-                })
-            })
-        })
-        .await
-        .expect("unpacking does not panic");
-        let (actual, size) = unpacked.map_err(|e| *e)?;
-        if actual.to_string() != diff_id {
-            return Err(RootfsError::DiffId {
-                reference: shown,
-                layer: layer.digest().clone(),
-                expected: diff_id,
-                actual,
-            });
-        }
-        budget -= size;
+        let _ = std::fs::remove_file(&self.path);
+        result
     }
-    if let Some(ids) = ids {
-        let dest = dest.to_owned();
-        tokio::task::spawn_blocking(move || give_leftovers(&dest, ids))
-            .await
-            .expect("changing owners does not panic")?;
-    }
-    Ok(ResolvedImage {
-        reference: shown,
-        digest: top.digest().clone(),
-    })
 }
 
 /// What unpacking made without an owner from the image (the root itself,

@@ -183,57 +183,70 @@ async fn run_one(
     if let Some(proxy) = proxy {
         proxy.abort();
     }
-    let out_of_memory = cgroup.as_ref().is_some_and(StepCgroup::oom_killed);
-    let out_of_pids = cgroup.as_ref().is_some_and(StepCgroup::pids_exhausted);
+    let limited = Limited {
+        memory: cgroup.as_ref().is_some_and(StepCgroup::oom_killed),
+        pids: cgroup.as_ref().is_some_and(StepCgroup::pids_exhausted),
+        disk: boundary
+            .jobdir
+            .disk_limit
+            .filter(|_| boundary.jobdir.disk_full()),
+    };
     if let Some(cgroup) = cgroup
         && let Err(e) = cgroup.remove().await
     {
         tracing::warn!(step = %step.name, "{e}");
     }
-    let finished = |end| RunnerEvent::StepFinished { index, end };
+    let end = match &outcome {
+        Ok(StepEnd::Exited(code)) => Some(Ended::Exited(*code)),
+        Ok(StepEnd::TimedOut) => Some(Ended::TimedOut),
+        _ => None,
+    };
+    if let Some(end) = end {
+        events.send(RunnerEvent::StepFinished { index, end }).await;
+    }
+    ended(step, outcome, limited, limits)
+}
+
+/// Which of its limits a step ran into.
+struct Limited {
+    memory: bool,
+    pids: bool,
+    /// The disk limit, when the disk is full.
+    disk: Option<u64>,
+}
+
+/// Whether the job goes on after a step ended this way, and if not, why.
+fn ended(
+    step: &proto::Step,
+    outcome: std::io::Result<StepEnd>,
+    limited: Limited,
+    limits: Limits,
+) -> Result<(), JobEnd> {
+    let name = &step.name;
     match outcome {
-        Ok(StepEnd::Exited(code)) => {
-            events.send(finished(Ended::Exited(code))).await;
-            if code == 0 {
-                return Ok(());
-            }
-            if out_of_memory {
-                return Err(JobEnd::Failed(format!(
-                    "step `{}` ran out of memory (limit {} MiB) and was killed",
-                    step.name,
-                    limits.memory_bytes >> 20
-                )));
-            }
-            if let Some(limit) = boundary.jobdir.disk_limit
-                && boundary.jobdir.disk_full()
-            {
-                return Err(JobEnd::Failed(format!(
-                    "step `{}` exceeded its disk limit of {} (it exited with code {code})",
-                    step.name,
-                    crate::human_bytes(limit)
-                )));
-            }
-            let hint = if out_of_pids {
-                format!(" (it hit its limit of {} processes)", limits.pids)
-            } else {
-                String::new()
-            };
-            Err(JobEnd::Failed(format!(
-                "step `{}` exited with code {code}{hint}",
-                step.name
-            )))
-        }
-        Ok(StepEnd::TimedOut) => {
-            events.send(finished(Ended::TimedOut)).await;
-            Err(JobEnd::Failed(format!(
-                "step `{}` timed out after {} s",
-                step.name, step.timeout_seconds
-            )))
-        }
+        Ok(StepEnd::Exited(0)) => Ok(()),
+        Ok(StepEnd::Exited(_)) if limited.memory => Err(JobEnd::Failed(format!(
+            "step `{name}` ran out of memory (limit {} MiB) and was killed",
+            limits.memory_bytes >> 20
+        ))),
+        Ok(StepEnd::Exited(code)) => Err(JobEnd::Failed(match limited.disk {
+            Some(limit) => format!(
+                "step `{name}` exceeded its disk limit of {} (it exited with code {code})",
+                crate::human_bytes(limit)
+            ),
+            None if limited.pids => format!(
+                "step `{name}` exited with code {code} (it hit its limit of {} processes)",
+                limits.pids
+            ),
+            None => format!("step `{name}` exited with code {code}"),
+        })),
+        Ok(StepEnd::TimedOut) => Err(JobEnd::Failed(format!(
+            "step `{name}` timed out after {} s",
+            step.timeout_seconds
+        ))),
         Ok(StepEnd::Cancelled(reason)) => Err(JobEnd::Cancelled(reason)),
         Err(err) => Err(JobEnd::Failed(format!(
-            "step `{}` could not start: {err}",
-            step.name
+            "step `{name}` could not start: {err}"
         ))),
     }
 }

@@ -1,10 +1,26 @@
-//! `custody serve`'s configuration file (TOML). Every setting is optional
-//! here; flags and the environment override it, defaults fill the rest.
-//! `examples/serve.toml` shows each one.
+//! `custody serve`'s settings: the configuration file (TOML, every setting
+//! optional; `examples/serve.toml` shows each one), the flags over it
+//! ([`Config::overlay`]), and every default, applied in one place
+//! ([`Config::resolve`]).
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use custody_daemon::bounds::StepBounds;
+use custody_daemon::embedded;
+use custody_daemon::executor::ExecutorSettings;
+use custody_daemon::queue::QueueConfig;
+use custody_oci::registry::RegistryOptions;
 use serde::Deserialize;
+
+use crate::serve::Settings;
+
+/// Where the API listens unless told otherwise.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8420";
+pub const DEFAULT_CONCURRENCY: usize = 2;
+pub const DEFAULT_LEASE_SECONDS: u64 = 30;
+pub const DEFAULT_POLL_MILLIS: u64 = 500;
+pub const DEFAULT_GRACE_SECONDS: u64 = 60;
 
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -84,6 +100,19 @@ pub struct Registry {
     pub authfile: Option<PathBuf>,
 }
 
+/// What the environment contributes to the settings.
+#[derive(Clone, Debug, Default)]
+pub struct Environment {
+    /// `CUSTODY_TOKEN`, an API token besides the configuration's.
+    pub token: Option<String>,
+    /// The configuration file, hidden from every step (it may hold tokens).
+    pub config_path: Option<PathBuf>,
+    /// The binary runners start from when the configuration names none.
+    pub current_exe: Option<PathBuf>,
+    pub hostname: String,
+    pub pid: u32,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read the configuration `{}`: {source}", path.display())]
@@ -101,7 +130,129 @@ pub enum ConfigError {
     },
 }
 
+/// Settings that cannot work, found before anything starts.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SettingsError {
+    #[error(
+        "no API token: set CUSTODY_TOKEN or `tokens` in the configuration (every API request must carry one)"
+    )]
+    NoToken,
+    #[error("an API token in the configuration is empty")]
+    EmptyToken,
+    #[error("no data directory: set HOME, XDG_DATA_HOME or `data_dir` (`--data-dir`)")]
+    NoDataDir,
+    #[error("cannot find the custody binary runners start from: set `runners.program`")]
+    NoRunnerProgram,
+}
+
 impl Config {
+    /// These values with `over`'s wherever `over` sets one (lists joined):
+    /// the flags over the file.
+    pub fn overlay(self, over: Config) -> Config {
+        fn join<T>(mut a: Vec<T>, b: Vec<T>) -> Vec<T> {
+            a.extend(b);
+            a
+        }
+        Config {
+            listen: over.listen.or(self.listen),
+            data_dir: over.data_dir.or(self.data_dir),
+            database_url: over.database_url.or(self.database_url),
+            signing_key: over.signing_key.or(self.signing_key),
+            builder_id: over.builder_id.or(self.builder_id),
+            tokens: join(self.tokens, over.tokens),
+            daemon_name: over.daemon_name.or(self.daemon_name),
+            concurrency: over.concurrency.or(self.concurrency),
+            lease_seconds: over.lease_seconds.or(self.lease_seconds),
+            poll_millis: over.poll_millis.or(self.poll_millis),
+            grace_seconds: over.grace_seconds.or(self.grace_seconds),
+            runners: Runners {
+                listen: over.runners.listen.or(self.runners.listen),
+                advertise: over.runners.advertise.or(self.runners.advertise),
+                program: over.runners.program.or(self.runners.program),
+            },
+            executor: Executor {
+                kind: over.executor.kind.or(self.executor.kind),
+                spool_dir: over.executor.spool_dir.or(self.executor.spool_dir),
+                sbatch_args: join(self.executor.sbatch_args, over.executor.sbatch_args),
+            },
+            registry: Registry {
+                insecure: join(self.registry.insecure, over.registry.insecure),
+                certs_dir: over.registry.certs_dir.or(self.registry.certs_dir),
+                authfile: over.registry.authfile.or(self.registry.authfile),
+            },
+            egress_allow: join(self.egress_allow, over.egress_allow),
+            disk: over.disk.or(self.disk),
+            log_limit: over.log_limit.or(self.log_limit),
+            step_ids: over.step_ids.or(self.step_ids),
+            max_image_size: over.max_image_size.or(self.max_image_size),
+            max_image_layers: over.max_image_layers.or(self.max_image_layers),
+        }
+    }
+
+    /// The settings these values make, with every default applied here and
+    /// nowhere else. `registry` and `bounds` come from the caller, which
+    /// made them from this configuration's registry and step-boundary
+    /// values (and flags only it knows, such as `--creds`).
+    pub fn resolve(
+        self,
+        env: Environment,
+        registry: RegistryOptions,
+        bounds: StepBounds,
+    ) -> Result<Settings, SettingsError> {
+        let mut tokens = self.tokens;
+        tokens.extend(env.token.filter(|t| !t.is_empty()));
+        if tokens.iter().any(|t| t.trim().is_empty()) {
+            return Err(SettingsError::EmptyToken);
+        }
+        if tokens.is_empty() {
+            return Err(SettingsError::NoToken);
+        }
+        let data_dir = self
+            .data_dir
+            .or_else(embedded::default_data_dir)
+            .ok_or(SettingsError::NoDataDir)?;
+        let runner_program = self
+            .runners
+            .program
+            .or(env.current_exe)
+            .ok_or(SettingsError::NoRunnerProgram)?;
+        let builder_id = self
+            .builder_id
+            .unwrap_or_else(|| format!("custody+serve://{}", env.hostname));
+        let mut daemon =
+            embedded::Config::local(data_dir, builder_id, registry, runner_program.clone());
+        daemon.signing_key = self.signing_key;
+        daemon.database_url = self.database_url;
+        daemon.executor = self.executor.kind.unwrap_or_else(|| "local".to_owned());
+        daemon.executor_settings = ExecutorSettings {
+            runner_program,
+            spool_dir: self.executor.spool_dir,
+            sbatch_args: self.executor.sbatch_args,
+        };
+        if let Some(listen) = self.runners.listen {
+            daemon.connector_listen = listen;
+        }
+        daemon.connector_advertise = self.runners.advertise;
+        // It may hold tokens and a database password: no step may read it.
+        daemon.hidden_paths.extend(env.config_path);
+        daemon.bounds = bounds;
+        Ok(Settings {
+            daemon,
+            listen: self.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned()),
+            tokens,
+            queue: QueueConfig {
+                owner: self
+                    .daemon_name
+                    .unwrap_or_else(|| format!("{}-{}", env.hostname, env.pid)),
+                concurrency: self.concurrency.unwrap_or(DEFAULT_CONCURRENCY),
+                lease: Duration::from_secs(self.lease_seconds.unwrap_or(DEFAULT_LEASE_SECONDS)),
+                poll: Duration::from_millis(self.poll_millis.unwrap_or(DEFAULT_POLL_MILLIS)),
+            },
+            grace: Duration::from_secs(self.grace_seconds.unwrap_or(DEFAULT_GRACE_SECONDS)),
+        })
+    }
+
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = fs_err::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
@@ -131,6 +282,72 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn env() -> Environment {
+        Environment {
+            token: None,
+            config_path: None,
+            current_exe: Some("/usr/bin/custody".into()),
+            hostname: "builder".into(),
+            pid: 7,
+        }
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_defaults_fill_the_rest() {
+        let file = Config::parse(
+            "listen = \"0.0.0.0:1\"\nconcurrency = 5\ntokens = [\"a\"]\n[registry]\ninsecure = [\"r:1\"]\n",
+            Path::new("serve.toml"),
+        )
+        .unwrap();
+        let flags = Config {
+            listen: Some("127.0.0.1:2".into()),
+            data_dir: Some("/srv/custody".into()),
+            registry: Registry {
+                insecure: vec!["r:2".into()],
+                ..Registry::default()
+            },
+            ..Config::default()
+        };
+        let merged = file.overlay(flags);
+        assert_eq!(merged.registry.insecure, ["r:1", "r:2"]);
+        let settings = merged
+            .resolve(env(), RegistryOptions::default(), StepBounds::default())
+            .unwrap();
+        assert_eq!(settings.listen, "127.0.0.1:2");
+        assert_eq!(settings.queue.concurrency, 5);
+        assert_eq!(settings.queue.owner, "builder-7");
+        assert_eq!(
+            settings.queue.lease,
+            Duration::from_secs(DEFAULT_LEASE_SECONDS)
+        );
+        assert_eq!(settings.daemon.builder_id, "custody+serve://builder");
+        assert_eq!(settings.daemon.executor, "local");
+    }
+
+    #[test]
+    fn a_service_without_a_usable_token_does_not_start() {
+        let resolve = |config: Config, token: Option<&str>| {
+            let env = Environment {
+                token: token.map(str::to_owned),
+                ..env()
+            };
+            config
+                .resolve(env, RegistryOptions::default(), StepBounds::default())
+                .err()
+        };
+        let with_dir = || Config {
+            data_dir: Some("/srv/custody".into()),
+            ..Config::default()
+        };
+        assert_eq!(resolve(with_dir(), None), Some(SettingsError::NoToken));
+        assert_eq!(resolve(with_dir(), Some("t")), None);
+        let empty = Config {
+            tokens: vec![" ".into()],
+            ..with_dir()
+        };
+        assert_eq!(resolve(empty, Some("t")), Some(SettingsError::EmptyToken));
+    }
 
     #[test]
     fn the_example_configuration_parses() {

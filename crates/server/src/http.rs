@@ -335,12 +335,14 @@ async fn submit(
     let id = service
         .enqueue(&request.spec_path, request.spec.as_bytes(), &source)
         .await?;
-    app.queue.wake();
+    // The answer is the build as submitted (queued); a worker may claim it
+    // the moment it is woken.
     let record = service
         .store
         .build(&id)
         .await?
         .ok_or_else(|| ApiError::not_found(&id))?;
+    app.queue.wake();
     Ok((StatusCode::CREATED, Json(to_build(record, Vec::new()))))
 }
 

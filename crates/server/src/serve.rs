@@ -15,7 +15,8 @@ use crate::api::{KeyList, PublicKey};
 use crate::http::{App, router};
 use crate::metrics::Metrics;
 
-/// Everything `serve` needs, defaults already applied.
+/// Everything `serve` needs, defaults already applied (see
+/// [`crate::config::Config::resolve`]).
 pub struct Settings {
     pub daemon: embedded::Config,
     pub listen: String,
@@ -23,6 +24,27 @@ pub struct Settings {
     pub queue: QueueConfig,
     /// How long running builds get to finish after SIGTERM.
     pub grace: Duration,
+}
+
+/// The sockets a service serves on, bound before it starts (by the binary
+/// where the settings say, by a test on any free port).
+pub struct Listeners {
+    pub api: TcpListener,
+    pub runners: TcpListener,
+}
+
+impl Listeners {
+    /// Binds where `settings` say.
+    pub async fn bind(settings: &Settings) -> Result<Self, ServeError> {
+        let api = TcpListener::bind(&settings.listen)
+            .await
+            .map_err(|source| ServeError::Listen {
+                addr: settings.listen.clone(),
+                source,
+            })?;
+        let runners = embedded::bind_connector(&settings.daemon).await?;
+        Ok(Self { api, runners })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,16 +69,17 @@ pub struct Started {
     pub key_created: bool,
 }
 
-/// Runs until SIGTERM or SIGINT: then stops claiming, lets running builds
-/// finish within the grace period, cancels the rest, and returns.
-pub async fn run(settings: Settings, started: impl FnOnce(&Started)) -> Result<(), ServeError> {
-    let daemon = embedded::start(settings.daemon).await?;
-    let listener = TcpListener::bind(&settings.listen)
-        .await
-        .map_err(|source| ServeError::Listen {
-            addr: settings.listen.clone(),
-            source,
-        })?;
+/// Serves on `listeners` until `shutdown` resolves (SIGTERM or SIGINT for
+/// the binary, see [`shutdown_signal`]): then stops claiming, lets running
+/// builds finish within the grace period, cancels the rest, and returns.
+pub async fn run(
+    settings: Settings,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+    started: impl FnOnce(&Started),
+) -> Result<(), ServeError> {
+    let daemon = embedded::start(settings.daemon, listeners.runners).await?;
+    let listener = listeners.api;
     let api = listener.local_addr().map_err(ServeError::Http)?;
 
     let verifying = daemon.service.key.verifying_key();
@@ -88,7 +111,7 @@ pub async fn run(settings: Settings, started: impl FnOnce(&Started)) -> Result<(
             .into_future(),
     );
 
-    shutdown_signal().await;
+    shutdown.await;
     tracing::info!(
         running = queue.running(),
         grace = ?settings.grace,
@@ -107,7 +130,8 @@ pub async fn run(settings: Settings, started: impl FnOnce(&Started)) -> Result<(
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Resolves at the first SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");

@@ -98,56 +98,8 @@ impl RegistryBuilder {
         config.push_str(&format!(
             "http:\n  addr: {host}\n  secret: custody-testkit-secret\n"
         ));
-        let certs = self.tls.then(Certs::generate);
-        let mut certs_dir = None;
-        if let Some(certs) = &certs {
-            let write = |name: &str, text: &str| {
-                let path = dir.path().join(name);
-                fs_err::write(&path, text).unwrap();
-                path
-            };
-            let cert = write("server.crt", &certs.server.cert_pem);
-            let key = write("server.key", &certs.server.key_pem);
-            config.push_str(&format!(
-                "  tls:\n    certificate: {}\n    key: {}\n",
-                cert.display(),
-                key.display()
-            ));
-            if self.client_certs {
-                let ca = write("clientca.crt", &certs.ca.cert_pem);
-                config.push_str(&format!("    clientcas:\n      - {}\n", ca.display()));
-            }
-            let root = dir.path().join("certs.d");
-            certs.write_certs_d(&root, &host, self.client_certs);
-            certs_dir = Some(root);
-        }
-
-        if let Some((user, password)) = &self.basic_auth {
-            let output = Command::new("htpasswd")
-                .args(["-Bbn", user, password])
-                .output()
-                .expect("htpasswd (apache2-utils) is installed; run scripts/setup");
-            assert!(output.status.success(), "htpasswd failed");
-            let path = dir.path().join("htpasswd");
-            fs_err::write(&path, &output.stdout).unwrap();
-            config.push_str(&format!(
-                "auth:\n  htpasswd:\n    realm: custody-test\n    path: {}\n",
-                path.display()
-            ));
-        }
-        let token_server = self.token_auth.as_ref().map(|(user, password)| {
-            let server = TokenServer::start(user, password);
-            let bundle = dir.path().join("token.crt");
-            fs_err::write(&bundle, &server.cert_pem).unwrap();
-            config.push_str(&format!(
-                "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
-                server.realm(),
-                crate::token::SERVICE,
-                crate::token::ISSUER,
-                bundle.display()
-            ));
-            server
-        });
+        let certs_dir = self.tls_config(dir.path(), &host, &mut config);
+        let token_server = self.auth_config(dir.path(), &mut config);
 
         let config_path = dir.path().join("config.yml");
         fs_err::write(&config_path, &config).unwrap();
@@ -166,6 +118,62 @@ impl RegistryBuilder {
         };
         registry.restart();
         registry
+    }
+}
+
+impl RegistryBuilder {
+    /// TLS for the registry (and a certs.d for its clients); returns the certs.d.
+    fn tls_config(&self, dir: &Path, host: &str, config: &mut String) -> Option<PathBuf> {
+        let certs = self.tls.then(Certs::generate)?;
+        let write = |name: &str, text: &str| {
+            let path = dir.join(name);
+            fs_err::write(&path, text).unwrap();
+            path
+        };
+        let cert = write("server.crt", &certs.server.cert_pem);
+        let key = write("server.key", &certs.server.key_pem);
+        config.push_str(&format!(
+            "  tls:\n    certificate: {}\n    key: {}\n",
+            cert.display(),
+            key.display()
+        ));
+        if self.client_certs {
+            let ca = write("clientca.crt", &certs.ca.cert_pem);
+            config.push_str(&format!("    clientcas:\n      - {}\n", ca.display()));
+        }
+        let root = dir.join("certs.d");
+        certs.write_certs_d(&root, host, self.client_certs);
+        Some(root)
+    }
+
+    /// Basic or token auth; returns the token server, for token auth.
+    fn auth_config(&self, dir: &Path, config: &mut String) -> Option<TokenServer> {
+        if let Some((user, password)) = &self.basic_auth {
+            let output = Command::new("htpasswd")
+                .args(["-Bbn", user, password])
+                .output()
+                .expect("htpasswd (apache2-utils) is installed; run scripts/setup");
+            assert!(output.status.success(), "htpasswd failed");
+            let path = dir.join("htpasswd");
+            fs_err::write(&path, &output.stdout).unwrap();
+            config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: custody-test\n    path: {}\n",
+                path.display()
+            ));
+        }
+        self.token_auth.as_ref().map(|(user, password)| {
+            let server = TokenServer::start(user, password);
+            let bundle = dir.join("token.crt");
+            fs_err::write(&bundle, &server.cert_pem).unwrap();
+            config.push_str(&format!(
+                "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+                server.realm(),
+                crate::token::SERVICE,
+                crate::token::ISSUER,
+                bundle.display()
+            ));
+            server
+        })
     }
 }
 
