@@ -22,7 +22,7 @@ use crate::spec::GitSource;
 use crate::store::{Claimed, Ending, Renewal, State};
 
 /// How one daemon works the queue.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct QueueConfig {
     /// This daemon's name in the store (owner of its claims).
     pub owner: String,
@@ -32,6 +32,37 @@ pub struct QueueConfig {
     pub lease: Duration,
     /// How often it looks for work other daemons queued.
     pub poll: Duration,
+    /// What leases are measured against: the system's clock, or a test's.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for QueueConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueConfig")
+            .field("owner", &self.owner)
+            .field("concurrency", &self.concurrency)
+            .field("lease", &self.lease)
+            .field("poll", &self.poll)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The time leases are written and judged by: passed in, so a test can
+/// move it (several daemons sharing one store must agree on it roughly;
+/// the system clock is what they use).
+pub trait Clock: Send + Sync {
+    /// Milliseconds since the Unix epoch.
+    fn now_millis(&self) -> i64;
+}
+
+/// The system's clock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_millis(&self) -> i64 {
+        unix_millis()
+    }
 }
 
 /// What the queue tells whoever keeps metrics.
@@ -131,7 +162,7 @@ impl Queue {
                 slot = slots.clone().acquire_owned() => slot.expect("never closed"),
                 () = self.stop_claiming.cancelled() => return,
             };
-            let lease_until = unix_millis() + self.config.lease.as_millis() as i64;
+            let lease_until = self.config.clock.now_millis() + self.config.lease.as_millis() as i64;
             match self
                 .service
                 .store
@@ -161,7 +192,12 @@ impl Queue {
     async fn reap_loop(self: Arc<Self>) {
         let every = (self.config.lease / 2).max(Duration::from_millis(100));
         loop {
-            match self.service.store.reap(unix_millis(), &now()).await {
+            match self
+                .service
+                .store
+                .reap(self.config.clock.now_millis(), &now())
+                .await
+            {
                 Ok(reaped) => {
                     for build in reaped {
                         if build.requeued {
@@ -316,7 +352,7 @@ impl Queue {
         let every = self.config.lease / 3;
         loop {
             tokio::time::sleep(every).await;
-            let until = unix_millis() + self.config.lease.as_millis() as i64;
+            let until = self.config.clock.now_millis() + self.config.lease.as_millis() as i64;
             let why = match self
                 .service
                 .store

@@ -248,6 +248,7 @@ impl Config {
                 concurrency: self.concurrency.unwrap_or(DEFAULT_CONCURRENCY),
                 lease: Duration::from_secs(self.lease_seconds.unwrap_or(DEFAULT_LEASE_SECONDS)),
                 poll: Duration::from_millis(self.poll_millis.unwrap_or(DEFAULT_POLL_MILLIS)),
+                clock: std::sync::Arc::new(custody_daemon::queue::SystemClock),
             },
             grace: Duration::from_secs(self.grace_seconds.unwrap_or(DEFAULT_GRACE_SECONDS)),
         })

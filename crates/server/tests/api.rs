@@ -1,0 +1,272 @@
+//! The HTTP API in-process: the real service (`serve::run`) on listeners
+//! bound to free ports, stopped by a future, over SQLite or a throwaway
+//! PostgreSQL, spoken to by a real HTTP client. What needs a process of
+//! its own (signals, kill -9, the CLI) stays in `crates/cli/tests/serve.rs`.
+
+use std::time::Duration;
+
+use custody_daemon::bounds::StepBounds;
+use custody_oci::registry::RegistryOptions;
+use custody_server::config::{Config, Environment};
+use custody_server::serve::{self, Listeners, ServeError};
+use custody_testkit::Postgres;
+
+const TOKEN: &str = "test-token-5f2b";
+
+/// A running service; `stop` ends it the way SIGTERM would.
+struct Service {
+    url: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), ServeError>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Service {
+    async fn start(database_url: Option<String>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            listen: Some("127.0.0.1:0".into()),
+            data_dir: Some(dir.path().join("data")),
+            database_url,
+            tokens: vec![TOKEN.into()],
+            daemon_name: Some("api".into()),
+            ..Config::default()
+        };
+        let env = Environment {
+            current_exe: Some("/nonexistent/custody".into()),
+            hostname: "test".into(),
+            ..Environment::default()
+        };
+        let settings = config
+            .resolve(env, RegistryOptions::default(), StepBounds::default())
+            .unwrap();
+        let listeners = Listeners::bind(&settings).await.unwrap();
+        let url = format!("http://{}", listeners.api.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(serve::run(
+            settings,
+            listeners,
+            async {
+                let _ = stopped.await;
+            },
+            |_| {},
+        ));
+        let service = Self {
+            url,
+            stop,
+            task,
+            _dir: dir,
+        };
+        service.wait_ready().await;
+        service
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(response) = reqwest::get(format!("{}/readyz", self.url)).await
+                && response.status() == 200
+            {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the service did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// The backends the tests run on: SQLite in the data directory, or a
+/// database on a throwaway PostgreSQL cluster.
+enum Backend {
+    Sqlite,
+    Postgres { _cluster: Postgres, url: String },
+}
+
+impl Backend {
+    fn postgres() -> Self {
+        let cluster = Postgres::start();
+        let url = cluster.create_database("custody");
+        Backend::Postgres {
+            _cluster: cluster,
+            url,
+        }
+    }
+
+    fn url(&self) -> Option<String> {
+        match self {
+            Backend::Sqlite => None,
+            Backend::Postgres { url, .. } => Some(url.clone()),
+        }
+    }
+}
+
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Backend::Sqlite).await;
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Backend::postgres()).await;
+            })*
+        }
+    };
+}
+
+on_both!(the_api_refuses_what_it_cannot_serve);
+
+async fn the_api_refuses_what_it_cannot_serve(backend: Backend) {
+    let service = Service::start(backend.url()).await;
+    let http = reqwest::Client::new();
+    let url = service.url.clone();
+
+    for (token, why) in [(None, "no token"), (Some("wrong"), "wrong token")] {
+        for path in ["/api/v1/builds", "/api/v1/openapi.json", "/api/v1/keys"] {
+            let mut request = http.get(format!("{url}{path}"));
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 401, "{path} with {why}");
+            let body: serde_json::Value = response.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "unauthorized", "{body}");
+        }
+    }
+
+    // The spec's own line and column, in the message and as fields.
+    let response = http
+        .post(format!("{url}/api/v1/builds"))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({
+            "spec": "steps:\n  - name: one\n    run: true\n    timeout: soon\n",
+            "source": {"git": "file:///nowhere", "revision": "main"},
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_spec", "{body}");
+    assert_eq!(body["error"]["line"], 4, "{body}");
+    assert_eq!(body["error"]["column"], 14, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.starts_with("custody.yaml:4:14: "), "{message}");
+
+    // Credentials in a source URL would be stored and signed: refused, in
+    // the request and in the spec, without repeating them; nothing stored.
+    for (spec, source) in [
+        (
+            "steps:\n  - name: one\n    run: true\n".to_owned(),
+            serde_json::json!({"git": "https://alice:tok3n-s3cret@example.org/app.git", "revision": "main"}),
+        ),
+        (
+            "source:\n  git: https://tok3n-s3cret@example.org/app.git\nsteps:\n  - name: one\n    run: true\n".to_owned(),
+            serde_json::Value::Null,
+        ),
+    ] {
+        let mut body = serde_json::json!({ "spec": spec });
+        if !source.is_null() {
+            body["source"] = source;
+        }
+        let response = http
+            .post(format!("{url}/api/v1/builds"))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400);
+        let text = response.text().await.unwrap();
+        assert!(text.contains("carries credentials"), "{text}");
+        assert!(!text.contains("tok3n-s3cret"), "{text}");
+    }
+    let listed: serde_json::Value = http
+        .get(format!("{url}/api/v1/builds"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        listed["builds"].as_array().map(Vec::len),
+        Some(0),
+        "{listed}"
+    );
+
+    let response = http
+        .post(format!("{url}/api/v1/builds"))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_request", "{body}");
+
+    for path in [
+        "/api/v1/builds/01234567-no-such-build",
+        "/api/v1/builds/01234567-no-such-build/logs",
+        "/api/v1/builds/01234567-no-such-build/provenance",
+    ] {
+        let response = http
+            .get(format!("{url}{path}"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 404, "{path}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "not_found", "{body}");
+    }
+    let response = http
+        .get(format!("{url}/api/v1/builds?limit=0"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+
+    // The OpenAPI document describes the routes it serves.
+    let openapi: serde_json::Value = http
+        .get(format!("{url}/api/v1/openapi.json"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(openapi["openapi"].as_str().unwrap().starts_with("3."));
+    for path in [
+        "/api/v1/builds",
+        "/api/v1/builds/{id}",
+        "/api/v1/builds/{id}/logs",
+        "/api/v1/builds/{id}/cancel",
+        "/api/v1/builds/{id}/provenance",
+        "/api/v1/keys",
+    ] {
+        assert!(openapi["paths"].get(path).is_some(), "{path} missing");
+    }
+    // The probes and metrics need no token.
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let response = http.get(format!("{url}{path}")).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+    }
+    service.stop().await;
+}
