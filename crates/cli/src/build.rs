@@ -75,7 +75,7 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
     let builder_id = args
         .builder_id
         .clone()
-        .unwrap_or_else(|| format!("custody+local://{}", hostname()));
+        .unwrap_or_else(|| format!("custody+local://{}", custody_runner::hostname()));
     let mut config = embedded::Config::local(
         data_dir.clone(),
         builder_id,
@@ -242,10 +242,4 @@ fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     }
     fs_err::write(path, bytes)?;
     Ok(())
-}
-
-pub(crate) fn hostname() -> String {
-    fs_err::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "localhost".to_owned())
 }

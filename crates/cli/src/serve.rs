@@ -11,7 +11,7 @@ use custody_server::config::{Config, Environment};
 use custody_server::serve::{self, Listeners};
 
 use crate::RegistryArgs;
-use crate::build::{BuildFailed, Usage, hostname};
+use crate::build::{BuildFailed, Usage};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -109,7 +109,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         token: std::env::var("CUSTODY_TOKEN").ok(),
         config_path: args.config.clone(),
         current_exe: std::env::current_exe().ok(),
-        hostname: hostname(),
+        hostname: custody_runner::hostname(),
         pid: std::process::id(),
     };
     let settings = config
@@ -245,7 +245,7 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
             revision: args.revision.clone().unwrap_or_else(|| "HEAD".to_owned()),
         }),
         (None, true) => None,
-        (None, false) => Some(checkout_source(&args.dir, args.revision.as_deref())?),
+        (None, false) => Some(checkout_source(&args.dir, args.revision.as_deref()).await?),
     };
     let relative = spec_path
         .strip_prefix(&args.dir)
@@ -279,20 +279,8 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
 }
 
 /// The source a checkout stands for: its `origin` at its current commit.
-fn checkout_source(dir: &Path, revision: Option<&str>) -> anyhow::Result<GitSource> {
-    let git = |args: &[&str]| -> Option<String> {
-        let output = std::process::Command::new("git")
-            .arg("-C")
-            .arg(dir)
-            .args(args)
-            .output()
-            .ok()?;
-        output
-            .status
-            .success()
-            .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
-    };
-    let origin = git(&["remote", "get-url", "origin"]).ok_or_else(|| {
+async fn checkout_source(dir: &Path, revision: Option<&str>) -> anyhow::Result<GitSource> {
+    let origin = custody_source::origin(dir).await.ok_or_else(|| {
         Usage(format!(
             "the spec names no git `source` and `{}` has no `origin` remote: pass `--git URL` \
              (the server fetches the source itself)",
@@ -302,15 +290,17 @@ fn checkout_source(dir: &Path, revision: Option<&str>) -> anyhow::Result<GitSour
     let revision = match revision {
         Some(rev) => rev.to_owned(),
         None => {
-            let commit = git(&["rev-parse", "HEAD"])
+            let state = custody_source::local_state(dir)
+                .await
                 .ok_or_else(|| Usage(format!("`{}` has no commit yet", dir.display())))?;
-            if git(&["status", "--porcelain"]).is_some_and(|s| !s.is_empty()) {
+            if state.dirty {
                 eprintln!(
-                    "warning: `{}` has uncommitted changes; the server builds commit {commit} from {origin}",
-                    dir.display()
+                    "warning: `{}` has uncommitted changes; the server builds commit {} from {origin}",
+                    dir.display(),
+                    state.commit
                 );
             }
-            commit
+            state.commit
         }
     };
     Ok(GitSource {

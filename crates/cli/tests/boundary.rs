@@ -207,16 +207,7 @@ fn a_step_is_root_only_inside_its_own_namespace() {
 fn a_step_image_step_installs_into_its_image_as_its_root() {
     let registry = custody_testkit::Registry::builder().start();
     let dir = tempfile::tempdir().unwrap();
-    let (layout, image) = custody_testkit::image::busybox_layout(dir.path());
-    let tagged = format!("{}/tools/busybox:v1", registry.host());
-    let pushed = custody(&[
-        "push",
-        "--insecure-registry",
-        registry.host(),
-        &format!("oci:{}:v1", layout.display()),
-        &tagged,
-    ]);
-    assert!(pushed.status.success(), "{}", text(&pushed));
+    let (image, tagged) = support::push_busybox(&registry, dir.path());
     let project = tempfile::tempdir().unwrap();
     let spec = format!(
         "steps:\n  - name: install\n    image: {tagged}\n    run: mkdir -p /usr/local/bin && echo installed > /usr/local/bin/tool && cat /usr/local/bin/tool && echo changed >> /etc/os-release && id -u\n"

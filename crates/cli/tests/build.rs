@@ -270,16 +270,7 @@ fn a_git_source_is_fetched_at_the_resolved_commit_and_step_images_are_pinned() {
     fs_err::write(repo.join("VERSION"), "2.0\n").unwrap();
     git(&repo, &["commit", "-qam", "two"]);
 
-    let (layout, image) = custody_testkit::image::busybox_layout(dir.path());
-    let tagged = format!("{}/tools/busybox:v1", registry.host());
-    let pushed = custody(&[
-        "push",
-        "--insecure-registry",
-        registry.host(),
-        &format!("oci:{}:v1", layout.display()),
-        &tagged,
-    ]);
-    assert!(pushed.status.success(), "{}", text(&pushed));
+    let (image, tagged) = support::push_busybox(&registry, dir.path());
 
     let url = format!("file://{}", repo.display());
     let spec = format!(
@@ -827,19 +818,7 @@ fn a_file_holding_a_foreign_manifest_vouches_for_no_image() {
         image.manifest.digest
     );
     // Attached to the foreign image...
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let options = custody_oci::registry::RegistryOptions {
-            insecure_hosts: vec![registry.host().to_owned()],
-            ..Default::default()
-        };
-        let client = custody_oci::registry::Client::new(registry.host(), &options)
-            .await
-            .unwrap();
+    support::with_client(&registry, |client| async move {
         let subject: custody_oci::oci_spec::image::Descriptor =
             serde_json::from_value(image.manifest.descriptor()).unwrap();
         custody_provenance::attach::attach_to_registry(
@@ -989,20 +968,9 @@ fn a_failure_while_attaching_moves_no_tag() {
     let image = staged_image(&src, "app", 4, 1000);
     // A cosign `.att` manifest for the new image that names a blob the
     // registry no longer has: extending it is refused.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
+    let host = registry.host();
+    support::with_client(&registry, |client| async move {
         use custody_oci::oci_spec::image::Descriptor;
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let options = custody_oci::registry::RegistryOptions {
-            insecure_hosts: vec![registry.host().to_owned()],
-            ..Default::default()
-        };
-        let client = custody_oci::registry::Client::new(registry.host(), &options)
-            .await
-            .unwrap();
         let mut descriptors = Vec::new();
         for bytes in [b"{}".to_vec(), b"a layer that will be deleted".to_vec()] {
             let blob = custody_testkit::image::Blob::new("application/octet-stream", bytes);
@@ -1039,8 +1007,7 @@ fn a_failure_while_attaching_moves_no_tag() {
             .unwrap();
         let deleted = reqwest::Client::new()
             .delete(format!(
-                "http://{}/v2/t/app/blobs/{}",
-                registry.host(),
+                "http://{host}/v2/t/app/blobs/{}",
                 descriptors[1].digest
             ))
             .send()

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use custody_daemon::store::Store;
 use custody_server::api::{Build, BuildState, GitSource, SubmitRequest};
 use custody_server::client::{Client, ClientError};
-use custody_testkit::{Postgres, Registry, free_port, git};
+use custody_testkit::postgres::Backend;
+use custody_testkit::{Registry, free_port, git};
 
 const CUSTODY: &str = env!("CARGO_BIN_EXE_custody");
 const TOKEN: &str = "test-token-5f2b";
@@ -193,49 +194,7 @@ async fn wait_ended(client: &Client, id: &str, within: Duration) -> Build {
     }
 }
 
-/// The backends the shared tests run on: SQLite in the data directory, or a
-/// database on a throwaway PostgreSQL cluster.
-enum Backend {
-    Sqlite,
-    Postgres { _cluster: Postgres, url: String },
-}
-
-impl Backend {
-    fn postgres() -> Self {
-        let cluster = Postgres::start();
-        let url = cluster.create_database("custody");
-        Backend::Postgres {
-            _cluster: cluster,
-            url,
-        }
-    }
-
-    fn url(&self) -> Option<&str> {
-        match self {
-            Backend::Sqlite => None,
-            Backend::Postgres { url, .. } => Some(url),
-        }
-    }
-}
-
-macro_rules! on_both {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test]
-            async fn $name() {
-                super::$name(super::Backend::Sqlite).await;
-            })*
-        }
-        mod postgres {
-            $(#[tokio::test]
-            async fn $name() {
-                super::$name(super::Backend::postgres()).await;
-            })*
-        }
-    };
-}
-
-on_both!(
+custody_testkit::on_both!(
     builds_run_stream_their_logs_and_cancel,
     sigterm_lets_running_builds_finish_and_leaves_the_queue,
 );

@@ -1,11 +1,24 @@
-//! The daemon: the trusted control plane. So far it starts runners through
-//! executors and dispatches jobs to them over the runner connection.
+//! The daemon: the trusted control plane. It reads build specs, starts
+//! runners through executors, follows their jobs, checks what they pushed,
+//! signs provenance and publishes it. Steps never run here.
 //!
 //! # Layout
+//! - [`spec`]: `custody.yaml`, parsed once into a checked [`spec::Spec`];
+//!   [`source`]: where a build's source comes from (git, or a directory).
+//! - [`bounds`]: what every step is held to (disk, logs, step ids, image
+//!   sizes) and the daemon's own log backstop.
+//! - [`build`]: one build as typed stages — plan (resolve source and step
+//!   images, preflight destinations), run (dispatch the job, keep its log),
+//!   publish (check → sign → attach → tag), each stage's output the next
+//!   one's only input; [`build::BuildError`] says which stage failed.
 //! - [`executor`]: the `Executor` trait and its implementations, [`local`]
 //!   (a child process) and [`slurm`] (a Slurm batch job).
 //! - [`dispatch`]: one job's life: register a waiter, start the runner,
 //!   wait for it to authenticate, hand it the job, follow its events.
+//! - [`store`]: builds, logs and leases in SQLite or PostgreSQL;
+//!   [`queue`]: claims queued builds, renews leases (on a clock passed in),
+//!   runs them, fails or requeues those whose daemon died.
+//! - [`embedded`]: the daemon `custody build` starts in-process.
 
 #![forbid(unsafe_code)]
 
@@ -17,6 +30,7 @@ pub mod executor;
 pub mod local;
 pub mod queue;
 pub mod slurm;
+pub mod source;
 pub mod spec;
 pub mod store;
 

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::build::{BuildRequest, BuildService, Outcome, Progress, now};
-use crate::spec::GitSource;
+use crate::source::BuildSource;
 use crate::store::{Claimed, Ending, Renewal, State};
 
 /// How one daemon works the queue.
@@ -388,19 +388,13 @@ fn request_for(claimed: &Claimed) -> Result<BuildRequest, String> {
         None,
     )
     .map_err(|e| e.to_string())?;
-    let spec = &mut request.spec;
-    let source: serde_json::Value = serde_json::from_str(&claimed.source)
-        .map_err(|e| format!("the stored source is not JSON: {e}"))?;
-    if let (Some(git), Some(revision)) = (
-        source.get("git").and_then(|v| v.as_str()),
-        source.get("revision").and_then(|v| v.as_str()),
-    ) {
-        spec.source = Some(GitSource {
-            git: custody_source::GitUrl::parse(git).map_err(|e| e.to_string())?,
-            revision: revision.to_owned(),
-        });
-    }
-    if spec.source.is_none() {
+    // The stored source is what was asked for: it wins over the spec's.
+    let asked = match BuildSource::from_json(&claimed.source)? {
+        BuildSource::Git(git) => Some(git),
+        BuildSource::Directory(_) => None,
+    };
+    request.source = BuildSource::choose(asked, request.spec.source.as_ref(), None);
+    if request.source.is_none() {
         return Err("the build names no git source (a submitted build must)".to_owned());
     }
     Ok(request)

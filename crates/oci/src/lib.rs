@@ -5,7 +5,7 @@
 //! # Layout
 //! - [`digest`]: hashing exact bytes; [`stream`]: blob streams that verify
 //!   themselves while they flow.
-//! - [`reference`]: registry references and `oci:`/`docker-archive:` locations.
+//! - [`mod@reference`]: registry references and `oci:`/`docker-archive:` locations.
 //! - [`layout`]: OCI image layouts on disk; [`archive`]: `docker save` tars;
 //!   [`beneath`]: the file access both use, which never follows a symlink.
 //! - [`registry`]: the distribution API client (certs.d, auth, uploads,

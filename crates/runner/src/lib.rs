@@ -321,9 +321,10 @@ impl EventSink {
     }
 }
 
-fn hostname() -> String {
+/// This machine's name, as runners report it and `serve` names its daemons.
+pub fn hostname() -> String {
     nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
-        .unwrap_or_default()
+        .unwrap_or_else(|| "localhost".to_owned())
 }

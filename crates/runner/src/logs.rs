@@ -6,7 +6,7 @@
 //! output is kept back in a window holding the last half, whole chunks at a
 //! time (a step printing gigabytes costs a pass of `memchr` per chunk, not
 //! work per line). When the job ends, the daemon is told how much was cut
-//! from each step ([`proto::LogCut`]) and the kept tail follows: the stored
+//! from each step ([`RunnerEvent::LogCut`]) and the kept tail follows: the stored
 //! log is its head and tail with the cut marked between them. A line longer
 //! than [`MAX_LINE`] keeps its first bytes and says how many were dropped.
 //! Memory stays within the tail window plus a line per stream.

@@ -14,12 +14,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use custody_daemon::queue::Queue;
+use custody_daemon::source::BuildSource;
 use custody_daemon::spec;
 use custody_daemon::store::{self, BuildRecord, CancelOutcome, StoreError};
+use custody_wire::TokenDigest;
 use futures_util::{Stream, StreamExt as _};
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{IntoParams, Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
@@ -43,7 +43,7 @@ pub struct App {
     pub queue: Arc<Queue>,
     /// SHA-256 of each accepted token: compared in constant time, and the
     /// tokens themselves are not kept.
-    token_digests: Vec<[u8; 32]>,
+    token_digests: Vec<TokenDigest>,
     pub metrics: Arc<Metrics>,
     pub keys: KeyList,
     pub shutting_down: AtomicBool,
@@ -59,7 +59,10 @@ impl App {
     pub fn new(queue: Arc<Queue>, tokens: &[String], metrics: Arc<Metrics>, keys: KeyList) -> Self {
         Self {
             queue,
-            token_digests: tokens.iter().map(|t| Sha256::digest(t).into()).collect(),
+            token_digests: tokens
+                .iter()
+                .map(|t| TokenDigest::of(t.as_bytes()))
+                .collect(),
             metrics,
             keys,
             shutting_down: AtomicBool::new(false),
@@ -67,17 +70,10 @@ impl App {
         }
     }
 
-    /// Whether `presented` is one of the tokens. Every token is compared,
-    /// each in constant time, so timing says nothing about which or how
-    /// much matched.
+    /// Whether `presented` is one of the tokens (compared by digest, in
+    /// constant time, every one of them).
     fn accepts(&self, presented: &str) -> bool {
-        let digest: [u8; 32] = Sha256::digest(presented).into();
-        self.token_digests
-            .iter()
-            .fold(subtle::Choice::from(0), |any, known| {
-                any | known.ct_eq(&digest)
-            })
-            .into()
+        TokenDigest::any_matches(&self.token_digests, presented.as_bytes())
     }
 }
 
@@ -303,26 +299,30 @@ async fn submit(
             column: (e.line > 0).then_some(e.column),
         },
     })?;
-    let source = match (request.source, parsed.source) {
-        (Some(source), _) => spec::GitSource {
+    let asked = request
+        .source
+        .map(|source| {
             // Credentials in a source URL would be stored and signed.
-            git: spec::GitUrl::parse(&source.git).map_err(|e| {
+            let git = spec::GitUrl::parse(&source.git).map_err(|e| {
                 let message = match e.hint() {
                     Some(hint) => format!("`source.git`: {e}; {hint}"),
                     None => format!("`source.git`: {e}"),
                 };
                 ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
-            })?,
-            revision: source.revision,
-        },
-        (None, Some(source)) => source,
-        (None, None) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                "name the git source to build: `source` in the request or in the spec",
-            ));
-        }
+            })?;
+            Ok::<_, ApiError>(spec::GitSource {
+                git,
+                revision: source.revision,
+            })
+        })
+        .transpose()?;
+    let Some(BuildSource::Git(source)) = BuildSource::choose(asked, parsed.source.as_ref(), None)
+    else {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "name the git source to build: `source` in the request or in the spec",
+        ));
     };
     if source.revision.trim().is_empty() {
         return Err(ApiError::new(

@@ -9,7 +9,7 @@ use custody_daemon::bounds::StepBounds;
 use custody_oci::registry::RegistryOptions;
 use custody_server::config::{Config, Environment};
 use custody_server::serve::{self, Listeners, ServeError};
-use custody_testkit::Postgres;
+use custody_testkit::postgres::Backend;
 
 const TOKEN: &str = "test-token-5f2b";
 
@@ -83,52 +83,10 @@ impl Service {
     }
 }
 
-/// The backends the tests run on: SQLite in the data directory, or a
-/// database on a throwaway PostgreSQL cluster.
-enum Backend {
-    Sqlite,
-    Postgres { _cluster: Postgres, url: String },
-}
-
-impl Backend {
-    fn postgres() -> Self {
-        let cluster = Postgres::start();
-        let url = cluster.create_database("custody");
-        Backend::Postgres {
-            _cluster: cluster,
-            url,
-        }
-    }
-
-    fn url(&self) -> Option<String> {
-        match self {
-            Backend::Sqlite => None,
-            Backend::Postgres { url, .. } => Some(url.clone()),
-        }
-    }
-}
-
-macro_rules! on_both {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test]
-            async fn $name() {
-                super::$name(super::Backend::Sqlite).await;
-            })*
-        }
-        mod postgres {
-            $(#[tokio::test]
-            async fn $name() {
-                super::$name(super::Backend::postgres()).await;
-            })*
-        }
-    };
-}
-
-on_both!(the_api_refuses_what_it_cannot_serve);
+custody_testkit::on_both!(the_api_refuses_what_it_cannot_serve);
 
 async fn the_api_refuses_what_it_cannot_serve(backend: Backend) {
-    let service = Service::start(backend.url()).await;
+    let service = Service::start(backend.url().map(str::to_owned)).await;
     let http = reqwest::Client::new();
     let url = service.url.clone();
 

@@ -170,6 +170,19 @@ pub async fn local_state(dir: &Path) -> Option<LocalState> {
     Some(LocalState { commit, dirty })
 }
 
+/// The URL of a local checkout's `origin` remote, if it has one.
+pub async fn origin(dir: &Path) -> Option<String> {
+    let mut remote = git();
+    remote
+        .arg("-C")
+        .arg(dir)
+        .args(["remote", "get-url", "origin"]);
+    let url = run(remote, &dir.display().to_string(), "remote get-url")
+        .await
+        .ok()?;
+    Some(url.trim().to_owned()).filter(|url| !url.is_empty())
+}
+
 /// Copies a local directory into `dest`, symlinks as symlinks.
 pub async fn copy_local(dir: &Path, dest: &Path) -> Result<(), SourceError> {
     tokio::fs::create_dir_all(dest)

@@ -292,3 +292,47 @@ fn run(command: &mut Command) -> Output {
     );
     output
 }
+
+/// The stores a service test runs on: SQLite in its data directory, or a
+/// database on a throwaway PostgreSQL cluster (stopped when dropped).
+pub enum Backend {
+    Sqlite,
+    Postgres { cluster: Postgres, url: String },
+}
+
+impl Backend {
+    /// A fresh cluster with a `custody` database.
+    pub fn postgres() -> Self {
+        let cluster = Postgres::start();
+        let url = cluster.create_database("custody");
+        Backend::Postgres { cluster, url }
+    }
+
+    /// The database URL to pass to the service; `None` for SQLite.
+    pub fn url(&self) -> Option<&str> {
+        match self {
+            Backend::Sqlite => None,
+            Backend::Postgres { url, .. } => Some(url),
+        }
+    }
+}
+
+/// Runs each named `async fn NAME(backend: Backend)` twice, as
+/// `sqlite::NAME` and `postgres::NAME` tokio tests.
+#[macro_export]
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name($crate::postgres::Backend::Sqlite).await;
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name($crate::postgres::Backend::postgres()).await;
+            })*
+        }
+    };
+}

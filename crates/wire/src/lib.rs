@@ -7,7 +7,7 @@
 //! - [`token`]: one-time job tokens, compared by digest in constant time.
 //! - [`handshake`]: the `JOBID\nTOKEN\n` → `OK\n`/`IJ\n`/`IT\n` exchange.
 //! - [`connector`]: the daemon's listener and its waiters.
-//! - [`dial`]: the runner's side of the handshake.
+//! - [`mod@dial`]: the runner's side of the handshake.
 //! - [`rpc`]: the tonic service from `proto/runner.proto`, roles inverted.
 //! - [`events`]: what a runner reports, in both sides' own types; the
 //!   generated ones stay at the RPC edge.
@@ -27,7 +27,7 @@ use std::sync::Arc;
 pub use connector::{Connector, Pending, RunnerSession};
 pub use dial::{DialError, dial};
 pub use identity::DaemonIdentity;
-pub use token::JobToken;
+pub use token::{JobToken, TokenDigest};
 
 /// What can go wrong on the daemon's side of a runner connection.
 #[derive(Debug, thiserror::Error)]

@@ -36,18 +36,38 @@ impl std::fmt::Debug for JobToken {
     }
 }
 
-/// What the daemon keeps of a token: its SHA-256. Comparing fixed-size
-/// digests in constant time leaks neither the token nor its length.
+/// What a daemon keeps of a token (a job's, or an API token): its
+/// SHA-256. Comparing fixed-size digests in constant time leaks neither the
+/// token nor its length. The one place custody compares secrets.
 #[derive(Clone, Copy)]
-pub(crate) struct TokenDigest([u8; 32]);
+pub struct TokenDigest([u8; 32]);
 
 impl TokenDigest {
-    pub(crate) fn of(bytes: &[u8]) -> Self {
+    pub fn of(bytes: &[u8]) -> Self {
         Self(Sha256::digest(bytes).into())
     }
 
-    pub(crate) fn matches(&self, other: &TokenDigest) -> bool {
+    pub fn matches(&self, other: &TokenDigest) -> bool {
         self.0.ct_eq(&other.0).into()
+    }
+
+    /// Whether `presented` is one of `known`. Every one is compared, each
+    /// in constant time, so timing says nothing about which or how much
+    /// matched.
+    pub fn any_matches(known: &[TokenDigest], presented: &[u8]) -> bool {
+        let presented = Self::of(presented);
+        known
+            .iter()
+            .fold(subtle::Choice::from(0), |any, k| {
+                any | k.0.ct_eq(&presented.0)
+            })
+            .into()
+    }
+}
+
+impl std::fmt::Debug for TokenDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenDigest(<redacted>)")
     }
 }
 
@@ -64,5 +84,8 @@ mod tests {
         assert!(!format!("{a:?}").contains(a.expose()));
         assert!(a.digest().matches(&TokenDigest::of(a.expose().as_bytes())));
         assert!(!a.digest().matches(&b.digest()));
+        let known = [a.digest(), b.digest()];
+        assert!(TokenDigest::any_matches(&known, b.expose().as_bytes()));
+        assert!(!TokenDigest::any_matches(&known, b"guess"));
     }
 }

@@ -46,3 +46,47 @@ pub fn build_id(output: &Output) -> String {
         .map(|id| id.trim().to_owned())
         .expect("custody build names its build")
 }
+
+/// testkit's busybox image pushed to `registry` as `tools/busybox:v1`;
+/// returns the image and the tagged reference.
+pub fn push_busybox(
+    registry: &custody_testkit::Registry,
+    dir: &Path,
+) -> (custody_testkit::image::Image, String) {
+    let (layout, image) = custody_testkit::image::busybox_layout(dir);
+    let tagged = format!("{}/tools/busybox:v1", registry.host());
+    let pushed = custody(&[
+        "push",
+        "--insecure-registry",
+        registry.host(),
+        &format!("oci:{}:v1", layout.display()),
+        &tagged,
+    ]);
+    assert!(pushed.status.success(), "{}", text(&pushed));
+    (image, tagged)
+}
+
+/// Runs `work` with a library registry client for `registry` (plain HTTP).
+pub fn with_client<T, F>(
+    registry: &custody_testkit::Registry,
+    work: impl FnOnce(custody_oci::registry::Client) -> F,
+) -> T
+where
+    F: std::future::Future<Output = T>,
+{
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let options = custody_oci::registry::RegistryOptions {
+            insecure_hosts: vec![registry.host().to_owned()],
+            ..Default::default()
+        };
+        let client = custody_oci::registry::Client::new(registry.host(), &options)
+            .await
+            .unwrap();
+        work(client).await
+    })
+}

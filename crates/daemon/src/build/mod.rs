@@ -1,18 +1,18 @@
 //! One build, from spec to signed provenance, as a pipeline of typed stages:
 //!
-//! 1. [`plan`]: everything the provenance will claim, resolved before any
+//! 1. `plan`: everything the provenance will claim, resolved before any
 //!    runner exists (the source to a commit, step image tags to digests,
 //!    destinations — each checked able to take a push) and the job.
-//! 2. [`run`]: a runner runs the steps and pushes every output by digest;
+//! 2. `run`: a runner runs the steps and pushes every output by digest;
 //!    the log streams to the store within its bound.
-//! 3. [`publish`]: `Checked` outputs (fetched back from their destinations)
+//! 3. `publish`: `Checked` outputs (fetched back from their destinations)
 //!    are the only thing that can be `Signed` for; only a signed statement
 //!    is `Attached`; only then are the tags written.
 //!
 //! A failure at any stage is a [`BuildError`] that keeps its cause; the
 //! build's end state follows from it. A failed build publishes nothing: no
 //! provenance, no tag moved ("a failed build publishes nothing" is kept by
-//! [`BuildService::execute`] and the stage types).
+//! `BuildService::execute` and the stage types).
 
 mod error;
 mod logs;
@@ -39,6 +39,7 @@ pub use logs::LOG_BATCH_INTERVAL;
 
 use crate::bounds::StepBounds;
 use crate::dispatch::Dispatcher;
+use crate::source::BuildSource;
 use crate::spec::{self, Spec};
 use crate::store::{Ending, NewBuild, State, Store, StoreError};
 use logs::LogWriter;
@@ -54,8 +55,9 @@ pub struct BuildRequest {
     /// Its exact bytes (their digest is recorded).
     pub spec_bytes: Vec<u8>,
     pub spec: Spec,
-    /// The directory to build when the spec names no git source.
-    pub directory: Option<PathBuf>,
+    /// What it builds: the submitted source, else the spec's, else the
+    /// directory given.
+    pub source: Option<BuildSource>,
 }
 
 impl BuildRequest {
@@ -76,11 +78,12 @@ impl BuildRequest {
             snippet: None,
         })?;
         let spec = spec::parse(text, &spec_path)?;
+        let source = BuildSource::choose(None, spec.source.as_ref(), directory.as_deref());
         Ok(Self {
             spec_path,
             spec_bytes,
             spec,
-            directory,
+            source,
         })
     }
 }
@@ -224,7 +227,7 @@ impl BuildService {
         source: &spec::GitSource,
     ) -> Result<String, StoreError> {
         let id = uuid::Uuid::now_v7().to_string();
-        let source = json!({ "git": source.git.as_str(), "revision": source.revision });
+        let source = BuildSource::Git(source.clone()).to_json();
         self.store
             .enqueue(&NewBuild {
                 id: &id,
@@ -438,13 +441,10 @@ impl BuildService {
 
 /// `externalParameters.source`: what the build was asked to build.
 fn external_source(request: &BuildRequest) -> serde_json::Value {
-    match (&request.spec.source, &request.directory) {
-        (Some(git), _) => json!({ "git": git.git.as_str(), "revision": git.revision }),
-        (None, Some(dir)) => json!({
-            "directory": dir.canonicalize().unwrap_or_else(|_| dir.clone()).display().to_string()
-        }),
-        (None, None) => json!({}),
-    }
+    request
+        .source
+        .as_ref()
+        .map_or_else(|| json!({}), BuildSource::to_json)
 }
 
 fn now_millis() -> i64 {

@@ -16,6 +16,7 @@ use custody_provenance::build_type;
 use custody_wire::rpc::proto;
 
 use super::{BuildError, BuildRequest, BuildService, Progress};
+use crate::source::BuildSource;
 use crate::spec::{self, Values};
 
 /// What a build will do and claim, fixed before it runs.
@@ -225,31 +226,19 @@ async fn resolve_source(
     request: &BuildRequest,
     progress: &mut (impl FnMut(Progress) + Send),
 ) -> Result<Source, BuildError> {
-    if let Some(git) = &request.spec.source {
-        let commit = custody_source::resolve(&git.git, &git.revision)
-            .await
-            .map_err(BuildError::Source)?;
-        progress(Progress::Source {
-            description: format!("{} {} at {commit}", git.git, git.revision),
-        });
-        return Ok(Source {
-            dependency: build_type::git_source(git.git.as_str(), &commit),
-            job: proto::source::Kind::Git(proto::GitSource {
-                url: git.git.to_string(),
-                commit: commit.clone(),
-            }),
-            revision: git.revision.clone(),
-            commit,
-        });
-    }
-    let dir = request.directory.as_deref().ok_or(BuildError::NoSource)?;
+    let dir = match &request.source {
+        Some(BuildSource::Git(git)) => return resolve_git(git, progress).await,
+        Some(BuildSource::Directory(dir)) => dir,
+        None => return Err(BuildError::NoSource),
+    };
     let dir = dir
         .canonicalize()
         .map_err(|source| BuildError::SourceDirectory {
-            path: dir.to_owned(),
+            path: dir.clone(),
             source,
         })?;
     let state = custody_source::local_state(&dir).await;
+
     let uri = format!("file://{}", dir.display());
     let job = proto::source::Kind::LocalDirectory(dir.display().to_string());
     Ok(match state {
@@ -280,6 +269,28 @@ async fn resolve_source(
                 commit: String::new(),
             }
         }
+    })
+}
+
+/// A git source: its revision resolved to a commit.
+async fn resolve_git(
+    git: &spec::GitSource,
+    progress: &mut (impl FnMut(Progress) + Send),
+) -> Result<Source, BuildError> {
+    let commit = custody_source::resolve(&git.git, &git.revision)
+        .await
+        .map_err(BuildError::Source)?;
+    progress(Progress::Source {
+        description: format!("{} {} at {commit}", git.git, git.revision),
+    });
+    Ok(Source {
+        dependency: build_type::git_source(git.git.as_str(), &commit),
+        job: proto::source::Kind::Git(proto::GitSource {
+            url: git.git.to_string(),
+            commit: commit.clone(),
+        }),
+        revision: git.revision.clone(),
+        commit,
     })
 }
 

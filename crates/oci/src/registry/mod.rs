@@ -302,20 +302,30 @@ impl Client {
     pub async fn check_push(&self, repository: &str) -> Result<(), Error> {
         let action = format!("starting an upload to `{repository}`");
         let scope = Scope::push(repository);
-        let url = self.url(&format!("v2/{repository}/blobs/uploads/"));
-        let response = self
-            .send(&action, &scope, || self.http.post(url.clone()))
-            .await?;
-        let response = self
-            .expect(response, &action, &[StatusCode::ACCEPTED])
-            .await?;
-        let location = self.location(&response, &action)?;
+        let location = self.start_upload(repository, &action, &scope).await?;
         // Cancelling is a courtesy: a registry that cannot leaves the
         // empty upload to its own expiry.
         let _ = self
             .send(&action, &scope, || self.http.delete(location.clone()))
             .await;
         Ok(())
+    }
+
+    /// Starts a blob upload session; returns where to send the blob.
+    async fn start_upload(
+        &self,
+        repository: &str,
+        action: &str,
+        scope: &Scope,
+    ) -> Result<Url, Error> {
+        let url = self.url(&format!("v2/{repository}/blobs/uploads/"));
+        let response = self
+            .send(action, scope, || self.http.post(url.clone()))
+            .await?;
+        let response = self
+            .expect(response, action, &[StatusCode::ACCEPTED])
+            .await?;
+        self.location(&response, action)
     }
 
     /// Asks the registry to mount `digest` from `from` into `repository`.
@@ -368,16 +378,7 @@ impl Client {
             let resumed = started.lock().expect("upload location lock").take();
             let location = match resumed {
                 Some(url) => url,
-                None => {
-                    let url = self.url(&format!("v2/{repository}/blobs/uploads/"));
-                    let response = self
-                        .send(&action, &scope, || self.http.post(url.clone()))
-                        .await?;
-                    let response = self
-                        .expect(response, &action, &[StatusCode::ACCEPTED])
-                        .await?;
-                    self.location(&response, &action)?
-                }
+                None => self.start_upload(repository, &action, &scope).await?,
             };
             match self.chunk_size {
                 None => {
