@@ -53,8 +53,12 @@ pub struct BuildFailed {
 }
 
 impl BuildFailed {
-    pub fn new(id: String, state: &'static str, reason: String) -> Self {
-        Self { id, state, reason }
+    pub fn new(id: impl ToString, state: &'static str, reason: String) -> Self {
+        Self {
+            id: id.to_string(),
+            state,
+            reason,
+        }
     }
 }
 
@@ -175,7 +179,7 @@ fn read_request(args: &BuildArgs) -> anyhow::Result<BuildRequest> {
     Ok(BuildRequest::parse(
         spec_path.canonicalize().unwrap_or(spec_path.clone()),
         spec_bytes,
-        Some(args.dir.clone()),
+        &args.dir,
     )?)
 }
 

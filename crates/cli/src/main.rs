@@ -43,7 +43,8 @@ enum Command {
     /// then signs an in-toto / SLSA Provenance v1 statement (DSSE) and attaches
     /// it to every pushed image. A failed step, push or check publishes
     /// nothing. Exit 0 built and published, 1 the build failed, 2 usage or
-    /// spec error.
+    /// spec error, 3 custody could not start here (data directory, job
+    /// store, listener, executor).
     Build(build::BuildArgs),
     /// Copy an image to a registry (or a layout), preserving every digest.
     ///
@@ -87,7 +88,8 @@ enum Command {
     /// period, then cancels them. Every `/api/v1` request needs a bearer
     /// token (CUSTODY_TOKEN or `tokens` in the configuration); `/healthz`,
     /// `/readyz` and `/metrics` are open. The OpenAPI document is at
-    /// `/api/v1/openapi.json`.
+    /// `/api/v1/openapi.json`. Exit 2 for a configuration error, 3 when it
+    /// cannot start here (address in use, store or data directory).
     Serve(Box<serve::ServeArgs>),
     /// Queue a build on a custody server.
     ///
@@ -584,7 +586,25 @@ fn report(err: &anyhow::Error) -> ExitCode {
             .is_some();
     if cause.is_some_and(custody_oci::Error::is_usage) || key_problem || misused {
         ExitCode::from(2)
+    } else if cannot_start(err) {
+        ExitCode::from(3)
     } else {
         ExitCode::from(1)
     }
+}
+
+/// Whether custody could not set itself up on this machine (its data
+/// directory, job store, a listener, the executor): not a failed build.
+fn cannot_start(err: &anyhow::Error) -> bool {
+    use custody_daemon::embedded::Error as Daemon;
+    use custody_server::serve::ServeError;
+    let daemon = |e: &Daemon| !matches!(e, Daemon::Key(_));
+    err.downcast_ref::<Daemon>().is_some_and(daemon)
+        || err.downcast_ref::<ServeError>().is_some_and(|e| match e {
+            ServeError::Daemon(e) => daemon(e),
+            ServeError::Listen { .. } | ServeError::Http(_) => true,
+        })
+        || err
+            .downcast_ref::<custody_daemon::store::StoreError>()
+            .is_some()
 }

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
-use custody_server::api::{Build, BuildState, GitSource, LogStream, SubmitRequest};
+use custody_server::api::{Build, BuildState, ErrorCode, GitSource, LogStream, SubmitRequest};
 use custody_server::client::{Client, ClientError};
 use custody_server::config::{Config, Environment};
 use custody_server::serve::{self, Listeners};
@@ -312,7 +312,11 @@ async fn checkout_source(dir: &Path, revision: Option<&str>) -> anyhow::Result<G
 /// A spec the server refused, named by the local file.
 fn spec_located(error: ClientError, spec_path: &Path) -> anyhow::Error {
     match error {
-        ClientError::Api { code, message, .. } if code == "invalid_spec" => Usage(format!(
+        ClientError::Api {
+            code: ErrorCode::InvalidSpec,
+            message,
+            ..
+        } => Usage(format!(
             "the server refused `{}`: {message}",
             spec_path.display()
         ))

@@ -466,7 +466,7 @@ fn nothing_of_a_build_is_left_running_or_behind() {
             !ps.lines().any(|l| l.starts_with("sleep 733")),
             "a step's process outlived its build:\n{ps}"
         );
-        assert_no_cgroups(&id);
+        assert_no_cgroups(id.as_str());
     }
 
     // The daemon dies (kill -9) while a step runs: its runner stops the

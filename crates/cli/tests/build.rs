@@ -594,6 +594,33 @@ fn spec_and_usage_errors_exit_2_naming_the_place() {
     );
 }
 
+/// A machine custody cannot set itself up on is not a failed build: exit 3,
+/// naming what is at fault.
+#[test]
+fn a_data_directory_custody_cannot_use_exits_3_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    fs_err::write(
+        dir.path().join("custody.yaml"),
+        "steps:\n  - name: a\n    run: 'true'\n",
+    )
+    .unwrap();
+    let not_a_dir = dir.path().join("data");
+    fs_err::write(&not_a_dir, "a file").unwrap();
+    let output = custody(&[
+        "build",
+        dir.path().to_str().unwrap(),
+        "--data-dir",
+        not_a_dir.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(3), "{}", text(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("data directory `{}`", not_a_dir.display())),
+        "{stderr}"
+    );
+    assert_eq!(fs_err::read_to_string(&not_a_dir).unwrap(), "a file");
+}
+
 /// Regression: the spec was read twice, once for the digest the provenance
 /// records and once for the steps that run. Served through a FIFO whose
 /// writer hands every reader a different spec, a second read would run

@@ -265,7 +265,7 @@ async fn builds_run_stream_their_logs_and_cancel(backend: Backend) {
     match client.cancel(&running.id).await {
         Err(ClientError::Api {
             status: 409, code, ..
-        }) => assert_eq!(code, "already_ended"),
+        }) => assert_eq!(code, custody_server::api::ErrorCode::AlreadyEnded),
         other => panic!("{other:?}"),
     }
     // Listing: newest first, filtered by state, paged.
@@ -332,12 +332,17 @@ async fn sigterm_lets_running_builds_finish_and_leaves_the_queue(backend: Backen
         begun.elapsed()
     );
     let store = open_store(&backend, dir.path()).await;
-    let record = store.build(&third.id).await.unwrap().unwrap();
+    let record = store.build(&stored(&third.id)).await.unwrap().unwrap();
     assert_eq!(record.state.as_str(), "cancelled");
     assert!(
         record.error.as_deref().unwrap().contains("shut down"),
         "{record:?}"
     );
+}
+
+/// The id the API answered with, as the store knows it.
+fn stored(id: &str) -> custody_daemon::record::BuildId {
+    custody_daemon::record::BuildId::parse(id).expect("the API answers with build ids")
 }
 
 async fn open_store(backend: &Backend, data_dir: &Path) -> Store {
@@ -396,10 +401,10 @@ async fn two_daemons_run_each_of_300_builds_exactly_once() {
     let store = Store::open(backend.url().unwrap()).await.unwrap();
     let mut by_daemon = std::collections::HashMap::<String, usize>::new();
     for id in &ids {
-        let record = store.build(id).await.unwrap().unwrap();
+        let record = store.build(&stored(id)).await.unwrap().unwrap();
         assert_eq!(record.claims, 1, "{id} claimed {} times", record.claims);
         *by_daemon.entry(record.owner.unwrap()).or_default() += 1;
-        let logs = store.logs(id).await.unwrap();
+        let logs = store.logs(&stored(id)).await.unwrap();
         assert_eq!(logs.len(), 1, "{id}: {logs:?}");
         assert_eq!(logs[0].line, b"ran");
     }
@@ -434,7 +439,7 @@ async fn a_killed_daemons_build_is_ended_by_another() {
     // Wait until its first line is stored, then kill the daemon.
     let store = Store::open(backend.url().unwrap()).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while store.logs(&victim.id).await.unwrap().is_empty() {
+    while store.logs(&stored(&victim.id)).await.unwrap().is_empty() {
         assert!(Instant::now() < deadline, "{}", doomed.log());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -459,7 +464,7 @@ async fn a_killed_daemons_build_is_ended_by_another() {
         "{reason}"
     );
     assert!(!ended.has_provenance);
-    let logs = store.logs(&victim.id).await.unwrap();
+    let logs = store.logs(&stored(&victim.id)).await.unwrap();
     assert_eq!(logs[0].line, b"before the kill");
     for id in &queued {
         let build = wait_ended(&client, id, Duration::from_secs(30)).await;
@@ -652,4 +657,25 @@ async fn steps_cannot_read_the_service_tokens() {
     // The token in the file does work for the API.
     let other = Client::new(&daemon.url(), Some("config-token-7d1e".into())).unwrap();
     other.show(&build.id).await.unwrap();
+}
+
+/// An address already in use is the machine's problem, not a bad
+/// configuration or a failed build: exit 3, naming the address.
+#[test]
+fn an_address_in_use_exits_3_naming_it() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let data = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_custody"))
+        .args(["serve", "--listen", &addr, "--data-dir"])
+        .arg(data.path())
+        .env("CUSTODY_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(3), "{}", text(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("cannot listen on `{addr}`")),
+        "{stderr}"
+    );
 }

@@ -26,8 +26,11 @@
 
 use std::collections::HashMap;
 use std::process::{ExitCode, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+use custody_daemon::record::{BuildId, Timestamp};
+use custody_daemon::source::BuildSource;
+use custody_daemon::spec::{GitSource, GitUrl};
 use custody_daemon::store::{Ending, NewBuild, Output, State, Store};
 use custody_testkit::Postgres;
 use futures_util::{TryStreamExt as _, stream};
@@ -41,7 +44,12 @@ const USAGE: &str = "usage: store_bench seed --url URL --builds N\n       \
 const SPEC: &[u8] = b"steps:\n  - name: build\n    run: make -j4 all\n  - name: test\n    \
     run: make check\nimages:\n  - from: oci:/output/app:latest\n    \
     to: registry.example/team/app:{job}\n";
-const SOURCE: &str = r#"{"git":"https://git.example/team/app.git","revision":"4f3c2a1b9e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b"}"#;
+fn source() -> BuildSource {
+    BuildSource::Git(GitSource {
+        git: GitUrl::parse("https://git.example/team/app.git").expect("a plain https URL"),
+        revision: "4f3c2a1b9e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b".to_owned(),
+    })
+}
 
 /// How long a claim holds, as the daemon's default lease.
 const LEASE: Duration = Duration::from_secs(30);
@@ -102,21 +110,6 @@ fn number(flags: &HashMap<String, String>, name: &str) -> Result<usize> {
     }
 }
 
-fn unix_millis() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("after 1970")
-        .as_millis() as i64
-}
-
-fn rfc3339(time: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(time).to_string()
-}
-
-fn now() -> String {
-    rfc3339(SystemTime::now())
-}
-
 fn total(counts: &[(State, i64)]) -> i64 {
     counts.iter().map(|(_, n)| n).sum()
 }
@@ -139,11 +132,10 @@ async fn seed(args: &[String]) -> Result<()> {
     let before = store.count_by_state().await?;
 
     let provenance = provenance_envelope();
-    let ids: Vec<String> = (0..builds)
-        .map(|_| uuid::Uuid::now_v7().to_string())
-        .collect();
+    let ids: Vec<BuildId> = (0..builds).map(|_| BuildId::new()).collect();
     // One build a minute, ending now.
-    let first = SystemTime::now() - Duration::from_secs(60 * builds as u64);
+    let first =
+        Timestamp::from_unix_millis(Timestamp::now().unix_millis() - 60_000 * builds as i64);
     // As many builds at once as the pool has connections (SQLite has one
     // writer at a time anyway; PostgreSQL overlaps the commits).
     let at_once = if store.is_postgres() { 16 } else { 4 };
@@ -153,7 +145,7 @@ async fn seed(args: &[String]) -> Result<()> {
             let store = &store;
             let provenance = &provenance;
             async move {
-                let created = first + Duration::from_secs(60 * i as u64);
+                let created = first.after(Duration::from_secs(60 * i as u64));
                 seed_one(store, id, created, provenance).await
             }
         })
@@ -196,35 +188,33 @@ async fn seed(args: &[String]) -> Result<()> {
 
 async fn seed_one(
     store: &Store,
-    id: &str,
-    created: SystemTime,
+    id: &BuildId,
+    created: Timestamp,
     provenance: &[u8],
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let created_at = rfc3339(created);
-    let started_at = rfc3339(created + Duration::from_secs(2));
-    let finished_at = rfc3339(created + Duration::from_secs(47));
     store
         .insert_running(
             &NewBuild {
                 id,
                 spec_path: "custody.yaml",
                 spec: SPEC,
-                source: SOURCE,
-                created_at: &created_at,
+                source: &source(),
+                created_at: created,
             },
-            &started_at,
+            created.after(Duration::from_secs(2)),
         )
         .await?;
-    let short = &id[id.len() - 12..];
+    let text = id.as_str();
+    let short = &text[text.len() - 12..];
     let outputs = [
         Output {
             reference: format!("registry.example/team/app:{short}"),
-            digest: format!("sha256:{:0>64}", id.replace('-', "")),
+            digest: format!("sha256:{:0>64}", text.replace('-', "")).parse()?,
             size: 52_428_917,
         },
         Output {
             reference: format!("registry.example/team/app-debug:{short}"),
-            digest: format!("sha256:{:f>64}", id.replace('-', "")),
+            digest: format!("sha256:{:f>64}", text.replace('-', "")).parse()?,
             size: 1_532,
         },
     ];
@@ -234,7 +224,7 @@ async fn seed_one(
             None,
             &Ending {
                 state: State::Succeeded,
-                finished_at: &finished_at,
+                finished_at: created.after(Duration::from_secs(47)),
                 error: None,
                 outputs: &outputs,
                 provenance: Some(provenance),
@@ -310,21 +300,20 @@ async fn run_claims(url: &str, daemons: usize, jobs: usize) -> Result<()> {
         );
     }
     let started = Instant::now();
-    let ids: Vec<String> = (0..jobs)
-        .map(|_| uuid::Uuid::now_v7().to_string())
-        .collect();
-    let created_at = now();
+    let ids: Vec<BuildId> = (0..jobs).map(|_| BuildId::new()).collect();
+    let created_at = Timestamp::now();
+    let source = source();
     stream::iter(ids.iter().map(Ok))
         .try_for_each_concurrent(16, |id| {
             let store = &store;
-            let created_at = &created_at;
+            let source = &source;
             async move {
                 store
                     .enqueue(&NewBuild {
                         id,
                         spec_path: "custody.yaml",
                         spec: b"steps: []\n",
-                        source: SOURCE,
+                        source,
                         created_at,
                     })
                     .await
@@ -384,9 +373,9 @@ async fn run_claims(url: &str, daemons: usize, jobs: usize) -> Result<()> {
         return Err(format!("the workers claimed {sum} builds of {jobs}: {claimed:?}").into());
     }
     let mut seen = 0usize;
-    let mut before: Option<String> = None;
+    let mut before: Option<BuildId> = None;
     loop {
-        let page = store.list(None, before.as_deref(), 1000).await?;
+        let page = store.list(None, before.as_ref(), 1000).await?;
         let Some(last) = page.last() else { break };
         before = Some(last.id.clone());
         for record in &page {
@@ -438,8 +427,8 @@ async fn claim_worker(args: &[String]) -> Result<()> {
     }
     let mut claimed = 0usize;
     loop {
-        let lease_until = unix_millis() + LEASE.as_millis() as i64;
-        let Some(build) = store.claim(&owner, lease_until, &now()).await? else {
+        let now = Timestamp::now();
+        let Some(build) = store.claim(&owner, now.after(LEASE), now).await? else {
             break;
         };
         let ended = store
@@ -448,7 +437,7 @@ async fn claim_worker(args: &[String]) -> Result<()> {
                 Some(&owner),
                 &Ending {
                     state: State::Succeeded,
-                    finished_at: &now(),
+                    finished_at: Timestamp::now(),
                     error: None,
                     outputs: &[],
                     provenance: None,

@@ -18,6 +18,7 @@ use crate::bounds::StepBounds;
 use crate::build::BuildService;
 use crate::dispatch::Dispatcher;
 use crate::executor::ExecutorSettings;
+use crate::record::BuildId;
 use crate::store::{Store, StoreError};
 
 /// How to set the embedded daemon up.
@@ -235,7 +236,7 @@ fn private_files(database: &Path) -> std::io::Result<()> {
 }
 
 /// Where `build` keeps a copy of each published envelope.
-pub fn provenance_file(data_dir: &Path, build_id: &str) -> PathBuf {
+pub fn provenance_file(data_dir: &Path, build_id: &BuildId) -> PathBuf {
     data_dir
         .join("provenance")
         .join(format!("{build_id}.dsse.json"))

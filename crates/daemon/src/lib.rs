@@ -15,6 +15,8 @@
 //!   (a child process) and [`slurm`] (a Slurm batch job).
 //! - [`dispatch`]: one job's life: register a waiter, start the runner,
 //!   wait for it to authenticate, hand it the job, follow its events.
+//! - [`record`]: what a build's record is made of — [`record::BuildId`],
+//!   [`record::Timestamp`] — and the [`record::Clock`] times come from.
 //! - [`store`]: builds, logs and leases in SQLite or PostgreSQL;
 //!   [`queue`]: claims queued builds, renews leases (on a clock passed in),
 //!   runs them, fails or requeues those whose daemon died.
@@ -29,6 +31,7 @@ pub mod embedded;
 pub mod executor;
 pub mod local;
 pub mod queue;
+pub mod record;
 pub mod slurm;
 pub mod source;
 pub mod spec;

@@ -10,15 +10,16 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use custody_wire::events::RunnerEvent;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::build::{BuildRequest, BuildService, Outcome, Progress, now};
-use crate::source::BuildSource;
+use crate::build::{BuildRequest, BuildService, Outcome, Progress};
+use crate::record::BuildId;
+pub use crate::record::{Clock, SystemClock};
 use crate::store::{Claimed, Ending, Renewal, State};
 
 /// How one daemon works the queue.
@@ -47,24 +48,6 @@ impl std::fmt::Debug for QueueConfig {
     }
 }
 
-/// The time leases are written and judged by: passed in, so a test can
-/// move it (several daemons sharing one store must agree on it roughly;
-/// the system clock is what they use).
-pub trait Clock: Send + Sync {
-    /// Milliseconds since the Unix epoch.
-    fn now_millis(&self) -> i64;
-}
-
-/// The system's clock.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now_millis(&self) -> i64 {
-        unix_millis()
-    }
-}
-
 /// What the queue tells whoever keeps metrics.
 pub trait Observer: Send + Sync {
     /// A build this daemon ran ended. `push` is how long the runner's push
@@ -79,7 +62,7 @@ pub struct Queue {
     observer: Arc<dyn Observer>,
     wake: Notify,
     /// Builds running here, by id: cancelling the token cancels the build.
-    running: Mutex<HashMap<String, CancellationToken>>,
+    running: Mutex<HashMap<BuildId, CancellationToken>>,
     stop_claiming: CancellationToken,
     cancel_running: CancellationToken,
     tasks: TaskTracker,
@@ -126,7 +109,7 @@ impl Queue {
 
     /// Cancels a build if it runs here (the store already says so for
     /// other daemons to see).
-    pub fn cancel_local(&self, id: &str) {
+    pub fn cancel_local(&self, id: &BuildId) {
         if let Some(token) = self.running.lock().expect("not poisoned").get(id) {
             token.cancel();
         }
@@ -162,11 +145,11 @@ impl Queue {
                 slot = slots.clone().acquire_owned() => slot.expect("never closed"),
                 () = self.stop_claiming.cancelled() => return,
             };
-            let lease_until = self.config.clock.now_millis() + self.config.lease.as_millis() as i64;
+            let now = self.config.clock.now();
             match self
                 .service
                 .store
-                .claim(&self.config.owner, lease_until, &now())
+                .claim(&self.config.owner, now.after(self.config.lease), now)
                 .await
             {
                 Ok(Some(claimed)) => {
@@ -192,12 +175,7 @@ impl Queue {
     async fn reap_loop(self: Arc<Self>) {
         let every = (self.config.lease / 2).max(Duration::from_millis(100));
         loop {
-            match self
-                .service
-                .store
-                .reap(self.config.clock.now_millis(), &now())
-                .await
-            {
+            match self.service.store.reap(self.config.clock.now()).await {
                 Ok(reaped) => {
                     for build in reaped {
                         if build.requeued {
@@ -252,7 +230,7 @@ impl Queue {
     /// its push took, unless the store failed.
     async fn run_request(
         &self,
-        id: &str,
+        id: &BuildId,
         request: &BuildRequest,
         cancel: &CancellationToken,
         reason: &Mutex<Option<String>>,
@@ -319,10 +297,10 @@ impl Queue {
     }
 
     /// Ends a claimed build that cannot even start, saying why.
-    async fn refuse(&self, id: &str, message: &str) -> Option<(State, Option<Duration>)> {
+    async fn refuse(&self, id: &BuildId, message: &str) -> Option<(State, Option<Duration>)> {
         let ending = Ending {
             state: State::Failed,
-            finished_at: &now(),
+            finished_at: self.config.clock.now(),
             error: Some(message),
             outputs: &[],
             provenance: None,
@@ -345,14 +323,14 @@ impl Queue {
     /// cancels the build when someone asks or when the claim is lost.
     async fn hold_lease(
         self: Arc<Self>,
-        id: String,
+        id: BuildId,
         cancel: CancellationToken,
         reason: Arc<Mutex<Option<String>>>,
     ) {
         let every = self.config.lease / 3;
         loop {
             tokio::time::sleep(every).await;
-            let until = self.config.clock.now_millis() + self.config.lease.as_millis() as i64;
+            let until = self.config.clock.now().after(self.config.lease);
             let why = match self
                 .service
                 .store
@@ -379,29 +357,13 @@ impl Queue {
     }
 }
 
-/// The build request a claimed row describes. The stored source is what
-/// was asked for; it overrides the spec's own `source`.
+/// The build request a claimed row describes: its spec, and the source
+/// chosen when it was submitted.
 fn request_for(claimed: &Claimed) -> Result<BuildRequest, String> {
-    let mut request = BuildRequest::parse(
+    BuildRequest::recorded(
         PathBuf::from(&claimed.spec_path),
         claimed.spec.clone(),
-        None,
+        claimed.source.clone(),
     )
-    .map_err(|e| e.to_string())?;
-    // The stored source is what was asked for: it wins over the spec's.
-    let asked = match BuildSource::from_json(&claimed.source)? {
-        BuildSource::Git(git) => Some(git),
-        BuildSource::Directory(_) => None,
-    };
-    request.source = BuildSource::choose(asked, request.spec.source.as_ref(), None);
-    if request.source.is_none() {
-        return Err("the build names no git source (a submitted build must)".to_owned());
-    }
-    Ok(request)
-}
-
-pub fn unix_millis() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    .map_err(|e| e.to_string())
 }

@@ -14,6 +14,11 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AnyPool, AssertSqlSafe};
 use sqlx::{Executor, Row};
 
+use custody_oci::Digest;
+
+use crate::record::{BuildId, Timestamp};
+use crate::source::BuildSource;
+
 type Migrations = &'static [(i64, &'static str, &'static str)];
 
 const SQLITE_MIGRATIONS: Migrations = &[
@@ -62,6 +67,12 @@ pub enum StoreError {
     Url(String),
     #[error("the job store failed: {0}")]
     Query(#[from] sqlx::Error),
+    #[error("the job store holds a build whose {field} cannot be read: {detail}")]
+    Corrupt { field: &'static str, detail: String },
+}
+
+fn corrupt(field: &'static str) -> impl FnOnce(String) -> StoreError {
+    move |detail| StoreError::Corrupt { field, detail }
 }
 
 /// Where a build is in its life.
@@ -102,12 +113,11 @@ impl FromStr for State {
 
 /// A build as it is first recorded.
 pub struct NewBuild<'a> {
-    pub id: &'a str,
+    pub id: &'a BuildId,
     pub spec_path: &'a str,
     pub spec: &'a [u8],
-    /// JSON, as in the provenance's `externalParameters.source`.
-    pub source: &'a str,
-    pub created_at: &'a str,
+    pub source: &'a BuildSource,
+    pub created_at: Timestamp,
 }
 
 /// One stored log line.
@@ -117,21 +127,22 @@ pub struct LogLine {
     /// 0 stdout, 1 stderr.
     pub stream: i32,
     pub line: Vec<u8>,
-    pub unix_millis: i64,
+    /// When the runner read it.
+    pub time: Timestamp,
 }
 
 /// One stored output.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Output {
     pub reference: String,
-    pub digest: String,
+    pub digest: Digest,
     pub size: u64,
 }
 
 /// How a build ended.
 pub struct Ending<'a> {
     pub state: State,
-    pub finished_at: &'a str,
+    pub finished_at: Timestamp,
     pub error: Option<&'a str>,
     pub outputs: &'a [Output],
     /// Only for a build whose pushes and checks all passed.
@@ -141,13 +152,13 @@ pub struct Ending<'a> {
 /// A build as stored.
 #[derive(Clone, Debug)]
 pub struct BuildRecord {
-    pub id: String,
+    pub id: BuildId,
     pub state: State,
     pub spec_path: String,
-    pub source: String,
-    pub created_at: String,
-    pub started_at: Option<String>,
-    pub finished_at: Option<String>,
+    pub source: BuildSource,
+    pub created_at: Timestamp,
+    pub started_at: Option<Timestamp>,
+    pub finished_at: Option<Timestamp>,
     pub error: Option<String>,
     pub has_provenance: bool,
     /// The daemon that holds (or last held) it.
@@ -161,10 +172,10 @@ pub struct BuildRecord {
 /// A queued build one daemon now holds.
 #[derive(Clone, Debug)]
 pub struct Claimed {
-    pub id: String,
+    pub id: BuildId,
     pub spec_path: String,
     pub spec: Vec<u8>,
-    pub source: String,
+    pub source: BuildSource,
 }
 
 /// What the owner of a running build learns when it renews its lease.
@@ -193,7 +204,7 @@ pub enum CancelOutcome {
 /// A build whose owner stopped renewing its lease, and what became of it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reaped {
-    pub id: String,
+    pub id: BuildId,
     pub owner: String,
     /// `true`: its runner never started, so it went back to the queue.
     pub requeued: bool,
@@ -292,7 +303,7 @@ impl Store {
     pub async fn insert_running(
         &self,
         build: &NewBuild<'_>,
-        started_at: &str,
+        started_at: Timestamp,
     ) -> Result<(), StoreError> {
         self.insert(build, "running", Some(started_at)).await
     }
@@ -301,33 +312,33 @@ impl Store {
         &self,
         build: &NewBuild<'_>,
         state: &str,
-        started_at: Option<&str>,
+        started_at: Option<Timestamp>,
     ) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO builds (id, state, spec_path, spec, source, created_at, started_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
-        .bind(build.id)
+        .bind(build.id.as_str())
         .bind(state)
         .bind(build.spec_path)
         .bind(build.spec)
-        .bind(build.source)
-        .bind(build.created_at)
-        .bind(started_at)
+        .bind(build.source.to_json().to_string())
+        .bind(build.created_at.rfc3339())
+        .bind(started_at.map(Timestamp::rfc3339))
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
     /// Takes the oldest queued build for `owner`, with a lease until
-    /// `lease_until` (unix ms). Exactly one daemon gets each build: on
+    /// `lease_until`. Exactly one daemon gets each build: on
     /// PostgreSQL concurrent claimers skip rows another holds
     /// (`FOR UPDATE SKIP LOCKED`); SQLite runs one writer at a time.
     pub async fn claim(
         &self,
         owner: &str,
-        lease_until: i64,
-        started_at: &str,
+        lease_until: Timestamp,
+        started_at: Timestamp,
     ) -> Result<Option<Claimed>, StoreError> {
         let lock = match self.backend {
             Backend::Postgres => "FOR UPDATE SKIP LOCKED",
@@ -342,33 +353,36 @@ impl Store {
              RETURNING id, spec_path, spec, source"
         )))
         .bind(owner)
-        .bind(lease_until)
-        .bind(started_at)
+        .bind(lease_until.unix_millis())
+        .bind(started_at.rfc3339())
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|row| Claimed {
-            id: row.get("id"),
-            spec_path: row.get("spec_path"),
-            spec: row.get("spec"),
-            source: row.get("source"),
-        }))
+        row.map(|row| {
+            Ok(Claimed {
+                id: BuildId::stored(row.get("id")),
+                spec_path: row.get("spec_path"),
+                spec: row.get("spec"),
+                source: BuildSource::from_json(row.get("source")).map_err(corrupt("source"))?,
+            })
+        })
+        .transpose()
     }
 
     /// Extends `owner`'s lease on a running build and says whether it should
     /// go on.
     pub async fn renew(
         &self,
-        id: &str,
+        id: &BuildId,
         owner: &str,
-        lease_until: i64,
+        lease_until: Timestamp,
     ) -> Result<Renewal, StoreError> {
         let row = sqlx::query(
             "UPDATE builds SET lease_until = $1
              WHERE id = $2 AND owner = $3 AND state = 'running'
              RETURNING cancel_reason",
         )
-        .bind(lease_until)
-        .bind(id)
+        .bind(lease_until.unix_millis())
+        .bind(id.as_str())
         .bind(owner)
         .fetch_optional(&self.pool)
         .await?;
@@ -383,23 +397,23 @@ impl Store {
 
     /// Notes that a runner may be running for this build from now on, so
     /// it must never be handed to another daemon.
-    pub async fn mark_runner_started(&self, id: &str) -> Result<(), StoreError> {
+    pub async fn mark_runner_started(&self, id: &BuildId) -> Result<(), StoreError> {
         sqlx::query("UPDATE builds SET runner_started = 1 WHERE id = $1")
-            .bind(id)
+            .bind(id.as_str())
             .execute(&self.pool)
             .await?;
         Ok(())
     }
 
-    /// Ends every running build whose lease ran out before `now` (unix ms):
+    /// Ends every running build whose lease ran out before `now`:
     /// one whose runner never started goes back to the queue, the others
     /// fail with a reason that names the owner.
-    pub async fn reap(&self, now: i64, finished_at: &str) -> Result<Vec<Reaped>, StoreError> {
+    pub async fn reap(&self, now: Timestamp) -> Result<Vec<Reaped>, StoreError> {
         let expired = sqlx::query(
             "SELECT id, owner, runner_started, lease_until FROM builds
              WHERE state = 'running' AND lease_until IS NOT NULL AND lease_until < $1",
         )
-        .bind(now)
+        .bind(now.unix_millis())
         .fetch_all(&self.pool)
         .await?;
         let mut reaped = Vec::new();
@@ -431,7 +445,7 @@ impl Store {
                      WHERE id = $3 AND state = 'running' AND lease_until = $4",
                 )
                 .bind(&reason)
-                .bind(finished_at)
+                .bind(now.rfc3339())
                 .bind(&id)
                 .bind(lease_until)
                 .execute(&self.pool)
@@ -439,7 +453,7 @@ impl Store {
             };
             if done.rows_affected() == 1 {
                 reaped.push(Reaped {
-                    id,
+                    id: BuildId::stored(id),
                     owner,
                     requeued,
                 });
@@ -452,17 +466,17 @@ impl Store {
     /// to stop it.
     pub async fn cancel(
         &self,
-        id: &str,
+        id: &BuildId,
         reason: &str,
-        now: &str,
+        now: Timestamp,
     ) -> Result<CancelOutcome, StoreError> {
         let queued = sqlx::query(
             "UPDATE builds SET state = 'cancelled', error = $1, finished_at = $2
              WHERE id = $3 AND state = 'queued'",
         )
         .bind(reason)
-        .bind(now)
-        .bind(id)
+        .bind(now.rfc3339())
+        .bind(id.as_str())
         .execute(&self.pool)
         .await?;
         if queued.rows_affected() == 1 {
@@ -471,7 +485,7 @@ impl Store {
         let running =
             sqlx::query("UPDATE builds SET cancel_reason = $1 WHERE id = $2 AND state = 'running'")
                 .bind(reason)
-                .bind(id)
+                .bind(id.as_str())
                 .execute(&self.pool)
                 .await?;
         if running.rows_affected() == 1 {
@@ -485,14 +499,14 @@ impl Store {
 
     /// Appends log lines after those already stored, in order, in one
     /// transaction.
-    pub async fn append_logs(&self, id: &str, lines: &[LogLine]) -> Result<(), StoreError> {
+    pub async fn append_logs(&self, id: &BuildId, lines: &[LogLine]) -> Result<(), StoreError> {
         if lines.is_empty() {
             return Ok(());
         }
         let mut tx = self.pool.begin().await?;
         let next: i64 =
             sqlx::query("SELECT COALESCE(MAX(seq) + 1, 0) FROM log_lines WHERE build_id = $1")
-                .bind(id)
+                .bind(id.as_str())
                 .fetch_one(&mut *tx)
                 .await?
                 .get(0);
@@ -521,12 +535,12 @@ impl Store {
             let mut query = sqlx::query(AssertSqlSafe(sql));
             for (offset, line) in chunk.iter().enumerate() {
                 query = query
-                    .bind(id)
+                    .bind(id.as_str())
                     .bind(next + (chunk_index * ROWS + offset) as i64)
                     .bind(i64::from(line.step))
                     .bind(i64::from(line.stream))
                     .bind(&line.line)
-                    .bind(line.unix_millis);
+                    .bind(line.time.unix_millis());
             }
             query.execute(&mut *tx).await?;
         }
@@ -540,7 +554,7 @@ impl Store {
     /// already been ended elsewhere.
     pub async fn finish(
         &self,
-        id: &str,
+        id: &BuildId,
         owner: Option<&str>,
         ending: &Ending<'_>,
     ) -> Result<bool, StoreError> {
@@ -550,10 +564,10 @@ impl Store {
              WHERE id = $5 AND state = 'running' AND ($6 IS NULL OR owner = $6)",
         )
         .bind(ending.state.as_str())
-        .bind(ending.finished_at)
+        .bind(ending.finished_at.rfc3339())
         .bind(ending.error)
         .bind(ending.provenance)
-        .bind(id)
+        .bind(id.as_str())
         .bind(owner);
         if ending.outputs.is_empty() {
             // One statement is atomic on its own: no transaction round trips.
@@ -568,10 +582,10 @@ impl Store {
                 "INSERT INTO build_outputs (build_id, position, reference, digest, size)
                  VALUES ($1, $2, $3, $4, $5)",
             )
-            .bind(id)
+            .bind(id.as_str())
             .bind(position as i64)
             .bind(&output.reference)
-            .bind(&output.digest)
+            .bind(output.digest.to_string())
             .bind(output.size as i64)
             .execute(&mut *tx)
             .await?;
@@ -580,11 +594,11 @@ impl Store {
         Ok(true)
     }
 
-    pub async fn build(&self, id: &str) -> Result<Option<BuildRecord>, StoreError> {
+    pub async fn build(&self, id: &BuildId) -> Result<Option<BuildRecord>, StoreError> {
         let row = sqlx::query(AssertSqlSafe(format!(
             "SELECT {RECORD_COLUMNS} FROM builds WHERE id = $1"
         )))
-        .bind(id)
+        .bind(id.as_str())
         .fetch_optional(&self.pool)
         .await?;
         row.map(|row| record(&row)).transpose()
@@ -593,14 +607,14 @@ impl Store {
     /// A build with its outputs, in one query.
     pub async fn build_with_outputs(
         &self,
-        id: &str,
+        id: &BuildId,
     ) -> Result<Option<(BuildRecord, Vec<Output>)>, StoreError> {
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT {RECORD_COLUMNS}, o.reference, o.digest, o.size
              FROM builds LEFT JOIN build_outputs o ON o.build_id = builds.id
              WHERE builds.id = $1 ORDER BY o.position"
         )))
-        .bind(id)
+        .bind(id.as_str())
         .fetch_all(&self.pool)
         .await?;
         let Some(first) = rows.first() else {
@@ -608,14 +622,9 @@ impl Store {
         };
         let outputs = rows
             .iter()
-            .filter_map(|row| {
-                Some(Output {
-                    reference: row.get::<Option<String>, _>("reference")?,
-                    digest: row.get("digest"),
-                    size: row.get::<i64, _>("size") as u64,
-                })
-            })
-            .collect();
+            .filter(|row| row.get::<Option<String>, _>("reference").is_some())
+            .map(output)
+            .collect::<Result<_, _>>()?;
         Ok(Some((record(first)?, outputs)))
     }
 
@@ -624,7 +633,7 @@ impl Store {
     pub async fn list(
         &self,
         state: Option<State>,
-        before: Option<&str>,
+        before: Option<&BuildId>,
         limit: i64,
     ) -> Result<Vec<BuildRecord>, StoreError> {
         let rows = sqlx::query(AssertSqlSafe(format!(
@@ -633,7 +642,7 @@ impl Store {
              ORDER BY id DESC LIMIT $3"
         )))
         .bind(state.map(State::as_str))
-        .bind(before)
+        .bind(before.map(BuildId::as_str))
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
@@ -641,21 +650,14 @@ impl Store {
     }
 
     /// What a build pushed, in the order the spec declares it.
-    pub async fn outputs(&self, id: &str) -> Result<Vec<Output>, StoreError> {
+    pub async fn outputs(&self, id: &BuildId) -> Result<Vec<Output>, StoreError> {
         let rows = sqlx::query(
             "SELECT reference, digest, size FROM build_outputs WHERE build_id = $1 ORDER BY position",
         )
-        .bind(id)
+        .bind(id.as_str())
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|row| Output {
-                reference: row.get("reference"),
-                digest: row.get("digest"),
-                size: row.get::<i64, _>("size") as u64,
-            })
-            .collect())
+        rows.iter().map(output).collect()
     }
 
     /// How many builds are in each state.
@@ -669,17 +671,17 @@ impl Store {
     }
 
     /// The build's DSSE envelope, if it published one.
-    pub async fn provenance(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    pub async fn provenance(&self, id: &BuildId) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(
             sqlx::query("SELECT provenance FROM builds WHERE id = $1 AND provenance IS NOT NULL")
-                .bind(id)
+                .bind(id.as_str())
                 .fetch_optional(&self.pool)
                 .await?
                 .map(|row| row.get(0)),
         )
     }
 
-    pub async fn logs(&self, id: &str) -> Result<Vec<LogLine>, StoreError> {
+    pub async fn logs(&self, id: &BuildId) -> Result<Vec<LogLine>, StoreError> {
         Ok(self
             .logs_after(id, -1, i64::MAX)
             .await?
@@ -692,7 +694,7 @@ impl Store {
     /// sequence numbers, in order.
     pub async fn logs_after(
         &self,
-        id: &str,
+        id: &BuildId,
         after: i64,
         limit: i64,
     ) -> Result<Vec<(i64, LogLine)>, StoreError> {
@@ -700,7 +702,7 @@ impl Store {
             "SELECT seq, step, stream, line, unix_millis FROM log_lines
              WHERE build_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
         )
-        .bind(id)
+        .bind(id.as_str())
         .bind(after)
         .bind(limit)
         .fetch_all(&self.pool)
@@ -714,7 +716,7 @@ impl Store {
                         step: row.get::<i64, _>("step") as u32,
                         stream: row.get::<i64, _>("stream") as i32,
                         line: row.get("line"),
-                        unix_millis: row.get("unix_millis"),
+                        time: Timestamp::from_unix_millis(row.get("unix_millis")),
                     },
                 )
             })
@@ -782,19 +784,37 @@ async fn migrate(
 }
 
 fn record(row: &AnyRow) -> Result<BuildRecord, StoreError> {
+    let time = |column: &'static str| -> Result<Option<Timestamp>, StoreError> {
+        row.get::<Option<String>, _>(column)
+            .map(|text| Timestamp::parse_rfc3339(&text).map_err(|e| corrupt(column)(e.to_string())))
+            .transpose()
+    };
     Ok(BuildRecord {
-        id: row.get("id"),
+        id: BuildId::stored(row.get("id")),
         state: parse_state(row.get("state"))?,
         spec_path: row.get("spec_path"),
-        source: row.get("source"),
-        created_at: row.get("created_at"),
-        started_at: row.get("started_at"),
-        finished_at: row.get("finished_at"),
+        source: BuildSource::from_json(row.get("source")).map_err(corrupt("source"))?,
+        created_at: time("created_at")?.ok_or_else(|| corrupt("created_at")("empty".into()))?,
+        started_at: time("started_at")?,
+        finished_at: time("finished_at")?,
         error: row.get("error"),
         has_provenance: row.get::<i64, _>("has_provenance") != 0,
         owner: row.get("owner"),
         claims: row.get("claims"),
         cancel_reason: row.get("cancel_reason"),
+    })
+}
+
+fn output(row: &AnyRow) -> Result<Output, StoreError> {
+    let digest: String = row.get("digest");
+    Ok(Output {
+        reference: row.get("reference"),
+        digest: digest
+            .parse()
+            .map_err(|e: custody_oci::oci_spec::OciSpecError| {
+                corrupt("output digest")(e.to_string())
+            })?,
+        size: row.get::<i64, _>("size") as u64,
     })
 }
 

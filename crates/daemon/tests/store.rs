@@ -3,6 +3,9 @@
 
 use std::collections::HashSet;
 
+use custody_daemon::record::{BuildId, Timestamp};
+use custody_daemon::source::BuildSource;
+use custody_daemon::spec::{GitSource, GitUrl};
 use custody_daemon::store::{CancelOutcome, Ending, LogLine, NewBuild, Renewal, State, Store};
 use custody_testkit::Postgres;
 
@@ -57,17 +60,31 @@ on_both!(
     list_filters_and_pages,
 );
 
-async fn enqueue(store: &Store, n: usize) -> Vec<String> {
+/// A moment `millis` after the tests' epoch.
+fn at(millis: i64) -> Timestamp {
+    Timestamp::from_unix_millis(1_796_156_760_000 + millis)
+}
+
+/// Far enough ahead that no lease runs out in a test.
+fn never() -> Timestamp {
+    at(i64::from(u32::MAX))
+}
+
+async fn enqueue(store: &Store, n: usize) -> Vec<BuildId> {
+    let source = BuildSource::Git(GitSource {
+        git: GitUrl::parse("file:///src").unwrap(),
+        revision: "main".into(),
+    });
     let mut ids = Vec::new();
     for _ in 0..n {
-        let id = uuid::Uuid::now_v7().to_string();
+        let id = BuildId::new();
         store
             .enqueue(&NewBuild {
                 id: &id,
                 spec_path: "custody.yaml",
                 spec: b"steps: []",
-                source: r#"{"git":"file:///src","revision":"main"}"#,
-                created_at: "2026-11-23T00:00:00Z",
+                source: &source,
+                created_at: at(0),
             })
             .await
             .unwrap();
@@ -79,7 +96,7 @@ async fn enqueue(store: &Store, n: usize) -> Vec<String> {
 fn succeeded() -> Ending<'static> {
     Ending {
         state: State::Succeeded,
-        finished_at: "2026-11-23T00:00:01Z",
+        finished_at: at(1),
         error: None,
         outputs: &[],
         provenance: None,
@@ -95,7 +112,7 @@ async fn concurrent_claimers_take_each_build_once(backend: &Backend) {
         claimers.push(tokio::spawn(async move {
             let owner = format!("daemon-{k}");
             let mut got = Vec::new();
-            while let Some(claimed) = store.claim(&owner, i64::MAX, "now").await.unwrap() {
+            while let Some(claimed) = store.claim(&owner, never(), at(0)).await.unwrap() {
                 assert!(
                     store
                         .finish(&claimed.id, Some(&owner), &succeeded())
@@ -126,14 +143,18 @@ async fn an_expired_lease_requeues_or_fails(backend: &Backend) {
     let ids = enqueue(&store, 2).await;
 
     // Claimed, but the daemon died before starting a runner: back in the queue.
-    let first = store.claim("dead", 1_000, "t").await.unwrap().unwrap();
+    let first = store
+        .claim("dead", at(1_000), at(0))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(first.id, ids[0], "the oldest build first");
     assert_eq!(
-        store.reap(999, "t").await.unwrap(),
+        store.reap(at(999)).await.unwrap(),
         vec![],
         "lease not over yet"
     );
-    let reaped = store.reap(1_001, "t").await.unwrap();
+    let reaped = store.reap(at(1_001)).await.unwrap();
     assert_eq!(reaped.len(), 1);
     assert!(reaped[0].requeued);
     assert_eq!(
@@ -141,19 +162,23 @@ async fn an_expired_lease_requeues_or_fails(backend: &Backend) {
         State::Queued
     );
     assert_eq!(
-        store.renew(&ids[0], "dead", 5_000).await.unwrap(),
+        store.renew(&ids[0], "dead", at(5_000)).await.unwrap(),
         Renewal::Lost
     );
 
     // Claimed again, runner started, then the daemon died: failed, naming it.
-    let again = store.claim("alive", 2_000, "t").await.unwrap().unwrap();
+    let again = store
+        .claim("alive", at(2_000), at(1_001))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(again.id, ids[0]);
     store.mark_runner_started(&again.id).await.unwrap();
     assert_eq!(
-        store.renew(&again.id, "alive", 3_000).await.unwrap(),
+        store.renew(&again.id, "alive", at(3_000)).await.unwrap(),
         Renewal::Held
     );
-    let reaped = store.reap(3_001, "t").await.unwrap();
+    let reaped = store.reap(at(3_001)).await.unwrap();
     assert_eq!(reaped.len(), 1);
     assert!(!reaped[0].requeued);
     let record = store.build(&ids[0]).await.unwrap().unwrap();
@@ -185,32 +210,32 @@ async fn an_expired_lease_requeues_or_fails(backend: &Backend) {
 async fn cancel_reaches_queued_and_running_builds(backend: &Backend) {
     let store = open(backend).await;
     let ids = enqueue(&store, 2).await;
-    let running = store.claim("d", i64::MAX, "t").await.unwrap().unwrap();
+    let running = store.claim("d", never(), at(0)).await.unwrap().unwrap();
     assert_eq!(
-        store.cancel(&ids[1], "not needed", "t").await.unwrap(),
+        store.cancel(&ids[1], "not needed", at(5)).await.unwrap(),
         CancelOutcome::Cancelled
     );
     let record = store.build(&ids[1]).await.unwrap().unwrap();
     assert_eq!(record.state, State::Cancelled);
     assert_eq!(record.error.as_deref(), Some("not needed"));
     assert_eq!(
-        store.cancel(&running.id, "stop it", "t").await.unwrap(),
+        store.cancel(&running.id, "stop it", at(5)).await.unwrap(),
         CancelOutcome::Requested
     );
     assert_eq!(
-        store.renew(&running.id, "d", i64::MAX).await.unwrap(),
+        store.renew(&running.id, "d", never()).await.unwrap(),
         Renewal::CancelRequested("stop it".into())
     );
     assert_eq!(
-        store.cancel(&ids[1], "again", "t").await.unwrap(),
+        store.cancel(&ids[1], "again", at(5)).await.unwrap(),
         CancelOutcome::AlreadyEnded(State::Cancelled)
     );
     assert_eq!(
-        store.cancel("no-such-build", "x", "t").await.unwrap(),
+        store.cancel(&BuildId::new(), "x", at(5)).await.unwrap(),
         CancelOutcome::NotFound
     );
     assert!(
-        store.claim("d", i64::MAX, "t").await.unwrap().is_none(),
+        store.claim("d", never(), at(0)).await.unwrap().is_none(),
         "nothing left"
     );
 }
@@ -222,7 +247,7 @@ async fn logs_keep_their_order_across_batches(backend: &Backend) {
         step: (n % 3) as u32,
         stream: (n % 2) as i32,
         line: format!("line {n} \u{1F980}").into_bytes(),
-        unix_millis: n as i64,
+        time: at(n as i64),
     };
     // One big batch (more rows than one statement carries), then small ones.
     store
@@ -247,7 +272,7 @@ async fn logs_keep_their_order_across_batches(backend: &Backend) {
 async fn list_filters_and_pages(backend: &Backend) {
     let store = open(backend).await;
     let ids = enqueue(&store, 5).await;
-    let claimed = store.claim("d", i64::MAX, "t").await.unwrap().unwrap();
+    let claimed = store.claim("d", never(), at(0)).await.unwrap().unwrap();
     assert_eq!(claimed.id, ids[0]);
 
     let page = store.list(None, None, 2).await.unwrap();

@@ -154,10 +154,8 @@ pub struct ErrorBody {
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct ErrorDetail {
-    /// Stable, for programs: `unauthorized`, `invalid_request`,
-    /// `invalid_spec`, `not_found`, `no_provenance`, `already_ended`,
-    /// `method_not_allowed`, `unavailable`, `internal`.
-    pub code: String,
+    /// Stable, for programs.
+    pub code: ErrorCode,
     /// For people.
     pub message: String,
     /// For `invalid_spec`: where in the spec (1-based).
@@ -165,4 +163,54 @@ pub struct ErrorDetail {
     pub line: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub column: Option<u64>,
+}
+
+/// What went wrong, for programs; each code has one HTTP status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// 401: no token, or not one the service accepts.
+    Unauthorized,
+    /// 400: the request itself is malformed.
+    InvalidRequest,
+    /// 400: the spec cannot be used; `line` and `column` say where.
+    InvalidSpec,
+    /// 404: no such build or route.
+    NotFound,
+    /// 404: the build exists but published no provenance.
+    NoProvenance,
+    /// 409: the build already ended.
+    AlreadyEnded,
+    /// 405: the route does not take that method.
+    MethodNotAllowed,
+    /// 503: the store is not answering, or the service is shutting down.
+    Unavailable,
+    /// A code this client does not know (from a newer server).
+    #[serde(other)]
+    Unknown,
+}
+
+impl ErrorCode {
+    /// The HTTP status the server answers this code with.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::InvalidRequest | ErrorCode::InvalidSpec => 400,
+            ErrorCode::Unauthorized => 401,
+            ErrorCode::NotFound | ErrorCode::NoProvenance => 404,
+            ErrorCode::MethodNotAllowed => 405,
+            ErrorCode::AlreadyEnded => 409,
+            ErrorCode::Unavailable => 503,
+            ErrorCode::Unknown => 500,
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text = serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        f.write_str(&text)
+    }
 }

@@ -7,7 +7,9 @@ use futures_util::StreamExt;
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 
-use crate::api::{Build, BuildList, BuildState, ErrorBody, KeyList, LogEvent, SubmitRequest};
+use crate::api::{
+    Build, BuildList, BuildState, ErrorBody, ErrorCode, KeyList, LogEvent, SubmitRequest,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -19,7 +21,7 @@ pub enum ClientError {
     #[error("{message} ({status}, {code})")]
     Api {
         status: u16,
-        code: String,
+        code: ErrorCode,
         message: String,
         line: Option<u64>,
         column: Option<u64>,

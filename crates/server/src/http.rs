@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use custody_daemon::queue::Queue;
+use custody_daemon::record::{BuildId, Timestamp};
 use custody_daemon::source::BuildSource;
 use custody_daemon::spec;
 use custody_daemon::store::{self, BuildRecord, CancelOutcome, StoreError};
@@ -26,8 +27,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::api::{
-    Build, BuildList, BuildState, ErrorBody, ErrorDetail, KeyList, LogEvent, LogStream, Output,
-    SubmitRequest,
+    Build, BuildList, BuildState, ErrorBody, ErrorCode, ErrorDetail, KeyList, LogEvent, LogStream,
+    Output, SubmitRequest,
 };
 use crate::metrics::Metrics;
 
@@ -49,7 +50,7 @@ pub struct App {
     pub shutting_down: AtomicBool,
     /// Ended builds as served: an ended build never changes again, so its
     /// answer is kept rather than read from the store for every poll.
-    ended: std::sync::Mutex<std::collections::HashMap<String, axum::body::Bytes>>,
+    ended: std::sync::Mutex<std::collections::HashMap<BuildId, axum::body::Bytes>>,
 }
 
 /// How many ended builds' answers are kept (about 1 KiB each).
@@ -148,11 +149,12 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
-            status,
+            status: StatusCode::from_u16(code.http_status())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             detail: ErrorDetail {
-                code: code.to_owned(),
+                code,
                 message: message.into(),
                 line: None,
                 column: None,
@@ -160,12 +162,8 @@ impl ApiError {
         }
     }
 
-    fn not_found(id: &str) -> Self {
-        Self::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no build `{id}`"),
-        )
+    fn not_found(id: impl std::fmt::Display) -> Self {
+        Self::new(ErrorCode::NotFound, format!("no build `{id}`"))
     }
 }
 
@@ -173,8 +171,7 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         tracing::error!("the store failed: {e}");
         Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
+            ErrorCode::Unavailable,
             "the job store is not answering; try again",
         )
     }
@@ -194,13 +191,12 @@ impl IntoResponse for ApiError {
 }
 
 async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+    ApiError::new(ErrorCode::NotFound, "no such route")
 }
 
 async fn method_not_allowed() -> ApiError {
     ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
+        ErrorCode::MethodNotAllowed,
         "this route does not take that method",
     )
 }
@@ -217,14 +213,12 @@ async fn require_token(
         .and_then(|v| v.strip_prefix("Bearer "));
     match presented {
         None => Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
+            ErrorCode::Unauthorized,
             "send `Authorization: Bearer TOKEN` (the CLI reads CUSTODY_TOKEN)",
         )),
         Some(token) if app.accepts(token.trim()) => Ok(next.run(request).await),
         Some(_) => Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
+            ErrorCode::Unauthorized,
             "the token is not one this service accepts",
         )),
     }
@@ -239,9 +233,25 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<
         Json::<T>::from_request(req, state)
             .await
             .map(|Json(v)| ApiJson(v))
-            .map_err(|e: JsonRejection| {
-                ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.body_text())
-            })
+            .map_err(|e: JsonRejection| ApiError::new(ErrorCode::InvalidRequest, e.body_text()))
+    }
+}
+
+/// A build id in the path; one that cannot be a build id is no build.
+pub struct BuildPath(pub BuildId);
+
+impl<S: Send + Sync> FromRequestParts<S> for BuildPath {
+    type Rejection = ApiError;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        let Path(text) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e.body_text()))?;
+        BuildId::parse(&text)
+            .map(BuildPath)
+            .ok_or_else(|| ApiError::not_found(&text))
     }
 }
 
@@ -257,9 +267,7 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Api
         axum::extract::Query::<T>::from_request_parts(parts, state)
             .await
             .map(|q| ApiQuery(q.0))
-            .map_err(|e: QueryRejection| {
-                ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.body_text())
-            })
+            .map_err(|e: QueryRejection| ApiError::new(ErrorCode::InvalidRequest, e.body_text()))
     }
 }
 
@@ -282,22 +290,18 @@ async fn submit(
     let spec_path = std::path::PathBuf::from(&request.spec_path);
     if request.spec_path.is_empty() || spec_path.is_absolute() || request.spec_path.contains("..") {
         return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             format!(
                 "`spec_path` `{}` must be a relative path inside the source",
                 request.spec_path
             ),
         ));
     }
-    let parsed = spec::parse(&request.spec, &spec_path).map_err(|e| ApiError {
-        status: StatusCode::BAD_REQUEST,
-        detail: ErrorDetail {
-            code: "invalid_spec".to_owned(),
-            message: e.to_string(),
-            line: (e.line > 0).then_some(e.line),
-            column: (e.line > 0).then_some(e.column),
-        },
+    let parsed = spec::parse(&request.spec, &spec_path).map_err(|e| {
+        let mut error = ApiError::new(ErrorCode::InvalidSpec, e.to_string());
+        error.detail.line = (e.line > 0).then_some(e.line);
+        error.detail.column = (e.line > 0).then_some(e.column);
+        error
     })?;
     let asked = request
         .source
@@ -308,7 +312,7 @@ async fn submit(
                     Some(hint) => format!("`source.git`: {e}; {hint}"),
                     None => format!("`source.git`: {e}"),
                 };
-                ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+                ApiError::new(ErrorCode::InvalidRequest, message)
             })?;
             Ok::<_, ApiError>(spec::GitSource {
                 git,
@@ -319,15 +323,13 @@ async fn submit(
     let Some(BuildSource::Git(source)) = BuildSource::choose(asked, parsed.source.as_ref(), None)
     else {
         return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             "name the git source to build: `source` in the request or in the spec",
         ));
     };
     if source.revision.trim().is_empty() {
         return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             "`source.revision` must not be empty",
         ));
     }
@@ -375,20 +377,31 @@ async fn list(
     let limit = query.limit.unwrap_or(50);
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             format!("`limit` must be 1 to {MAX_PAGE}, not {limit}"),
         ));
     }
+    let before = query
+        .before
+        .as_deref()
+        .map(|text| {
+            BuildId::parse(text).ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    format!("`before` `{text}` is not a build id: pass a page's `next`"),
+                )
+            })
+        })
+        .transpose()?;
     let state = query.state.map(to_store_state);
     let records = app
         .queue
         .service()
         .store
-        .list(state, query.before.as_deref(), limit)
+        .list(state, before.as_ref(), limit)
         .await?;
     let next = (records.len() as i64 == limit)
-        .then(|| records.last().map(|r| r.id.clone()))
+        .then(|| records.last().map(|r| r.id.to_string()))
         .flatten();
     Ok(Json(BuildList {
         builds: records
@@ -408,7 +421,7 @@ async fn list(
         (status = 404, description = "No such build", body = ErrorBody),
     )
 )]
-async fn show(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn show(State(app): State<Arc<App>>, BuildPath(id): BuildPath) -> Result<Response, ApiError> {
     let cached = app.ended.lock().expect("not poisoned").get(&id).cloned();
     let body = match cached {
         Some(body) => body,
@@ -465,7 +478,7 @@ struct LogsQuery {
 )]
 async fn logs(
     State(app): State<Arc<App>>,
-    Path(id): Path<String>,
+    BuildPath(id): BuildPath,
     headers: HeaderMap,
     ApiQuery(query): ApiQuery<LogsQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
@@ -486,7 +499,7 @@ async fn logs(
 /// build runs (another daemon may be writing them), then `end`.
 fn log_events(
     app: Arc<App>,
-    id: String,
+    id: BuildId,
     after: i64,
     follow: bool,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
@@ -561,7 +574,7 @@ fn log_event(seq: i64, line: store::LogLine) -> Event {
             LogStream::Stdout
         },
         line: String::from_utf8_lossy(&line.line).into_owned(),
-        time: line.unix_millis,
+        time: line.time.unix_millis(),
     };
     Event::default()
         .event("log")
@@ -585,17 +598,16 @@ fn log_event(seq: i64, line: store::LogLine) -> Event {
 )]
 async fn cancel(
     State(app): State<Arc<App>>,
-    Path(id): Path<String>,
+    BuildPath(id): BuildPath,
 ) -> Result<(StatusCode, Json<Build>), ApiError> {
     let store = &app.queue.service().store;
-    let now = custody_daemon::build::now();
-    match store.cancel(&id, "cancelled through the API", &now).await? {
+    let now = app.queue.config().clock.now();
+    match store.cancel(&id, "cancelled through the API", now).await? {
         CancelOutcome::Cancelled => {}
         CancelOutcome::Requested => app.queue.cancel_local(&id),
         CancelOutcome::AlreadyEnded(state) => {
             return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "already_ended",
+                ErrorCode::AlreadyEnded,
                 format!("build `{id}` already ended: {}", state.as_str()),
             ));
         }
@@ -620,7 +632,7 @@ async fn cancel(
 )]
 async fn provenance(
     State(app): State<Arc<App>>,
-    Path(id): Path<String>,
+    BuildPath(id): BuildPath,
 ) -> Result<Response, ApiError> {
     let store = &app.queue.service().store;
     match store.provenance(&id).await? {
@@ -635,8 +647,7 @@ async fn provenance(
         None => match store.build(&id).await? {
             None => Err(ApiError::not_found(&id)),
             Some(record) => Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "no_provenance",
+                ErrorCode::NoProvenance,
                 format!(
                     "build `{id}` published no provenance (it is {}; only a succeeded build has one)",
                     record.state.as_str()
@@ -660,11 +671,7 @@ async fn keys(State(app): State<Arc<App>>) -> Json<KeyList> {
 
 async fn readyz(State(app): State<Arc<App>>) -> Result<&'static str, ApiError> {
     if app.shutting_down.load(Ordering::Relaxed) {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "shutting down",
-        ));
+        return Err(ApiError::new(ErrorCode::Unavailable, "shutting down"));
     }
     app.queue.service().store.ping().await?;
     Ok("ready\n")
@@ -702,12 +709,12 @@ fn to_build(record: BuildRecord, outputs: Vec<store::Output>) -> Build {
             store::State::Failed => BuildState::Failed,
             store::State::Cancelled => BuildState::Cancelled,
         },
-        source: serde_json::from_str(&record.source).unwrap_or(serde_json::Value::Null),
-        id: record.id,
+        source: record.source.to_json(),
+        id: record.id.to_string(),
         spec_path: record.spec_path,
-        created_at: record.created_at,
-        started_at: record.started_at,
-        finished_at: record.finished_at,
+        created_at: record.created_at.rfc3339(),
+        started_at: record.started_at.map(Timestamp::rfc3339),
+        finished_at: record.finished_at.map(Timestamp::rfc3339),
         error: record.error,
         daemon: record.owner,
         cancel_requested: record
@@ -718,7 +725,7 @@ fn to_build(record: BuildRecord, outputs: Vec<store::Output>) -> Build {
             .into_iter()
             .map(|o| Output {
                 reference: o.reference,
-                digest: o.digest,
+                digest: o.digest.to_string(),
                 size: o.size,
             })
             .collect(),

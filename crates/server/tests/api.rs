@@ -177,10 +177,14 @@ async fn the_api_refuses_what_it_cannot_serve(backend: Backend) {
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "invalid_request", "{body}");
 
+    // Ids that cannot be build ids and ids of no build are both no build.
     for path in [
         "/api/v1/builds/01234567-no-such-build",
         "/api/v1/builds/01234567-no-such-build/logs",
         "/api/v1/builds/01234567-no-such-build/provenance",
+        "/api/v1/builds/0196f7a0-aaaa-7bbb-8ccc-ddddeeeeffff",
+        "/api/v1/builds/0196f7a0-aaaa-7bbb-8ccc-ddddeeeeffff/logs",
+        "/api/v1/builds/0196f7a0-aaaa-7bbb-8ccc-ddddeeeeffff/provenance",
     ] {
         let response = http
             .get(format!("{url}{path}"))
@@ -193,12 +197,30 @@ async fn the_api_refuses_what_it_cannot_serve(backend: Backend) {
         assert_eq!(body["error"]["code"], "not_found", "{body}");
     }
     let response = http
-        .get(format!("{url}/api/v1/builds?limit=0"))
+        .post(format!(
+            "{url}/api/v1/builds/0196f7a0-aaaa-7bbb-8ccc-ddddeeeeffff/cancel"
+        ))
         .bearer_auth(TOKEN)
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 400);
+    assert_eq!(response.status(), 404);
+    for (query, says) in [
+        ("limit=0", "`limit` must be 1 to"),
+        ("before=../../etc", "`before` `../../etc` is not a build id"),
+    ] {
+        let response = http
+            .get(format!("{url}/api/v1/builds?{query}"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{query}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "invalid_request", "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(says), "{message}");
+    }
 
     // The OpenAPI document describes the routes it serves.
     let openapi: serde_json::Value = http

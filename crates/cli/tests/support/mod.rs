@@ -39,11 +39,11 @@ pub fn payload(envelope_file: &Path) -> serde_json::Value {
 }
 
 /// The build id `custody build` announced (`==> build ID`).
-pub fn build_id(output: &Output) -> String {
+pub fn build_id(output: &Output) -> custody_daemon::record::BuildId {
     String::from_utf8_lossy(&output.stderr)
         .lines()
         .find_map(|l| l.strip_prefix("==> build "))
-        .map(|id| id.trim().to_owned())
+        .and_then(|id| custody_daemon::record::BuildId::parse(id.trim()))
         .expect("custody build names its build")
 }
 

@@ -20,9 +20,6 @@ pub enum BuildError {
         #[source]
         source: std::io::Error,
     },
-    /// Neither the spec nor the caller named a source.
-    #[error("the spec names no `source` and no directory was given")]
-    NoSource,
     /// A step image's tag could not be resolved to a digest.
     #[error("step `{step}`: image `{image}`: {source}")]
     StepImage {

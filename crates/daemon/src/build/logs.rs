@@ -1,5 +1,6 @@
 //! A build's log on its way to the store.
 
+use crate::record::BuildId;
 use crate::store::{self, Store, StoreError};
 
 /// Log lines on their way to the store: one task appends them in order, a
@@ -14,7 +15,7 @@ pub const LOG_BATCH_INTERVAL: std::time::Duration = std::time::Duration::from_mi
 const LOG_BATCH_LINES: usize = 1000;
 
 impl LogWriter {
-    pub(crate) fn start(store: Store, id: String) -> Self {
+    pub(crate) fn start(store: Store, id: BuildId) -> Self {
         let (lines, mut incoming) = tokio::sync::mpsc::unbounded_channel();
         let task = tokio::spawn(async move {
             let mut batch = Vec::new();

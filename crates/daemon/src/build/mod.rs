@@ -21,9 +21,8 @@ mod publish;
 mod run;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use custody_attest::keys::SigningKey;
 use custody_attest::statement::{
@@ -39,6 +38,7 @@ pub use logs::LOG_BATCH_INTERVAL;
 
 use crate::bounds::StepBounds;
 use crate::dispatch::Dispatcher;
+use crate::record::{BuildId, Timestamp};
 use crate::source::BuildSource;
 use crate::spec::{self, Spec};
 use crate::store::{Ending, NewBuild, State, Store, StoreError};
@@ -57,7 +57,7 @@ pub struct BuildRequest {
     pub spec: Spec,
     /// What it builds: the submitted source, else the spec's, else the
     /// directory given.
-    pub source: Option<BuildSource>,
+    pub source: BuildSource,
 }
 
 impl BuildRequest {
@@ -68,17 +68,11 @@ impl BuildRequest {
     pub fn parse(
         spec_path: PathBuf,
         spec_bytes: Vec<u8>,
-        directory: Option<PathBuf>,
+        directory: &Path,
     ) -> Result<Self, spec::SpecError> {
-        let text = std::str::from_utf8(&spec_bytes).map_err(|e| spec::SpecError {
-            file: spec_path.clone(),
-            line: 0,
-            column: 0,
-            message: format!("the spec is not UTF-8 text: {e}"),
-            snippet: None,
-        })?;
-        let spec = spec::parse(text, &spec_path)?;
-        let source = BuildSource::choose(None, spec.source.as_ref(), directory.as_deref());
+        let spec = parse_spec(&spec_path, &spec_bytes)?;
+        let source = BuildSource::choose(None, spec.source.as_ref(), Some(directory))
+            .unwrap_or_else(|| BuildSource::Directory(directory.to_owned()));
         Ok(Self {
             spec_path,
             spec_bytes,
@@ -86,6 +80,33 @@ impl BuildRequest {
             source,
         })
     }
+
+    /// The request for a recorded build: its spec's bytes and the source
+    /// chosen when it was submitted.
+    pub fn recorded(
+        spec_path: PathBuf,
+        spec_bytes: Vec<u8>,
+        source: BuildSource,
+    ) -> Result<Self, spec::SpecError> {
+        let spec = parse_spec(&spec_path, &spec_bytes)?;
+        Ok(Self {
+            spec_path,
+            spec_bytes,
+            spec,
+            source,
+        })
+    }
+}
+
+fn parse_spec(spec_path: &Path, spec_bytes: &[u8]) -> Result<Spec, spec::SpecError> {
+    let text = std::str::from_utf8(spec_bytes).map_err(|e| spec::SpecError {
+        file: spec_path.to_owned(),
+        line: 0,
+        column: 0,
+        message: format!("the spec is not UTF-8 text: {e}"),
+        snippet: None,
+    })?;
+    spec::parse(text, spec_path)
 }
 
 /// The daemon's side of building: everything trusted that a build needs.
@@ -111,7 +132,7 @@ pub struct BuildService {
 #[derive(Debug)]
 pub enum Progress {
     Queued {
-        id: String,
+        id: BuildId,
     },
     Source {
         description: String,
@@ -139,24 +160,24 @@ pub enum Progress {
 #[derive(Debug)]
 pub enum Outcome {
     Succeeded {
-        id: String,
+        id: BuildId,
         /// The signed DSSE envelope (JSON).
         envelope: Vec<u8>,
         subjects: Vec<ResourceDescriptor>,
     },
     Failed {
-        id: String,
+        id: BuildId,
         /// Why, with what to do about it when there is something to say.
         error: String,
     },
     Cancelled {
-        id: String,
+        id: BuildId,
         reason: String,
     },
 }
 
 impl Outcome {
-    pub fn id(&self) -> &str {
+    pub fn id(&self) -> &BuildId {
         match self {
             Outcome::Succeeded { id, .. }
             | Outcome::Failed { id, .. }
@@ -173,16 +194,16 @@ impl Outcome {
     }
 
     /// The outcome a store record tells (another daemon ended the build).
-    fn recorded(id: &str, state: Option<State>, error: Option<String>) -> Self {
+    fn recorded(id: &BuildId, state: Option<State>, error: Option<String>) -> Self {
         let error = error
             .unwrap_or_else(|| "the build was ended elsewhere while this daemon ran it".to_owned());
         match state {
             Some(State::Cancelled) => Outcome::Cancelled {
-                id: id.to_owned(),
+                id: id.clone(),
                 reason: error,
             },
             _ => Outcome::Failed {
-                id: id.to_owned(),
+                id: id.clone(),
                 error,
             },
         }
@@ -199,18 +220,18 @@ impl BuildService {
         mut progress: impl FnMut(Progress) + Send,
         cancel: impl Future<Output = String> + Send,
     ) -> Result<Outcome, StoreError> {
-        let id = uuid::Uuid::now_v7().to_string();
-        let source = external_source(&request);
+        let id = BuildId::new();
+        let now = Timestamp::now();
         self.store
             .insert_running(
                 &NewBuild {
                     id: &id,
                     spec_path: &request.spec_path.display().to_string(),
                     spec: &request.spec_bytes,
-                    source: &source.to_string(),
-                    created_at: &now(),
+                    source: &request.source,
+                    created_at: now,
                 },
-                &now(),
+                now,
             )
             .await?;
         progress(Progress::Queued { id: id.clone() });
@@ -225,16 +246,15 @@ impl BuildService {
         spec_path: &str,
         spec_bytes: &[u8],
         source: &spec::GitSource,
-    ) -> Result<String, StoreError> {
-        let id = uuid::Uuid::now_v7().to_string();
-        let source = BuildSource::Git(source.clone()).to_json();
+    ) -> Result<BuildId, StoreError> {
+        let id = BuildId::new();
         self.store
             .enqueue(&NewBuild {
                 id: &id,
                 spec_path,
                 spec: spec_bytes,
-                source: &source.to_string(),
-                created_at: &now(),
+                source: &BuildSource::Git(source.clone()),
+                created_at: Timestamp::now(),
             })
             .await?;
         Ok(id)
@@ -245,13 +265,13 @@ impl BuildService {
     /// lines reach the store in batches while it runs.
     pub async fn run_recorded(
         &self,
-        id: &str,
+        id: &BuildId,
         owner: Option<&str>,
         request: &BuildRequest,
         mut progress: impl FnMut(Progress) + Send,
         cancel: impl Future<Output = String> + Send,
     ) -> Result<Outcome, StoreError> {
-        let logs = LogWriter::start(self.store.clone(), id.to_owned());
+        let logs = LogWriter::start(self.store.clone(), id.clone());
         let result = self
             .execute(id, owner, request, &mut progress, &logs, cancel)
             .await;
@@ -272,7 +292,7 @@ impl BuildService {
                 owner,
                 &Ending {
                     state,
-                    finished_at: &now(),
+                    finished_at: Timestamp::now(),
                     error: error.as_deref(),
                     outputs,
                     provenance: envelope,
@@ -288,7 +308,7 @@ impl BuildService {
                 record.and_then(|r| r.error),
             ));
         }
-        let id = id.to_owned();
+        let id = id.clone();
         Ok(match result {
             Ok(published) => Outcome::Succeeded {
                 id,
@@ -309,14 +329,14 @@ impl BuildService {
     /// The stages, in order; the first failure ends the build.
     async fn execute(
         &self,
-        id: &str,
+        id: &BuildId,
         owner: Option<&str>,
         request: &BuildRequest,
         progress: &mut (impl FnMut(Progress) + Send),
         logs: &LogWriter,
         cancel: impl Future<Output = String> + Send,
     ) -> Result<Published, BuildError> {
-        let started_on = now();
+        let started_on = Timestamp::now();
         let mut clients = Clients::new(&self.registry);
         let plan = self.plan(id, request, &mut clients, progress).await?;
         // From here on a runner may exist: this build must never be handed
@@ -333,7 +353,7 @@ impl BuildService {
 
     /// A daemon whose lease ran out while the runner worked must not
     /// publish: another daemon has already ended the build.
-    async fn ensure_claim(&self, id: &str, owner: Option<&str>) -> Result<(), BuildError> {
+    async fn ensure_claim(&self, id: &BuildId, owner: Option<&str>) -> Result<(), BuildError> {
         let Some(owner) = owner else {
             return Ok(());
         };
@@ -352,18 +372,18 @@ impl BuildService {
     /// The SLSA provenance of build `id` (custody's build type).
     fn provenance(
         &self,
-        id: &str,
+        id: &BuildId,
         request: &BuildRequest,
         plan: Plan,
         ran: Ran,
-        started_on: String,
+        started_on: Timestamp,
     ) -> Provenance {
         let spec_digest = custody_oci::digest::sha256(&request.spec_bytes);
         Provenance {
             build_definition: BuildDefinition {
                 build_type: BUILD_TYPE.to_owned(),
                 external_parameters: json!({
-                    "source": external_source(request),
+                    "source": request.source.to_json(),
                     "spec": {
                         "path": request.spec_path.display().to_string(),
                         "digest": { "sha256": spec_digest.digest() },
@@ -399,9 +419,9 @@ impl BuildService {
                     )]),
                 },
                 metadata: Some(BuildMetadata {
-                    invocation_id: id.to_owned(),
-                    started_on: Some(started_on),
-                    finished_on: Some(now()),
+                    invocation_id: id.to_string(),
+                    started_on: Some(started_on.rfc3339()),
+                    finished_on: Some(Timestamp::now().rfc3339()),
                 }),
                 byproducts: ran.logs.byproducts(&request.spec),
             },
@@ -437,23 +457,4 @@ impl BuildService {
             },
         })
     }
-}
-
-/// `externalParameters.source`: what the build was asked to build.
-fn external_source(request: &BuildRequest) -> serde_json::Value {
-    request
-        .source
-        .as_ref()
-        .map_or_else(|| json!({}), BuildSource::to_json)
-}
-
-fn now_millis() -> i64 {
-    SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-pub fn now() -> String {
-    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }

@@ -15,6 +15,8 @@ use custody_oci::{Location, Reference};
 use custody_provenance::build_type;
 use custody_wire::rpc::proto;
 
+use crate::record::BuildId;
+
 use super::{BuildError, BuildRequest, BuildService, Progress};
 use crate::source::BuildSource;
 use crate::spec::{self, Values};
@@ -72,7 +74,7 @@ impl BuildService {
     /// Plans build `id` of `request`.
     pub(crate) async fn plan(
         &self,
-        id: &str,
+        id: &BuildId,
         request: &BuildRequest,
         clients: &mut Clients<'_>,
         progress: &mut (impl FnMut(Progress) + Send),
@@ -82,7 +84,7 @@ impl BuildService {
         let values = Values {
             revision: &source.revision,
             commit: &source.commit,
-            job: id,
+            job: id.as_str(),
         };
         let declared = request
             .spec
@@ -123,7 +125,7 @@ impl BuildService {
     /// The job as the runner gets it.
     async fn job(
         &self,
-        id: &str,
+        id: &BuildId,
         request: &BuildRequest,
         source: &proto::source::Kind,
         step_images: &[ResourceDescriptor],
@@ -133,7 +135,7 @@ impl BuildService {
         let (images, artifacts) = outputs.split_at(spec.images.len());
         let hosts = registry_hosts(outputs, step_images);
         Ok(proto::Job {
-            job_id: id.to_owned(),
+            job_id: id.to_string(),
             steps: spec
                 .steps
                 .iter()
@@ -227,9 +229,8 @@ async fn resolve_source(
     progress: &mut (impl FnMut(Progress) + Send),
 ) -> Result<Source, BuildError> {
     let dir = match &request.source {
-        Some(BuildSource::Git(git)) => return resolve_git(git, progress).await,
-        Some(BuildSource::Directory(dir)) => dir,
-        None => return Err(BuildError::NoSource),
+        BuildSource::Git(git) => return resolve_git(git, progress).await,
+        BuildSource::Directory(dir) => dir,
     };
     let dir = dir
         .canonicalize()

@@ -160,7 +160,7 @@ pub(crate) async fn tag_all(
         });
         outputs.push(store::Output {
             reference: output.destination.to_string(),
-            digest: output.manifest.digest().to_string(),
+            digest: output.manifest.digest().clone(),
             size: output.manifest.size(),
         });
     }

@@ -12,8 +12,9 @@ use custody_wire::events::{Isolation, JobEnd, LogLine, Pushed, RunnerEvent, Stre
 
 use super::logs::LogWriter;
 use super::plan::Plan;
-use super::{BuildError, BuildService, Progress, now_millis};
+use super::{BuildError, BuildService, Progress};
 use crate::bounds::{LogBackstop, cut_marker};
+use crate::record::Timestamp;
 use crate::spec::Spec;
 use crate::store;
 
@@ -144,7 +145,7 @@ impl Recording<'_> {
             step: line.step,
             stream: line.stream.number(),
             line: line.line.clone(),
-            unix_millis: line.unix_millis,
+            time: Timestamp::from_unix_millis(line.unix_millis),
         });
     }
 }
@@ -155,6 +156,6 @@ fn note(step: u32, text: String) -> LogLine {
         step,
         stream: Stream::Stderr,
         line: text.into_bytes(),
-        unix_millis: now_millis(),
+        unix_millis: Timestamp::now().unix_millis(),
     }
 }
