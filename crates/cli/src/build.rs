@@ -100,7 +100,10 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
                 .map_or_else(String::new, |p| p.display().to_string())
         );
     }
-    let step_names: Vec<String> = request.spec.steps.iter().map(|s| s.name.clone()).collect();
+    let step_names: Vec<String> = request
+        .given_spec()
+        .map(|spec| spec.steps.iter().map(|s| s.name.clone()).collect())
+        .unwrap_or_default();
     let mut printer = Printer { step_names };
     let cancel = async {
         let _ = tokio::signal::ctrl_c().await;

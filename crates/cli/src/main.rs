@@ -136,6 +136,12 @@ struct VerifyArgs {
     /// repository at any commit).
     #[arg(long)]
     allow_dirty: bool,
+    /// Accept a spec that was not read from the source at the commit
+    /// built (sent inline to a service, or a local file of `custody
+    /// build`) when `--source` is given (by default it fails: the source
+    /// alone does not say what was built).
+    #[arg(long)]
+    allow_inline_spec: bool,
     /// Print the verified statement as JSON.
     #[arg(long)]
     json: bool,
@@ -464,6 +470,7 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
         allowed_step_images: (!args.allow_step_images.is_empty())
             .then(|| args.allow_step_images.clone()),
         allow_dirty: args.allow_dirty,
+        allow_inline_spec: args.allow_inline_spec,
     };
     let verified = custody_provenance::verify::verify(&location, &options, &key, &policy).await?;
     if args.json {

@@ -56,6 +56,10 @@ pub struct ServeArgs {
     /// cancelled [default: 60].
     #[arg(long, value_name = "SECONDS")]
     grace_seconds: Option<u64>,
+    /// A build still going after this many seconds is failed, naming
+    /// the phase it was in [default: 21600, six hours].
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    max_build_seconds: Option<u64>,
     /// Where the runner connector listens [default: 127.0.0.1:0].
     #[arg(long, value_name = "ADDR")]
     runner_listen: Option<String>,
@@ -179,6 +183,8 @@ impl ServeArgs {
             step_ids: self.bounds.step_ids.clone(),
             max_image_size: self.bounds.max_image_size.clone(),
             max_image_layers: self.bounds.max_image_layers,
+            max_build_seconds: self.max_build_seconds,
+            ..Config::default()
         }
     }
 }
@@ -212,10 +218,22 @@ impl ServerArgs {
 pub struct SubmitArgs {
     #[command(flatten)]
     server: ServerArgs,
-    /// The directory whose `custody.yaml` to submit.
+    /// A checkout of the repository to build (its `origin` at its current
+    /// commit, unless `--git` names the source).
     #[arg(value_name = "DIR", default_value = ".")]
     dir: PathBuf,
-    /// The spec file (default: `DIR/custody.yaml`).
+    /// The spec's path in the source; the server reads it there, at the
+    /// commit it builds.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "custody.yaml",
+        conflicts_with = "file"
+    )]
+    spec_path: String,
+    /// Send this spec's text with the build instead (only where the
+    /// service allows inline specs; the provenance says so, and
+    /// `custody verify --source` then needs `--allow-inline-spec`).
     #[arg(short = 'f', long = "file", value_name = "FILE")]
     file: Option<PathBuf>,
     /// The git repository the server builds [default: the spec's `source`,
@@ -232,14 +250,18 @@ pub struct SubmitArgs {
 }
 
 pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
-    let spec_path = args
-        .file
-        .clone()
-        .unwrap_or_else(|| args.dir.join("custody.yaml"));
-    let spec = fs_err::read_to_string(&spec_path).map_err(|e| Usage(e.to_string()))?;
-    // The spec is checked here first, for the file's own name in errors.
-    let parsed = custody_daemon::spec::parse(&spec, &spec_path)?;
-    let source = match (&args.git, parsed.source.is_some()) {
+    // An inline spec is checked here first, for the file's own name in
+    // errors; it may name its own source.
+    let inline = match &args.file {
+        Some(path) => {
+            let text = fs_err::read_to_string(path).map_err(|e| Usage(e.to_string()))?;
+            let parsed = custody_daemon::spec::parse(&text, path)?;
+            Some((path.clone(), text, parsed.source.is_some()))
+        }
+        None => None,
+    };
+    let names_source = inline.as_ref().is_some_and(|(_, _, named)| *named);
+    let source = match (&args.git, names_source) {
         (Some(git), _) => Some(GitSource {
             git: git.clone(),
             revision: args.revision.clone().unwrap_or_else(|| "HEAD".to_owned()),
@@ -247,20 +269,29 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
         (None, true) => None,
         (None, false) => Some(checkout_source(&args.dir, args.revision.as_deref()).await?),
     };
-    let relative = spec_path
-        .strip_prefix(&args.dir)
-        .unwrap_or(&spec_path)
-        .display()
-        .to_string();
+    let (spec_path, spec) = match inline {
+        Some((path, text, _)) => {
+            let relative = path
+                .strip_prefix(&args.dir)
+                .unwrap_or(&path)
+                .display()
+                .to_string();
+            (relative, Some((path, text)))
+        }
+        None => (args.spec_path.clone(), None),
+    };
     let client = args.server.client()?;
     let build = client
         .submit(&SubmitRequest {
-            spec,
-            spec_path: relative,
+            spec_path: spec_path.clone(),
             source,
+            spec: spec.as_ref().map(|(_, text)| text.clone()),
         })
         .await
-        .map_err(|e| spec_located(e, &spec_path))?;
+        .map_err(|e| match &spec {
+            Some((file, _)) => spec_located(e, file),
+            None => e.into(),
+        })?;
     if args.server.json && !args.follow {
         return print_json(&build);
     }

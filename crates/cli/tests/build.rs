@@ -232,11 +232,27 @@ fn the_example_builds_pushes_and_verifies_with_independent_tools() {
         custody(&args)
     };
     let source_url = format!("file://{}", src.canonicalize().unwrap().display());
+    let source = format!("{source_url}@{commit}");
+    // The spec came from `-f`, outside the source: the source alone does
+    // not say what was built, so a source policy needs the user's consent.
+    let not_from_source = verify(&["--source", &source]);
+    assert_eq!(
+        not_from_source.status.code(),
+        Some(1),
+        "{}",
+        text(&not_from_source)
+    );
+    assert!(
+        String::from_utf8_lossy(&not_from_source.stderr).contains("--allow-inline-spec"),
+        "{}",
+        text(&not_from_source)
+    );
     let good = verify(&[
         "--builder-id",
         "https://ci.example.org/custody",
         "--source",
-        &format!("{source_url}@{commit}"),
+        &source,
+        "--allow-inline-spec",
     ]);
     assert!(good.status.success(), "{}", text(&good));
     let wrong_builder = verify(&["--builder-id", "https://evil.example.org"]);
@@ -328,9 +344,12 @@ artifacts:
         args.extend(extra);
         custody(&args)
     };
+    // The spec is the local file that named the repository, not a file of
+    // the commit: a source policy accepts it only when told to.
     let allowed = verify(&[
         "--source",
         &format!("{url}@{v1}"),
+        "--allow-inline-spec",
         "--allow-step-image",
         &image.manifest.digest,
     ]);

@@ -29,6 +29,11 @@ struct DaemonOptions<'a> {
     lease_seconds: u64,
     grace_seconds: u64,
     extra: Vec<String>,
+    /// The configuration file's text (by default: local `file:` sources
+    /// allowed, as the tests' repositories are), and where to write it
+    /// (default: beside the daemon's log).
+    config: String,
+    config_path: Option<PathBuf>,
 }
 
 impl<'a> DaemonOptions<'a> {
@@ -41,6 +46,8 @@ impl<'a> DaemonOptions<'a> {
             lease_seconds: 30,
             grace_seconds: 30,
             extra: Vec::new(),
+            config: "[sources]\nschemes = [\"file\"]\n".to_owned(),
+            config_path: None,
         }
     }
 }
@@ -50,6 +57,11 @@ impl Daemon {
         let port = free_port();
         let log = options.data_dir.join(format!("{}.log", options.name));
         fs_err::create_dir_all(options.data_dir).unwrap();
+        let config = options
+            .config_path
+            .clone()
+            .unwrap_or_else(|| options.data_dir.join(format!("{}.toml", options.name)));
+        fs_err::write(&config, &options.config).unwrap();
         let mut command = Command::new(CUSTODY);
         command
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
@@ -59,6 +71,7 @@ impl Daemon {
             .args(["--lease-seconds", &options.lease_seconds.to_string()])
             .args(["--grace-seconds", &options.grace_seconds.to_string()])
             .args(["--poll-millis", "100"])
+            .args(["--config", &config.display().to_string()])
             .args(&options.extra)
             .env("CUSTODY_TOKEN", TOKEN)
             .env("CUSTODY_LOG", "info")
@@ -159,25 +172,28 @@ fn text(output: &std::process::Output) -> String {
     )
 }
 
-/// A git repository holding `spec` as custody.yaml; returns its file URL.
-fn repository(dir: &Path, spec: &str) -> String {
+/// A git repository holding each `(path, spec)`; returns its file URL.
+fn repository(dir: &Path, specs: &[(&str, &str)]) -> String {
     let src = dir.join("src");
     fs_err::create_dir_all(&src).unwrap();
-    fs_err::write(src.join("custody.yaml"), spec).unwrap();
+    for (path, spec) in specs {
+        fs_err::write(src.join(path), spec).unwrap();
+    }
     git(&src, &["init", "-q"]);
     git(&src, &["add", "."]);
     git(&src, &["commit", "-qm", "spec"]);
     format!("file://{}", src.display())
 }
 
-fn request(spec: &str, git: &str) -> SubmitRequest {
+/// A build of the spec at `spec_path` in `git`'s `main`.
+fn request(git: &str, spec_path: &str) -> SubmitRequest {
     SubmitRequest {
-        spec: spec.to_owned(),
-        spec_path: "custody.yaml".to_owned(),
+        spec_path: spec_path.to_owned(),
         source: Some(GitSource {
             git: git.to_owned(),
             revision: "main".to_owned(),
         }),
+        spec: None,
     }
 }
 
@@ -202,14 +218,15 @@ custody_testkit::on_both!(
 async fn builds_run_stream_their_logs_and_cancel(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let spec = "steps:\n  - name: count\n    run: for i in 1 2 3; do echo line $i; sleep 0.3; done; echo done >&2\n";
-    let git = repository(dir.path(), spec);
+    let slow = "steps:\n  - name: wait\n    run: echo waiting; sleep 60\n";
+    let git = repository(dir.path(), &[("custody.yaml", spec), ("slow.yaml", slow)]);
     let mut options = DaemonOptions::new("d1", dir.path());
     options.database_url = backend.url();
     options.concurrency = 1;
     let daemon = Daemon::start(options);
     let client = daemon.client();
 
-    let build = client.submit(&request(spec, &git)).await.unwrap();
+    let build = client.submit(&request(&git, "custody.yaml")).await.unwrap();
     assert_eq!(build.state, BuildState::Queued);
     // Followed live: the lines arrive before the build ends, in order.
     let mut lines = Vec::new();
@@ -238,9 +255,8 @@ async fn builds_run_stream_their_logs_and_cancel(backend: Backend) {
     assert_eq!(envelope["signatures"][0]["keyid"], keys.keys[0].key_id);
 
     // Cancel: a running build stops, a queued one never starts.
-    let slow = "steps:\n  - name: wait\n    run: echo waiting; sleep 60\n";
-    let running = client.submit(&request(slow, &git)).await.unwrap();
-    let queued = client.submit(&request(slow, &git)).await.unwrap();
+    let running = client.submit(&request(&git, "slow.yaml")).await.unwrap();
+    let queued = client.submit(&request(&git, "slow.yaml")).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while client.show(&running.id).await.unwrap().state != BuildState::Running {
         assert!(Instant::now() < deadline);
@@ -287,14 +303,15 @@ async fn builds_run_stream_their_logs_and_cancel(backend: Backend) {
 async fn sigterm_lets_running_builds_finish_and_leaves_the_queue(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let short = "steps:\n  - name: s\n    run: echo begun; sleep 2; echo finished\n";
-    let git = repository(dir.path(), short);
+    let slow = "steps:\n  - name: s\n    run: echo begun; sleep 60\n";
+    let git = repository(dir.path(), &[("custody.yaml", short), ("slow.yaml", slow)]);
     let mut options = DaemonOptions::new("d1", dir.path());
     options.database_url = backend.url();
     options.concurrency = 1;
     let mut daemon = Daemon::start(options);
     let client = daemon.client();
-    let first = client.submit(&request(short, &git)).await.unwrap();
-    let second = client.submit(&request(short, &git)).await.unwrap();
+    let first = client.submit(&request(&git, "custody.yaml")).await.unwrap();
+    let second = client.submit(&request(&git, "custody.yaml")).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while client.show(&first.id).await.unwrap().state != BuildState::Running {
         assert!(Instant::now() < deadline);
@@ -317,8 +334,7 @@ async fn sigterm_lets_running_builds_finish_and_leaves_the_queue(backend: Backen
     assert_eq!(second.daemon.as_deref(), Some("d2"));
 
     // Past the grace period a running build is cancelled, with the reason.
-    let slow = "steps:\n  - name: s\n    run: echo begun; sleep 60\n";
-    let third = client.submit(&request(slow, &git)).await.unwrap();
+    let third = client.submit(&request(&git, "slow.yaml")).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while client.show(&third.id).await.unwrap().state != BuildState::Running {
         assert!(Instant::now() < deadline);
@@ -360,7 +376,7 @@ async fn two_daemons_run_each_of_300_builds_exactly_once() {
     let backend = Backend::postgres();
     let dir = tempfile::tempdir().unwrap();
     let spec = "steps:\n  - name: s\n    run: echo ran\n";
-    let git = repository(dir.path(), spec);
+    let git = repository(dir.path(), &[("custody.yaml", spec)]);
     let daemons: Vec<Daemon> = ["a", "b"]
         .iter()
         .map(|name| {
@@ -374,7 +390,13 @@ async fn two_daemons_run_each_of_300_builds_exactly_once() {
     for n in 0..300 {
         // Half submitted to each daemon.
         let client = daemons[n % 2].client();
-        ids.push(client.submit(&request(spec, &git)).await.unwrap().id);
+        ids.push(
+            client
+                .submit(&request(&git, "custody.yaml"))
+                .await
+                .unwrap()
+                .id,
+        );
     }
     let client = daemons[0].client();
     let deadline = Instant::now() + Duration::from_secs(240);
@@ -424,17 +446,23 @@ async fn a_killed_daemons_build_is_ended_by_another() {
     let dir = tempfile::tempdir().unwrap();
     let slow = "steps:\n  - name: s\n    run: echo before the kill; sleep 120\n";
     let quick = "steps:\n  - name: q\n    run: echo quick\n";
-    let git = repository(dir.path(), slow);
+    let git = repository(dir.path(), &[("custody.yaml", slow), ("quick.yaml", quick)]);
     let mut options = DaemonOptions::new("doomed", dir.path());
     options.database_url = backend.url();
     options.concurrency = 1;
     options.lease_seconds = 3;
     let mut doomed = Daemon::start(options);
     let client = doomed.client();
-    let victim = client.submit(&request(slow, &git)).await.unwrap();
+    let victim = client.submit(&request(&git, "custody.yaml")).await.unwrap();
     let mut queued = Vec::new();
     for _ in 0..3 {
-        queued.push(client.submit(&request(quick, &git)).await.unwrap().id);
+        queued.push(
+            client
+                .submit(&request(&git, "quick.yaml"))
+                .await
+                .unwrap()
+                .id,
+        );
     }
     // Wait until its first line is stored, then kill the daemon.
     let store = Store::open(backend.url().unwrap()).await.unwrap();
@@ -478,12 +506,12 @@ async fn a_killed_daemons_build_is_ended_by_another() {
 async fn a_restarted_daemon_ends_the_build_it_was_killed_in() {
     let dir = tempfile::tempdir().unwrap();
     let slow = "steps:\n  - name: s\n    run: echo before the kill; sleep 120\n";
-    let git = repository(dir.path(), slow);
+    let git = repository(dir.path(), &[("custody.yaml", slow)]);
     let mut options = DaemonOptions::new("first-life", dir.path());
     options.lease_seconds = 2;
     let mut daemon = Daemon::start(options);
     let client = daemon.client();
-    let victim = client.submit(&request(slow, &git)).await.unwrap();
+    let victim = client.submit(&request(&git, "custody.yaml")).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let mut lines = Vec::new();
@@ -636,14 +664,19 @@ async fn steps_cannot_read_the_service_tokens() {
         config.display(),
         neighbour.display()
     );
-    let git = repository(dir.path(), &spec);
+    let git = repository(dir.path(), &[("custody.yaml", &spec)]);
     // The data directory is hidden whole; the configuration sits elsewhere.
     let data = dir.path().join("data");
     let mut options = DaemonOptions::new("secretive", &data);
-    options.extra = vec!["--config".into(), config.display().to_string()];
+    options.config = format!(
+        "{}{}",
+        fs_err::read_to_string(&config).unwrap(),
+        options.config
+    );
+    options.config_path = Some(config.clone());
     let daemon = Daemon::start(options);
     let client = daemon.client();
-    let build = client.submit(&request(&spec, &git)).await.unwrap();
+    let build = client.submit(&request(&git, "custody.yaml")).await.unwrap();
     let mut lines = Vec::new();
     let ended = client
         .logs(&build.id, true, |e| lines.push(e.line))
@@ -678,4 +711,272 @@ fn an_address_in_use_exits_3_naming_it() {
         stderr.contains(&format!("cannot listen on `{addr}`")),
         "{stderr}"
     );
+}
+
+/// A server that accepts connections and never answers; its address.
+fn tarpit() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming() {
+            held.push(stream);
+        }
+    });
+    addr
+}
+
+/// `custody verify` of a pushed output with the service's key.
+async fn verify(
+    daemon: &Daemon,
+    registry: &Registry,
+    output: &str,
+    extra: &[&str],
+) -> std::process::Output {
+    let keys = daemon.client().keys().await.unwrap();
+    let key = daemon.log.with_extension("pub");
+    fs_err::write(&key, &keys.keys[0].pem).unwrap();
+    Command::new(CUSTODY)
+        .args(["verify", output, "--insecure-registry", registry.host()])
+        .args(["--key", &key.display().to_string()])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// Regression (attack): with a valid token, a submitted spec that wrote
+/// `BACKDOOR` into the artifact passed `custody verify --source
+/// SOURCE@COMMIT` just as the repository's own spec did. The spec now comes
+/// from the source; where inline specs are allowed, the provenance says so
+/// and `--source` fails unless `--allow-inline-spec`.
+#[tokio::test]
+async fn a_spec_from_the_source_verifies_and_an_inline_one_must_be_allowed() {
+    let registry = Registry::builder().start();
+    let dir = tempfile::tempdir().unwrap();
+    let artifact = |word: &str| {
+        format!(
+            "steps:\n  - name: make\n    run: echo {word} > out.txt\nartifacts:\n  - paths: [out.txt]\n    to: {}/team/app:{{job}}\n",
+            registry.host()
+        )
+    };
+    let git = repository(dir.path(), &[("custody.yaml", &artifact("GOOD"))]);
+    let commit = git_head(&dir);
+    let mut options = DaemonOptions::new("inline", dir.path());
+    options.config = format!("allow_inline_specs = true\n{}", options.config);
+    options.extra = vec!["--insecure-registry".into(), registry.host().into()];
+    let daemon = Daemon::start(options);
+    let client = daemon.client();
+
+    let from_source = client.submit(&request(&git, "custody.yaml")).await.unwrap();
+    let mut inline = request(&git, "custody.yaml");
+    inline.spec = Some(artifact("BACKDOOR"));
+    let inline = client.submit(&inline).await.unwrap();
+    let source = format!("{git}@{commit}");
+    let mut verdicts = Vec::new();
+    for build in [&from_source, &inline] {
+        let ended = wait_ended(&client, &build.id, Duration::from_secs(60)).await;
+        assert_eq!(
+            ended.state,
+            BuildState::Succeeded,
+            "{ended:?}\n{}",
+            daemon.log()
+        );
+        let output = &ended.outputs[0];
+        let pinned = format!("{}@{}", output.reference, output.digest);
+        let strict = verify(&daemon, &registry, &pinned, &["--source", &source]).await;
+        let lenient = verify(
+            &daemon,
+            &registry,
+            &pinned,
+            &["--source", &source, "--allow-inline-spec"],
+        )
+        .await;
+        verdicts.push((strict, lenient));
+    }
+    let [(good, good_lenient), (backdoor, backdoor_lenient)] = verdicts.as_slice() else {
+        unreachable!()
+    };
+    assert!(good.status.success(), "{}", text(good));
+    assert!(good_lenient.status.success(), "{}", text(good_lenient));
+    assert_eq!(backdoor.status.code(), Some(1), "{}", text(backdoor));
+    assert!(
+        text(backdoor).contains("not read from the source"),
+        "{}",
+        text(backdoor)
+    );
+    assert!(
+        backdoor_lenient.status.success(),
+        "{}",
+        text(backdoor_lenient)
+    );
+}
+
+/// The commit `repository` made.
+fn git_head(dir: &tempfile::TempDir) -> String {
+    git(&dir.path().join("src"), &["rev-parse", "HEAD"])
+}
+
+/// Regression (attack): stored errors told a refused port from an HTTP
+/// error from an SSH banner, making the service a port scanner. Whatever
+/// answered, a submitter learns only that the source could not be fetched;
+/// the operator's log has the reason.
+#[tokio::test]
+async fn a_failed_fetch_tells_the_submitter_nothing_of_what_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let banner = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let banner_addr = banner.local_addr().unwrap();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        for stream in banner.incoming().flatten() {
+            let mut stream = stream;
+            let _ = stream.write_all(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n");
+        }
+    });
+    let mut options = DaemonOptions::new("opaque", dir.path());
+    options.config = "[sources]\nschemes = [\"https\"]\nhosts = [\"127.0.0.1\"]\n".into();
+    let daemon = Daemon::start(options);
+    let client = daemon.client();
+    let mut errors = Vec::new();
+    for addr in [closed, banner_addr] {
+        let mut submitted = request(&format!("https://{addr}/team/app.git"), "custody.yaml");
+        submitted.source.as_mut().unwrap().revision = "main".into();
+        let build = client.submit(&submitted).await.unwrap();
+        let ended = wait_ended(&client, &build.id, Duration::from_secs(60)).await;
+        assert_eq!(ended.state, BuildState::Failed, "{ended:?}");
+        errors.push(ended.error.unwrap());
+    }
+    assert_eq!(errors[0], errors[1], "the two failures can be told apart");
+    assert!(errors[0].contains("could not be fetched"), "{}", errors[0]);
+    for word in ["refused", "SSH", "SSL", "TLS", &closed.port().to_string()] {
+        assert!(!errors[0].contains(word), "{word} in {}", errors[0]);
+    }
+    let log = daemon.log();
+    assert!(
+        log.contains(&banner_addr.to_string()),
+        "the operator's log has the reason:\n{log}"
+    );
+}
+
+/// Regression (attack): any absolute `oci:` path was a destination. A spec
+/// from the source that names one outside `destinations.oci_roots` fails
+/// before any step runs, naming the rule and the spec's line.
+#[tokio::test]
+async fn a_destination_outside_the_policy_fails_before_any_step_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("evil");
+    let spec = format!(
+        "steps:\n  - name: a\n    run: echo STEP RAN > x\nartifacts:\n  - paths: [x]\n    to: oci:{}:v1\n",
+        target.display()
+    );
+    let git = repository(dir.path(), &[("custody.yaml", &spec)]);
+    let daemon = Daemon::start(DaemonOptions::new("fenced", dir.path()));
+    let client = daemon.client();
+    let build = client.submit(&request(&git, "custody.yaml")).await.unwrap();
+    let mut lines = Vec::new();
+    let ended = client
+        .logs(&build.id, true, |e| lines.push(e.line))
+        .await
+        .unwrap();
+    assert_eq!(ended.state, BuildState::Failed, "{ended:?}");
+    let error = ended.error.unwrap();
+    assert!(error.contains("custody.yaml:6:9"), "{error}");
+    assert!(error.contains("destinations.oci_roots"), "{error}");
+    assert!(lines.is_empty(), "a step ran: {lines:?}");
+    assert!(!target.exists(), "the layout was written");
+}
+
+/// Regression (attack): three builds whose source was a tarpit held all
+/// three slots for minutes and cancel did nothing. Cancel now ends each
+/// within a second, and the queue moves on; a build stuck past
+/// `max_build_seconds` (a tarpit source, a registry that never answers) is
+/// failed naming the phase.
+#[tokio::test]
+async fn tarpits_are_cancelled_at_once_and_bounded_by_the_build_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let pit = tarpit();
+    let quick = "steps:\n  - name: q\n    run: echo quick\n";
+    let stuck_image =
+        format!("steps:\n  - name: s\n    image: {pit}/tools/img:latest\n    run: 'true'\n");
+    let git = repository(
+        dir.path(),
+        &[("custody.yaml", quick), ("image.yaml", &stuck_image)],
+    );
+    let pit_source = format!("https://{pit}/team/app.git");
+    let mut options = DaemonOptions::new("pits", dir.path());
+    options.concurrency = 3;
+    options.config = "[sources]\nschemes = [\"https\", \"file\"]\nhosts = [\"127.0.0.1\"]\n".into();
+    options.extra = vec!["--insecure-registry".into(), pit.to_string()];
+    let daemon = Daemon::start(options);
+    let client = daemon.client();
+    let mut stuck = Vec::new();
+    for _ in 0..3 {
+        stuck.push(
+            client
+                .submit(&request(&pit_source, "custody.yaml"))
+                .await
+                .unwrap(),
+        );
+    }
+    let fourth = client.submit(&request(&git, "custody.yaml")).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for build in &stuck {
+        while client.show(&build.id).await.unwrap().state != BuildState::Running {
+            assert!(Instant::now() < deadline, "{}", daemon.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // In the tarpit, holding every slot: the fourth waits.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        client.show(&fourth.id).await.unwrap().state,
+        BuildState::Queued
+    );
+    for build in &stuck {
+        let begun = Instant::now();
+        client.cancel(&build.id).await.unwrap();
+        let ended = wait_ended(&client, &build.id, Duration::from_secs(5)).await;
+        assert_eq!(ended.state, BuildState::Cancelled, "{ended:?}");
+        assert!(
+            begun.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            begun.elapsed()
+        );
+    }
+    let fourth = wait_ended(&client, &fourth.id, Duration::from_secs(30)).await;
+    assert_eq!(fourth.state, BuildState::Succeeded, "{fourth:?}");
+    drop(daemon);
+
+    let mut options = DaemonOptions::new("deadline", dir.path());
+    options.config = "[sources]\nschemes = [\"https\", \"file\"]\nhosts = [\"127.0.0.1\"]\n".into();
+    options.extra = vec![
+        "--insecure-registry".into(),
+        pit.to_string(),
+        "--max-build-seconds".into(),
+        "2".into(),
+    ];
+    let daemon = Daemon::start(options);
+    let client = daemon.client();
+    for submitted in [
+        request(&pit_source, "custody.yaml"),
+        request(&git, "image.yaml"),
+    ] {
+        let begun = Instant::now();
+        let build = client.submit(&submitted).await.unwrap();
+        let ended = wait_ended(&client, &build.id, Duration::from_secs(20)).await;
+        assert_eq!(ended.state, BuildState::Failed, "{ended:?}");
+        let error = ended.error.unwrap();
+        assert!(
+            error.contains("ran past its limit of 2s while planning"),
+            "{error}"
+        );
+        assert!(
+            begun.elapsed() < Duration::from_secs(6),
+            "{:?}",
+            begun.elapsed()
+        );
+    }
 }

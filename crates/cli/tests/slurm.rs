@@ -156,6 +156,10 @@ async fn serve_builds_on_the_cluster(cluster: &SlurmCluster) {
     custody_testkit::git(&src, &["add", "."]);
     custody_testkit::git(&src, &["commit", "-qm", "spec"]);
 
+    // The test's repository is local: the service must be told it may
+    // fetch `file:` sources.
+    let config = dir.path().join("serve.toml");
+    fs_err::write(&config, "[sources]\nschemes = [\"file\"]\n").unwrap();
     let port = custody_testkit::free_port();
     let token = "slurm-test-token";
     let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_custody"))
@@ -164,6 +168,7 @@ async fn serve_builds_on_the_cluster(cluster: &SlurmCluster) {
         .args(["--executor", "slurm"])
         .args(["--slurm-spool-dir", &spool.display().to_string()])
         .args(["--runner-listen", &format!("{}:0", cluster.host_addr)])
+        .args(["--config", &config.display().to_string()])
         .env("SLURM_CONF", &cluster.conf)
         .env("CUSTODY_TOKEN", token)
         .spawn()
@@ -179,7 +184,7 @@ async fn serve_builds_on_the_cluster(cluster: &SlurmCluster) {
     }
     let build = client
         .submit(&SubmitRequest {
-            spec: spec.into(),
+            spec: None,
             spec_path: "custody.yaml".into(),
             source: Some(GitSource {
                 git: format!("file://{}", src.display()),

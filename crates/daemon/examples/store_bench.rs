@@ -197,7 +197,7 @@ async fn seed_one(
             &NewBuild {
                 id,
                 spec_path: "custody.yaml",
-                spec: SPEC,
+                spec: Some(SPEC),
                 source: &source(),
                 created_at: created,
             },
@@ -312,7 +312,7 @@ async fn run_claims(url: &str, daemons: usize, jobs: usize) -> Result<()> {
                     .enqueue(&NewBuild {
                         id,
                         spec_path: "custody.yaml",
-                        spec: b"steps: []\n",
+                        spec: Some(b"steps: []\n"),
                         source,
                         created_at,
                     })

@@ -18,6 +18,7 @@ use crate::bounds::StepBounds;
 use crate::build::BuildService;
 use crate::dispatch::Dispatcher;
 use crate::executor::ExecutorSettings;
+use crate::policy::ServicePolicy;
 use crate::record::BuildId;
 use crate::store::{Store, StoreError};
 
@@ -43,6 +44,10 @@ pub struct Config {
     pub hidden_paths: Vec<PathBuf>,
     /// The step boundary's settings.
     pub bounds: StepBounds,
+    /// What a shared service accepts; `None` for `custody build`.
+    pub policy: Option<ServicePolicy>,
+    /// The longest a build may take.
+    pub max_build: Option<Duration>,
 }
 
 impl Config {
@@ -70,6 +75,8 @@ impl Config {
             connector_advertise: None,
             hidden_paths: Vec::new(),
             bounds: StepBounds::default(),
+            policy: None,
+            max_build: None,
         }
     }
 }
@@ -193,6 +200,8 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Embedded, Er
             hidden_paths,
             bounds: config.bounds,
             store,
+            policy: config.policy.map(Arc::new),
+            max_build: config.max_build,
         },
         key_path,
         key_created,

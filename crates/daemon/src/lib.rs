@@ -10,7 +10,10 @@
 //! - [`build`]: one build as typed stages — plan (resolve source and step
 //!   images, preflight destinations), run (dispatch the job, keep its log),
 //!   publish (check → sign → attach → tag), each stage's output the next
-//!   one's only input; [`build::BuildError`] says which stage failed.
+//!   one's only input, all under one stop (cancel, and the build's
+//!   deadline); [`build::BuildError`] says which stage failed.
+//! - [`policy`]: what a service build may fetch, where it may push and
+//!   whether its spec may come with the request ([`policy::ServicePolicy`]).
 //! - [`executor`]: the `Executor` trait and its implementations, [`local`]
 //!   (a child process) and [`slurm`] (a Slurm batch job).
 //! - [`dispatch`]: one job's life: register a waiter, start the runner,
@@ -30,6 +33,7 @@ pub mod dispatch;
 pub mod embedded;
 pub mod executor;
 pub mod local;
+pub mod policy;
 pub mod queue;
 pub mod record;
 pub mod slurm;

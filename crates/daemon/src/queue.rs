@@ -235,13 +235,14 @@ impl Queue {
         cancel: &CancellationToken,
         reason: &Mutex<Option<String>>,
     ) -> Option<(State, Option<Duration>)> {
+        // Steps run one after another: the push phase starts when the last
+        // of them finishes, and ends with the job.
         let mut push_began = None;
         let mut push_took = None;
-        let last_step = request.spec.steps.len().saturating_sub(1) as u32;
         let progress = |event: Progress| {
             if let Progress::Runner(event) = event {
                 match event {
-                    RunnerEvent::StepFinished { index, .. } if index == last_step => {
+                    RunnerEvent::StepFinished { .. } => {
                         push_began = Some(Instant::now());
                     }
                     RunnerEvent::Finished(_) => {

@@ -32,6 +32,11 @@ const SQLITE_MIGRATIONS: Migrations = &[
         "queue",
         include_str!("../migrations/sqlite/0002_queue.sql"),
     ),
+    (
+        3,
+        "spec in source",
+        include_str!("../migrations/sqlite/0003_spec_in_source.sql"),
+    ),
 ];
 
 const POSTGRES_MIGRATIONS: Migrations = &[
@@ -44,6 +49,11 @@ const POSTGRES_MIGRATIONS: Migrations = &[
         2,
         "queue",
         include_str!("../migrations/postgres/0002_queue.sql"),
+    ),
+    (
+        3,
+        "spec in source",
+        include_str!("../migrations/postgres/0003_spec_in_source.sql"),
     ),
 ];
 
@@ -115,7 +125,9 @@ impl FromStr for State {
 pub struct NewBuild<'a> {
     pub id: &'a BuildId,
     pub spec_path: &'a str,
-    pub spec: &'a [u8],
+    /// The spec's bytes when it came with the request; `None` when the
+    /// build reads it from its source.
+    pub spec: Option<&'a [u8]>,
     pub source: &'a BuildSource,
     pub created_at: Timestamp,
 }
@@ -174,7 +186,8 @@ pub struct BuildRecord {
 pub struct Claimed {
     pub id: BuildId,
     pub spec_path: String,
-    pub spec: Vec<u8>,
+    /// `None`: read it from the source.
+    pub spec: Option<Vec<u8>>,
     pub source: BuildSource,
 }
 
@@ -315,16 +328,18 @@ impl Store {
         started_at: Option<Timestamp>,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO builds (id, state, spec_path, spec, source, created_at, started_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO builds (id, state, spec_path, spec, source, created_at, started_at,
+                                 spec_in_source)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(build.id.as_str())
         .bind(state)
         .bind(build.spec_path)
-        .bind(build.spec)
+        .bind(build.spec.unwrap_or_default())
         .bind(build.source.to_json().to_string())
         .bind(build.created_at.rfc3339())
         .bind(started_at.map(Timestamp::rfc3339))
+        .bind(i64::from(build.spec.is_none()))
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -350,7 +365,7 @@ impl Store {
                  claims = claims + 1, runner_started = 0
              WHERE id = (SELECT id FROM builds WHERE state = 'queued' ORDER BY id LIMIT 1 {lock})
                AND state = 'queued'
-             RETURNING id, spec_path, spec, source"
+             RETURNING id, spec_path, spec, spec_in_source, source"
         )))
         .bind(owner)
         .bind(lease_until.unix_millis())
@@ -361,7 +376,7 @@ impl Store {
             Ok(Claimed {
                 id: BuildId::stored(row.get("id")),
                 spec_path: row.get("spec_path"),
-                spec: row.get("spec"),
+                spec: (row.get::<i64, _>("spec_in_source") == 0).then(|| row.get("spec")),
                 source: BuildSource::from_json(row.get("source")).map_err(corrupt("source"))?,
             })
         })

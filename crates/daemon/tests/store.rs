@@ -58,6 +58,7 @@ on_both!(
     cancel_reaches_queued_and_running_builds,
     logs_keep_their_order_across_batches,
     list_filters_and_pages,
+    specs_from_the_source_are_queued_without_bytes,
 );
 
 /// A moment `millis` after the tests' epoch.
@@ -82,7 +83,7 @@ async fn enqueue(store: &Store, n: usize) -> Vec<BuildId> {
             .enqueue(&NewBuild {
                 id: &id,
                 spec_path: "custody.yaml",
-                spec: b"steps: []",
+                spec: Some(b"steps: []"),
                 source: &source,
                 created_at: at(0),
             })
@@ -293,4 +294,32 @@ async fn list_filters_and_pages(backend: &Backend) {
     let mut counts = store.count_by_state().await.unwrap();
     counts.sort_by_key(|(s, _)| s.as_str());
     assert_eq!(counts, vec![(State::Queued, 4), (State::Running, 1)]);
+}
+
+async fn specs_from_the_source_are_queued_without_bytes(backend: &Backend) {
+    let store = open(backend).await;
+    let inline = enqueue(&store, 1).await.remove(0);
+    let from_source = BuildId::new();
+    store
+        .enqueue(&NewBuild {
+            id: &from_source,
+            spec_path: "ci/custody.yaml",
+            spec: None,
+            source: &BuildSource::Git(GitSource {
+                git: GitUrl::parse("https://git.example.org/app.git").unwrap(),
+                revision: "v1".into(),
+            }),
+            created_at: at(0),
+        })
+        .await
+        .unwrap();
+    let first = store.claim("d", never(), at(1)).await.unwrap().unwrap();
+    assert_eq!(
+        (first.id, first.spec.as_deref()),
+        (inline, Some(&b"steps: []"[..]))
+    );
+    let second = store.claim("d", never(), at(1)).await.unwrap().unwrap();
+    assert_eq!(second.id, from_source);
+    assert_eq!(second.spec, None, "read from the source when it runs");
+    assert_eq!(second.spec_path, "ci/custody.yaml");
 }

@@ -1,7 +1,9 @@
 //! custody's build type, written and read in one place (documented in
 //! `docs/build-type.md`):
 //! - `externalParameters`: `source` (`{ "git": URL, "revision": asked-for }`
-//!   or `{ "directory": PATH }`) and `spec` (`path`, `digest`);
+//!   or `{ "directory": PATH }`) and `spec` (`path`, `digest`, and
+//!   `inline: true` when the spec did not come from the source at the
+//!   commit built: submitted with the request, or a local file);
 //! - `internalParameters`: the executor and the step boundary the runner
 //!   reported;
 //! - `resolvedDependencies`: the source as `name: "source"`,
@@ -149,6 +151,27 @@ fn digest_descriptor(digest: &Digest) -> ResourceDescriptor {
         digest: BTreeMap::from([(digest.algorithm().to_string(), digest.digest().to_owned())]),
         ..ResourceDescriptor::default()
     }
+}
+
+/// `externalParameters.spec`: where the spec was, its digest, and whether
+/// it came from anywhere but the source at the commit built.
+pub fn spec_parameters(path: &str, digest: &Digest, inline: bool) -> serde_json::Value {
+    let mut spec = serde_json::json!({
+        "path": path,
+        "digest": { digest.algorithm().to_string(): digest.digest() },
+    });
+    if inline {
+        spec["inline"] = true.into();
+    }
+    spec
+}
+
+/// Whether the spec that ran did not come from the source (see
+/// [`spec_parameters`]).
+pub fn is_inline_spec(provenance: &Provenance) -> bool {
+    provenance.build_definition.external_parameters["spec"]["inline"]
+        .as_bool()
+        .unwrap_or(false)
 }
 
 /// The source entry of the resolved dependencies.

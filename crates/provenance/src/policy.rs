@@ -3,7 +3,7 @@
 
 use custody_attest::statement::Provenance;
 
-use crate::build_type::{is_dirty, source, step_images};
+use crate::build_type::{is_dirty, is_inline_spec, source, step_images};
 
 /// What a verifier insists on, beyond a valid signature on a statement
 /// about the artifact.
@@ -21,6 +21,9 @@ pub struct Policy {
     /// Accept a build of a working tree with uncommitted changes when a
     /// source is required (it is not the repository at any commit).
     pub allow_dirty: bool,
+    /// Accept a spec that did not come from the source (submitted with
+    /// the build, or a local file) when a source is required.
+    pub allow_inline_spec: bool,
 }
 
 /// How a statement fails the policy.
@@ -37,6 +40,10 @@ pub enum Violation {
         "the source `{uri}` was built with uncommitted changes: it is not the repository at any commit (pass `--allow-dirty` to accept that)"
     )]
     Dirty { uri: String },
+    #[error(
+        "the spec that ran was not read from the source (it came with the request, or from a local file): the source alone does not say what was built (pass `--allow-inline-spec` to accept that)"
+    )]
+    InlineSpec,
     #[error("step image `{image}` ({digest}) is not in the allowed list")]
     StepImage { image: String, digest: String },
     #[error("the provenance has no {0}")]
@@ -72,6 +79,10 @@ impl Policy {
             return Err(Violation::Dirty {
                 uri: source.and_then(|s| s.uri.clone()).unwrap_or_default(),
             });
+        }
+        if self.source_repository.is_some() && !self.allow_inline_spec && is_inline_spec(provenance)
+        {
+            return Err(Violation::InlineSpec);
         }
         if let Some(expected) = &self.source_commit {
             let actual = source

@@ -3,220 +3,29 @@
 //! `HTTP_PROXY`/`HTTPS_PROXY`. The runner resolves the name, checks every
 //! address it would connect to and connects from the host's namespace:
 //!
-//! - never loopback, unspecified, link-local (169.254.0.0/16, fe80::/10:
-//!   cloud metadata), multicast, or an address of the build host itself;
-//! - never private ranges (RFC 1918, 100.64.0.0/10, fc00::/7);
-//! - unless the operator allows the destination (`--egress-allow
-//!   HOST[:PORT]|CIDR[:PORT]`);
-//! - and never the daemon's runner port, allowed or not.
-//!
-//! The check is made on the address actually connected to, after DNS, so a
-//! name that resolves (or rebinds) to a forbidden address gets nowhere.
+//! never loopback, link-local, multicast, private ranges or the build
+//! host's own addresses unless the operator allows the destination
+//! (`--egress-allow`), and never the daemon's runner port ([`Policy`], from
+//! `custody-net`). The check is made on the address actually connected to,
+//! after DNS, so a name that resolves (or rebinds) to a forbidden address
+//! gets nowhere.
 //! TLS is tunnelled with `CONNECT` and never intercepted; plain HTTP comes
 //! as absolute-form requests and is forwarded once per connection.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+pub use custody_net::Policy;
+use custody_net::host_addresses;
+
 /// The most a request head may take.
 const MAX_HEAD: usize = 64 * 1024;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Where steps may connect.
-#[derive(Clone, Debug, Default)]
-pub struct Policy {
-    allowed: Vec<Allowed>,
-    /// Never reachable, whatever is allowed: the daemon's runner port.
-    never: Vec<SocketAddr>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Allowed {
-    /// A host name (as the step asked for it), any address it resolves to.
-    Host { name: String, port: Option<u16> },
-    /// Addresses in a network.
-    Net {
-        network: IpAddr,
-        prefix: u8,
-        port: Option<u16>,
-    },
-}
-
-impl Policy {
-    /// Parses the operator's allow list (`HOST[:PORT]`, `IP[:PORT]`,
-    /// `[V6][:PORT]`, `CIDR[:PORT]`); `never` are addresses no step reaches.
-    pub fn new(allow: &[String], never: Vec<SocketAddr>) -> Result<Self, String> {
-        let allowed = allow
-            .iter()
-            .map(|entry| parse_allowed(entry))
-            .collect::<Result<_, _>>()?;
-        Ok(Self { allowed, never })
-    }
-
-    /// Why connecting to `addr` for `host` is refused, or `None`.
-    pub fn refusal(&self, host: &str, addr: SocketAddr, own: &[IpAddr]) -> Option<&'static str> {
-        if self.never.contains(&addr) {
-            return Some("is custody's own runner port");
-        }
-        let ip = canonical(addr.ip());
-        let allowed = self.allowed.iter().any(|allowed| match allowed {
-            Allowed::Host { name, port } => {
-                name.eq_ignore_ascii_case(host.trim_end_matches('.'))
-                    && port.is_none_or(|p| p == addr.port())
-            }
-            Allowed::Net {
-                network,
-                prefix,
-                port,
-            } => contains(*network, *prefix, ip) && port.is_none_or(|p| p == addr.port()),
-        });
-        if allowed {
-            return None;
-        }
-        if ip.is_loopback() || ip.is_unspecified() {
-            return Some("is a loopback address");
-        }
-        if is_link_local(ip) {
-            return Some("is a link-local address (where cloud metadata services live)");
-        }
-        if own.iter().any(|own| canonical(*own) == ip) {
-            return Some("is an address of the build host");
-        }
-        if ip.is_multicast() || ip == IpAddr::V4(Ipv4Addr::BROADCAST) {
-            return Some("is a multicast or broadcast address");
-        }
-        if is_private(ip) {
-            return Some("is a private address");
-        }
-        None
-    }
-}
-
-fn parse_allowed(entry: &str) -> Result<Allowed, String> {
-    let bad = |why: &str| {
-        format!("egress allow entry `{entry}`: {why}; write HOST[:PORT], IP[:PORT] or CIDR[:PORT]")
-    };
-    let entry = entry.trim();
-    if entry.is_empty() {
-        return Err(bad("it is empty"));
-    }
-    // `[v6]:port`, `[v6]/len:port`
-    let (address, port) = if let Some(rest) = entry.strip_prefix('[') {
-        let (inside, after) = rest.split_once(']').ok_or_else(|| bad("no closing `]`"))?;
-        let port = match after.strip_prefix(':') {
-            Some(port) => Some(port),
-            None if after.is_empty() => None,
-            None => return Err(bad("unexpected text after `]`")),
-        };
-        (inside.to_owned(), port)
-    } else if entry.matches(':').count() > 1 {
-        (entry.to_owned(), None) // a bare IPv6 address or network
-    } else {
-        match entry.rsplit_once(':') {
-            Some((address, port)) => (address.to_owned(), Some(port)),
-            None => (entry.to_owned(), None),
-        }
-    };
-    let port = match port {
-        Some(port) => Some(
-            port.parse::<u16>()
-                .map_err(|_| bad("the port is not a number"))?,
-        ),
-        None => None,
-    };
-    if let Some((network, prefix)) = address.split_once('/') {
-        let network: IpAddr = network.parse().map_err(|_| bad("not a network address"))?;
-        let max = if network.is_ipv4() { 32 } else { 128 };
-        let prefix: u8 = prefix
-            .parse()
-            .ok()
-            .filter(|p| *p <= max)
-            .ok_or_else(|| bad("the prefix length is out of range"))?;
-        return Ok(Allowed::Net {
-            network: canonical(network),
-            prefix,
-            port,
-        });
-    }
-    if let Ok(ip) = address.parse::<IpAddr>() {
-        let ip = canonical(ip);
-        return Ok(Allowed::Net {
-            network: ip,
-            prefix: if ip.is_ipv4() { 32 } else { 128 },
-            port,
-        });
-    }
-    let valid = address
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
-    if !valid {
-        return Err(bad("not a host name"));
-    }
-    Ok(Allowed::Host {
-        name: address.trim_end_matches('.').to_ascii_lowercase(),
-        port,
-    })
-}
-
-/// IPv4-mapped IPv6 addresses are their IPv4 address.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    }
-}
-
-fn contains(network: IpAddr, prefix: u8, ip: IpAddr) -> bool {
-    match (network, ip) {
-        (IpAddr::V4(n), IpAddr::V4(a)) => {
-            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-            u32::from(n) & mask == u32::from(a) & mask
-        }
-        (IpAddr::V6(n), IpAddr::V6(a)) => {
-            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
-            u128::from(n) & mask == u128::from(a) & mask
-        }
-        _ => false,
-    }
-}
-
-fn is_link_local(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => v4.is_link_local(),
-        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
-    }
-}
-
-fn is_private(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => {
-            v4.is_private() || contains(IpAddr::V4(Ipv4Addr::new(100, 64, 0, 0)), 10, ip)
-        }
-        IpAddr::V6(v6) => (v6.segments()[0] & 0xfe00) == 0xfc00,
-    }
-}
-
-/// The build host's own addresses, on every interface.
-pub fn host_addresses() -> Vec<IpAddr> {
-    let Ok(addresses) = nix::ifaddrs::getifaddrs() else {
-        return Vec::new();
-    };
-    addresses
-        .filter_map(|interface| {
-            let address = interface.address?;
-            if let Some(v4) = address.as_sockaddr_in() {
-                Some(IpAddr::V4(v4.ip()))
-            } else {
-                address.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
-            }
-        })
-        .collect()
-}
 
 /// Serves the proxy on `listener` until the returned task is aborted;
 /// `note` gets a line for the build log for every refused destination.
@@ -493,79 +302,4 @@ async fn respond(client: &mut TcpStream, status: u16, message: &str) -> std::io:
     );
     client.write_all(response.as_bytes()).await?;
     client.shutdown().await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn addr(text: &str) -> SocketAddr {
-        text.parse().unwrap()
-    }
-
-    #[test]
-    fn the_host_its_neighbours_and_the_metadata_service_are_refused() {
-        let policy = Policy::new(&[], vec![addr("127.0.0.1:4000")]).unwrap();
-        let own = [IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9))];
-        for (target, reason) in [
-            ("127.0.0.1:80", "loopback"),
-            ("[::1]:80", "loopback"),
-            ("[::ffff:127.0.0.1]:80", "loopback"),
-            ("0.0.0.0:80", "loopback"),
-            ("169.254.169.254:80", "link-local"),
-            ("[fe80::1]:80", "link-local"),
-            ("203.0.113.9:22", "build host"),
-            ("10.1.2.3:443", "private"),
-            ("172.16.0.1:443", "private"),
-            ("192.168.1.1:443", "private"),
-            ("100.64.0.1:443", "private"),
-            ("[fd00::1]:443", "private"),
-            ("127.0.0.1:4000", "runner port"),
-        ] {
-            let refused = policy.refusal("example", addr(target), &own);
-            assert!(
-                refused.is_some_and(|r| r.contains(reason)),
-                "{target}: {refused:?}"
-            );
-        }
-        assert_eq!(
-            policy.refusal("example.org", addr("93.184.216.34:443"), &own),
-            None
-        );
-        assert_eq!(
-            policy.refusal("example.org", addr("[2606:2800::1]:443"), &own),
-            None
-        );
-    }
-
-    #[test]
-    fn operators_allow_hosts_networks_and_ports_but_never_the_runner_port() {
-        let policy = Policy::new(
-            &[
-                "10.200.0.0/16".into(),
-                "mirror.internal:8080".into(),
-                "127.0.0.1".into(),
-                "[fd00::5]:443".into(),
-            ],
-            vec![addr("127.0.0.1:4000")],
-        )
-        .unwrap();
-        assert_eq!(policy.refusal("x", addr("10.200.3.4:443"), &[]), None);
-        assert!(policy.refusal("x", addr("10.201.3.4:443"), &[]).is_some());
-        assert_eq!(
-            policy.refusal("MIRROR.internal", addr("10.9.9.9:8080"), &[]),
-            None
-        );
-        assert!(
-            policy
-                .refusal("mirror.internal", addr("10.9.9.9:8081"), &[])
-                .is_some()
-        );
-        assert_eq!(policy.refusal("x", addr("127.0.0.1:5000"), &[]), None);
-        assert!(policy.refusal("x", addr("127.0.0.1:4000"), &[]).is_some());
-        assert_eq!(policy.refusal("x", addr("[fd00::5]:443"), &[]), None);
-        for bad in ["", "10.0.0.0/33", "a b", "host:port", "[::1"] {
-            assert!(Policy::new(&[bad.into()], Vec::new()).is_err(), "{bad}");
-        }
-    }
 }

@@ -342,7 +342,15 @@ async fn prepare_source(job: &proto::Job, jobdir: &JobDir) -> Result<(), String>
         None => Ok(()),
         Some(SourceKind::Git(git)) => {
             let url = custody_source::GitUrl::parse(&git.url).map_err(|e| e.to_string())?;
-            custody_source::fetch(&url, &git.commit, workspace)
+            let pinned = match git.pinned.as_str() {
+                "" => None,
+                addr => Some(
+                    addr.parse()
+                        .map_err(|_| format!("bad source pin `{addr}`"))?,
+                ),
+            };
+            let remote = custody_source::Remote::new(&url).pinned(pinned);
+            custody_source::fetch(&remote, &git.commit, workspace)
                 .await
                 .map_err(|e| e.to_string())
         }

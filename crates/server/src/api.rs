@@ -8,16 +8,19 @@ use utoipa::ToSchema;
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitRequest {
-    /// The build spec: the text of a `custody.yaml`.
-    pub spec: String,
-    /// The spec's path inside the source, as recorded in the provenance.
+    /// The spec's path inside the source: the build reads it there, at
+    /// the commit it resolves.
     #[serde(default = "default_spec_path")]
     #[schema(default = "custody.yaml")]
     pub spec_path: String,
-    /// The git source to build; overrides the spec's own `source`. One of
-    /// the two must name it.
+    /// The git source to build (required unless an inline spec names it).
     #[serde(default)]
     pub source: Option<GitSource>,
+    /// The spec's text, sent with the request instead of read from the
+    /// source: only where the service allows inline specs; recorded as
+    /// inline in the provenance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<String>,
 }
 
 fn default_spec_path() -> String {
@@ -175,6 +178,9 @@ pub enum ErrorCode {
     InvalidRequest,
     /// 400: the spec cannot be used; `line` and `column` say where.
     InvalidSpec,
+    /// 400: the service's policy refuses it (a source, a destination, an
+    /// inline spec); the message names the rule.
+    RefusedByPolicy,
     /// 404: no such build or route.
     NotFound,
     /// 404: the build exists but published no provenance.
@@ -194,7 +200,7 @@ impl ErrorCode {
     /// The HTTP status the server answers this code with.
     pub fn http_status(self) -> u16 {
         match self {
-            ErrorCode::InvalidRequest | ErrorCode::InvalidSpec => 400,
+            ErrorCode::InvalidRequest | ErrorCode::InvalidSpec | ErrorCode::RefusedByPolicy => 400,
             ErrorCode::Unauthorized => 401,
             ErrorCode::NotFound | ErrorCode::NoProvenance => 404,
             ErrorCode::MethodNotAllowed => 405,

@@ -9,6 +9,7 @@ use std::time::Duration;
 use custody_daemon::bounds::StepBounds;
 use custody_daemon::embedded;
 use custody_daemon::executor::ExecutorSettings;
+use custody_daemon::policy::{DestinationPolicy, ServicePolicy, SourcePolicy};
 use custody_daemon::queue::QueueConfig;
 use custody_oci::registry::RegistryOptions;
 use serde::Deserialize;
@@ -21,6 +22,7 @@ pub const DEFAULT_CONCURRENCY: usize = 2;
 pub const DEFAULT_LEASE_SECONDS: u64 = 30;
 pub const DEFAULT_POLL_MILLIS: u64 = 500;
 pub const DEFAULT_GRACE_SECONDS: u64 = 60;
+pub const DEFAULT_MAX_BUILD_SECONDS: u64 = 6 * 60 * 60;
 
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -63,6 +65,44 @@ pub struct Config {
     pub max_image_size: Option<String>,
     /// Step images with more layers are refused.
     pub max_image_layers: Option<u32>,
+    /// Which sources builds may come from.
+    #[serde(default)]
+    pub sources: Sources,
+    /// Where builds may push.
+    #[serde(default)]
+    pub destinations: Destinations,
+    /// Accept a spec's text with the request (recorded as inline in the
+    /// provenance) instead of reading it from the source.
+    pub allow_inline_specs: Option<bool>,
+    /// A build still going after this long is failed, naming its phase.
+    pub max_build_seconds: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sources {
+    /// Transports fetched from: `https`, `ssh`, `http`, `git`, `file`
+    /// (default `https` and `ssh`).
+    #[serde(default)]
+    pub schemes: Vec<String>,
+    /// When set, the only hosts fetched from (`HOST[:PORT]`, `*.DOMAIN`,
+    /// `IP`, `CIDR`), loopback and private addresses included; unset: any
+    /// host whose address is public.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Destinations {
+    /// `HOST[:PORT][/REPOSITORY-PREFIX]` builds may push under (`*`: any;
+    /// unset: any registry).
+    #[serde(default)]
+    pub registries: Vec<String>,
+    /// Absolute directories `oci:` destinations may be under (unset: no
+    /// layouts).
+    #[serde(default)]
+    pub oci_roots: Vec<PathBuf>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -144,6 +184,8 @@ pub enum SettingsError {
     NoDataDir,
     #[error("cannot find the custody binary runners start from: set `runners.program`")]
     NoRunnerProgram,
+    #[error("{0}")]
+    Policy(String),
 }
 
 impl Config {
@@ -187,6 +229,16 @@ impl Config {
             step_ids: over.step_ids.or(self.step_ids),
             max_image_size: over.max_image_size.or(self.max_image_size),
             max_image_layers: over.max_image_layers.or(self.max_image_layers),
+            sources: Sources {
+                schemes: join(self.sources.schemes, over.sources.schemes),
+                hosts: join(self.sources.hosts, over.sources.hosts),
+            },
+            destinations: Destinations {
+                registries: join(self.destinations.registries, over.destinations.registries),
+                oci_roots: join(self.destinations.oci_roots, over.destinations.oci_roots),
+            },
+            allow_inline_specs: over.allow_inline_specs.or(self.allow_inline_specs),
+            max_build_seconds: over.max_build_seconds.or(self.max_build_seconds),
         }
     }
 
@@ -237,6 +289,21 @@ impl Config {
         // It may hold tokens and a database password: no step may read it.
         daemon.hidden_paths.extend(env.config_path);
         daemon.bounds = bounds;
+        daemon.policy = Some(ServicePolicy {
+            sources: SourcePolicy::new(&self.sources.schemes, &self.sources.hosts)
+                .map_err(SettingsError::Policy)?,
+            destinations: DestinationPolicy::new(
+                &self.destinations.registries,
+                &self.destinations.oci_roots,
+            )
+            .map_err(SettingsError::Policy)?,
+            allow_inline_specs: self.allow_inline_specs.unwrap_or(false),
+        });
+        daemon.max_build = Some(Duration::from_secs(
+            self.max_build_seconds
+                .filter(|s| *s > 0)
+                .unwrap_or(DEFAULT_MAX_BUILD_SECONDS),
+        ));
         Ok(Settings {
             daemon,
             listen: self.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned()),

@@ -13,6 +13,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use custody_daemon::policy::check_spec_path;
 use custody_daemon::queue::Queue;
 use custody_daemon::record::{BuildId, Timestamp};
 use custody_daemon::source::BuildSource;
@@ -273,13 +274,17 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Api
 
 /// Queue a build.
 ///
-/// The spec is checked first: a spec that cannot be used is refused with
-/// `invalid_spec` and the line and column at fault.
+/// The build's spec is read from its source at the resolved commit
+/// (`spec_path`, default `custody.yaml`). Where the operator allows inline
+/// specs, `spec` may carry the spec's text instead: it is checked first
+/// (`invalid_spec` with the line and column at fault) and recorded as
+/// inline in the provenance. Sources and destinations outside the
+/// service's policy are refused (`refused_by_policy`, naming the rule).
 #[utoipa::path(
     post, path = "/builds", request_body = SubmitRequest,
     responses(
         (status = 201, description = "Queued", body = Build),
-        (status = 400, description = "Bad request or spec", body = ErrorBody),
+        (status = 400, description = "Bad request or spec, or refused by policy", body = ErrorBody),
         (status = 401, description = "No or wrong token", body = ErrorBody),
     )
 )]
@@ -287,22 +292,28 @@ async fn submit(
     State(app): State<Arc<App>>,
     ApiJson(request): ApiJson<SubmitRequest>,
 ) -> Result<(StatusCode, Json<Build>), ApiError> {
+    let service = app.queue.service();
+    let policy = service.policy.clone().unwrap_or_default();
+    check_spec_path(&request.spec_path)
+        .map_err(|message| ApiError::new(ErrorCode::InvalidRequest, message))?;
     let spec_path = std::path::PathBuf::from(&request.spec_path);
-    if request.spec_path.is_empty() || spec_path.is_absolute() || request.spec_path.contains("..") {
-        return Err(ApiError::new(
-            ErrorCode::InvalidRequest,
-            format!(
-                "`spec_path` `{}` must be a relative path inside the source",
-                request.spec_path
-            ),
-        ));
-    }
-    let parsed = spec::parse(&request.spec, &spec_path).map_err(|e| {
-        let mut error = ApiError::new(ErrorCode::InvalidSpec, e.to_string());
-        error.detail.line = (e.line > 0).then_some(e.line);
-        error.detail.column = (e.line > 0).then_some(e.column);
-        error
-    })?;
+    let inline = match &request.spec {
+        Some(_) if !policy.allow_inline_specs => {
+            return Err(ApiError::new(
+                ErrorCode::RefusedByPolicy,
+                "this service reads each build's spec from its source: send `spec_path` \
+                 (default `custody.yaml`) instead of the spec's text (`allow_inline_specs` \
+                 is off)",
+            ));
+        }
+        Some(text) => Some(spec::parse(text, &spec_path).map_err(|e| {
+            let mut error = ApiError::new(ErrorCode::InvalidSpec, e.to_string());
+            error.detail.line = (e.line > 0).then_some(e.line);
+            error.detail.column = (e.line > 0).then_some(e.column);
+            error
+        })?),
+        None => None,
+    };
     let asked = request
         .source
         .map(|source| {
@@ -320,11 +331,11 @@ async fn submit(
             })
         })
         .transpose()?;
-    let Some(BuildSource::Git(source)) = BuildSource::choose(asked, parsed.source.as_ref(), None)
-    else {
+    let spec_source = inline.as_ref().and_then(|spec| spec.source.as_ref());
+    let Some(BuildSource::Git(source)) = BuildSource::choose(asked, spec_source, None) else {
         return Err(ApiError::new(
             ErrorCode::InvalidRequest,
-            "name the git source to build: `source` in the request or in the spec",
+            "name the git source to build: `source` in the request (or in an inline spec)",
         ));
     };
     if source.revision.trim().is_empty() {
@@ -333,9 +344,24 @@ async fn submit(
             "`source.revision` must not be empty",
         ));
     }
-    let service = app.queue.service();
+    // Refused now where it can be said now; the build checks again (and
+    // on the address it connects to) when it runs.
+    let refused =
+        |rule: String| ApiError::new(ErrorCode::RefusedByPolicy, format!("`source.git`: {rule}"));
+    policy.sources.check(&source.git).map_err(refused)?;
+    match tokio::time::timeout(SUBMIT_DNS_TIMEOUT, policy.sources.refusal(&source.git)).await {
+        Ok(Err(refusal)) if !refusal.unresolved => return Err(refused(refusal.message)),
+        _ => {}
+    }
+    if let Some(spec) = &inline {
+        check_destinations(&policy.destinations, spec)?;
+    }
     let id = service
-        .enqueue(&request.spec_path, request.spec.as_bytes(), &source)
+        .enqueue(
+            &request.spec_path,
+            request.spec.as_deref().map(str::as_bytes),
+            &source,
+        )
         .await?;
     // The answer is the build as submitted (queued); a worker may claim it
     // the moment it is woken.
@@ -346,6 +372,43 @@ async fn submit(
         .ok_or_else(|| ApiError::not_found(&id))?;
     app.queue.wake();
     Ok((StatusCode::CREATED, Json(to_build(record, Vec::new()))))
+}
+
+/// How long a submission waits for its source's name to resolve before
+/// leaving the address check to the build.
+const SUBMIT_DNS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// An inline spec's destinations against the policy, as far as they can
+/// be known before the build runs (templates filled with placeholders).
+fn check_destinations(
+    policy: &custody_daemon::policy::DestinationPolicy,
+    spec: &spec::Spec,
+) -> Result<(), ApiError> {
+    let values = spec::Values {
+        revision: "revision",
+        commit: "0000000000000000000000000000000000000000",
+        job: "00000000-0000-7000-8000-000000000000",
+    };
+    let destinations = spec
+        .images
+        .iter()
+        .map(|i| &i.to)
+        .chain(spec.artifacts.iter().map(|a| &a.to));
+    for to in destinations {
+        let Ok(location) = to.resolve(&values) else {
+            continue; // the build says what is wrong with the template
+        };
+        policy.check(&location).map_err(|rule| {
+            let mut error = ApiError::new(
+                ErrorCode::RefusedByPolicy,
+                format!("destination `{}`: {rule}", to.template()),
+            );
+            error.detail.line = Some(to.line);
+            error.detail.column = Some(to.column);
+            error
+        })?;
+    }
+    Ok(())
 }
 
 #[derive(Deserialize, IntoParams)]

@@ -22,9 +22,11 @@ struct Service {
 }
 
 impl Service {
-    async fn start(database_url: Option<String>) -> Self {
+    /// The service on `database_url` (SQLite when `None`), with `adjust`
+    /// applied to its configuration.
+    async fn start(database_url: Option<String>, adjust: impl FnOnce(&mut Config)) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let config = Config {
+        let mut config = Config {
             listen: Some("127.0.0.1:0".into()),
             data_dir: Some(dir.path().join("data")),
             database_url,
@@ -32,6 +34,7 @@ impl Service {
             daemon_name: Some("api".into()),
             ..Config::default()
         };
+        adjust(&mut config);
         let env = Environment {
             current_exe: Some("/nonexistent/custody".into()),
             hostname: "test".into(),
@@ -86,7 +89,11 @@ impl Service {
 custody_testkit::on_both!(the_api_refuses_what_it_cannot_serve);
 
 async fn the_api_refuses_what_it_cannot_serve(backend: Backend) {
-    let service = Service::start(backend.url().map(str::to_owned)).await;
+    // Inline specs allowed: their errors are the API's to report.
+    let service = Service::start(backend.url().map(str::to_owned), |config| {
+        config.allow_inline_specs = Some(true);
+    })
+    .await;
     let http = reqwest::Client::new();
     let url = service.url.clone();
 
@@ -249,4 +256,139 @@ async fn the_api_refuses_what_it_cannot_serve(backend: Backend) {
         assert_eq!(response.status(), 200, "{path}");
     }
     service.stop().await;
+}
+
+/// POSTs `body` as a build; the status and the error body.
+async fn submit(url: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let response = reqwest::Client::new()
+        .post(format!("{url}/api/v1/builds"))
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or_default())
+}
+
+/// Regression (attacks on a shared service, each with a valid token): a
+/// submitted spec ran where the repository's own was expected; a source
+/// named the daemon host's own repositories or services; a destination
+/// wrote layouts anywhere the daemon can. Refused at submit, naming the
+/// rule; nothing is queued.
+#[tokio::test]
+async fn what_the_policy_does_not_allow_is_refused_at_submit() {
+    let service = Service::start(None, |_| {}).await;
+    let url = service.url.clone();
+    let source = |git: &str| serde_json::json!({"git": git, "revision": "main"});
+    for (body, says) in [
+        (
+            serde_json::json!({
+                "spec": "steps:\n  - name: backdoor\n    run: echo BACKDOOR\n",
+                "source": source("https://git.example.org/app.git"),
+            }),
+            "`allow_inline_specs` is off",
+        ),
+        (
+            serde_json::json!({"source": source("/root/secretrepo")}),
+            "does not fetch local repositories",
+        ),
+        (
+            serde_json::json!({"source": source("file:///root/secretrepo")}),
+            "does not fetch local repositories",
+        ),
+        (
+            serde_json::json!({"source": source("http://git.example.org/app.git")}),
+            "does not fetch `http` sources",
+        ),
+        (
+            serde_json::json!({"source": source("https://127.0.0.1:9/admin/x")}),
+            "`127.0.0.1` is a loopback address",
+        ),
+        (
+            serde_json::json!({"source": source("https://169.254.169.254/latest/meta-data")}),
+            "link-local",
+        ),
+        (
+            serde_json::json!({"source": source("ssh://git@10.1.2.3/app.git")}),
+            "private address",
+        ),
+    ] {
+        let (status, body) = submit(&url, body.clone()).await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["error"]["code"], "refused_by_policy", "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(says), "{message}");
+    }
+    let (status, body) = submit(
+        &url,
+        serde_json::json!({"spec_path": "../../etc/passwd", "source": source("https://git.example.org/app.git")}),
+    )
+    .await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (400, &"invalid_request".into()),
+        "{body}"
+    );
+
+    // Where inline specs are allowed, their destinations are checked too.
+    let open = Service::start(None, |config| {
+        config.allow_inline_specs = Some(true);
+        config.destinations.registries = vec!["registry.example:5000/team".into()];
+        config.destinations.oci_roots = vec!["/srv/custody/layouts".into()];
+    })
+    .await;
+    for (to, says) in [
+        ("oci:/etc/cron.d:v1", "not under `destinations.oci_roots`"),
+        ("oci:out/app:v1", "not under `destinations.oci_roots`"),
+        (
+            "registry.example:5000/other/app:{revision}",
+            "not under `destinations.registries`",
+        ),
+        (
+            "attacker.example/app:v1",
+            "not under `destinations.registries`",
+        ),
+    ] {
+        let spec = format!(
+            "steps:\n  - name: a\n    run: 'true'\nartifacts:\n  - paths: [x]\n    to: {to}\n"
+        );
+        let (status, body) = submit(
+            &open.url,
+            serde_json::json!({"spec": spec, "source": source("https://git.example.org/app.git")}),
+        )
+        .await;
+        assert_eq!(status, 400, "{to}: {body}");
+        assert_eq!(body["error"]["code"], "refused_by_policy", "{body}");
+        assert_eq!(body["error"]["line"], 6, "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(says), "{to}: {message}");
+    }
+    let spec = "steps:\n  - name: a\n    run: 'true'\nartifacts:\n  - paths: [x]\n    to: registry.example:5000/team/app:{revision}\n";
+    let (status, body) = submit(
+        &open.url,
+        serde_json::json!({"spec": spec, "source": source("https://git.example.org/app.git")}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+
+    for service in [&service, &open] {
+        let listed: serde_json::Value = reqwest::Client::new()
+            .get(format!("{}/api/v1/builds", service.url))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let queued = listed["builds"].as_array().map_or(0, Vec::len);
+        assert_eq!(
+            queued,
+            usize::from(std::ptr::eq(service, &open)),
+            "{listed}"
+        );
+    }
+    service.stop().await;
+    open.stop().await;
 }

@@ -14,6 +14,16 @@ use std::fmt;
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct GitUrl(String);
 
+/// Where a [`GitUrl`] leads: its transport, and the host and port it
+/// connects to (none for `file`, which covers local paths).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// `https`, `http`, `ssh`, `git`, `file`, or the URL's own scheme.
+    pub scheme: String,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+}
+
 /// Why a source URL was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -85,6 +95,58 @@ impl GitUrl {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The transport, host and port git will use for this URL.
+    pub fn endpoint(&self) -> Endpoint {
+        let text = self.0.as_str();
+        if text.contains("://")
+            && let Ok(url) = url::Url::parse(text)
+        {
+            let scheme = url.scheme().to_ascii_lowercase();
+            let port = url.port().or(match scheme.as_str() {
+                "https" => Some(443),
+                "http" => Some(80),
+                "ssh" => Some(22),
+                "git" => Some(9418),
+                _ => None,
+            });
+            let host = url
+                .host_str()
+                .filter(|h| !h.is_empty() && scheme != "file")
+                .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_owned());
+            return Endpoint {
+                port: host.as_ref().and(port),
+                scheme,
+                host,
+            };
+        }
+        // git's rule: `host:path` is ssh when the colon comes before any
+        // slash; `[v6]:path` and `user@[v6]:path` bracket the host.
+        let colon = match text.find('[') {
+            Some(open) if !text[..open].contains('/') => {
+                text[open..].find("]:").map(|close| open + close + 1)
+            }
+            _ => text.find(':'),
+        };
+        let slash = text.find('/');
+        match colon {
+            Some(colon) if slash.is_none_or(|slash| colon < slash) => {
+                let authority = &text[..colon];
+                let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                Endpoint {
+                    scheme: "ssh".into(),
+                    host: Some(host.to_owned()),
+                    port: Some(22),
+                }
+            }
+            _ => Endpoint {
+                scheme: "file".into(),
+                host: None,
+                port: None,
+            },
+        }
     }
 }
 
@@ -175,5 +237,62 @@ mod tests {
             assert!(err.hint().unwrap().contains("remove"));
         }
         assert_eq!(GitUrl::parse("  "), Err(GitUrlError::Empty));
+    }
+
+    #[test]
+    fn endpoints_say_where_git_connects() {
+        for (url, scheme, host, port) in [
+            (
+                "https://example.org/app.git",
+                "https",
+                Some("example.org"),
+                Some(443),
+            ),
+            (
+                "http://127.0.0.1:3000/app",
+                "http",
+                Some("127.0.0.1"),
+                Some(3000),
+            ),
+            (
+                "ssh://git@example.org:2222/app",
+                "ssh",
+                Some("example.org"),
+                Some(2222),
+            ),
+            (
+                "git@example.org:team/app.git",
+                "ssh",
+                Some("example.org"),
+                Some(22),
+            ),
+            ("[::1]:team/app.git", "ssh", Some("::1"), Some(22)),
+            (
+                "git://example.org/app",
+                "git",
+                Some("example.org"),
+                Some(9418),
+            ),
+            ("file:///srv/git/app.git", "file", None, None),
+            ("/root/secretrepo", "file", None, None),
+            ("./here:there", "file", None, None),
+            (
+                "HTTPS://EXAMPLE.org/x",
+                "https",
+                Some("example.org"),
+                Some(443),
+            ),
+        ] {
+            let endpoint = GitUrl::parse(url).unwrap().endpoint();
+            assert_eq!(
+                (
+                    endpoint.scheme.as_str(),
+                    endpoint.host.as_deref(),
+                    endpoint.port
+                ),
+                (scheme, host, port),
+                "{url}"
+            );
+        }
     }
 }

@@ -13,6 +13,19 @@ pub enum BuildError {
     /// The git source could not be resolved to a commit.
     #[error("source: {0}")]
     Source(#[source] custody_source::SourceError),
+    /// The service's source policy refuses the source.
+    #[error("source `{url}` refused: {reason}")]
+    SourceRefused { url: String, reason: String },
+    /// A service does not tell submitters why a fetch failed (that would
+    /// make it a port scanner); its log has the reason.
+    #[error("the source could not be fetched; the service's log has the reason")]
+    SourceUnavailable,
+    /// The spec that was to run cannot be used.
+    #[error(transparent)]
+    Spec(#[from] crate::spec::SpecError),
+    /// The spec could not be read from the source.
+    #[error("the spec could not be read from the source: {0}")]
+    SpecUnreadable(#[source] custody_source::SourceError),
     /// A local build of a directory that is not there.
     #[error("source directory `{}`: {source}", path.display())]
     SourceDirectory {
@@ -43,6 +56,20 @@ pub enum BuildError {
         destination: String,
         #[source]
         source: Box<custody_oci::Error>,
+    },
+    /// The service's destination policy refuses a destination.
+    #[error("{}:{line}:{column}: destination refused: {reason}", spec.display())]
+    DestinationRefused {
+        spec: PathBuf,
+        line: u64,
+        column: u64,
+        reason: String,
+    },
+    /// The build ran past the service's `max_build_seconds`.
+    #[error("the build ran past its limit of {}s while {phase}", limit.as_secs())]
+    TimedOut {
+        phase: &'static str,
+        limit: std::time::Duration,
     },
     /// The daemon's own credentials or TLS material for a registry.
     #[error("registry access: {0}")]

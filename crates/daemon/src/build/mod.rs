@@ -19,17 +19,19 @@ mod logs;
 mod plan;
 mod publish;
 mod run;
+mod stop;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use custody_attest::keys::SigningKey;
 use custody_attest::statement::{
     BuildDefinition, BuildMetadata, Builder, Provenance, ResourceDescriptor, RunDetails,
 };
 use custody_oci::registry::RegistryOptions;
-use custody_provenance::build_type::BUILD_TYPE;
+use custody_provenance::build_type::{self, BUILD_TYPE};
 use custody_wire::events::{Isolation, RunnerEvent};
 use serde_json::json;
 
@@ -38,6 +40,7 @@ pub use logs::LOG_BATCH_INTERVAL;
 
 use crate::bounds::StepBounds;
 use crate::dispatch::Dispatcher;
+use crate::policy::ServicePolicy;
 use crate::record::{BuildId, Timestamp};
 use crate::source::BuildSource;
 use crate::spec::{self, Spec};
@@ -46,25 +49,39 @@ use logs::LogWriter;
 use plan::{Clients, Plan};
 use publish::Published;
 use run::Ran;
+use stop::Stop;
 
 /// What to build.
 #[derive(Debug)]
 pub struct BuildRequest {
-    /// The spec file, as recorded in the provenance.
+    /// The spec file, as recorded in the provenance: a path in the source,
+    /// or (`custody build`) on this machine.
     pub spec_path: PathBuf,
-    /// Its exact bytes (their digest is recorded).
-    pub spec_bytes: Vec<u8>,
-    pub spec: Spec,
+    pub spec: SpecInput,
     /// What it builds: the submitted source, else the spec's, else the
     /// directory given.
     pub source: BuildSource,
 }
 
+/// The spec a build runs.
+#[derive(Debug)]
+pub enum SpecInput {
+    /// Read once (the digest recorded is of the bytes that were parsed and
+    /// run). `inline`: it did not come from the source at the commit built.
+    Given {
+        bytes: Vec<u8>,
+        spec: Box<Spec>,
+        inline: bool,
+    },
+    /// Read from the source, at `spec_path`, at the commit the build
+    /// resolves its revision to.
+    InSource,
+}
+
 impl BuildRequest {
-    /// The request for the spec whose exact bytes are `spec_bytes` (read
-    /// once: the digest recorded is of the bytes that are parsed and run),
-    /// found at `spec_path`, building `directory` unless the spec names a
-    /// git source.
+    /// The request for the spec whose exact bytes are `spec_bytes`, found
+    /// at `spec_path`, building `directory` unless the spec names a git
+    /// source (`custody build`).
     pub fn parse(
         spec_path: PathBuf,
         spec_bytes: Vec<u8>,
@@ -73,32 +90,66 @@ impl BuildRequest {
         let spec = parse_spec(&spec_path, &spec_bytes)?;
         let source = BuildSource::choose(None, spec.source.as_ref(), Some(directory))
             .unwrap_or_else(|| BuildSource::Directory(directory.to_owned()));
+        // The spec comes from the source when it is a file of the
+        // directory being built; from a git source it never does.
+        let inline = match &source {
+            BuildSource::Git(_) => true,
+            BuildSource::Directory(dir) => {
+                let inside = |dir: &Path| {
+                    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
+                    let spec = spec_path
+                        .canonicalize()
+                        .unwrap_or_else(|_| spec_path.clone());
+                    spec.starts_with(dir)
+                };
+                !inside(dir)
+            }
+        };
         Ok(Self {
             spec_path,
-            spec_bytes,
+            spec: SpecInput::Given {
+                bytes: spec_bytes,
+                spec: Box::new(spec),
+                inline,
+            },
+            source,
+        })
+    }
+
+    /// The request for a recorded build: the source chosen when it was
+    /// submitted, and the spec that came with it (`Some`: inline) or
+    /// `None` to read it from the source.
+    pub fn recorded(
+        spec_path: PathBuf,
+        spec_bytes: Option<Vec<u8>>,
+        source: BuildSource,
+    ) -> Result<Self, spec::SpecError> {
+        let spec = match spec_bytes {
+            Some(bytes) => SpecInput::Given {
+                spec: Box::new(parse_spec(&spec_path, &bytes)?),
+                bytes,
+                inline: true,
+            },
+            None => SpecInput::InSource,
+        };
+        Ok(Self {
+            spec_path,
             spec,
             source,
         })
     }
 
-    /// The request for a recorded build: its spec's bytes and the source
-    /// chosen when it was submitted.
-    pub fn recorded(
-        spec_path: PathBuf,
-        spec_bytes: Vec<u8>,
-        source: BuildSource,
-    ) -> Result<Self, spec::SpecError> {
-        let spec = parse_spec(&spec_path, &spec_bytes)?;
-        Ok(Self {
-            spec_path,
-            spec_bytes,
-            spec,
-            source,
-        })
+    /// The spec, when it came with the request.
+    pub fn given_spec(&self) -> Option<&Spec> {
+        match &self.spec {
+            SpecInput::Given { spec, .. } => Some(spec),
+            SpecInput::InSource => None,
+        }
     }
 }
 
-fn parse_spec(spec_path: &Path, spec_bytes: &[u8]) -> Result<Spec, spec::SpecError> {
+/// Parses a spec read from `spec_path`.
+pub(crate) fn parse_spec(spec_path: &Path, spec_bytes: &[u8]) -> Result<Spec, spec::SpecError> {
     let text = std::str::from_utf8(spec_bytes).map_err(|e| spec::SpecError {
         file: spec_path.to_owned(),
         line: 0,
@@ -126,6 +177,11 @@ pub struct BuildService {
     /// Disk, log, egress, step ids and step image limits.
     pub bounds: StepBounds,
     pub store: Store,
+    /// What a shared service accepts (`custody serve`); `None` for a
+    /// build on its user's own machine.
+    pub policy: Option<Arc<ServicePolicy>>,
+    /// The longest a build may take, from planning to publishing.
+    pub max_build: Option<Duration>,
 }
 
 /// What happens, for whoever watches.
@@ -227,7 +283,10 @@ impl BuildService {
                 &NewBuild {
                     id: &id,
                     spec_path: &request.spec_path.display().to_string(),
-                    spec: &request.spec_bytes,
+                    spec: match &request.spec {
+                        SpecInput::Given { bytes, .. } => Some(bytes.as_slice()),
+                        SpecInput::InSource => None,
+                    },
                     source: &request.source,
                     created_at: now,
                 },
@@ -239,12 +298,13 @@ impl BuildService {
             .await
     }
 
-    /// Puts a build of `spec_bytes` (already checked) from `source` in the
-    /// queue; returns its id.
+    /// Puts a build of `source` in the queue, with its spec's bytes when
+    /// they came with the request (already checked), or `None` to read it
+    /// at `spec_path` in the source; returns its id.
     pub async fn enqueue(
         &self,
         spec_path: &str,
-        spec_bytes: &[u8],
+        spec_bytes: Option<&[u8]>,
         source: &spec::GitSource,
     ) -> Result<BuildId, StoreError> {
         let id = BuildId::new();
@@ -337,18 +397,42 @@ impl BuildService {
         cancel: impl Future<Output = String> + Send,
     ) -> Result<Published, BuildError> {
         let started_on = Timestamp::now();
+        let stop = Stop::new(cancel, self.max_build);
         let mut clients = Clients::new(&self.registry);
-        let plan = self.plan(id, request, &mut clients, progress).await?;
+        let plan = stop
+            .guard(
+                "planning (source, spec, step images, destinations)",
+                self.plan(id, request, &mut clients, progress),
+            )
+            .await?;
         // From here on a runner may exist: this build must never be handed
         // to another daemon.
         self.store.mark_runner_started(id).await?;
-        let ran = self.run_job(&plan, logs, progress, cancel).await?;
-        let checked = publish::check(&plan.outputs, &ran.outputs, &mut clients, progress).await?;
+        const RUNNING: &str = "running the steps";
+        let ran = self
+            .run_job(&plan, logs, progress, stop.reason(RUNNING))
+            .await
+            .map_err(|e| stop.explain(RUNNING, e))?;
+        let checked = stop
+            .guard(
+                "checking the outputs",
+                publish::check(&plan.outputs, &ran.outputs, &mut clients, progress),
+            )
+            .await?;
         let provenance = self.provenance(id, request, plan, ran, started_on);
         self.ensure_claim(id, owner).await?;
         let signed = publish::sign(checked, &provenance, &self.key)?;
-        let attached = publish::attach_all(signed, &mut clients, progress).await?;
-        publish::tag_all(attached, &mut clients, progress).await
+        let attached = stop
+            .guard(
+                "attaching the provenance",
+                publish::attach_all(signed, &mut clients, progress),
+            )
+            .await?;
+        stop.guard(
+            "tagging",
+            publish::tag_all(attached, &mut clients, progress),
+        )
+        .await
     }
 
     /// A daemon whose lease ran out while the runner worked must not
@@ -378,19 +462,20 @@ impl BuildService {
         ran: Ran,
         started_on: Timestamp,
     ) -> Provenance {
-        let spec_digest = custody_oci::digest::sha256(&request.spec_bytes);
+        let spec_digest = custody_oci::digest::sha256(&plan.spec.bytes);
         Provenance {
             build_definition: BuildDefinition {
                 build_type: BUILD_TYPE.to_owned(),
                 external_parameters: json!({
                     "source": request.source.to_json(),
-                    "spec": {
-                        "path": request.spec_path.display().to_string(),
-                        "digest": { "sha256": spec_digest.digest() },
-                    },
+                    "spec": build_type::spec_parameters(
+                        &request.spec_path.display().to_string(),
+                        &spec_digest,
+                        plan.spec.inline,
+                    ),
                 }),
                 internal_parameters: Some(self.internal_parameters(
-                    &request.spec,
+                    &plan.spec.spec,
                     &ran.isolation,
                     ran.dropped_lines,
                 )),
@@ -423,7 +508,7 @@ impl BuildService {
                     started_on: Some(started_on.rfc3339()),
                     finished_on: Some(Timestamp::now().rfc3339()),
                 }),
-                byproducts: ran.logs.byproducts(&request.spec),
+                byproducts: ran.logs.byproducts(&plan.spec.spec),
             },
         }
     }
@@ -456,5 +541,38 @@ impl BuildService {
                 })).collect::<Vec<_>>(),
             },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPEC: &[u8] = b"steps:\n  - name: a\n    run: true\n";
+
+    fn inline(request: &BuildRequest) -> bool {
+        match request.spec {
+            SpecInput::Given { inline, .. } => inline,
+            SpecInput::InSource => panic!("a parsed request carries its spec"),
+        }
+    }
+
+    #[test]
+    fn a_spec_is_from_the_source_only_when_it_is_a_file_of_the_directory_built() {
+        let dir = tempfile::tempdir().unwrap();
+        let built = dir.path().join("src");
+        fs_err::create_dir_all(built.join("ci")).unwrap();
+        let own = BuildRequest::parse(built.join("ci/custody.yaml"), SPEC.to_vec(), &built);
+        assert!(!inline(&own.unwrap()));
+        let beside = BuildRequest::parse(dir.path().join("custody.yaml"), SPEC.to_vec(), &built);
+        assert!(inline(&beside.unwrap()));
+        // A sibling whose name starts with the directory's is not inside it.
+        let sibling =
+            BuildRequest::parse(dir.path().join("src2/custody.yaml"), SPEC.to_vec(), &built);
+        assert!(inline(&sibling.unwrap()));
+        let git =
+            b"source:\n  git: https://example.org/r.git\nsteps:\n  - name: a\n    run: true\n";
+        let named = BuildRequest::parse(built.join("custody.yaml"), git.to_vec(), &built);
+        assert!(inline(&named.unwrap()));
     }
 }

@@ -17,12 +17,17 @@ use custody_wire::rpc::proto;
 
 use crate::record::BuildId;
 
-use super::{BuildError, BuildRequest, BuildService, Progress};
+use super::{BuildError, BuildRequest, BuildService, Progress, SpecInput};
 use crate::source::BuildSource;
-use crate::spec::{self, Values};
+use crate::spec::{self, Spec, Values};
+
+/// Specs read from a source larger than this are refused.
+const MAX_SPEC_BYTES: u64 = 1 << 20;
 
 /// What a build will do and claim, fixed before it runs.
 pub(crate) struct Plan {
+    /// The spec that runs.
+    pub spec: LoadedSpec,
     /// What the runner is handed.
     pub job: proto::Job,
     /// The source as a resolved dependency.
@@ -30,6 +35,14 @@ pub(crate) struct Plan {
     pub step_images: Vec<ResourceDescriptor>,
     /// Where each output goes, in the order the runner reports them.
     pub outputs: Vec<Expected>,
+}
+
+/// The spec a build runs, read once.
+pub(crate) struct LoadedSpec {
+    pub bytes: Vec<u8>,
+    pub spec: Spec,
+    /// It did not come from the source at the commit built.
+    pub inline: bool,
 }
 
 /// A pushed output as the daemon expects it.
@@ -68,6 +81,8 @@ struct Source {
     job: proto::source::Kind,
     revision: String,
     commit: String,
+    /// The address a git source was checked at and is fetched from.
+    pinned: Option<std::net::SocketAddr>,
 }
 
 impl BuildService {
@@ -79,22 +94,33 @@ impl BuildService {
         clients: &mut Clients<'_>,
         progress: &mut (impl FnMut(Progress) + Send),
     ) -> Result<Plan, BuildError> {
-        let source = resolve_source(request, progress).await?;
-        let step_images = resolve_step_images(request, clients, progress).await?;
+        let source = self.resolve_source(request, progress).await?;
+        let spec = self.load_spec(request, &source).await?;
+        let step_images = resolve_step_images(&spec.spec, clients, progress).await?;
         let values = Values {
             revision: &source.revision,
             commit: &source.commit,
             job: id.as_str(),
         };
-        let declared = request
+        let declared = spec
             .spec
             .images
             .iter()
             .map(|i| (&i.to, false))
-            .chain(request.spec.artifacts.iter().map(|a| (&a.to, true)));
+            .chain(spec.spec.artifacts.iter().map(|a| (&a.to, true)));
         let mut outputs = Vec::new();
         for (to, artifact) in declared {
             let destination = resolve_destination(to, &values, &request.spec_path)?;
+            if let Some(policy) = &self.policy {
+                policy.destinations.check(&destination).map_err(|reason| {
+                    BuildError::DestinationRefused {
+                        spec: request.spec_path.clone(),
+                        line: to.line,
+                        column: to.column,
+                        reason,
+                    }
+                })?;
+            }
             // Every destination must be able to take its output before any
             // step runs: a typo in a host should cost seconds, not a build.
             preflight(clients, &destination)
@@ -112,9 +138,10 @@ impl BuildService {
             });
         }
         let job = self
-            .job(id, request, &source.job, &step_images, &outputs)
+            .job(id, &spec.spec, &source.job, &step_images, &outputs)
             .await?;
         Ok(Plan {
+            spec,
             job,
             source: source.dependency,
             step_images,
@@ -126,12 +153,11 @@ impl BuildService {
     async fn job(
         &self,
         id: &BuildId,
-        request: &BuildRequest,
+        spec: &Spec,
         source: &proto::source::Kind,
         step_images: &[ResourceDescriptor],
         outputs: &[Expected],
     ) -> Result<proto::Job, BuildError> {
-        let spec = &request.spec;
         let (images, artifacts) = outputs.split_at(spec.images.len());
         let hosts = registry_hosts(outputs, step_images);
         Ok(proto::Job {
@@ -223,19 +249,132 @@ impl BuildService {
     }
 }
 
-/// The git source resolved to a commit, or a local directory's state.
-async fn resolve_source(
-    request: &BuildRequest,
+impl BuildService {
+    /// The git source resolved to a commit (within the service's source
+    /// policy), or a local directory's state.
+    async fn resolve_source(
+        &self,
+        request: &BuildRequest,
+        progress: &mut (impl FnMut(Progress) + Send),
+    ) -> Result<Source, BuildError> {
+        match &request.source {
+            BuildSource::Git(git) => self.resolve_git(git, progress).await,
+            BuildSource::Directory(dir) => resolve_directory(dir, progress).await,
+        }
+    }
+
+    async fn resolve_git(
+        &self,
+        git: &spec::GitSource,
+        progress: &mut (impl FnMut(Progress) + Send),
+    ) -> Result<Source, BuildError> {
+        let pinned = match &self.policy {
+            Some(policy) => policy.sources.resolve(&git.git).await.map_err(|reason| {
+                BuildError::SourceRefused {
+                    url: git.git.to_string(),
+                    reason,
+                }
+            })?,
+            None => None,
+        };
+        let remote = custody_source::Remote::new(&git.git).pinned(pinned);
+        let commit = custody_source::resolve(&remote, &git.revision)
+            .await
+            .map_err(|e| self.source_error(e))?;
+        progress(Progress::Source {
+            description: format!("{} {} at {commit}", git.git, git.revision),
+        });
+        Ok(Source {
+            dependency: build_type::git_source(git.git.as_str(), &commit),
+            job: proto::source::Kind::Git(proto::GitSource {
+                url: git.git.to_string(),
+                commit: commit.clone(),
+                pinned: pinned.map(|a| a.to_string()).unwrap_or_default(),
+            }),
+            revision: git.revision.clone(),
+            commit,
+            pinned,
+        })
+    }
+
+    /// A fetch failure as a submitter may see it: a service keeps the
+    /// detail (refused, reset, which banner) for its own log.
+    fn source_error(&self, error: custody_source::SourceError) -> BuildError {
+        if self.policy.is_some() {
+            tracing::warn!("fetching a build's source failed: {error}");
+            BuildError::SourceUnavailable
+        } else {
+            BuildError::Source(error)
+        }
+    }
+
+    /// The spec that came with the request, or the one at `spec_path` in
+    /// the source at the resolved commit.
+    async fn load_spec(
+        &self,
+        request: &BuildRequest,
+        source: &Source,
+    ) -> Result<LoadedSpec, BuildError> {
+        match &request.spec {
+            SpecInput::Given {
+                bytes,
+                spec,
+                inline,
+            } => Ok(LoadedSpec {
+                bytes: bytes.clone(),
+                spec: (**spec).clone(),
+                inline: *inline,
+            }),
+            SpecInput::InSource => {
+                let BuildSource::Git(git) = &request.source else {
+                    let path = match &request.source {
+                        BuildSource::Directory(dir) => dir.join(&request.spec_path),
+                        BuildSource::Git(_) => unreachable!("matched above"),
+                    };
+                    let bytes = fs_err::read(&path).map_err(|e| {
+                        BuildError::SpecUnreadable(custody_source::SourceError::Copy {
+                            path: path.clone(),
+                            detail: e.to_string(),
+                        })
+                    })?;
+                    let spec = super::parse_spec(&request.spec_path, &bytes)?;
+                    return Ok(LoadedSpec {
+                        bytes,
+                        spec,
+                        inline: false,
+                    });
+                };
+                let remote = custody_source::Remote::new(&git.git).pinned(source.pinned);
+                let path = request.spec_path.to_string_lossy();
+                let bytes =
+                    custody_source::read_file(&remote, &source.commit, &path, MAX_SPEC_BYTES)
+                        .await
+                        .map_err(|e| match e {
+                            custody_source::SourceError::File { .. } => {
+                                BuildError::SpecUnreadable(e)
+                            }
+                            other => self.source_error(other),
+                        })?;
+                let spec = super::parse_spec(&request.spec_path, &bytes)?;
+                Ok(LoadedSpec {
+                    bytes,
+                    spec,
+                    inline: false,
+                })
+            }
+        }
+    }
+}
+
+/// A local directory's git state.
+async fn resolve_directory(
+    dir: &Path,
     progress: &mut (impl FnMut(Progress) + Send),
 ) -> Result<Source, BuildError> {
-    let dir = match &request.source {
-        BuildSource::Git(git) => return resolve_git(git, progress).await,
-        BuildSource::Directory(dir) => dir,
-    };
     let dir = dir
         .canonicalize()
         .map_err(|source| BuildError::SourceDirectory {
-            path: dir.clone(),
+            path: dir.to_owned(),
             source,
         })?;
     let state = custody_source::local_state(&dir).await;
@@ -257,6 +396,7 @@ async fn resolve_source(
                 job,
                 revision: state.commit.clone(),
                 commit: state.commit,
+                pinned: None,
             }
         }
         None => {
@@ -268,41 +408,20 @@ async fn resolve_source(
                 job,
                 revision: "local".to_owned(),
                 commit: String::new(),
+                pinned: None,
             }
         }
     })
 }
 
-/// A git source: its revision resolved to a commit.
-async fn resolve_git(
-    git: &spec::GitSource,
-    progress: &mut (impl FnMut(Progress) + Send),
-) -> Result<Source, BuildError> {
-    let commit = custody_source::resolve(&git.git, &git.revision)
-        .await
-        .map_err(BuildError::Source)?;
-    progress(Progress::Source {
-        description: format!("{} {} at {commit}", git.git, git.revision),
-    });
-    Ok(Source {
-        dependency: build_type::git_source(git.git.as_str(), &commit),
-        job: proto::source::Kind::Git(proto::GitSource {
-            url: git.git.to_string(),
-            commit: commit.clone(),
-        }),
-        revision: git.revision.clone(),
-        commit,
-    })
-}
-
 /// Each step image pinned to the digest its tag names now.
 async fn resolve_step_images(
-    request: &BuildRequest,
+    spec: &Spec,
     clients: &mut Clients<'_>,
     progress: &mut (impl FnMut(Progress) + Send),
 ) -> Result<Vec<ResourceDescriptor>, BuildError> {
     let mut step_images = Vec::new();
-    for step in &request.spec.steps {
+    for step in &spec.steps {
         let Some(image) = &step.image else { continue };
         let failed = |source| BuildError::StepImage {
             step: step.name.clone(),
