@@ -197,6 +197,18 @@ fn request(git: &str, spec_path: &str) -> SubmitRequest {
     }
 }
 
+/// Submits `request` and follows its log to the end: the ended build and
+/// the lines its steps printed.
+async fn run_to_end(client: &Client, request: &SubmitRequest) -> (Build, Vec<String>) {
+    let build = client.submit(request).await.unwrap();
+    let mut lines = Vec::new();
+    let ended = client
+        .logs(&build.id, true, |e| lines.push(e.line))
+        .await
+        .unwrap();
+    (ended, lines)
+}
+
 /// Polls until `id` has ended.
 async fn wait_ended(client: &Client, id: &str, within: Duration) -> Build {
     let deadline = Instant::now() + within;
@@ -676,12 +688,7 @@ async fn steps_cannot_read_the_service_tokens() {
     options.config_path = Some(config.clone());
     let daemon = Daemon::start(options);
     let client = daemon.client();
-    let build = client.submit(&request(&git, "custody.yaml")).await.unwrap();
-    let mut lines = Vec::new();
-    let ended = client
-        .logs(&build.id, true, |e| lines.push(e.line))
-        .await
-        .unwrap();
+    let (ended, lines) = run_to_end(&client, &request(&git, "custody.yaml")).await;
     assert_eq!(ended.state, BuildState::Succeeded, "{ended:?}");
     let log = lines.join("\n");
     assert!(log.contains("visible") && log.ends_with("end"), "{log}");
@@ -689,7 +696,7 @@ async fn steps_cannot_read_the_service_tokens() {
     assert!(!log.contains(TOKEN), "{log}");
     // The token in the file does work for the API.
     let other = Client::new(&daemon.url(), Some("config-token-7d1e".into())).unwrap();
-    other.show(&build.id).await.unwrap();
+    other.show(&ended.id).await.unwrap();
 }
 
 /// An address already in use is the machine's problem, not a bad
@@ -875,12 +882,7 @@ async fn a_destination_outside_the_policy_fails_before_any_step_runs() {
     let git = repository(dir.path(), &[("custody.yaml", &spec)]);
     let daemon = Daemon::start(DaemonOptions::new("fenced", dir.path()));
     let client = daemon.client();
-    let build = client.submit(&request(&git, "custody.yaml")).await.unwrap();
-    let mut lines = Vec::new();
-    let ended = client
-        .logs(&build.id, true, |e| lines.push(e.line))
-        .await
-        .unwrap();
+    let (ended, lines) = run_to_end(&client, &request(&git, "custody.yaml")).await;
     assert_eq!(ended.state, BuildState::Failed, "{ended:?}");
     let error = ended.error.unwrap();
     assert!(error.contains("custody.yaml:6:9"), "{error}");
