@@ -1,0 +1,184 @@
+//! The gateway: a registry endpoint build steps push to, so that builders
+//! that push images themselves (skopeo, crane, buildah, ko…) never hold a
+//! credential and what they pushed is seen by the platform, not reported
+//! by them.
+//!
+//! The gateway speaks the OCI distribution API over plain HTTP on a
+//! listener it is given, accepts pushes only to the repositories the
+//! build declared, verifies every blob and manifest against its digest
+//! while it streams, stores them in an OCI layout under a byte limit, and
+//! records what was pushed ([`Pushed`]) for the platform to push onward
+//! once every step has succeeded.
+//!
+//! ```ignore
+//! let gateway = Gateway::new(Config::new(job_dir.join("pushed"), ["app".parse()?], 8 << 30))?;
+//! gateway.serve(listener, stop).await?;
+//! for (repository, pushed) in gateway.pushed().repositories { … }
+//! ```
+//!
+//! # Layout
+//! - [`name`]: repository names, tags and references, parsed at the edge.
+//! - `http` (private): the endpoints, the refusals, and the serving loop.
+//! - `store` (private): the layout on disk, upload sessions, the budget.
+//! - `manifest` (private): what a pushed manifest is and names.
+//! - [`pushed`]: the records the caller reads afterwards.
+//! - [`error`]: [`Error`] for the caller, [`Refusal`] for the step's client.
+
+#![forbid(unsafe_code)]
+
+pub mod error;
+mod http;
+mod manifest;
+pub mod name;
+pub mod pushed;
+mod store;
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use custody_oci::Digest;
+use futures_util::future::BoxFuture;
+use tokio::net::TcpListener;
+
+pub use error::{Code, Error, Refusal};
+pub use name::{Reference, Repository, Tag};
+pub use pushed::{Pushed, PushedRepository};
+
+/// A boxed error from a [`Destination`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Where pushed repositories will go, asked whether it already holds a
+/// blob: a manifest may then name the blob without the step uploading it,
+/// and a `HEAD` of it answers 200 so builders skip it (the onward push is
+/// sparse). The runner answers from the real destination registry with the
+/// platform's credentials; the step never learns more than "present".
+pub trait Destination: Send + Sync {
+    /// The size of `digest` if the destination of `repository` holds it.
+    fn blob_size<'a>(
+        &'a self,
+        repository: &'a Repository,
+        digest: &'a Digest,
+    ) -> BoxFuture<'a, Result<Option<u64>, BoxError>>;
+}
+
+/// A destination that holds nothing: every blob a manifest names must be
+/// pushed through the gateway.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoDestination;
+
+impl Destination for NoDestination {
+    fn blob_size<'a>(
+        &'a self,
+        _repository: &'a Repository,
+        _digest: &'a Digest,
+    ) -> BoxFuture<'a, Result<Option<u64>, BoxError>> {
+        Box::pin(async { Ok(None) })
+    }
+}
+
+/// What a gateway serves and where it keeps it.
+pub struct Config {
+    /// A new or empty directory; the gateway makes it an OCI layout and
+    /// keeps every blob and manifest there. It must not be reachable by
+    /// steps.
+    pub storage: PathBuf,
+    /// The repositories steps may push to (the spec's `pushes` names).
+    pub repositories: BTreeSet<Repository>,
+    /// Bytes everything stored and being uploaded may take together.
+    pub limit: u64,
+    /// Asked about blobs the gateway does not hold.
+    pub destination: Arc<dyn Destination>,
+}
+
+impl Config {
+    pub fn new(
+        storage: impl Into<PathBuf>,
+        repositories: impl IntoIterator<Item = Repository>,
+        limit: u64,
+    ) -> Self {
+        Self {
+            storage: storage.into(),
+            repositories: repositories.into_iter().collect(),
+            limit,
+            destination: Arc::new(NoDestination),
+        }
+    }
+
+    pub fn with_destination(mut self, destination: impl Destination + 'static) -> Self {
+        self.destination = Arc::new(destination);
+        self
+    }
+}
+
+/// The registry endpoint. Upload sessions left open are discarded (their
+/// files removed) when the gateway is dropped.
+pub struct Gateway {
+    shared: Arc<Shared>,
+}
+
+/// What every request handler shares.
+pub(crate) struct Shared {
+    store: store::Store,
+    limit: u64,
+    destination: Arc<dyn Destination>,
+}
+
+impl Shared {
+    /// What the destination says of `digest`; a destination that cannot be
+    /// asked holds nothing (the step then uploads it, or is refused naming it).
+    async fn destination_size(&self, repository: &Repository, digest: &Digest) -> Option<u64> {
+        match self.destination.blob_size(repository, digest).await {
+            Ok(size) => size,
+            Err(e) => {
+                tracing::warn!(%repository, %digest, error = %e, "the destination could not be asked about a blob");
+                None
+            }
+        }
+    }
+}
+
+impl Gateway {
+    /// Opens (creating it if missing) the storage directory as an OCI
+    /// layout.
+    pub fn new(config: Config) -> Result<Self, Error> {
+        if config.repositories.is_empty() {
+            return Err(Error::NoRepositories);
+        }
+        let store = store::Store::open(&config.storage, config.repositories, config.limit)?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                store,
+                limit: config.limit,
+                destination: config.destination,
+            }),
+        })
+    }
+
+    /// Serves the distribution API on `listener` until `shutdown`
+    /// resolves, then closes every connection. What was pushed stays
+    /// readable with [`Gateway::pushed`].
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), Error> {
+        http::serve(self.shared.clone(), listener, shutdown).await
+    }
+
+    /// What steps pushed so far.
+    pub fn pushed(&self) -> Pushed {
+        self.shared.store.pushed()
+    }
+
+    /// Bytes stored and being uploaded, counted against the limit.
+    pub fn bytes_used(&self) -> u64 {
+        self.shared.store.bytes_stored()
+    }
+
+    /// The layout the gateway writes.
+    pub fn storage(&self) -> &std::path::Path {
+        self.shared.store.root()
+    }
+}
