@@ -317,7 +317,7 @@ fn blob_found(digest: &Digest, size: u64, body: Body) -> Response {
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
-    headers.insert(CONTENT_DIGEST, header_value(&digest.to_string()));
+    headers.insert(CONTENT_DIGEST, header_value(digest.as_ref()));
     response
 }
 
@@ -497,7 +497,7 @@ fn blob_created(repository: &Repository, digest: &Digest) -> Response {
         header::LOCATION,
         header_value(&format!("/v2/{repository}/blobs/{digest}")),
     );
-    headers.insert(CONTENT_DIGEST, header_value(&digest.to_string()));
+    headers.insert(CONTENT_DIGEST, header_value(digest.as_ref()));
     response
 }
 
@@ -584,7 +584,7 @@ async fn put_manifest(
         header::LOCATION,
         header_value(&format!("/v2/{repository}/manifests/{digest}")),
     );
-    headers.insert(CONTENT_DIGEST, header_value(&digest.to_string()));
+    headers.insert(CONTENT_DIGEST, header_value(digest.as_ref()));
     Ok(response)
 }
 
@@ -634,7 +634,7 @@ async fn get_manifest(
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(held.size));
     headers.insert(header::CONTENT_TYPE, header_value(&held.media_type));
-    headers.insert(CONTENT_DIGEST, header_value(&held.digest.to_string()));
+    headers.insert(CONTENT_DIGEST, header_value(held.digest.as_ref()));
     Ok(response)
 }
 

@@ -72,7 +72,7 @@ struct ManifestRecord {
 }
 
 enum Slot {
-    Idle(Upload),
+    Idle(Box<Upload>),
     /// A request is writing to it; a second one at the same time is refused.
     Busy,
 }
@@ -284,7 +284,9 @@ impl Store {
     /// Starts a session: the upload waits in the table under a fresh id.
     pub(crate) fn open_session(&self, upload: Upload) -> Uuid {
         let id = Uuid::now_v7();
-        self.lock().sessions.insert(id, Slot::Idle(upload));
+        self.lock()
+            .sessions
+            .insert(id, Slot::Idle(Box::new(upload)));
         id
     }
 
@@ -312,7 +314,7 @@ impl Store {
                 Ok(Taken {
                     store: self,
                     id,
-                    upload: Some(upload),
+                    upload: Some(*upload),
                 })
             }
             Some(Slot::Busy) => Err(Refusal::new(
@@ -329,7 +331,9 @@ impl Store {
             .upload
             .take()
             .expect("a taken session holds its upload");
-        self.lock().sessions.insert(taken.id, Slot::Idle(upload));
+        self.lock()
+            .sessions
+            .insert(taken.id, Slot::Idle(Box::new(upload)));
     }
 
     /// Appends `body` to `upload`, hashing and writing on a blocking thread
@@ -573,7 +577,7 @@ impl Store {
                 })
                 .map(|(digest, _)| descriptor(digest))
                 .collect();
-            by_digest.sort_by(|a, b| a.digest().to_string().cmp(&b.digest().to_string()));
+            by_digest.sort_by_key(|d| d.digest().to_string());
             if tags.is_empty() && by_digest.is_empty() {
                 continue; // blobs alone are nothing to push onward
             }
