@@ -28,10 +28,6 @@ pub enum Error {
     /// No repository was declared: a gateway that accepts nothing.
     #[error("the gateway needs at least one declared repository")]
     NoRepositories,
-
-    /// The listener failed.
-    #[error("gateway listener")]
-    Listen(#[source] std::io::Error),
 }
 
 /// Error codes of the distribution spec ("Error Codes") the gateway answers
@@ -52,6 +48,7 @@ pub enum Code {
     SizeInvalid,
     Denied,
     Unsupported,
+    TooManyRequests,
     /// distribution's code for a chunk that does not continue the upload.
     RangeInvalid,
     /// distribution's code for a tag that does not parse.
@@ -73,6 +70,7 @@ impl Code {
             Code::SizeInvalid => "SIZE_INVALID",
             Code::Denied => "DENIED",
             Code::Unsupported => "UNSUPPORTED",
+            Code::TooManyRequests => "TOOMANYREQUESTS",
             Code::RangeInvalid => "RANGE_INVALID",
             Code::TagInvalid => "TAG_INVALID",
         }
@@ -86,6 +84,7 @@ impl Code {
             | Code::NameUnknown => StatusCode::NOT_FOUND,
             Code::Denied => StatusCode::FORBIDDEN,
             Code::Unsupported => StatusCode::METHOD_NOT_ALLOWED,
+            Code::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
             Code::RangeInvalid => StatusCode::RANGE_NOT_SATISFIABLE,
             Code::BlobUploadInvalid
             | Code::DigestInvalid

@@ -21,7 +21,7 @@ use custody_oci::layout::MAX_MANIFEST_SIZE;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
-use crate::error::{Code, Error, Refusal};
+use crate::error::{Code, Refusal};
 use crate::name::{Reference, Repository, Tag};
 use crate::{Shared, manifest};
 
@@ -38,7 +38,7 @@ pub(crate) async fn serve(
     shared: Arc<Shared>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), Error> {
+) {
     let router = Router::new().fallback(handle).with_state(shared);
     let mut connections = JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -72,7 +72,6 @@ pub(crate) async fn serve(
         }
     }
     connections.shutdown().await;
-    Ok(())
 }
 
 async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response {
@@ -348,7 +347,7 @@ async fn start_upload(
         return Ok(blob_created(repository, &digest));
     }
     let upload = shared.store.new_upload(repository)?;
-    let id = shared.store.open_session(upload).to_string();
+    let id = shared.store.open_session(upload)?.to_string();
     Ok(upload_status(StatusCode::ACCEPTED, repository, &id, 0))
 }
 

@@ -158,12 +158,9 @@ impl Gateway {
 
     /// Serves the distribution API on `listener` until `shutdown`
     /// resolves, then closes every connection. What was pushed stays
-    /// readable with [`Gateway::pushed`].
-    pub async fn serve(
-        &self,
-        listener: TcpListener,
-        shutdown: impl Future<Output = ()>,
-    ) -> Result<(), Error> {
+    /// readable with [`Gateway::pushed`]. A failed `accept` is logged and
+    /// serving goes on: it is one client's, not the gateway's.
+    pub async fn serve(&self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
         http::serve(self.shared.clone(), listener, shutdown).await
     }
 

@@ -29,6 +29,10 @@ use crate::manifest::Manifest;
 use crate::name::{Repository, Tag};
 use crate::pushed::{Pushed, PushedRepository};
 
+/// Upload sessions open at once, at most: builders upload a handful of
+/// blobs in parallel, and every session holds a file descriptor.
+pub(crate) const MAX_SESSIONS: usize = 128;
+
 /// The gateway's storage and bookkeeping, shared by every request.
 pub(crate) struct Store {
     /// The layout's root, for messages.
@@ -282,12 +286,21 @@ impl Store {
     }
 
     /// Starts a session: the upload waits in the table under a fresh id.
-    pub(crate) fn open_session(&self, upload: Upload) -> Uuid {
+    /// Each holds an open file, so a step may not hold more than
+    /// [`MAX_SESSIONS`] at once (abandoned ones count until the gateway goes).
+    pub(crate) fn open_session(&self, upload: Upload) -> Result<Uuid, Refusal> {
+        let mut state = self.lock();
+        if state.sessions.len() >= MAX_SESSIONS {
+            return Err(Refusal::new(
+                Code::TooManyRequests,
+                format!(
+                    "{MAX_SESSIONS} uploads are in progress, the most the gateway keeps open; finish some first"
+                ),
+            ));
+        }
         let id = Uuid::now_v7();
-        self.lock()
-            .sessions
-            .insert(id, Slot::Idle(Box::new(upload)));
-        id
+        state.sessions.insert(id, Slot::Idle(Box::new(upload)));
+        Ok(id)
     }
 
     /// Takes the session `id` of `repository` for one request.

@@ -17,7 +17,7 @@ struct Running {
     gateway: Arc<Gateway>,
     host: String,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    served: Option<tokio::task::JoinHandle<Result<(), custody_gateway::Error>>>,
+    served: Option<tokio::task::JoinHandle<()>>,
     runtime: tokio::runtime::Runtime,
     storage: PathBuf,
     /// Also `HOME` for skopeo, so no cache or credentials of the machine
@@ -197,7 +197,7 @@ impl Running {
         let pushed = self.gateway.pushed();
         self.stop.take().unwrap().send(()).unwrap();
         let served = self.served.take().unwrap();
-        self.runtime.block_on(served).unwrap().unwrap();
+        self.runtime.block_on(served).unwrap();
         let storage = self.storage.clone();
         drop(self.gateway);
         (pushed, files(&storage))
@@ -912,6 +912,30 @@ fn past_the_limit_uploads_are_refused_and_nothing_is_kept() {
             .all(|f| !f.ends_with(big.hex()) && !f.contains(".upload-")),
         "{files:?}"
     );
+}
+
+#[test]
+fn open_upload_sessions_are_bounded() {
+    let gateway = gateway(&["app"]).start();
+    // One curl, one connection, 129 POSTs.
+    let url = format!("http://{}/v2/app/blobs/uploads/", gateway.host);
+    let output = Command::new("curl")
+        .args(["-sS", "--noproxy", "*", "-X", "POST"])
+        .args(["-w", "%{http_code}\\n"])
+        .args((0..129).flat_map(|_| ["-o", "/dev/null", url.as_str()]))
+        .output()
+        .unwrap();
+    let codes = String::from_utf8_lossy(&output.stdout);
+    let codes: Vec<&str> = codes.lines().collect();
+    assert_eq!(codes.len(), 129);
+    assert!(codes[..128].iter().all(|c| *c == "202"), "{codes:?}");
+    assert_eq!(codes[128], "429");
+    gateway
+        .curl("POST", "/v2/app/blobs/uploads/", &[], None)
+        .refused(429, "TOOMANYREQUESTS");
+
+    let (_, files) = gateway.stop();
+    assert!(blob_files(&files).is_empty(), "{files:?}");
 }
 
 #[test]
