@@ -127,8 +127,11 @@ impl Route {
         {
             return Ok(Route::Uploads(name(repository)?));
         }
-        // The last segment is never part of the name: split there.
+        // The last segment is never part of the name: split there. Some
+        // clients escape the `:` of a digest.
         let (before, last) = rest.rsplit_once('/').ok_or_else(not_api)?;
+        let last = last.replace("%3A", ":").replace("%3a", ":");
+        let last = last.as_str();
         if let Some(repository) = before.strip_suffix("/blobs/uploads") {
             return Ok(Route::Upload(name(repository)?, last.to_owned()));
         }

@@ -452,6 +452,9 @@ fn curl_uploads_in_chunks() {
     let head = gateway.curl("HEAD", &format!("/v2/app/blobs/{digest}"), &[], None);
     assert_eq!(head.status, 200);
     assert_eq!(head.header("Content-Length"), Some("300000".into()));
+    let escaped = digest.replace(':', "%3A");
+    let head = gateway.curl("HEAD", &format!("/v2/app/blobs/{escaped}"), &[], None);
+    assert_eq!(head.status, 200, "an escaped `:` is a `:`");
     let get = gateway.curl("GET", &format!("/v2/app/blobs/{digest}"), &[], None);
     assert_eq!(get.body, bytes);
 
