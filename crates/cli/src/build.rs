@@ -83,7 +83,10 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
     let mut config = embedded::Config::local(
         data_dir.clone(),
         builder_id,
-        crate::registry_options(&args.registry)?,
+        crate::registry_options(
+            &args.registry,
+            crate::creds::Bare::Refused { command: "build" },
+        )?,
         std::env::current_exe().context("cannot find the custody binary")?,
     );
     config.signing_key = args.signing_key.clone();

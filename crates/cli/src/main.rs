@@ -3,6 +3,7 @@
 
 mod bounds;
 mod build;
+mod creds;
 mod progress;
 mod serve;
 
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use custody_oci::copy::{self, CopyOptions, Destination, Source};
-use custody_oci::registry::{self, CredentialSource, RegistryOptions, auth};
+use custody_oci::registry::{self, RegistryOptions};
 use custody_oci::{Location, Reference};
 
 #[derive(Parser)]
@@ -204,13 +205,23 @@ pub(crate) struct RegistryArgs {
     /// you trust on a network you trust.
     #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
     insecure_registries: Vec<String>,
-    /// Credentials for the registries, `USER:PASSWORD`. Prefer `--authfile`
-    /// or `docker login`: arguments are visible to other local users.
-    #[arg(long, value_name = "USER:PASS", conflicts_with = "authfile")]
-    creds: Option<String>,
+    /// A credential for one registry, `HOST=USER:PASSWORD` (repeatable),
+    /// HOST as references write it (`registry.example.org:5000`). It is
+    /// offered to that registry (and the token server it names) only: never
+    /// to another host, a redirect target on another origin, or a token
+    /// server another origin names.
+    /// Registries no `--creds` names get no credential. `push`, `pull`,
+    /// `referrers` and `verify` also take a bare `USER:PASSWORD`, offered to
+    /// the registries their command line names (SRC, DEST or the image);
+    /// `build` and `serve` do not, as there a spec chooses the registries.
+    /// Prefer `--authfile` or `docker login`: arguments are visible to other
+    /// local users.
+    #[arg(long, value_name = "HOST=USER:PASS", conflicts_with = "authfile")]
+    creds: Vec<String>,
     /// A docker `config.json` or containers `auth.json` to read credentials
     /// from (default: `$REGISTRY_AUTH_FILE`, containers' `auth.json`, then
-    /// `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`).
+    /// `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`). Each entry
+    /// is offered to the registry host it is keyed by only.
     #[arg(long, value_name = "FILE")]
     authfile: Option<PathBuf>,
 }
@@ -306,12 +317,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-pub(crate) fn registry_options(args: &RegistryArgs) -> anyhow::Result<RegistryOptions> {
-    let credentials = match (&args.creds, &args.authfile) {
-        (Some(creds), _) => CredentialSource::Explicit(auth::parse_creds(creds)?),
-        (None, Some(file)) => CredentialSource::File(file.clone()),
-        (None, None) => CredentialSource::Default,
-    };
+/// How to reach registries; `bare` says which registries a `--creds`
+/// naming none is for.
+pub(crate) fn registry_options(
+    args: &RegistryArgs,
+    bare: creds::Bare,
+) -> anyhow::Result<RegistryOptions> {
+    let credentials = creds::source(&args.creds, args.authfile.as_deref(), bare)?;
     Ok(RegistryOptions {
         certs_dirs: registry::certs::default_search_path(args.certs_dir.as_deref()),
         insecure_hosts: args.insecure_registries.clone(),
@@ -334,6 +346,14 @@ fn parse_location(text: &str) -> anyhow::Result<Location> {
         },
         registry => registry,
     })
+}
+
+/// The registry a location is on, if it is on one.
+fn registry_host(location: &Location) -> Option<custody_oci::RegistryHost> {
+    match location {
+        Location::Registry(reference) => Some(reference.host()),
+        _ => None,
+    }
 }
 
 /// `path` with its longest existing prefix resolved (the rest may not
@@ -363,7 +383,11 @@ async fn copy_image(args: CopyArgs) -> anyhow::Result<()> {
     let source_location = parse_location(&args.source)?;
     let destination_location = parse_location(&args.destination)?;
     destination_location.check_writable()?;
-    let mut options = registry_options(&args.registry)?;
+    let named = [&source_location, &destination_location]
+        .into_iter()
+        .filter_map(registry_host)
+        .collect();
+    let mut options = registry_options(&args.registry, creds::Bare::NamedHere(named))?;
     options.chunk_size = args.chunk_size;
     let progress: Arc<dyn copy::Progress> = if std::io::stderr().is_terminal() {
         Arc::new(progress::Bars::new())
@@ -400,7 +424,10 @@ async fn copy_image(args: CopyArgs) -> anyhow::Result<()> {
 
 async fn referrers(args: ReferrersArgs) -> anyhow::Result<()> {
     let reference: Reference = args.reference.parse()?;
-    let options = registry_options(&args.registry)?;
+    let options = registry_options(
+        &args.registry,
+        creds::Bare::NamedHere(vec![reference.host()]),
+    )?;
     let what = format!("failed to list referrers of `{reference}`");
     let client = registry::Client::new(reference.api_host(), &options)
         .await
@@ -449,7 +476,8 @@ fn fs_write(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
 
 async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     let location = parse_location(&args.image)?;
-    let options = registry_options(&args.registry)?;
+    let named = registry_host(&location).into_iter().collect();
+    let options = registry_options(&args.registry, creds::Bare::NamedHere(named))?;
     let key = custody_attest::keys::VerifyingKey::from_pem_file(&args.key)?;
     let (source_repository, source_commit) = match &args.source {
         // A commit is 40 (or 64) hex digits after the last `@`.
@@ -569,7 +597,11 @@ fn report(err: &anyhow::Error) -> ExitCode {
         text.push_str(&format!("  Caused by: {cause}\n"));
     }
     let cause = err.downcast_ref::<custody_oci::Error>();
-    if let Some(hint) = cause.and_then(custody_oci::Error::hint) {
+    let unscoped = err.downcast_ref::<creds::Unscoped>();
+    let hint = cause
+        .and_then(custody_oci::Error::hint)
+        .or_else(|| unscoped.map(creds::Unscoped::hint));
+    if let Some(hint) = hint {
         text.push_str(&format!("hint: {hint}\n"));
     }
     let _ = std::io::stderr().write_all(text.as_bytes());
@@ -580,6 +612,7 @@ fn report(err: &anyhow::Error) -> ExitCode {
             Some(custody_daemon::embedded::Error::Key(_))
         );
     let misused = err.downcast_ref::<build::Usage>().is_some()
+        || unscoped.is_some()
         || err
             .downcast_ref::<custody_server::client::ClientError>()
             .is_some_and(|e| {

@@ -117,7 +117,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         pid: std::process::id(),
     };
     let settings = config
-        .resolve(env, crate::registry_options(&registry)?, bounds)
+        .resolve(
+            env,
+            crate::registry_options(&registry, crate::creds::Bare::Refused { command: "serve" })?,
+            bounds,
+        )
         .map_err(|e| Usage(e.to_string()))?;
     let owner = settings.queue.owner.clone();
     let store_description = match &settings.daemon.database_url {

@@ -1101,7 +1101,7 @@ fn a_destination_that_cannot_take_a_push_fails_before_any_step_runs() {
                 "--insecure-registry".to_owned(),
                 guarded.host().to_owned(),
                 "--creds".to_owned(),
-                "dave:wrong-pw".to_owned(),
+                format!("{}=dave:wrong-pw", guarded.host()),
             ],
             "refused access",
         ),

@@ -67,6 +67,11 @@ pub enum Error {
     #[error("credentials for `{host}`: {reason}")]
     Credentials { host: String, reason: String },
 
+    /// A `--creds` value custody cannot use; the value is never shown (it
+    /// holds a password).
+    #[error("invalid `--creds` value: {reason}")]
+    InvalidCreds { reason: String },
+
     /// The registry refused our credentials (or we had none).
     #[error("`{host}` refused access{}: {detail}", user.as_ref().map(|u| format!(" for user `{u}`")).unwrap_or_default())]
     Unauthorized {
@@ -133,6 +138,7 @@ impl Error {
                 | Error::InvalidDigest { .. }
                 | Error::CertsDir { .. }
                 | Error::Credentials { .. }
+                | Error::InvalidCreds { .. }
                 | Error::Unsupported(_)
         )
     }
@@ -141,11 +147,14 @@ impl Error {
     pub fn hint(&self) -> Option<String> {
         match self {
             Error::Unauthorized { host, user: None, .. } => Some(format!(
-                "log in to `{host}` (`docker login {host}`), or pass `--creds USER:PASS` or `--authfile FILE`"
+                "log in to `{host}` (`docker login {host}`), or pass `--creds {host}=USER:PASS` or `--authfile FILE`"
             )),
             Error::Unauthorized { host, user: Some(_), .. } => Some(format!(
                 "check the credentials for `{host}` and that they may push and pull this repository"
             )),
+            Error::InvalidCreds { .. } => Some(
+                "write `--creds HOST=USER:PASSWORD`, HOST as references name the registry (`registry.example.org:5000`)".into(),
+            ),
             Error::BlobsMissing { .. } => Some(
                 "push the base image to the destination repository first (or name it with `--mount-from`), or write the blobs into the layout".into(),
             ),

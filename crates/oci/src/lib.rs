@@ -29,4 +29,4 @@ pub mod unpack;
 pub use digest::Digest;
 pub use error::Error;
 pub use oci_spec;
-pub use reference::{Location, Reference};
+pub use reference::{Location, Reference, RegistryHost};

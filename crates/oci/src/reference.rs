@@ -88,6 +88,55 @@ impl Reference {
     pub fn with_repository(&self, repository: &str) -> Result<Self, Error> {
         Self::from_str(&format!("{}/{}", self.registry, repository))
     }
+
+    /// The registry as credentials are keyed.
+    pub fn host(&self) -> RegistryHost {
+        RegistryHost::canonical(&self.registry)
+    }
+}
+
+/// A registry's `host[:port]`, checked, and spelt one way: lowercase, with
+/// Docker Hub's three names (`docker.io`, `index.docker.io`,
+/// `registry-1.docker.io`) as `docker.io`. Credentials are keyed by it, so
+/// every spelling of one registry finds its credential and no other
+/// registry does.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RegistryHost(String);
+
+impl RegistryHost {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// `host`, already known to be a valid `host[:port]`, in its one spelling.
+    fn canonical(host: &str) -> Self {
+        let host = host.to_ascii_lowercase();
+        match host.as_str() {
+            "index.docker.io" | "registry-1.docker.io" => Self(DOCKER_HUB.to_owned()),
+            _ => Self(host),
+        }
+    }
+}
+
+impl fmt::Display for RegistryHost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for RegistryHost {
+    type Err = Error;
+
+    /// `host[:port]` as references write it: no scheme, no path.
+    fn from_str(text: &str) -> Result<Self, Error> {
+        if !is_valid_host(text) {
+            return Err(Error::InvalidReference {
+                reference: text.to_owned(),
+                reason: "not a valid host[:port]".into(),
+            });
+        }
+        Ok(Self::canonical(text))
+    }
 }
 
 impl fmt::Display for Reference {
@@ -343,6 +392,29 @@ mod tests {
             parse("index.docker.io/team/app:1").to_string(),
             "docker.io/team/app:1"
         );
+    }
+
+    #[test]
+    fn registry_hosts_have_one_spelling() {
+        let host = |text: &str| text.parse::<RegistryHost>().unwrap();
+        assert_eq!(host("Registry.Example:5000"), host("registry.example:5000"));
+        assert_eq!(host("registry-1.docker.io"), host("docker.io"));
+        assert_eq!(host("index.docker.io"), parse("alpine").host());
+        assert_eq!(
+            parse("127.0.0.1:5000/team/app:v1").host().as_str(),
+            "127.0.0.1:5000"
+        );
+        assert_ne!(host("registry.example"), host("registry.example:5000"));
+        for bad in [
+            "",
+            "https://registry.example",
+            "registry.example/team",
+            "registry.example:5000:1",
+            "user@registry.example",
+            "registry.example:99999",
+        ] {
+            assert!(bad.parse::<RegistryHost>().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -22,7 +22,10 @@ pub(crate) fn registry_options(job: &proto::Job) -> RegistryOptions {
     let credentials = access
         .credentials
         .into_iter()
-        .map(|c| {
+        // The daemon names hosts as references do; one it could not have
+        // named gets nothing.
+        .filter_map(|c| {
+            let host = c.host.parse::<custody_oci::RegistryHost>().ok()?;
             let credential = if c.identity_token.is_empty() {
                 Credential::UserPassword {
                     user: c.username,
@@ -31,7 +34,7 @@ pub(crate) fn registry_options(job: &proto::Job) -> RegistryOptions {
             } else {
                 Credential::IdentityToken(Secret::new(c.identity_token))
             };
-            (c.host, credential)
+            Some((host, credential))
         })
         .collect();
     let host_tls = access

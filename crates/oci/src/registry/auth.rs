@@ -12,7 +12,7 @@ use reqwest::header::HeaderValue;
 use serde::Deserialize;
 use tokio::sync::Mutex;
 
-use crate::Error;
+use crate::{Error, RegistryHost};
 
 /// A secret that never prints.
 #[derive(Clone, PartialEq, Eq)]
@@ -53,19 +53,58 @@ impl Credential {
     }
 }
 
-/// Where to look for credentials.
+/// Credentials, each for one registry: a host not named gets none. A
+/// credential is never offered to another host than its own, whatever a
+/// spec or a registry's answer names.
+#[derive(Clone, Debug, Default)]
+pub struct HostCredentials(HashMap<RegistryHost, Credential>);
+
+impl HostCredentials {
+    /// Adds `credential` for `host`; a host named twice is refused, as there
+    /// is no telling which was meant.
+    pub fn insert(&mut self, host: RegistryHost, credential: Credential) -> Result<(), Error> {
+        if self.0.contains_key(&host) {
+            return Err(Error::InvalidCreds {
+                reason: format!("`{host}` is named more than once"),
+            });
+        }
+        self.0.insert(host, credential);
+        Ok(())
+    }
+
+    pub fn contains(&self, host: &RegistryHost) -> bool {
+        self.0.contains_key(host)
+    }
+
+    /// The credential for `host` (`host[:port]` as a client talks to it),
+    /// if one was given for that very registry.
+    pub fn get(&self, host: &str) -> Option<&Credential> {
+        self.0.get(&host.parse::<RegistryHost>().ok()?)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl FromIterator<(RegistryHost, Credential)> for HostCredentials {
+    fn from_iter<I: IntoIterator<Item = (RegistryHost, Credential)>>(pairs: I) -> Self {
+        Self(pairs.into_iter().collect())
+    }
+}
+
+/// Where to look for credentials. Every source answers by host: there is
+/// no credential for every registry.
 #[derive(Clone, Debug, Default)]
 pub enum CredentialSource {
-    /// `--creds user:pass`, for every host.
-    Explicit(Credential),
+    /// Exactly these, by host; any other host is anonymous. `--creds
+    /// HOST=USER:PASS`, or what a runner gets from the daemon for one job.
+    PerHost(HostCredentials),
     /// `--authfile FILE`: a docker `config.json` or containers `auth.json`.
     File(PathBuf),
     /// `$REGISTRY_AUTH_FILE`, containers' `auth.json`, then docker's `config.json`.
     #[default]
     Default,
-    /// Exactly these, by host (`host[:port]`); any other host is anonymous.
-    /// A runner gets these from the daemon for one job.
-    PerHost(HashMap<String, Credential>),
 }
 
 impl CredentialSource {
@@ -73,7 +112,7 @@ impl CredentialSource {
     /// separate programs).
     pub fn lookup(&self, host: &str) -> Result<Option<Credential>, Error> {
         match self {
-            CredentialSource::Explicit(credential) => Ok(Some(credential.clone())),
+            CredentialSource::PerHost(credentials) => Ok(credentials.get(host).cloned()),
             CredentialSource::File(path) => {
                 if !path.is_file() {
                     return Err(Error::Credentials {
@@ -83,7 +122,6 @@ impl CredentialSource {
                 }
                 lookup_in_file(path, host)
             }
-            CredentialSource::PerHost(map) => Ok(map.get(host).cloned()),
             CredentialSource::Default => {
                 for path in default_auth_files() {
                     if path.is_file()
@@ -105,7 +143,7 @@ impl CredentialSource {
         let candidates = match self {
             CredentialSource::File(path) => vec![path.clone()],
             CredentialSource::Default => default_auth_files(),
-            CredentialSource::Explicit(_) | CredentialSource::PerHost(_) => Vec::new(),
+            CredentialSource::PerHost(_) => Vec::new(),
         };
         candidates.into_iter().filter(|p| p.exists()).collect()
     }
@@ -215,16 +253,42 @@ fn lookup_in_file(path: &std::path::Path, host: &str) -> Result<Option<Credentia
     Ok(None)
 }
 
-/// Parses `user:pass` as given to `--creds`.
+/// One `--creds` value. The value itself is never repeated in an error:
+/// it holds a password.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CredsArg {
+    /// `HOST=USER:PASS`: for that registry only.
+    ForHost(RegistryHost, Credential),
+    /// `USER:PASS`, naming no registry: the caller decides which hosts it is
+    /// for (those its command line names), or refuses it.
+    Bare(Credential),
+}
+
+impl CredsArg {
+    /// `HOST=USER:PASS` when the text before the first `=` is a
+    /// `host[:port]`, else `USER:PASS`.
+    pub fn parse(text: &str) -> Result<Self, Error> {
+        if let Some((host, rest)) = text.split_once('=')
+            && let Ok(host) = host.parse::<RegistryHost>()
+        {
+            let credential = parse_creds(rest).map_err(|_| Error::InvalidCreds {
+                reason: format!("the value for `{host}` is not `{host}=USER:PASSWORD`"),
+            })?;
+            return Ok(CredsArg::ForHost(host, credential));
+        }
+        Ok(CredsArg::Bare(parse_creds(text)?))
+    }
+}
+
+/// Parses `USER:PASS`.
 pub fn parse_creds(text: &str) -> Result<Credential, Error> {
     match text.split_once(':') {
         Some((user, password)) if !user.is_empty() => Ok(Credential::UserPassword {
             user: user.to_owned(),
             password: Secret::new(password),
         }),
-        _ => Err(Error::Credentials {
-            host: "any".into(),
-            reason: "`--creds` takes `USER:PASSWORD`".into(),
+        _ => Err(Error::InvalidCreds {
+            reason: "it is neither `HOST=USER:PASSWORD` nor `USER:PASSWORD`".into(),
         }),
     }
 }
@@ -575,5 +639,82 @@ mod tests {
             })
         );
         assert_eq!(source.lookup("other:5000").unwrap(), None);
+    }
+
+    /// How docker's keys match: a scheme and a path are dropped from a key
+    /// that has a scheme, Docker Hub's names are one, nothing else is
+    /// loosened; a key with a path and no scheme (podman's per-repository
+    /// form) is offered to no host at all rather than to a wrong one.
+    #[test]
+    fn auth_file_entries_go_to_their_own_host_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        let auth =
+            |who: &str| base64::engine::general_purpose::STANDARD.encode(format!("{who}:pw"));
+        fs_err::write(
+            &path,
+            serde_json::json!({"auths": {
+                "https://index.docker.io/v1/": {"auth": auth("hub")},
+                "https://reg.example:5000/v1/": {"auth": auth("scheme")},
+                "plain.example": {"auth": auth("plain")},
+                "team.example:5000/team": {"auth": auth("pathed")},
+            }})
+            .to_string(),
+        )
+        .unwrap();
+        let source = CredentialSource::File(path);
+        let user = |host: &str| {
+            source.lookup(host).unwrap().map(|c| match c {
+                Credential::UserPassword { user, .. } => user,
+                Credential::IdentityToken(_) => "token".into(),
+            })
+        };
+        assert_eq!(user("registry-1.docker.io").as_deref(), Some("hub"));
+        assert_eq!(user("docker.io").as_deref(), Some("hub"));
+        assert_eq!(user("reg.example:5000").as_deref(), Some("scheme"));
+        assert_eq!(user("plain.example").as_deref(), Some("plain"));
+        for elsewhere in [
+            "index.docker.io.attacker.example",
+            "reg.example",
+            "reg.example:5001",
+            "plain.example:443",
+            "team.example:5000",
+            "team.example",
+            "attacker.example",
+            "127.0.0.1:5000",
+        ] {
+            assert_eq!(user(elsewhere), None, "{elsewhere}");
+        }
+    }
+
+    #[test]
+    fn creds_values_name_their_host() {
+        let host = |text: &str| text.parse::<RegistryHost>().unwrap();
+        assert_eq!(
+            CredsArg::parse("reg.example:5000=alice:pa=ss:word").unwrap(),
+            CredsArg::ForHost(
+                host("reg.example:5000"),
+                Credential::UserPassword {
+                    user: "alice".into(),
+                    password: Secret::new("pa=ss:word")
+                }
+            )
+        );
+        assert!(matches!(
+            CredsArg::parse("alice:pa=ss").unwrap(),
+            CredsArg::Bare(Credential::UserPassword { user, .. }) if user == "alice"
+        ));
+        let err = CredsArg::parse("reg.example=hunter2")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("reg.example") && !err.contains("hunter2"),
+            "{err}"
+        );
+        let credentials: HostCredentials = [(host("docker.io"), parse_creds("a:b").unwrap())]
+            .into_iter()
+            .collect();
+        assert!(credentials.get("registry-1.docker.io").is_some());
+        assert!(credentials.get("docker.io.attacker.example").is_none());
     }
 }

@@ -77,6 +77,8 @@ pub struct Client {
     host: String,
     base: Url,
     http: reqwest::Client,
+    /// For the token realm only (see `Client::new`).
+    token_http: reqwest::Client,
     auth: auth::Authenticator,
     pinged: OnceCell<()>,
     chunk_size: Option<u64>,
@@ -109,37 +111,32 @@ impl Client {
             .await
             .expect("credential lookup does not panic")?
         };
-        let mut builder = reqwest::Client::builder()
-            .user_agent(options.user_agent.clone())
-            .connect_timeout(options.connect_timeout)
-            .read_timeout(Duration::from_secs(120))
-            .pool_max_idle_per_host(32)
-            .tls_version_min(reqwest::tls::Version::TLS_1_2);
-        let cert_problem = |reason: String| Error::CertsDir {
-            host: host.to_owned(),
-            dir: tls.dir.clone().unwrap_or_default(),
-            reason,
-        };
-        let mut roots = Vec::new();
-        for pem in &tls.roots {
-            roots.extend(reqwest::Certificate::from_pem_bundle(pem).map_err(|e| {
-                cert_problem(format!("a CA file is not valid PEM: {}", describe(&e)))
-            })?);
-        }
-        builder = builder.tls_certs_merge(roots);
-        if let Some(identity) = &tls.identity {
-            builder = builder.identity(reqwest::Identity::from_pem(identity).map_err(|e| {
-                cert_problem(format!(
-                    "the client certificate or key is not valid: {}",
-                    describe(&e)
-                ))
-            })?);
-        }
-        let http = builder.build().map_err(|e| cert_problem(describe(&e)))?;
+        let http = http_client(host, options, &tls, reqwest::redirect::Policy::default())?;
+        // Token requests carry the credential: a Basic header (which reqwest
+        // drops when a redirect leaves the origin) or, for an identity token,
+        // the body, which a 307 or 308 would send on unchanged. So they
+        // follow no redirect off their origin.
+        let token_http = http_client(
+            host,
+            options,
+            &tls,
+            reqwest::redirect::Policy::custom(|attempt| {
+                let leaves = attempt
+                    .previous()
+                    .last()
+                    .is_some_and(|previous| previous.origin() != attempt.url().origin());
+                if leaves || attempt.previous().len() > 10 {
+                    attempt.stop()
+                } else {
+                    attempt.follow()
+                }
+            }),
+        )?;
         Ok(Self {
             host: host.to_owned(),
             base,
             http,
+            token_http,
             auth: auth::Authenticator::new(host.to_owned(), credential),
             pinged: OnceCell::new(),
             chunk_size: options.chunk_size,
@@ -149,6 +146,20 @@ impl Client {
 
     pub fn host(&self) -> &str {
         &self.host
+    }
+
+    /// Refuses a 401 that did not come from the registry's own origin (a
+    /// redirect target, an upload location elsewhere): only the registry
+    /// itself says how to authenticate to it, so no other origin can name
+    /// the token realm its credential is sent to.
+    fn challenge_from_elsewhere(&self, response: &Response, action: &str) -> Result<(), Error> {
+        if response.url().origin() == self.base.origin() {
+            return Ok(());
+        }
+        Err(self.auth.refused(format!(
+            "{action} was answered 401 Unauthorized by `{}`, another origin than the registry; custody sends the registry's credentials to no other origin",
+            response.url().origin().ascii_serialization()
+        )))
     }
 
     fn url(&self, path: &str) -> Url {
@@ -169,6 +180,7 @@ impl Client {
                     .await
                     .map_err(|e| self.transport("the API version check", &e))?;
                 if response.status() == StatusCode::UNAUTHORIZED {
+                    self.challenge_from_elsewhere(&response, "the API version check")?;
                     let header = response
                         .headers()
                         .get(WWW_AUTHENTICATE)
@@ -200,7 +212,7 @@ impl Client {
             // An upload `Location` may point elsewhere; the registry's
             // credentials go to the registry's own origin only.
             if request.url().origin() == self.base.origin()
-                && let Some(header) = self.auth.header(&self.http, scope).await?
+                && let Some(header) = self.auth.header(&self.token_http, scope).await?
             {
                 request
                     .headers_mut()
@@ -214,6 +226,7 @@ impl Client {
             if response.status() != StatusCode::UNAUTHORIZED {
                 return Ok(response);
             }
+            self.challenge_from_elsewhere(&response, action)?;
             let header = response
                 .headers()
                 .get(WWW_AUTHENTICATE)
@@ -787,6 +800,45 @@ impl Client {
             detail: detail.to_owned(),
         }
     }
+}
+
+/// An HTTP client for `host` with its TLS material and `redirects`.
+fn http_client(
+    host: &str,
+    options: &RegistryOptions,
+    tls: &certs::HostTls,
+    redirects: reqwest::redirect::Policy,
+) -> Result<reqwest::Client, Error> {
+    let mut builder = reqwest::Client::builder()
+        .user_agent(options.user_agent.clone())
+        .connect_timeout(options.connect_timeout)
+        .read_timeout(Duration::from_secs(120))
+        .pool_max_idle_per_host(32)
+        .tls_version_min(reqwest::tls::Version::TLS_1_2)
+        .redirect(redirects);
+    let cert_problem = |reason: String| Error::CertsDir {
+        host: host.to_owned(),
+        dir: tls.dir.clone().unwrap_or_default(),
+        reason,
+    };
+    let mut roots = Vec::new();
+    for pem in &tls.roots {
+        roots.extend(
+            reqwest::Certificate::from_pem_bundle(pem).map_err(|e| {
+                cert_problem(format!("a CA file is not valid PEM: {}", describe(&e)))
+            })?,
+        );
+    }
+    builder = builder.tls_certs_merge(roots);
+    if let Some(identity) = &tls.identity {
+        builder = builder.identity(reqwest::Identity::from_pem(identity).map_err(|e| {
+            cert_problem(format!(
+                "the client certificate or key is not valid: {}",
+                describe(&e)
+            ))
+        })?);
+    }
+    builder.build().map_err(|e| cert_problem(describe(&e)))
 }
 
 /// The tag under which the referrers of `digest` are listed on registries
