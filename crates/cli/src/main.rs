@@ -224,6 +224,15 @@ pub(crate) struct RegistryArgs {
     /// is offered to the registry host it is keyed by only.
     #[arg(long, value_name = "FILE")]
     authfile: Option<PathBuf>,
+    /// Seconds one registry exchange that moves no blob (a manifest, a tag,
+    /// a referrers list, a token) may take, retries included [default: 60].
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        env = "CUSTODY_REGISTRY_TIMEOUT",
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    registry_timeout: Option<u64>,
 }
 
 #[derive(Args)]
@@ -328,6 +337,10 @@ pub(crate) fn registry_options(
         certs_dirs: registry::certs::default_search_path(args.certs_dir.as_deref()),
         insecure_hosts: args.insecure_registries.clone(),
         credentials,
+        request_deadline: args.registry_timeout.map_or(
+            registry::DEFAULT_REQUEST_DEADLINE,
+            std::time::Duration::from_secs,
+        ),
         ..RegistryOptions::default()
     })
 }

@@ -99,6 +99,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         insecure_registries: config.registry.insecure.clone(),
         creds: args.registry.creds.clone(),
         authfile: config.registry.authfile.clone(),
+        registry_timeout: config.registry.timeout_seconds,
     };
     let bounds = crate::bounds::BoundsArgs {
         egress_allow: config.egress_allow.clone(),
@@ -180,6 +181,7 @@ impl ServeArgs {
                 insecure: self.registry.insecure_registries.clone(),
                 certs_dir: self.registry.certs_dir.clone(),
                 authfile: self.registry.authfile.clone(),
+                timeout_seconds: self.registry.registry_timeout,
             },
             egress_allow: self.bounds.egress_allow.clone(),
             disk: self.bounds.disk.clone(),

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use custody_testkit::Registry;
 use custody_testkit::image::{self, Image, LayoutWriter};
@@ -258,6 +259,47 @@ fn a_pull_fetches_only_what_the_layout_lacks() {
     assert_eq!(
         fs_err::read(pulled.join("blobs/sha256").join(image.layers[1].hex())).unwrap(),
         image.layers[1].bytes
+    );
+}
+
+/// A registry that answers a byte every 200 ms never trips a read timeout;
+/// the request deadline ends the pull, naming the host and the flag.
+#[test]
+fn a_trickling_registry_fails_within_the_request_deadline() {
+    let registry = Registry::builder().start();
+    let proxy = custody_testkit::FaultProxy::start(registry.addr());
+    let dir = tempfile::tempdir().unwrap();
+    let layout = layout_with(dir.path(), &Image::random(21, &[1_000]));
+    let source = format!("{}/team/app:v1", proxy.host());
+    custody(&[
+        "push",
+        "--insecure-registry",
+        &proxy.host(),
+        &oci(&layout, "v1"),
+        &source,
+    ])
+    .success();
+    proxy.trickle(Duration::from_millis(200));
+    let started = std::time::Instant::now();
+    custody(&[
+        "pull",
+        "--insecure-registry",
+        &proxy.host(),
+        "--registry-timeout",
+        "2",
+        &source,
+        &oci(&dir.path().join("pulled"), "v1"),
+    ])
+    .failure(1)
+    .stderr_has(&format!("`{}` did not finish answering", proxy.host()))
+    .stderr_has("within 2 s")
+    .stderr_has("--registry-timeout");
+    // Answering in full takes the proxy minutes; the pull gave up with the
+    // deadline (plus start-up), not at the end of the answer.
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the pull took {:?}",
+        started.elapsed()
     );
 }
 

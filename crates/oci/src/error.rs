@@ -97,6 +97,16 @@ pub enum Error {
         detail: String,
     },
 
+    /// An exchange that moves no blob (a manifest, a tag, a referrers
+    /// list, a token) did not complete within the deadline, however the
+    /// registry trickled its answer.
+    #[error("`{host}` did not finish answering {action} within {} s", after.as_secs())]
+    TimedOut {
+        host: String,
+        action: String,
+        after: std::time::Duration,
+    },
+
     /// The registry said something that makes no sense.
     #[error("`{host}` gave an invalid answer to {action}: {detail}")]
     Protocol {
@@ -166,6 +176,9 @@ impl Error {
             )),
             Error::Transport { host, .. } => Some(format!(
                 "check that `{host}` is up and reachable; use `--insecure-registry {host}` only if it serves plain HTTP"
+            )),
+            Error::TimedOut { host, .. } => Some(format!(
+                "check that `{host}` is healthy; a slower registry needs a longer `--registry-timeout`"
             )),
             Error::Symlink { .. } => Some(
                 "name the real directory (`realpath` prints it), or remove the symlink".into(),

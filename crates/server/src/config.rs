@@ -138,6 +138,8 @@ pub struct Registry {
     pub certs_dir: Option<PathBuf>,
     /// A docker `config.json` / containers `auth.json` with credentials.
     pub authfile: Option<PathBuf>,
+    /// Seconds one registry exchange that moves no blob may take.
+    pub timeout_seconds: Option<u64>,
 }
 
 /// What the environment contributes to the settings.
@@ -222,6 +224,10 @@ impl Config {
                 insecure: join(self.registry.insecure, over.registry.insecure),
                 certs_dir: over.registry.certs_dir.or(self.registry.certs_dir),
                 authfile: over.registry.authfile.or(self.registry.authfile),
+                timeout_seconds: over
+                    .registry
+                    .timeout_seconds
+                    .or(self.registry.timeout_seconds),
             },
             egress_allow: join(self.egress_allow, over.egress_allow),
             disk: over.disk.or(self.disk),

@@ -14,6 +14,8 @@ struct Shared {
     /// Die once this many client→server bytes have passed (0: never).
     die_after: AtomicU64,
     dead: AtomicBool,
+    /// Send server bytes one at a time, this many milliseconds apart (0: at once).
+    trickle_millis: AtomicU64,
     connections: Mutex<Vec<TcpStream>>,
 }
 
@@ -33,6 +35,7 @@ impl FaultProxy {
             bytes_down: AtomicU64::new(0),
             die_after: AtomicU64::new(0),
             dead: AtomicBool::new(false),
+            trickle_millis: AtomicU64::new(0),
             connections: Mutex::new(Vec::new()),
         });
         accept_loop(listener, shared.clone());
@@ -59,6 +62,14 @@ impl FaultProxy {
         self.shared
             .die_after
             .store(self.bytes_up() + bytes.max(1), Ordering::SeqCst);
+    }
+
+    /// From now on, answer a byte at a time, `every` apart: a registry that
+    /// never stalls long enough for a read timeout and never finishes.
+    pub fn trickle(&self, every: Duration) {
+        self.shared
+            .trickle_millis
+            .store(every.as_millis().max(1) as u64, Ordering::SeqCst);
     }
 
     /// Accept connections again on the same port.
@@ -140,7 +151,19 @@ fn pump(mut from: TcpStream, mut to: TcpStream, shared: Arc<Shared>, upstream: b
                     break;
                 }
             }
-            if to.write_all(&buf[..n]).is_err() {
+            let trickle = shared.trickle_millis.load(Ordering::SeqCst);
+            let written = if !upstream && trickle > 0 {
+                buf[..n].chunks(1).try_for_each(|byte| {
+                    thread::sleep(Duration::from_millis(trickle));
+                    if shared.dead.load(Ordering::SeqCst) {
+                        return Err(std::io::ErrorKind::BrokenPipe.into());
+                    }
+                    to.write_all(byte)
+                })
+            } else {
+                to.write_all(&buf[..n])
+            };
+            if written.is_err() {
                 break;
             }
         }

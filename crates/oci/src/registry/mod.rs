@@ -48,7 +48,14 @@ pub struct RegistryOptions {
     pub chunk_size: Option<u64>,
     /// Attempts for a request that failed transiently (connection, 5xx).
     pub attempts: u32,
+    /// The most one exchange that moves no blob may take, retries and
+    /// token included: a registry that trickles a manifest a byte at a
+    /// time fails here, not after hours.
+    pub request_deadline: Duration,
 }
+
+/// [`RegistryOptions::request_deadline`] unless the caller says otherwise.
+pub const DEFAULT_REQUEST_DEADLINE: Duration = Duration::from_secs(60);
 
 impl Default for RegistryOptions {
     fn default() -> Self {
@@ -61,6 +68,7 @@ impl Default for RegistryOptions {
             connect_timeout: Duration::from_secs(10),
             chunk_size: None,
             attempts: 3,
+            request_deadline: DEFAULT_REQUEST_DEADLINE,
         }
     }
 }
@@ -83,6 +91,7 @@ pub struct Client {
     pinged: OnceCell<()>,
     chunk_size: Option<u64>,
     attempts: u32,
+    deadline: Duration,
 }
 
 impl Client {
@@ -141,6 +150,7 @@ impl Client {
             pinged: OnceCell::new(),
             chunk_size: options.chunk_size,
             attempts: options.attempts.max(1),
+            deadline: options.request_deadline,
         })
     }
 
@@ -243,6 +253,36 @@ impl Client {
         unreachable!("the loop returns on its second attempt")
     }
 
+    /// `exchange` (one that moves no blob), failed as [`Error::TimedOut`]
+    /// if it is not over within the request deadline: read timeouts are
+    /// per read, and a registry answering a byte at a time never trips
+    /// them.
+    async fn within<T>(
+        &self,
+        action: &str,
+        exchange: impl std::future::Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        tokio::time::timeout(self.deadline, exchange)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::TimedOut {
+                    host: self.host.clone(),
+                    action: action.to_owned(),
+                    after: self.deadline,
+                })
+            })
+    }
+
+    /// [`Client::retrying`] an exchange that moves no blob, the retries
+    /// within one request deadline.
+    async fn exchange<T, F, Fut>(&self, action: &str, operation: F) -> Result<T, Error>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Error>>,
+    {
+        self.within(action, self.retrying(operation)).await
+    }
+
     /// Retries `operation` with backoff while it fails transiently.
     async fn retrying<T, F, Fut>(&self, operation: F) -> Result<T, Error>
     where
@@ -294,7 +334,7 @@ impl Client {
     pub async fn has_blob(&self, repository: &str, digest: &Digest) -> Result<bool, Error> {
         let action = format!("a check for blob `{digest}`");
         let url = self.url(&format!("v2/{repository}/blobs/{digest}"));
-        self.retrying(|| async {
+        self.exchange(&action, || async {
             let response = self
                 .send(&action, &Scope::pull(repository), || {
                     self.http.head(url.clone())
@@ -315,13 +355,16 @@ impl Client {
     pub async fn check_push(&self, repository: &str) -> Result<(), Error> {
         let action = format!("starting an upload to `{repository}`");
         let scope = Scope::push(repository);
-        let location = self.start_upload(repository, &action, &scope).await?;
-        // Cancelling is a courtesy: a registry that cannot leaves the
-        // empty upload to its own expiry.
-        let _ = self
-            .send(&action, &scope, || self.http.delete(location.clone()))
-            .await;
-        Ok(())
+        self.within(&action, async {
+            let location = self.start_upload(repository, &action, &scope).await?;
+            // Cancelling is a courtesy: a registry that cannot leaves the
+            // empty upload to its own expiry.
+            let _ = self
+                .send(&action, &scope, || self.http.delete(location.clone()))
+                .await;
+            Ok(())
+        })
+        .await
     }
 
     /// Starts a blob upload session; returns where to send the blob.
@@ -354,7 +397,7 @@ impl Client {
             .append_pair("mount", digest.as_ref())
             .append_pair("from", from);
         let scope = Scope::push_mounting(repository, from);
-        self.retrying(|| async {
+        self.exchange(&action, || async {
             let response = self
                 .send(&action, &scope, || self.http.post(url.clone()))
                 .await?;
@@ -565,7 +608,7 @@ impl Client {
     ) -> Result<(Descriptor, Bytes), Error> {
         let action = format!("fetching manifest `{repository}:{reference}`");
         let url = self.url(&format!("v2/{repository}/manifests/{reference}"));
-        self.retrying(|| async {
+        self.exchange(&action, || async {
             let response = self
                 .send(&action, &Scope::pull(repository), || {
                     self.http.get(url.clone()).header(ACCEPT, MANIFEST_ACCEPT)
@@ -613,7 +656,7 @@ impl Client {
     pub async fn has_manifest(&self, repository: &str, reference: &str) -> Result<bool, Error> {
         let action = format!("a check for manifest `{repository}:{reference}`");
         let url = self.url(&format!("v2/{repository}/manifests/{reference}"));
-        self.retrying(|| async {
+        self.exchange(&action, || async {
             let response = self
                 .send(&action, &Scope::pull(repository), || {
                     self.http.head(url.clone()).header(ACCEPT, MANIFEST_ACCEPT)
@@ -643,7 +686,7 @@ impl Client {
         );
         let url = self.url(&format!("v2/{repository}/manifests/{reference}"));
         let media_type = descriptor.media_type().to_string();
-        self.retrying(|| async {
+        self.exchange(&action, || async {
             let response = self
                 .send(&action, &Scope::push(repository), || {
                     self.http
@@ -670,6 +713,20 @@ impl Client {
         artifact_type: Option<&str>,
     ) -> Result<Vec<Descriptor>, Error> {
         let action = format!("listing referrers of `{digest}`");
+        self.within(
+            &action,
+            self.list_referrers(repository, digest, artifact_type, &action),
+        )
+        .await
+    }
+
+    async fn list_referrers(
+        &self,
+        repository: &str,
+        digest: &Digest,
+        artifact_type: Option<&str>,
+        action: &str,
+    ) -> Result<Vec<Descriptor>, Error> {
         let mut url = self.url(&format!("v2/{repository}/referrers/{digest}"));
         if let Some(artifact_type) = artifact_type {
             url.query_pairs_mut()
@@ -677,7 +734,7 @@ impl Client {
         }
         let response = self
             .retrying(|| async {
-                self.send(&action, &Scope::pull(repository), || {
+                self.send(action, &Scope::pull(repository), || {
                     self.http.get(url.clone())
                 })
                 .await
@@ -691,10 +748,10 @@ impl Client {
         let index = if response.status() == StatusCode::OK && is_index {
             let bytes = read_capped(response, MAX_MANIFEST_SIZE)
                 .await
-                .map_err(|e| self.transport(&action, &e))?
-                .ok_or_else(|| self.protocol(&action, "the referrers index is over 4 MiB"))?;
+                .map_err(|e| self.transport(action, &e))?
+                .ok_or_else(|| self.protocol(action, "the referrers index is over 4 MiB"))?;
             serde_json::from_slice::<ImageIndex>(&bytes).map_err(|e| {
-                self.protocol(&action, &format!("the referrers index is not valid: {e}"))
+                self.protocol(action, &format!("the referrers index is not valid: {e}"))
             })?
         } else if response.status() == StatusCode::NOT_FOUND || response.status() == StatusCode::OK
         {
@@ -705,7 +762,7 @@ impl Client {
             }
         } else {
             return self
-                .expect(response, &action, &[])
+                .expect(response, action, &[])
                 .await
                 .map(|_| Vec::new());
         };
