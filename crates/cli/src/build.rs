@@ -94,7 +94,7 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
     let connector = embedded::bind_connector(&config).await?;
     let daemon = embedded::start(config, connector).await?;
     if daemon.key_created {
-        eprintln!(
+        say!(
             "created a signing key at `{}`; its public key, for `custody verify --key`, is `{}`",
             daemon.key_path.display(),
             daemon
@@ -198,24 +198,24 @@ struct Printer {
 impl Printer {
     fn show(&mut self, progress: Progress) {
         match progress {
-            Progress::Queued { id } => eprintln!("==> build {id}"),
-            Progress::Source { description } => eprintln!("==> source: {description}"),
+            Progress::Queued { id } => say!("==> build {id}"),
+            Progress::Source { description } => say!("==> source: {description}"),
             Progress::StepImage { step, pinned } => {
-                eprintln!("==> step `{step}` image: {pinned}");
+                say!("==> step `{step}` image: {pinned}");
             }
             Progress::Checked {
                 destination,
                 digest,
-            } => eprintln!("==> checked {destination} is {digest}"),
+            } => say!("==> checked {destination} is {digest}"),
             Progress::Attached { destination } => {
-                eprintln!("==> attached provenance to {destination}");
+                say!("==> attached provenance to {destination}");
             }
-            Progress::Tagged { destination } => eprintln!("==> tagged {destination}"),
+            Progress::Tagged { destination } => say!("==> tagged {destination}"),
             Progress::Runner(event) => match event {
                 RunnerEvent::Hello { hostname, pid, .. } => {
-                    eprintln!("==> runner on {hostname} (pid {pid})");
+                    say!("==> runner on {hostname} (pid {pid})");
                 }
-                RunnerEvent::StepStarted { name, .. } => eprintln!("==> step `{name}`"),
+                RunnerEvent::StepStarted { name, .. } => say!("==> step `{name}`"),
                 RunnerEvent::Log(line) => {
                     let name = self
                         .step_names
@@ -234,10 +234,10 @@ impl Printer {
                     index,
                     end: StepEnd::TimedOut,
                 } => {
-                    eprintln!("==> step {index} timed out");
+                    say!("==> step {index} timed out");
                 }
                 RunnerEvent::Pushed(pushed) => {
-                    eprintln!("==> pushed {} ({} bytes)", pushed.reference, pushed.size);
+                    say!("==> pushed {} ({} bytes)", pushed.reference, pushed.size);
                 }
                 _ => {}
             },

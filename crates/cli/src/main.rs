@@ -1,6 +1,15 @@
 //! The `custody` command: argument parsing, progress and error rendering
 //! only; the work happens in the libraries.
 
+/// A line on stderr for people. A closed stderr (`custody … 2>&- | head`)
+/// loses the line instead of panicking, as `eprintln!` would.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod bounds;
 mod build;
 mod creds;
@@ -282,7 +291,7 @@ fn main() -> ExitCode {
         // Before any thread exists: the build's disk is mounted in a mount
         // namespace of the runner's own.
         if let Err(e) = custody_runner::isolate_mounts() {
-            eprintln!("warning: {e}; the build's disk limit will not be enforced");
+            say!("warning: {e}; the build's disk limit will not be enforced");
         }
     }
     // Both rustls providers may be linked in; pick ours explicitly.
@@ -316,7 +325,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Verify(args) => verify(args).await,
         Command::Keys(KeysCommand::Generate { out, algorithm }) => {
             let (private, public, key) = custody_attest::keys::generate_files(&out, algorithm)?;
-            eprintln!(
+            say!(
                 "wrote the private key to `{}` and the public key to `{}`",
                 private.display(),
                 public.display()
@@ -601,6 +610,16 @@ pub(crate) fn print_line(line: &str) -> anyhow::Result<()> {
 
 /// Prints `error:` / `Caused by:` / `hint:` and picks the exit code.
 fn report(err: &anyhow::Error) -> ExitCode {
+    // Whoever read stdout stopped (`custody builds list | head -1`):
+    // nothing went wrong, and there is no one to tell.
+    let pipe_closed = err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    });
+    if pipe_closed {
+        return ExitCode::SUCCESS;
+    }
     let mut chain = err.chain();
     let mut text = String::new();
     if let Some(top) = chain.next() {

@@ -141,9 +141,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listeners = Listeners::bind(&settings).await?;
     serve::run(settings, listeners, serve::shutdown_signal(), |started| {
         if started.key_created {
-            eprintln!("created a signing key at `{}`", started.key_path.display());
+            say!("created a signing key at `{}`", started.key_path.display());
         }
-        eprintln!(
+        say!(
             "custody serve: API on http://{}/api/v1 (daemon `{owner}`, store: {store_description})",
             started.api
         );
@@ -301,9 +301,9 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     if args.server.json && !args.follow {
         return print_json(&build);
     }
-    eprintln!("queued build {}", build.id);
+    say!("queued build {}", build.id);
     if !args.server.json {
-        println!("{}", build.id);
+        crate::print_line(&build.id)?;
     }
     if args.follow {
         let ended = follow(&client, &build.id, true).await?;
@@ -331,7 +331,7 @@ async fn checkout_source(dir: &Path, revision: Option<&str>) -> anyhow::Result<G
                 .await
                 .ok_or_else(|| Usage(format!("`{}` has no commit yet", dir.display())))?;
             if state.dirty {
-                eprintln!(
+                say!(
                     "warning: `{}` has uncommitted changes; the server builds commit {} from {origin}",
                     dir.display(),
                     state.commit
@@ -470,7 +470,7 @@ pub async fn builds(command: BuildsCommand) -> anyhow::Result<()> {
             if server.json {
                 return print_json(&build);
             }
-            eprintln!(
+            say!(
                 "{}",
                 match build.state {
                     BuildState::Cancelled => format!("cancelled build {id}"),
@@ -506,9 +506,9 @@ async fn follow(client: &Client, id: &str, follow: bool) -> anyhow::Result<Build
 /// Exit 0 for a succeeded build, 1 (with its reason) otherwise.
 fn outcome(build: &Build) -> anyhow::Result<()> {
     if build.state == BuildState::Succeeded {
-        eprintln!("build {} succeeded", build.id);
+        say!("build {} succeeded", build.id);
         for output in &build.outputs {
-            eprintln!("  pushed {}@{}", output.reference, output.digest);
+            say!("  pushed {}@{}", output.reference, output.digest);
         }
         return Ok(());
     }

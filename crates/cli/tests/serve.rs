@@ -154,6 +154,31 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// Runs the CLI with stdout a pipe nobody reads any more (and stderr
+    /// too, if `close_stderr`); its exit code and what it said on stderr.
+    fn cli_to_closed_pipes(&self, args: &[&str], close_stderr: bool) -> (Option<i32>, String) {
+        let mut child = Command::new(CUSTODY)
+            .args(args)
+            .env("CUSTODY_SERVER", self.url())
+            .env("CUSTODY_TOKEN", TOKEN)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let mut stderr = String::new();
+        match child.stderr.take() {
+            Some(pipe) if close_stderr => drop(pipe),
+            Some(mut pipe) => {
+                std::io::Read::read_to_string(&mut pipe, &mut stderr).unwrap();
+            }
+            None => {}
+        }
+        (child.wait().unwrap().code(), stderr)
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -594,6 +619,29 @@ async fn submit_follow_and_verify_the_example() {
     let listed = daemon.cli(&["builds", "list", "--json"]);
     let page: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
     let build = &page["builds"][0];
+
+    // Whoever reads stdout may stop (`custody builds list | head -1`): not
+    // an error, with stderr open or closed too.
+    let id = build["id"].as_str().unwrap();
+    let source = src.display().to_string();
+    for args in [
+        &["builds", "list"][..],
+        &["builds", "list", "--json"],
+        &["builds", "show", id],
+        &["builds", "logs", id],
+        &["submit", &source],
+    ] {
+        let (code, stderr) = daemon.cli_to_closed_pipes(args, false);
+        // `submit` says which build it queued; nothing else speaks.
+        let said = stderr.trim_start_matches("queued build ");
+        assert_eq!(code, Some(0), "{args:?}: {stderr}");
+        assert!(
+            said.is_empty() || args[0] == "submit" && !said.contains(' '),
+            "{args:?}: {stderr}"
+        );
+        let (code, _) = daemon.cli_to_closed_pipes(args, true);
+        assert_eq!(code, Some(0), "{args:?} with stderr closed");
+    }
     assert_eq!(build["state"], "succeeded");
     assert_eq!(build["source"]["revision"], commit.as_str());
 

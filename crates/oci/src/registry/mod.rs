@@ -761,10 +761,7 @@ impl Client {
                 None => return Ok(Vec::new()),
             }
         } else {
-            return self
-                .expect(response, action, &[])
-                .await
-                .map(|_| Vec::new());
+            return self.expect(response, action, &[]).await.map(|_| Vec::new());
         };
         Ok(index
             .manifests()
