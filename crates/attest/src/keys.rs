@@ -153,6 +153,12 @@ impl std::fmt::Debug for VerifyingKey {
     }
 }
 
+/// Whether `pem` holds a private key (whose bytes no message may show).
+fn is_private_pem(pem: &[u8]) -> bool {
+    pem.windows(b"PRIVATE KEY-----".len())
+        .any(|w| w == b"PRIVATE KEY-----")
+}
+
 impl VerifyingKey {
     /// Reads a DER SubjectPublicKeyInfo of either algorithm.
     pub fn from_spki_der(spki: &[u8]) -> Result<Self, Error> {
@@ -176,7 +182,19 @@ impl VerifyingKey {
         let pem = fs_err::read(path)?;
         Self::from_pem(&pem).map_err(|e| Error::KeyFile {
             path: path.display().to_string(),
-            reason: e.to_string(),
+            reason: if is_private_pem(&pem) {
+                let public = path.with_extension("pub");
+                let beside = if public.is_file() {
+                    format!(": pass `{}`", public.display())
+                } else {
+                    String::new()
+                };
+                format!(
+                    "this is a private key; verifying takes its public key (`custody keys generate` writes it beside, as `.pub`){beside}"
+                )
+            } else {
+                e.to_string()
+            },
         })
     }
 

@@ -630,7 +630,11 @@ fn report(err: &anyhow::Error) -> ExitCode {
     }
     let cause = err.downcast_ref::<custody_oci::Error>();
     let unscoped = err.downcast_ref::<creds::Unscoped>();
-    let hint = cause
+    // A registry's hint holds wherever its error surfaced (a build's push,
+    // a verification's fetch), not only from `push` and `pull`.
+    let hint = err
+        .chain()
+        .find_map(|c| c.downcast_ref::<custody_oci::Error>())
         .and_then(custody_oci::Error::hint)
         .or_else(|| unscoped.map(creds::Unscoped::hint));
     if let Some(hint) = hint {

@@ -917,6 +917,11 @@ fn custody_oci_push_referrer(registry: &Registry, layout: &Path, subject: &str) 
 
 #[test]
 fn bad_references_are_usage_errors_that_show_the_reference() {
+    // A path where a reference belongs: the hint writes it as a layout.
+    custody(&["pull", "127.0.0.1:9/team/app:v1", "/tmp/x"])
+        .failure(2)
+        .stderr_has("`/tmp/x`")
+        .stderr_has("hint: `/tmp/x` looks like a path: write `oci:/tmp/x`");
     custody(&["push", "oci:/nonexistent:v1", "127.0.0.1:5000/Team/App:v1"])
         .failure(2)
         .stderr_has("`127.0.0.1:5000/Team/App:v1`")
@@ -981,6 +986,20 @@ fn keys_generate_writes_a_private_and_a_public_key_and_never_overwrites() {
         .stderr_has("custody.key")
         .stderr_has("never overwritten");
     assert_eq!(fs_err::read(&private).unwrap(), before);
+    // The private key where the public one belongs: said, and where the
+    // public one is; the key itself is never shown.
+    let verify = custody(&[
+        "verify",
+        "127.0.0.1:9/team/app:v1",
+        "--key",
+        private.to_str().unwrap(),
+    ])
+    .failure(2)
+    .stderr_has("this is a private key")
+    .stderr_has(&format!("pass `{}`", out.join("custody.pub").display()));
+    let secret = fs_err::read_to_string(&private).unwrap();
+    let body = secret.lines().nth(1).unwrap();
+    assert!(!verify.stderr.contains(body), "{}", verify.stderr);
     custody(&[
         "keys",
         "generate",

@@ -177,6 +177,13 @@ impl Error {
             Error::Transport { host, .. } => Some(format!(
                 "check that `{host}` is up and reachable; use `--insecure-registry {host}` only if it serves plain HTTP"
             )),
+            Error::InvalidReference { reference, .. }
+                if ["/", "./", "../", "~"].iter().any(|p| reference.starts_with(p)) =>
+            {
+                Some(format!(
+                    "`{reference}` looks like a path: write `oci:{reference}` for an OCI layout, or `docker-archive:{reference}` for a docker archive"
+                ))
+            }
             Error::TimedOut { host, .. } => Some(format!(
                 "check that `{host}` is healthy; a slower registry needs a longer `--registry-timeout`"
             )),
