@@ -88,7 +88,7 @@ pub enum Source {
     /// the runner's gateway keeps for steps that push themselves).
     LayoutManifest {
         layout: Layout,
-        manifest: Descriptor,
+        manifest: Box<Descriptor>,
     },
     Archive(Arc<DockerArchive>),
     Registry {
@@ -163,7 +163,7 @@ impl Source {
                 .await
             }
             Source::LayoutManifest { layout, manifest } => {
-                let (layout, manifest) = (layout.clone(), manifest.clone());
+                let (layout, manifest) = (layout.clone(), (**manifest).clone());
                 blocking(move || {
                     let bytes = layout.read_small_blob(&manifest)?;
                     Ok((manifest, Bytes::from(bytes)))

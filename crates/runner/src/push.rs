@@ -143,7 +143,7 @@ async fn pushed_by_steps(gateway: &crate::gateway::BuildGateway) -> Result<Vec<R
                 what,
                 source: Source::LayoutManifest {
                     layout: layout.clone(),
-                    manifest: o.manifest,
+                    manifest: Box::new(o.manifest),
                 },
                 to: parse(&o.to)?,
                 gateway: Some(GatewayPushed {
