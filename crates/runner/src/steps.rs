@@ -172,6 +172,9 @@ async fn run_one(
     let registry = match &boundary.gateway {
         Some(gateway) => {
             let serving = gateway.serve_in(&network).map_err(|e| {
+                if let Some(proxy) = &proxy {
+                    proxy.abort();
+                }
                 JobEnd::Failed(format!(
                     "step `{}`: cannot serve the registry gateway (`pushes`): {e}",
                     step.name
