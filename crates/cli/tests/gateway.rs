@@ -98,8 +98,11 @@ fn skopeo_in_a_step_pushes_through_the_gateway_and_custody_publishes_it() {
     let dir = tempfile::tempdir().unwrap();
     let image = Image::random(7, &[4096, 70_000]);
     let src = source_with_layout(dir.path(), &image);
+    // The step looks for the password where a careless platform would
+    // leave it (the pattern is split so the spec itself does not hold it).
+    let look = r#"if grep -rqs "s3cret-gateway""-pw" /workspace /output /tmp /run /root /home /etc/containers /proc/self/environ; then echo FOUND; exit 9; fi"#;
     let steps = format!(
-        "  - name: compile\n    run: echo compiled\n  - name: image\n    run: env && {}\n",
+        "  - name: compile\n    run: echo compiled\n  - name: image\n    run: env && {look} && {}\n",
         push_to("app:v1")
     );
     let output = build(
@@ -111,7 +114,7 @@ fn skopeo_in_a_step_pushes_through_the_gateway_and_custody_publishes_it() {
     assert!(output.status.success(), "{}", text(&output));
 
     // The step saw the gateway and no credential: not in its environment
-    // (printed by `env`), not anywhere in its log.
+    // (printed by `env`), not in the files it can read, not in its log.
     let log = String::from_utf8_lossy(&output.stdout);
     assert!(
         log.contains("[image] CUSTODY_REGISTRY=127.0.0.1:5000"),
