@@ -22,6 +22,9 @@
 //! artifacts:
 //!   - paths: ["dist/*.tar.gz"]        # globs in the workspace
 //!     to: registry.example.org/team/app-dist:{revision}
+//! pushes:                             # steps push here themselves
+//!   - name: app                       # `$CUSTODY_REGISTRY/app[:TAG]` in every step
+//!     to: registry.example.org/team/app   # pushed there after the last step, tags kept
 //! ```
 //!
 //! Destinations may use `{revision}` (the revision asked for), `{commit}`
@@ -58,6 +61,17 @@ pub struct Spec {
     pub steps: Vec<Step>,
     pub images: Vec<ImageOutput>,
     pub artifacts: Vec<ArtifactOutput>,
+    /// Repositories steps push to themselves, through the runner's gateway.
+    pub pushes: Vec<Push>,
+}
+
+/// A repository steps push to as `$CUSTODY_REGISTRY/NAME[:TAG]`, and the
+/// registry repository what they pushed goes to once every step succeeded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Push {
+    pub name: custody_gateway::Repository,
+    /// `host[:port]/path`: no tag (the step's tags are kept), no digest.
+    pub to: Destination,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -237,6 +251,7 @@ pub fn parse(text: &str, file: &Path) -> Result<Spec, SpecError> {
             .into_iter()
             .map(|a| parse_artifact(a, &at))
             .collect::<Result<_, _>>()?,
+        pushes: parse_pushes(raw.pushes, &at)?,
     })
 }
 
@@ -438,6 +453,46 @@ fn parse_artifact(artifact: RawArtifact, at: &Locator<'_>) -> Result<ArtifactOut
     })
 }
 
+fn parse_pushes(pushes: Vec<RawPush>, at: &Locator<'_>) -> Result<Vec<Push>, SpecError> {
+    let mut parsed: Vec<Push> = Vec::new();
+    for push in pushes {
+        let name = push
+            .name
+            .value
+            .parse::<custody_gateway::Repository>()
+            .map_err(|e| at.located(&push.name, e.to_string()))?;
+        if parsed.iter().any(|p| p.name == name) {
+            return Err(at.located(
+                &push.name,
+                format!("`{name}` is already declared; each push needs its own name"),
+            ));
+        }
+        let to = destination(&push.to).map_err(|m| at.located(&push.to, m))?;
+        let sample = to
+            .resolve(&Values {
+                revision: "main",
+                commit: "0123456789ab",
+                job: "job-1",
+            })
+            .map_err(|e| at.located(&push.to, e.to_string()))?;
+        match sample {
+            Location::Registry(reference)
+                if reference.tag().is_none() && reference.digest().is_none() => {}
+            _ => {
+                return Err(at.located(
+                    &push.to,
+                    format!(
+                        "`{}` must be a registry repository `host[:port]/path`, without tag or digest: steps push their own tags",
+                        push.to.value
+                    ),
+                ));
+            }
+        }
+        parsed.push(Push { name, to });
+    }
+    Ok(parsed)
+}
+
 fn parse_source(source: RawSource, at: &Locator<'_>) -> Result<GitSource, SpecError> {
     let git = GitUrl::parse(&source.git.value).map_err(|e| {
         let message = match e.hint() {
@@ -570,6 +625,15 @@ struct RawSpec {
     images: Vec<RawImage>,
     #[serde(default)]
     artifacts: Vec<RawArtifact>,
+    #[serde(default)]
+    pushes: Vec<RawPush>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPush {
+    name: Spanned<String>,
+    to: Spanned<String>,
 }
 
 #[derive(Deserialize)]

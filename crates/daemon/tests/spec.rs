@@ -190,3 +190,56 @@ fn a_disk_too_small_or_not_a_size_is_located() {
     let spec = parse("steps:\n  - name: a\n    run: x\n", file()).unwrap();
     assert_eq!(spec.disk, None, "the daemon's default applies");
 }
+
+#[test]
+fn pushes_parse_and_their_mistakes_are_located() {
+    let text = "steps:\n  - name: a\n    run: x\npushes:\n  - name: team/app\n    to: 127.0.0.1:5000/team/app-{revision}\n";
+    let spec = parse(text, file()).unwrap();
+    assert_eq!(spec.pushes.len(), 1);
+    assert_eq!(spec.pushes[0].name.as_str(), "team/app");
+    let values = Values {
+        revision: "main",
+        commit: "0123456789abcdef0123456789abcdef01234567",
+        job: "j1",
+    };
+    assert_eq!(
+        spec.pushes[0].to.resolve(&values).unwrap().to_string(),
+        "127.0.0.1:5000/team/app-main"
+    );
+
+    let with = |pushes: &str| {
+        error_of(&format!(
+            "steps:\n  - name: a\n    run: x\npushes:\n{pushes}"
+        ))
+    };
+    let err = with("  - name: app\n    to: reg.example/app\n    tag: v1\n");
+    assert!(
+        err.starts_with("app/custody.yaml:7:5: unknown field `tag`"),
+        "{err}"
+    );
+    let err = with("  - name: App\n    to: reg.example/app\n");
+    assert!(
+        err.starts_with("app/custody.yaml:5:") && err.contains("not a valid repository name"),
+        "{err}"
+    );
+    let err = with("  - name: app\n    to: reg.example/app:v1\n");
+    assert!(
+        err.starts_with("app/custody.yaml:6:") && err.contains("without tag or digest"),
+        "{err}"
+    );
+    let err = with("  - name: app\n    to: oci:/srv/out\n");
+    assert!(
+        err.starts_with("app/custody.yaml:6:") && err.contains("registry repository"),
+        "{err}"
+    );
+    let err = with("  - name: app\n    to: reg.example/a\n  - name: app\n    to: reg.example/b\n");
+    assert!(
+        err.starts_with("app/custody.yaml:7:") && err.contains("already declared"),
+        "{err}"
+    );
+    let err = with("  - name: app\n    to: reg.example/{branch}\n");
+    assert!(
+        err.starts_with("app/custody.yaml:6:") && err.contains("`{branch}`"),
+        "{err}"
+    );
+}

@@ -84,6 +84,12 @@ pub enum Source {
         layout: Layout,
         tag: Option<String>,
     },
+    /// A manifest a layout holds by digest, listed in no `index.json` (what
+    /// the runner's gateway keeps for steps that push themselves).
+    LayoutManifest {
+        layout: Layout,
+        manifest: Box<Descriptor>,
+    },
     Archive(Arc<DockerArchive>),
     Registry {
         client: Arc<Client>,
@@ -136,6 +142,9 @@ impl Source {
     fn describe(&self) -> String {
         match self {
             Source::Layout { layout, .. } => format!("oci:{}", layout.root().display()),
+            Source::LayoutManifest { layout, manifest } => {
+                format!("oci:{}@{}", layout.root().display(), manifest.digest())
+            }
             Source::Archive(archive) => format!("docker-archive:{}", archive.path.display()),
             Source::Registry { reference, .. } => reference.to_string(),
         }
@@ -153,6 +162,14 @@ impl Source {
                 })
                 .await
             }
+            Source::LayoutManifest { layout, manifest } => {
+                let (layout, manifest) = (layout.clone(), (**manifest).clone());
+                blocking(move || {
+                    let bytes = layout.read_small_blob(&manifest)?;
+                    Ok((manifest, Bytes::from(bytes)))
+                })
+                .await
+            }
             Source::Archive(archive) => Ok((
                 archive.manifest_descriptor.clone(),
                 Bytes::from(archive.manifest.clone()),
@@ -167,7 +184,7 @@ impl Source {
 
     async fn manifest(&self, descriptor: &Descriptor) -> Result<Bytes, Error> {
         match self {
-            Source::Layout { layout, .. } => {
+            Source::Layout { layout, .. } | Source::LayoutManifest { layout, .. } => {
                 let (layout, descriptor) = (layout.clone(), descriptor.clone());
                 blocking(move || layout.read_small_blob(&descriptor).map(Bytes::from)).await
             }
@@ -186,7 +203,9 @@ impl Source {
     /// Whether the source itself can supply the blob (a sparse layout may not).
     fn has_blob(&self, digest: &Digest) -> bool {
         match self {
-            Source::Layout { layout, .. } => layout.has_blob(digest),
+            Source::Layout { layout, .. } | Source::LayoutManifest { layout, .. } => {
+                layout.has_blob(digest)
+            }
             Source::Archive(archive) => {
                 archive.blobs.contains_key(digest.as_ref())
                     || archive.manifest_descriptor.digest() == digest
@@ -199,7 +218,7 @@ impl Source {
     /// A verified stream of the blob's bytes; nothing is read until polled.
     fn open_blob(&self, descriptor: &Descriptor) -> BlobStream {
         match self {
-            Source::Layout { layout, .. } => {
+            Source::Layout { layout, .. } | Source::LayoutManifest { layout, .. } => {
                 let (layout, digest) = (layout.clone(), descriptor.digest().clone());
                 stream::from_file(
                     move || layout.open_blob(&digest).map(Arc::new),

@@ -118,6 +118,29 @@ pub fn subject(kind: SubjectKind, name: &str, digest: &Digest) -> ResourceDescri
     }
 }
 
+/// The annotation of a subject a step pushed itself (through the runner's
+/// gateway): the step's name.
+pub const PUSHED_BY_STEP: &str = "step";
+/// …and the tag the step pushed it under, when it used one.
+pub const PUSHED_TAG: &str = "tag";
+
+/// An image step `step` pushed itself through the gateway, as `tag` if it
+/// used one; named and checked like any other image subject.
+pub fn pushed_by_step(
+    name: &str,
+    digest: &Digest,
+    step: &str,
+    tag: Option<&str>,
+) -> ResourceDescriptor {
+    let mut subject = subject(SubjectKind::Image, name, digest);
+    let annotations = subject.annotations.get_or_insert_default();
+    annotations.insert(PUSHED_BY_STEP.to_owned(), step.into());
+    if let Some(tag) = tag {
+        annotations.insert(PUSHED_TAG.to_owned(), tag.into());
+    }
+    subject
+}
+
 /// The byproduct for step `step`'s log: the sha256 `hex` of its stored
 /// lines, and what was cut (`(lines, bytes)`) when it passed its bound.
 pub fn step_log(step: &str, hex: String, cut: Option<(u64, u64)>) -> ResourceDescriptor {

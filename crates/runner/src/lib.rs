@@ -15,7 +15,9 @@
 //!   of the build's size; [`logs`]: a log that stays within its budget;
 //! - [`rootfs`]: step images within limits, checked layer by layer;
 //! - [`outputs`] and `push`: what steps produced, read without following
-//!   anything they planted (`custody_oci::beneath`), pushed by the runner.
+//!   anything they planted (`custody_oci::beneath`), pushed by the runner;
+//!   [`gateway`]: the registry steps push to themselves (`pushes`), served
+//!   on each step's loopback, pushed onward by the runner.
 //!
 //! The runner's token never reaches steps: it arrives on stdin or in a file
 //! that is deleted once read.
@@ -24,6 +26,7 @@
 
 pub mod cgroup;
 pub mod egress;
+pub mod gateway;
 pub mod ids;
 pub mod jobdir;
 pub mod logs;
@@ -209,6 +212,10 @@ impl Preparation {
         let (jobdir, note) = jobdir::JobDir::create(&self.workdir, ids, disk)
             .map_err(|e| format!("cannot prepare the work directory: {e}"))?;
         let policy = egress::Policy::new(&bounds.egress_allow, self.daemon.clone())?;
+        // What steps push is kept on the build's disk, where only the
+        // runner reaches, and counts against the same size.
+        let gateway =
+            gateway::BuildGateway::for_job(&job.pushes, &jobdir.private.join("gateway"), disk)?;
         let defaults = rootfs::ImageLimits::default();
         let mut notes: Vec<String> = note.into_iter().collect();
         if !ids.privileged {
@@ -230,6 +237,7 @@ impl Preparation {
             },
             jobdir,
             policy: Arc::new(policy),
+            gateway,
             log_bytes: match bounds.log_bytes {
                 0 => logs::DEFAULT_LOG_LIMIT,
                 n => n,

@@ -113,13 +113,20 @@ impl StepNetwork {
 
     /// A listener on the namespace's `127.0.0.1`, for the runner to serve.
     pub fn listen(&self) -> std::io::Result<TcpListener> {
+        self.listen_at(0)
+    }
+
+    /// A listener on the namespace's `127.0.0.1:port` (0: any free port):
+    /// every step's namespace is its own, so a fixed port is always free
+    /// when the step starts.
+    pub fn listen_at(&self, port: u16) -> std::io::Result<TcpListener> {
         if self.made_by_sandbox_itself() {
             return Err(std::io::Error::other(
                 "the runner is not root, so it cannot serve anything inside the step's network namespace",
             ));
         }
-        self.run(|| {
-            let listener = TcpListener::bind("127.0.0.1:0")?;
+        self.run(move || {
+            let listener = TcpListener::bind(("127.0.0.1", port))?;
             listener.set_nonblocking(true)?;
             Ok(listener)
         })

@@ -8,7 +8,7 @@ use custody_oci::copy::{self, CopyOptions, Destination, Source};
 use custody_oci::layout::Layout;
 use custody_oci::registry::certs::HostTls;
 use custody_oci::registry::{Credential, CredentialSource, RegistryOptions, Secret};
-use custody_wire::events::{Pushed, RunnerEvent};
+use custody_wire::events::{GatewayPushed, Pushed, RunnerEvent};
 use custody_wire::rpc::proto;
 
 use crate::EventSink;
@@ -64,6 +64,8 @@ struct Ready {
     what: String,
     source: Source,
     to: Location,
+    /// Set for what a step pushed through the gateway.
+    gateway: Option<GatewayPushed>,
 }
 
 /// Pushes every declared output by digest only: the daemon writes the tags
@@ -93,6 +95,7 @@ pub(crate) async fn push_outputs(
             what: format!("`{}`", image.from),
             source,
             to: parse(&image.to)?,
+            gateway: None,
         });
     }
     for (index, artifact) in job.artifacts.iter().enumerate() {
@@ -100,15 +103,60 @@ pub(crate) async fn push_outputs(
             what: format!("artifact {:?}", artifact.paths),
             source: stage_artifact(boundary, index, &artifact.paths).await?,
             to: parse(&artifact.to)?,
+            gateway: None,
         });
+    }
+    if let Some(gateway) = &boundary.gateway {
+        ready.extend(pushed_by_steps(gateway).await?);
     }
     for output in ready {
         let report = copy_to(&output.source, &output.to, &options)
             .await
             .map_err(|e| format!("pushing {} to `{}`: {e}", output.what, output.to))?;
-        send_output(events, report).await;
+        send_output(events, report, output.gateway).await;
     }
     Ok(())
+}
+
+/// What steps pushed through the gateway, each manifest from the
+/// gateway's layout to its `pushes` destination, by digest like any other
+/// output: the daemon writes the step's tag once everything is checked
+/// and attached. A declared repository no step pushed to fails the build.
+async fn pushed_by_steps(gateway: &crate::gateway::BuildGateway) -> Result<Vec<Ready>, String> {
+    let (pushed, onward) = gateway.onward()?;
+    let layout = {
+        let root = pushed.layout.clone();
+        tokio::task::spawn_blocking(move || Layout::open(root))
+            .await
+            .expect("opening a layout does not panic")
+            .map_err(|e| format!("reading what steps pushed: {e}"))?
+    };
+    onward
+        .into_iter()
+        .map(|o| {
+            let what = match &o.tag {
+                Some(tag) => format!("`$CUSTODY_REGISTRY/{}:{tag}`", o.repository),
+                None => format!(
+                    "`$CUSTODY_REGISTRY/{}@{}`",
+                    o.repository,
+                    o.manifest.digest()
+                ),
+            };
+            Ok(Ready {
+                what,
+                source: Source::LayoutManifest {
+                    layout: layout.clone(),
+                    manifest: Box::new(o.manifest),
+                },
+                to: parse(&o.to)?,
+                gateway: Some(GatewayPushed {
+                    push: o.repository.to_string(),
+                    tag: o.tag.map(|t| t.to_string()),
+                    step: o.step,
+                }),
+            })
+        })
+        .collect()
 }
 
 /// Writes the workspace files `globs` match as one artifact, in a layout
@@ -159,12 +207,13 @@ async fn copy_to(
     .await
 }
 
-async fn send_output(events: &EventSink, report: copy::CopyReport) {
+async fn send_output(events: &EventSink, report: copy::CopyReport, gateway: Option<GatewayPushed>) {
     events
         .send(RunnerEvent::Pushed(Pushed {
             reference: report.pinned,
             digest: report.descriptor.digest().to_string(),
             size: report.descriptor.size(),
+            gateway,
         }))
         .await;
 }

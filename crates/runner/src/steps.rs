@@ -28,6 +28,8 @@ pub(crate) struct Boundary {
     pub jobdir: JobDir,
     pub sandbox: Sandbox,
     pub policy: Arc<Policy>,
+    /// Where steps push images themselves, when the spec declares `pushes`.
+    pub gateway: Option<crate::gateway::BuildGateway>,
     pub log_bytes: u64,
     pub image_limits: ImageLimits,
     /// What could not be enforced here (for the log and the provenance).
@@ -156,7 +158,7 @@ async fn run_one(
     } else {
         StepNetwork::made_by_sandbox()
     };
-    let (proxy, extra_env) = if step.network {
+    let (proxy, mut extra_env) = if step.network {
         let proxy = egress_proxy(index, &network, boundary, events).map_err(|e| {
             JobEnd::Failed(format!(
                 "step `{}`: cannot serve its egress proxy: {e}",
@@ -166,6 +168,22 @@ async fn run_one(
         (Some(proxy.task), proxy.env)
     } else {
         (None, Vec::new())
+    };
+    let registry = match &boundary.gateway {
+        Some(gateway) => {
+            let serving = gateway.serve_in(&network).map_err(|e| {
+                if let Some(proxy) = &proxy {
+                    proxy.abort();
+                }
+                JobEnd::Failed(format!(
+                    "step `{}`: cannot serve the registry gateway (`pushes`): {e}",
+                    step.name
+                ))
+            })?;
+            extra_env.push(crate::gateway::env());
+            Some(serving)
+        }
+        None => None,
     };
 
     let outcome = run_step(
@@ -182,6 +200,10 @@ async fn run_one(
     .await;
     if let Some(proxy) = proxy {
         proxy.abort();
+    }
+    if let (Some(serving), Some(gateway)) = (registry, &boundary.gateway) {
+        serving.stop().await;
+        gateway.step_ended(&step.name);
     }
     let limited = Limited {
         memory: cgroup.as_ref().is_some_and(StepCgroup::oom_killed),
@@ -293,7 +315,12 @@ fn egress_proxy(
         }
     });
     let url = format!("http://127.0.0.1:{port}");
-    let no_proxy = "localhost,127.0.0.1,::1".to_owned();
+    let mut no_proxy = "localhost,127.0.0.1,::1".to_owned();
+    if boundary.gateway.is_some() {
+        // Clients that match `NO_PROXY` by `host:port` find the gateway too.
+        no_proxy.push(',');
+        no_proxy.push_str(&crate::gateway::address());
+    }
     let env = [
         ("HTTP_PROXY", url.clone()),
         ("HTTPS_PROXY", url.clone()),

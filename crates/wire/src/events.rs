@@ -80,6 +80,20 @@ pub struct Pushed {
     pub reference: String,
     pub digest: String,
     pub size: u64,
+    /// `Some` when a step pushed it through the gateway; `None` for the
+    /// spec's `images` and `artifacts`.
+    pub gateway: Option<GatewayPushed>,
+}
+
+/// What a step pushed through the gateway, as the runner saw it arrive.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GatewayPushed {
+    /// The spec's `pushes` name.
+    pub push: String,
+    /// The tag the step used; `None` for a manifest pushed only by digest.
+    pub tag: Option<String>,
+    /// The step that pushed it (the last one, when several did).
+    pub step: String,
 }
 
 /// The step boundary as the runner set it up.
@@ -161,6 +175,11 @@ impl From<RunnerEvent> for proto::Event {
                 reference: p.reference,
                 digest: p.digest,
                 size: p.size,
+                gateway: p.gateway.map(|g| proto::GatewayOutput {
+                    push: g.push,
+                    tag: g.tag.unwrap_or_default(),
+                    step: g.step,
+                }),
             }),
             RunnerEvent::Finished(end) => Kind::Finished(match end {
                 JobEnd::Succeeded => proto::Finished {
@@ -235,6 +254,11 @@ impl TryFrom<proto::Event> for RunnerEvent {
                 reference: o.reference,
                 digest: o.digest,
                 size: o.size,
+                gateway: o.gateway.map(|g| GatewayPushed {
+                    push: g.push,
+                    tag: (!g.tag.is_empty()).then_some(g.tag),
+                    step: g.step,
+                }),
             }),
             Kind::Finished(f) => RunnerEvent::Finished(match (f.success, f.cancelled) {
                 (true, _) => JobEnd::Succeeded,
@@ -292,6 +316,17 @@ mod tests {
                 reference: "r@sha256:0".into(),
                 digest: "sha256:0".into(),
                 size: 1,
+                gateway: None,
+            }),
+            RunnerEvent::Pushed(Pushed {
+                reference: "r@sha256:1".into(),
+                digest: "sha256:1".into(),
+                size: 2,
+                gateway: Some(GatewayPushed {
+                    push: "app".into(),
+                    tag: Some("v1".into()),
+                    step: "image".into(),
+                }),
             }),
             RunnerEvent::Finished(JobEnd::Succeeded),
             RunnerEvent::Finished(JobEnd::Failed("f".into())),

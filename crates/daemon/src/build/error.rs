@@ -86,6 +86,14 @@ pub enum BuildError {
     /// The runner's report does not match what the spec declares.
     #[error("the runner reported {reported} pushed outputs; the spec declares {declared}")]
     OutputCount { reported: usize, declared: usize },
+    /// A `pushes` repository no step pushed to.
+    #[error(
+        "the spec declares a push to `{name}`, but no step pushed to `$CUSTODY_REGISTRY/{name}`"
+    )]
+    PushNotMade { name: String },
+    /// The runner reported a gateway push to a repository the spec does not declare.
+    #[error("the runner reported a push to `{name}`, which the spec does not declare")]
+    UnknownPush { name: String },
     /// A pushed output is not what the runner said it pushed.
     #[error("checking `{digest}` at `{destination}`: {detail}")]
     Check {

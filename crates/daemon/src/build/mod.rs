@@ -416,7 +416,13 @@ impl BuildService {
         let checked = stop
             .guard(
                 "checking the outputs",
-                publish::check(&plan.outputs, &ran.outputs, &mut clients, progress),
+                publish::check(
+                    &plan.outputs,
+                    &plan.pushes,
+                    &ran.outputs,
+                    &mut clients,
+                    progress,
+                ),
             )
             .await?;
         let provenance = self.provenance(id, request, plan, ran, started_on);

@@ -35,6 +35,15 @@ pub(crate) struct Plan {
     pub step_images: Vec<ResourceDescriptor>,
     /// Where each output goes, in the order the runner reports them.
     pub outputs: Vec<Expected>,
+    /// Each `pushes` repository and where what steps push to it goes.
+    pub pushes: Vec<PlannedPush>,
+}
+
+/// A `pushes` repository, its destination resolved and checked.
+pub(crate) struct PlannedPush {
+    pub name: String,
+    /// `host[:port]/path`, without tag or digest.
+    pub destination: Reference,
 }
 
 /// The spec a build runs, read once.
@@ -43,6 +52,14 @@ pub(crate) struct LoadedSpec {
     pub spec: Spec,
     /// It did not come from the source at the commit built.
     pub inline: bool,
+}
+
+/// What a spec destination is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Image,
+    Artifact,
+    Push,
 }
 
 /// A pushed output as the daemon expects it.
@@ -106,10 +123,12 @@ impl BuildService {
             .spec
             .images
             .iter()
-            .map(|i| (&i.to, false))
-            .chain(spec.spec.artifacts.iter().map(|a| (&a.to, true)));
+            .map(|i| (&i.to, Kind::Image))
+            .chain(spec.spec.artifacts.iter().map(|a| (&a.to, Kind::Artifact)))
+            .chain(spec.spec.pushes.iter().map(|p| (&p.to, Kind::Push)));
         let mut outputs = Vec::new();
-        for (to, artifact) in declared {
+        let mut pushes = Vec::new();
+        for (to, kind) in declared {
             let destination = resolve_destination(to, &values, &request.spec_path)?;
             if let Some(policy) = &self.policy {
                 policy.destinations.check(&destination).map_err(|reason| {
@@ -132,13 +151,29 @@ impl BuildService {
                     destination: destination.to_string(),
                     source: Box::new(source),
                 })?;
-            outputs.push(Expected {
-                destination,
-                artifact,
-            });
+            match (kind, destination) {
+                (Kind::Push, Location::Registry(reference)) => pushes.push(reference),
+                (Kind::Push, other) => {
+                    unreachable!("the spec allows pushes only to registries, not `{other}`")
+                }
+                (kind, destination) => outputs.push(Expected {
+                    destination,
+                    artifact: kind == Kind::Artifact,
+                }),
+            }
         }
+        let pushes: Vec<PlannedPush> = spec
+            .spec
+            .pushes
+            .iter()
+            .zip(pushes)
+            .map(|(push, destination)| PlannedPush {
+                name: push.name.to_string(),
+                destination,
+            })
+            .collect();
         let job = self
-            .job(id, &spec.spec, &source.job, &step_images, &outputs)
+            .job(id, &spec.spec, &source.job, &step_images, &outputs, &pushes)
             .await?;
         Ok(Plan {
             spec,
@@ -146,6 +181,7 @@ impl BuildService {
             source: source.dependency,
             step_images,
             outputs,
+            pushes,
         })
     }
 
@@ -157,9 +193,10 @@ impl BuildService {
         source: &proto::source::Kind,
         step_images: &[ResourceDescriptor],
         outputs: &[Expected],
+        pushes: &[PlannedPush],
     ) -> Result<proto::Job, BuildError> {
         let (images, artifacts) = outputs.split_at(spec.images.len());
-        let hosts = registry_hosts(outputs, step_images);
+        let hosts = registry_hosts(outputs, pushes, step_images);
         Ok(proto::Job {
             job_id: id.to_string(),
             steps: spec
@@ -196,6 +233,13 @@ impl BuildService {
                 .map(|p| p.display().to_string())
                 .collect(),
             bounds: Some(self.bounds.for_job(spec)),
+            pushes: pushes
+                .iter()
+                .map(|push| proto::GatewayPush {
+                    name: push.name.clone(),
+                    to: push.destination.to_string(),
+                })
+                .collect(),
         })
     }
 
@@ -547,13 +591,18 @@ fn job_step(step: &spec::Step, image: Option<&str>) -> proto::Step {
 }
 
 /// Registry hosts the job talks to: destinations and step images.
-fn registry_hosts(outputs: &[Expected], step_images: &[ResourceDescriptor]) -> Vec<String> {
+fn registry_hosts(
+    outputs: &[Expected],
+    pushes: &[PlannedPush],
+    step_images: &[ResourceDescriptor],
+) -> Vec<String> {
     let mut hosts: Vec<String> = outputs
         .iter()
         .filter_map(|e| match &e.destination {
             Location::Registry(reference) => Some(reference.api_host().to_owned()),
             _ => None,
         })
+        .chain(pushes.iter().map(|p| p.destination.api_host().to_owned()))
         .chain(step_images.iter().filter_map(|d| {
             d.uri
                 .as_deref()

@@ -14,7 +14,7 @@ use custody_provenance::attach;
 use custody_provenance::build_type::{self, SubjectKind};
 use custody_wire::events::Pushed;
 
-use super::plan::{Clients, Expected};
+use super::plan::{Clients, Expected, PlannedPush};
 use super::{BuildError, Progress};
 use crate::store;
 
@@ -58,13 +58,16 @@ pub(crate) struct Published {
 /// from what the runner said.
 pub(crate) async fn check(
     expected: &[Expected],
+    pushes: &[PlannedPush],
     pushed: &[Pushed],
     clients: &mut Clients<'_>,
     progress: &mut (impl FnMut(Progress) + Send),
 ) -> Result<Checked, BuildError> {
-    if pushed.len() != expected.len() {
+    let (by_steps, declared): (Vec<&Pushed>, Vec<&Pushed>) =
+        pushed.iter().partition(|p| p.gateway.is_some());
+    if declared.len() != expected.len() {
         return Err(BuildError::OutputCount {
-            reported: pushed.len(),
+            reported: declared.len(),
             declared: expected.len(),
         });
     }
@@ -72,7 +75,7 @@ pub(crate) async fn check(
         outputs: Vec::new(),
         subjects: Vec::new(),
     };
-    for (output, expected) in pushed.iter().zip(expected) {
+    for (output, expected) in declared.into_iter().zip(expected) {
         let failed = |detail: String| BuildError::Check {
             destination: expected.destination.to_string(),
             digest: output.digest.clone(),
@@ -105,7 +108,71 @@ pub(crate) async fn check(
             bytes,
         });
     }
+    check_pushed_by_steps(pushes, &by_steps, clients, progress, &mut checked).await?;
     Ok(checked)
+}
+
+/// What steps pushed through the gateway, fetched back from its `pushes`
+/// destination like any image output: each is a subject annotated with the
+/// step that pushed it and goes out under the tag the step used. Every
+/// declared push must have been made.
+async fn check_pushed_by_steps(
+    pushes: &[PlannedPush],
+    pushed: &[&Pushed],
+    clients: &mut Clients<'_>,
+    progress: &mut (impl FnMut(Progress) + Send),
+    checked: &mut Checked,
+) -> Result<(), BuildError> {
+    for output in pushed {
+        let gateway = output.gateway.as_ref().expect("partitioned on it");
+        let push = pushes
+            .iter()
+            .find(|p| p.name == gateway.push)
+            .ok_or_else(|| BuildError::UnknownPush {
+                name: gateway.push.clone(),
+            })?;
+        let failed = |detail: String| BuildError::Check {
+            destination: push.destination.to_string(),
+            digest: output.digest.clone(),
+            detail,
+        };
+        let reference = match &gateway.tag {
+            Some(tag) => format!("{}:{tag}", push.destination)
+                .parse()
+                .map_err(|e: custody_oci::Error| failed(e.to_string()))?,
+            None => push.destination.clone(),
+        };
+        let destination = Location::Registry(reference);
+        let digest = digest::parse(&output.digest).map_err(|e| failed(e.to_string()))?;
+        let (manifest, bytes) = fetch(clients, &destination, &digest, output.size)
+            .await
+            .map_err(failed)?;
+        progress(Progress::Checked {
+            destination: destination.to_string(),
+            digest: digest.to_string(),
+        });
+        checked.subjects.push(build_type::pushed_by_step(
+            &build_type::subject_name(&destination),
+            &digest,
+            &gateway.step,
+            gateway.tag.as_deref(),
+        ));
+        checked.outputs.push(CheckedOutput {
+            destination,
+            manifest,
+            bytes,
+        });
+    }
+    if let Some(missing) = pushes.iter().find(|p| {
+        !pushed
+            .iter()
+            .any(|o| o.gateway.as_ref().is_some_and(|g| g.push == p.name))
+    }) {
+        return Err(BuildError::PushNotMade {
+            name: missing.name.clone(),
+        });
+    }
+    Ok(())
 }
 
 /// Signs the statement about `checked`'s subjects with `provenance`.

@@ -1,0 +1,249 @@
+//! Steps that push images themselves (`pushes`): skopeo inside a step
+//! pushes an OCI layout to `$CUSTODY_REGISTRY`, the runner's gateway on
+//! the step's loopback; custody pushes it onward to a TLS + htpasswd
+//! registry only once every step succeeded, signs it and tags it. Checked
+//! with skopeo, curl and `custody verify`, and attacked from the step.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use custody_testkit::Registry;
+use custody_testkit::image::{Image, LayoutWriter};
+
+mod support;
+use support::{custody, payload, text};
+
+const PASSWORD: &str = "s3cret-gateway-pw";
+
+/// A TLS registry that wants a password: only the platform holds it.
+fn registry() -> Registry {
+    Registry::builder()
+        .tls()
+        .basic_auth("alice", PASSWORD)
+        .start()
+}
+
+/// A source directory holding an OCI layout `layout` with `image` tagged `v1`.
+fn source_with_layout(dir: &Path, image: &Image) -> PathBuf {
+    let src = dir.join("src");
+    LayoutWriter::new(&src.join("layout"))
+        .image(image)
+        .tag("v1", &image.manifest);
+    src
+}
+
+/// `custody build SRC` with `spec`, trusting `registry` and holding its
+/// password; the provenance goes to `DIR/provenance.json`.
+fn build(registry: &Registry, dir: &Path, src: &Path, spec: &str) -> Output {
+    fs_err::write(src.join("custody.yaml"), spec).unwrap();
+    let certs = registry.certs_dir().expect("a TLS registry");
+    let (user, password) = registry.credentials().expect("a password");
+    let docker = custody_testkit::write_docker_config(dir, registry.host(), user, password);
+    let data = dir.join("data");
+    let envelope = dir.join("provenance.json");
+    custody(&[
+        "build",
+        src.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--provenance-out",
+        envelope.to_str().unwrap(),
+        "--certs-dir",
+        certs.to_str().unwrap(),
+        "--authfile",
+        docker.join("config.json").to_str().unwrap(),
+    ])
+}
+
+/// The skopeo command a step runs to push the layout through the gateway.
+fn push_to(repository_and_tag: &str) -> String {
+    format!(
+        "skopeo copy --quiet --dest-tls-verify=false oci:layout:v1 docker://$CUSTODY_REGISTRY/{repository_and_tag}"
+    )
+}
+
+fn spec(host: &str, steps: &str, pushes: &[&str]) -> String {
+    let pushes: String = pushes
+        .iter()
+        .map(|name| format!("  - name: {name}\n    to: {host}/team/{name}\n"))
+        .collect();
+    format!("steps:\n{steps}pushes:\n{pushes}")
+}
+
+/// Nothing of `image` reached `repository`: no tag, no manifest, no layer.
+fn assert_nothing_published(registry: &Registry, repository: &str, image: &Image) {
+    let listed = registry
+        .skopeo(&["list-tags"])
+        .arg(format!("docker://{}/{repository}", registry.host()))
+        .output()
+        .unwrap();
+    if listed.status.success() {
+        let tags: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+        assert_eq!(tags["Tags"], serde_json::json!([]), "{}", text(&listed));
+    }
+    assert!(!registry.has_manifest(repository, &image.manifest.digest));
+    assert!(!registry.has_manifest(repository, "v1"));
+    for blob in image.blobs() {
+        assert!(
+            !registry.has_blob(repository, &blob.digest),
+            "{}",
+            blob.digest
+        );
+    }
+}
+
+#[test]
+fn skopeo_in_a_step_pushes_through_the_gateway_and_custody_publishes_it() {
+    let registry = registry();
+    let dir = tempfile::tempdir().unwrap();
+    let image = Image::random(7, &[4096, 70_000]);
+    let src = source_with_layout(dir.path(), &image);
+    // The step looks for the password where a careless platform would
+    // leave it (the pattern is split so the spec itself does not hold it).
+    let look = r#"if grep -rqs "s3cret-gateway""-pw" /workspace /output /tmp /run /root /home /etc/containers /proc/self/environ; then echo FOUND; exit 9; fi"#;
+    let steps = format!(
+        "  - name: compile\n    run: echo compiled\n  - name: image\n    run: env && {look} && {}\n",
+        push_to("app:v1")
+    );
+    let output = build(
+        &registry,
+        dir.path(),
+        &src,
+        &spec(registry.host(), &steps, &["app"]),
+    );
+    assert!(output.status.success(), "{}", text(&output));
+
+    // The step saw the gateway and no credential: not in its environment
+    // (printed by `env`), not in the files it can read, not in its log.
+    let log = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        log.contains("[image] CUSTODY_REGISTRY=127.0.0.1:5000"),
+        "{}",
+        text(&output)
+    );
+    assert!(!text(&output).contains(PASSWORD), "{}", text(&output));
+
+    // The destination holds the layout's image under the step's tag.
+    let inspected = registry
+        .skopeo(&["inspect", "--raw"])
+        .arg(format!("docker://{}/team/app:v1", registry.host()))
+        .output()
+        .unwrap();
+    assert!(inspected.status.success(), "{}", text(&inspected));
+    assert_eq!(
+        custody_testkit::image::sha256(&inspected.stdout),
+        image.manifest.digest
+    );
+
+    // It is a subject, credited to the step that pushed it.
+    let statement = payload(&dir.path().join("provenance.json"));
+    let subjects = statement["subject"].as_array().unwrap();
+    let subject = subjects
+        .iter()
+        .find(|s| s["digest"]["sha256"] == image.manifest.hex())
+        .unwrap_or_else(|| panic!("no subject for the pushed image: {subjects:?}"));
+    assert_eq!(
+        subject["name"],
+        format!("{}/team/app", registry.host()).as_str()
+    );
+    assert_eq!(subject["annotations"]["kind"], "image");
+    assert_eq!(subject["annotations"]["step"], "image");
+    assert_eq!(subject["annotations"]["tag"], "v1");
+
+    // custody verify finds the attached provenance and accepts it.
+    let certs = registry.certs_dir().unwrap();
+    let docker = dir.path().join("docker");
+    let public = dir.path().join("data/keys/custody.pub");
+    let verified = custody(&[
+        "verify",
+        &format!("{}/team/app:v1", registry.host()),
+        "--key",
+        public.to_str().unwrap(),
+        "--certs-dir",
+        certs.to_str().unwrap(),
+        "--authfile",
+        docker.join("config.json").to_str().unwrap(),
+    ]);
+    assert!(verified.status.success(), "{}", text(&verified));
+}
+
+#[test]
+fn a_later_failing_step_leaves_nothing_at_the_destination() {
+    let registry = registry();
+    let dir = tempfile::tempdir().unwrap();
+    let image = Image::random(8, &[5000]);
+    let src = source_with_layout(dir.path(), &image);
+    let steps = format!(
+        "  - name: image\n    run: {}\n  - name: test\n    run: echo tests failed; exit 3\n",
+        push_to("app:v1")
+    );
+    let output = build(
+        &registry,
+        dir.path(),
+        &src,
+        &spec(registry.host(), &steps, &["app"]),
+    );
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("step `test` exited with code 3"),
+        "{}",
+        text(&output)
+    );
+    assert_nothing_published(&registry, "team/app", &image);
+    assert!(!dir.path().join("provenance.json").exists());
+}
+
+#[test]
+fn a_push_to_an_undeclared_repository_fails_the_step() {
+    let registry = registry();
+    let dir = tempfile::tempdir().unwrap();
+    let image = Image::random(9, &[5000]);
+    let src = source_with_layout(dir.path(), &image);
+    // The attacker's step tries a repository the spec does not declare.
+    let steps = format!("  - name: image\n    run: {}\n", push_to("other:v1"));
+    let output = build(
+        &registry,
+        dir.path(),
+        &src,
+        &spec(registry.host(), &steps, &["app"]),
+    );
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    let all = text(&output);
+    assert!(all.contains("step `image` exited with code"), "{all}");
+    // skopeo shows the gateway's refusal in the step's log: the registry's
+    // own error code, naming what the step may push to.
+    assert!(
+        all.contains("[image]") && all.contains("name unknown"),
+        "{all}"
+    );
+    assert!(
+        all.contains("`other` is not a repository this build declared; steps may push to `app`"),
+        "{all}"
+    );
+    assert_nothing_published(&registry, "team/other", &image);
+    assert_nothing_published(&registry, "team/app", &image);
+}
+
+#[test]
+fn a_declared_push_no_step_made_fails_the_build_naming_it() {
+    let registry = registry();
+    let dir = tempfile::tempdir().unwrap();
+    let image = Image::random(10, &[5000]);
+    let src = source_with_layout(dir.path(), &image);
+    let steps = format!("  - name: image\n    run: {}\n", push_to("app:v1"));
+    let output = build(
+        &registry,
+        dir.path(),
+        &src,
+        &spec(registry.host(), &steps, &["app", "forgotten"]),
+    );
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("`forgotten`") && stderr.contains("no step pushed"),
+        "{}",
+        text(&output)
+    );
+    // What was pushed to `app` does not go out either.
+    assert_nothing_published(&registry, "team/app", &image);
+}

@@ -1,0 +1,208 @@
+//! The build's registry gateway (`custody_gateway`): when the spec declares
+//! `pushes`, one gateway holds everything the build's steps push, on the
+//! build's disk beside the job's other runner-only files, and is served on
+//! each step's own loopback at [`PORT`] while the step runs. The step gets
+//! `CUSTODY_REGISTRY` and no credential; what it pushed stays here until
+//! every step succeeded, then goes out like an `images:` output (see
+//! `push.rs`), each manifest credited to the step that pushed it.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use custody_gateway::{Config, Gateway, Pushed, Repository, Tag};
+use custody_oci::Digest;
+use custody_oci::oci_spec::image::Descriptor;
+use custody_wire::rpc::proto;
+use tokio::sync::oneshot;
+
+use crate::netns::StepNetwork;
+
+/// The port the gateway listens on inside every step's network namespace:
+/// fixed, so builders may also be configured with it, and free because
+/// the namespace is the step's own.
+pub const PORT: u16 = 5000;
+
+/// The gateway of one build and who pushed what to it.
+pub(crate) struct BuildGateway {
+    gateway: Arc<Gateway>,
+    /// Each declared repository and where it goes after the last step.
+    pushes: Vec<(Repository, String)>,
+    credits: Mutex<Credits>,
+}
+
+/// What was pushed when the last step ended, and which step gave each
+/// manifest its place (tag or digest) last.
+#[derive(Default)]
+struct Credits {
+    /// Each place and the digest of the manifest there.
+    seen: BTreeMap<Place, String>,
+    steps: BTreeMap<(Place, String), String>,
+}
+
+/// Where a manifest sits in a repository: `(repository, TAG)` or, pushed by
+/// digest alone, `(repository, @DIGEST)`.
+type Place = (String, String);
+
+fn place(repository: &Repository, tag: Option<&Tag>, digest: &Digest) -> Place {
+    let at = match tag {
+        Some(tag) => tag.to_string(),
+        None => format!("@{digest}"),
+    };
+    (repository.to_string(), at)
+}
+
+/// A manifest a step pushed, ready to be pushed onward.
+pub(crate) struct Onward {
+    pub repository: Repository,
+    pub tag: Option<Tag>,
+    pub manifest: Descriptor,
+    /// Where it goes (`host[:port]/path`), as the daemon resolved it.
+    pub to: String,
+    pub step: String,
+}
+
+impl BuildGateway {
+    /// A gateway for `pushes`, keeping at most `limit` bytes in `storage`
+    /// (a directory only the runner reaches). `None` without pushes.
+    pub(crate) fn for_job(
+        pushes: &[proto::GatewayPush],
+        storage: &Path,
+        limit: u64,
+    ) -> Result<Option<Self>, String> {
+        if pushes.is_empty() {
+            return Ok(None);
+        }
+        let pushes = pushes
+            .iter()
+            .map(|p| {
+                let name = p.name.parse::<Repository>().map_err(|e| e.to_string())?;
+                Ok((name, p.to.clone()))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let config = Config::new(storage, pushes.iter().map(|(name, _)| name.clone()), limit);
+        let gateway =
+            Gateway::new(config).map_err(|e| format!("cannot set up the registry gateway: {e}"))?;
+        Ok(Some(Self {
+            gateway: Arc::new(gateway),
+            pushes,
+            credits: Mutex::new(Credits::default()),
+        }))
+    }
+
+    /// Serves the gateway on the step's loopback until the returned handle
+    /// is stopped; the step's environment is what points it there.
+    pub(crate) fn serve_in(&self, network: &StepNetwork) -> std::io::Result<Serving> {
+        let listener = tokio::net::TcpListener::from_std(network.listen_at(PORT)?)?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let gateway = self.gateway.clone();
+        let task = tokio::spawn(async move {
+            gateway
+                .serve(listener, async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Ok(Serving { stop, task })
+    }
+
+    /// Credits what changed since the last step ended to step `step`.
+    pub(crate) fn step_ended(&self, step: &str) {
+        let pushed = self.gateway.pushed();
+        let mut credits = self.credits.lock().expect("never poisoned");
+        for (place, digest) in places(&pushed) {
+            if credits.seen.get(&place) != Some(&digest) {
+                credits
+                    .steps
+                    .insert((place.clone(), digest.clone()), step.to_owned());
+                credits.seen.insert(place, digest);
+            }
+        }
+    }
+
+    /// Every manifest steps pushed, tagged ones first per repository; an
+    /// error names each declared repository no step pushed to.
+    pub(crate) fn onward(&self) -> Result<(Pushed, Vec<Onward>), String> {
+        let pushed = self.gateway.pushed();
+        let credits = self.credits.lock().expect("never poisoned");
+        let missing: Vec<String> = self
+            .pushes
+            .iter()
+            .filter(|(name, _)| !pushed.repositories.contains_key(name))
+            .map(|(name, _)| format!("`{name}`"))
+            .collect();
+        if !missing.is_empty() {
+            return Err(format!(
+                "the spec declares pushes to {} but no step pushed to {} (`$CUSTODY_REGISTRY/NAME[:TAG]`)",
+                missing.join(", "),
+                if missing.len() == 1 { "it" } else { "them" },
+            ));
+        }
+        let mut onward = Vec::new();
+        for (name, to) in &self.pushes {
+            let repository = &pushed.repositories[name];
+            let tagged = repository
+                .tags
+                .iter()
+                .map(|(tag, d)| (Some(tag.clone()), d));
+            let untagged = repository.by_digest.iter().map(|d| (None, d));
+            for (tag, manifest) in tagged.chain(untagged) {
+                let place = place(name, tag.as_ref(), manifest.digest());
+                let step = credits
+                    .steps
+                    .get(&(place, manifest.digest().to_string()))
+                    .cloned()
+                    .unwrap_or_default();
+                onward.push(Onward {
+                    repository: name.clone(),
+                    tag,
+                    manifest: manifest.clone(),
+                    to: to.clone(),
+                    step,
+                });
+            }
+        }
+        Ok((pushed, onward))
+    }
+}
+
+/// Every place in `pushed` and the manifest there.
+fn places(pushed: &Pushed) -> Vec<(Place, String)> {
+    let mut places = Vec::new();
+    for (name, repository) in &pushed.repositories {
+        for (tag, manifest) in &repository.tags {
+            let digest = manifest.digest();
+            places.push((place(name, Some(tag), digest), digest.to_string()));
+        }
+        for manifest in &repository.by_digest {
+            let digest = manifest.digest();
+            places.push((place(name, None, digest), digest.to_string()));
+        }
+    }
+    places
+}
+
+/// The gateway served in one step's namespace.
+pub(crate) struct Serving {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Serving {
+    /// Stops serving and waits until every connection is closed, so what
+    /// the step pushed is all recorded before the next thing happens.
+    pub(crate) async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+/// What points a step's clients at the gateway.
+pub(crate) fn env() -> (String, String) {
+    ("CUSTODY_REGISTRY".to_owned(), address())
+}
+
+/// `127.0.0.1:PORT`.
+pub(crate) fn address() -> String {
+    format!("127.0.0.1:{PORT}")
+}
