@@ -80,6 +80,17 @@ pub struct ServeArgs {
     /// For `slurm`: an extra `sbatch` argument (repeatable).
     #[arg(long = "sbatch-arg", value_name = "ARG", allow_hyphen_values = true)]
     sbatch_args: Vec<String>,
+    /// Open API connections at most; never more than the open-file limit
+    /// leaves room for [default: 4096].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: Option<u32>,
+    /// Open API connections one client address (an IPv6 /64) may hold;
+    /// raise it behind a reverse proxy [default: 256].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections_per_address: Option<u32>,
+    /// Log streams one API token may hold open at once [default: 64].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    max_streams_per_token: Option<u32>,
     #[command(flatten)]
     registry: RegistryArgs,
     #[command(flatten)]
@@ -87,6 +98,14 @@ pub struct ServeArgs {
 }
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Freed memory goes back to the system on jemalloc's decay timers
+    // (10 s each; all of it within about 30 s after a burst of connections,
+    // `tests/abuse.rs`), also while the daemon is idle. Only here: other
+    // commands are short-lived, and the runner makes its mount namespace
+    // before any thread exists.
+    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+        tracing::warn!("memory freed after a burst may stay resident: {e}");
+    }
     let file = match &args.config {
         Some(path) => Config::load(path).map_err(|e| Usage(e.to_string()))?,
         None => Config::default(),
@@ -190,6 +209,11 @@ impl ServeArgs {
             max_image_size: self.bounds.max_image_size.clone(),
             max_image_layers: self.bounds.max_image_layers,
             max_build_seconds: self.max_build_seconds,
+            // A secret: from the configuration file only, never argv.
+            metrics_token: None,
+            max_connections: self.max_connections.map(|n| n as usize),
+            max_connections_per_address: self.max_connections_per_address.map(|n| n as usize),
+            max_streams_per_token: self.max_streams_per_token.map(|n| n as usize),
             ..Config::default()
         }
     }

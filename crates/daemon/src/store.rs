@@ -705,6 +705,18 @@ impl Store {
             .collect())
     }
 
+    /// The sequence number of the build's last stored log line (`None`
+    /// before its first).
+    pub async fn last_log_seq(&self, id: &BuildId) -> Result<Option<i64>, StoreError> {
+        Ok(
+            sqlx::query("SELECT MAX(seq) FROM log_lines WHERE build_id = $1")
+                .bind(id.as_str())
+                .fetch_one(&self.pool)
+                .await?
+                .get::<Option<i64>, _>(0),
+        )
+    }
+
     /// Up to `limit` log lines after sequence number `after`, with their
     /// sequence numbers, in order.
     pub async fn logs_after(

@@ -191,6 +191,10 @@ pub enum ErrorCode {
     MethodNotAllowed,
     /// 503: the store is not answering, or the service is shutting down.
     Unavailable,
+    /// 429: this token already holds as many log streams as one may.
+    TooManyStreams,
+    /// 408: the request's body did not arrive in time.
+    RequestTimeout,
     /// A code this client does not know (from a newer server).
     #[serde(other)]
     Unknown,
@@ -204,7 +208,9 @@ impl ErrorCode {
             ErrorCode::Unauthorized => 401,
             ErrorCode::NotFound | ErrorCode::NoProvenance => 404,
             ErrorCode::MethodNotAllowed => 405,
+            ErrorCode::RequestTimeout => 408,
             ErrorCode::AlreadyEnded => 409,
+            ErrorCode::TooManyStreams => 429,
             ErrorCode::Unavailable => 503,
             ErrorCode::Unknown => 500,
         }

@@ -14,6 +14,8 @@ use custody_daemon::queue::QueueConfig;
 use custody_oci::registry::RegistryOptions;
 use serde::Deserialize;
 
+use crate::connections::ConnectionLimits;
+use crate::http::DEFAULT_MAX_STREAMS_PER_TOKEN;
 use crate::serve::Settings;
 
 /// Where the API listens unless told otherwise.
@@ -76,6 +78,18 @@ pub struct Config {
     pub allow_inline_specs: Option<bool>,
     /// A build still going after this long is failed, naming its phase.
     pub max_build_seconds: Option<u64>,
+    /// When set, `/metrics` answers only requests carrying
+    /// `Authorization: Bearer` this; unset, it is open.
+    pub metrics_token: Option<String>,
+    /// Open API connections at most (never more than the open-file limit
+    /// leaves room for).
+    pub max_connections: Option<usize>,
+    /// Open API connections one client address may hold (an IPv6 /64
+    /// counts as one address): raise it behind a reverse proxy.
+    pub max_connections_per_address: Option<usize>,
+    /// Log streams (`GET /api/v1/builds/{id}/logs`) one API token may hold
+    /// open at once; past it, `too_many_streams` (429).
+    pub max_streams_per_token: Option<usize>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -188,6 +202,12 @@ pub enum SettingsError {
     NoRunnerProgram,
     #[error("{0}")]
     Policy(String),
+    #[error("`metrics_token` is empty: remove it to leave /metrics open, or set a token")]
+    EmptyMetricsToken,
+    #[error(
+        "`{0}` is 0, which would refuse everything: set it to at least 1, or remove it for the default"
+    )]
+    ZeroLimit(&'static str),
 }
 
 impl Config {
@@ -245,6 +265,12 @@ impl Config {
             },
             allow_inline_specs: over.allow_inline_specs.or(self.allow_inline_specs),
             max_build_seconds: over.max_build_seconds.or(self.max_build_seconds),
+            metrics_token: over.metrics_token.or(self.metrics_token),
+            max_connections: over.max_connections.or(self.max_connections),
+            max_connections_per_address: over
+                .max_connections_per_address
+                .or(self.max_connections_per_address),
+            max_streams_per_token: over.max_streams_per_token.or(self.max_streams_per_token),
         }
     }
 
@@ -266,6 +292,24 @@ impl Config {
         if tokens.is_empty() {
             return Err(SettingsError::NoToken);
         }
+        if self
+            .metrics_token
+            .as_deref()
+            .is_some_and(|t| t.trim().is_empty())
+        {
+            return Err(SettingsError::EmptyMetricsToken);
+        }
+        let defaults = ConnectionLimits::default();
+        let connections = ConnectionLimits {
+            total: positive("max_connections", self.max_connections)?.unwrap_or(defaults.total),
+            per_address: positive(
+                "max_connections_per_address",
+                self.max_connections_per_address,
+            )?
+            .unwrap_or(defaults.per_address),
+        };
+        let max_streams_per_token = positive("max_streams_per_token", self.max_streams_per_token)?
+            .unwrap_or(DEFAULT_MAX_STREAMS_PER_TOKEN);
         let data_dir = self
             .data_dir
             .or_else(embedded::default_data_dir)
@@ -324,6 +368,9 @@ impl Config {
                 clock: std::sync::Arc::new(custody_daemon::queue::SystemClock),
             },
             grace: Duration::from_secs(self.grace_seconds.unwrap_or(DEFAULT_GRACE_SECONDS)),
+            metrics_token: self.metrics_token,
+            connections,
+            max_streams_per_token,
         })
     }
 
@@ -350,6 +397,14 @@ impl Config {
                 message: e.message().to_owned(),
             }
         })
+    }
+}
+
+/// `value`, refused when it is zero.
+fn positive(key: &'static str, value: Option<usize>) -> Result<Option<usize>, SettingsError> {
+    match value {
+        Some(0) => Err(SettingsError::ZeroLimit(key)),
+        other => Ok(other),
     }
 }
 
@@ -421,6 +476,48 @@ mod tests {
             ..with_dir()
         };
         assert_eq!(resolve(empty, Some("t")), Some(SettingsError::EmptyToken));
+    }
+
+    #[test]
+    fn limits_default_when_unset_and_refuse_zero() {
+        let resolve = |text: &str| {
+            Config::parse(
+                &format!("data_dir = \"/srv/custody\"\n{text}"),
+                Path::new("s.toml"),
+            )
+            .unwrap()
+            .overlay(Config {
+                tokens: vec!["t".into()],
+                ..Config::default()
+            })
+            .resolve(env(), RegistryOptions::default(), StepBounds::default())
+        };
+        let settings = resolve("").unwrap();
+        assert_eq!(settings.connections, ConnectionLimits::default());
+        assert_eq!(
+            settings.max_streams_per_token,
+            DEFAULT_MAX_STREAMS_PER_TOKEN
+        );
+        assert_eq!(settings.metrics_token, None);
+        let settings = resolve(
+            "max_connections = 10\nmax_connections_per_address = 2\n\
+             max_streams_per_token = 3\nmetrics_token = \"m\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (settings.connections.total, settings.connections.per_address),
+            (10, 2)
+        );
+        assert_eq!(settings.max_streams_per_token, 3);
+        assert_eq!(settings.metrics_token.as_deref(), Some("m"));
+        assert_eq!(
+            resolve("max_streams_per_token = 0\n").err(),
+            Some(SettingsError::ZeroLimit("max_streams_per_token"))
+        );
+        assert_eq!(
+            resolve("metrics_token = \" \"\n").err(),
+            Some(SettingsError::EmptyMetricsToken)
+        );
     }
 
     #[test]

@@ -2,17 +2,17 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use custody_daemon::policy::check_spec_path;
 use custody_daemon::queue::Queue;
 use custody_daemon::record::{BuildId, Timestamp};
@@ -31,14 +31,20 @@ use crate::api::{
     Build, BuildList, BuildState, ErrorBody, ErrorCode, ErrorDetail, KeyList, LogEvent, LogStream,
     Output, SubmitRequest,
 };
+use crate::follow::{self, Followers, Next, Subscription, Update};
 use crate::metrics::Metrics;
 
-/// How often a log follower looks for new lines.
-const LOG_POLL: Duration = Duration::from_millis(200);
 /// The most builds one list page holds.
 const MAX_PAGE: i64 = 500;
 /// Specs are small; anything bigger is a mistake.
 const MAX_BODY: usize = 1 << 20;
+/// How long a request body (at most [`MAX_BODY`]) may take to arrive, all
+/// of it: a client trickling one is answered `request_timeout`.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Log streams one token may hold open at once unless the configuration
+/// says otherwise: each is a connection and a task for as long as its build
+/// runs.
+pub const DEFAULT_MAX_STREAMS_PER_TOKEN: usize = 64;
 
 /// What every handler shares.
 pub struct App {
@@ -52,13 +58,29 @@ pub struct App {
     /// Ended builds as served: an ended build never changes again, so its
     /// answer is kept rather than read from the store for every poll.
     ended: std::sync::Mutex<std::collections::HashMap<BuildId, axum::body::Bytes>>,
+    /// One store poll per followed build, shared by its followers.
+    pub followers: Arc<Followers>,
+    /// Log streams open now, by token (as in `token_digests`).
+    streams: Arc<[AtomicUsize]>,
+    /// The most log streams one token may hold open.
+    max_streams_per_token: usize,
+    /// What `/metrics` wants, if anything.
+    metrics_digest: Option<TokenDigest>,
 }
 
 /// How many ended builds' answers are kept (about 1 KiB each).
 const ENDED_CACHE: usize = 4096;
 
 impl App {
-    pub fn new(queue: Arc<Queue>, tokens: &[String], metrics: Arc<Metrics>, keys: KeyList) -> Self {
+    pub fn new(
+        queue: Arc<Queue>,
+        tokens: &[String],
+        metrics_token: Option<&str>,
+        max_streams_per_token: usize,
+        metrics: Arc<Metrics>,
+        keys: KeyList,
+    ) -> Self {
+        let followers = Followers::new(queue.service().store.clone());
         Self {
             queue,
             token_digests: tokens
@@ -69,13 +91,60 @@ impl App {
             keys,
             shutting_down: AtomicBool::new(false),
             ended: Default::default(),
+            followers,
+            streams: tokens.iter().map(|_| AtomicUsize::new(0)).collect(),
+            max_streams_per_token,
+            metrics_digest: metrics_token.map(|t| TokenDigest::of(t.trim().as_bytes())),
         }
     }
 
-    /// Whether `presented` is one of the tokens (compared by digest, in
-    /// constant time, every one of them).
-    fn accepts(&self, presented: &str) -> bool {
-        TokenDigest::any_matches(&self.token_digests, presented.as_bytes())
+    /// Which token `presented` is (compared by digest, in constant time,
+    /// every one of them).
+    fn caller(&self, presented: &str) -> Option<Caller> {
+        TokenDigest::position(&self.token_digests, presented.as_bytes())
+            .map(|token| Caller { token })
+    }
+
+    /// A slot for one more log stream of `caller`'s, unless its token holds
+    /// as many as one may already.
+    fn open_stream(&self, caller: Caller) -> Result<StreamSlot, ApiError> {
+        let open = &self.streams[caller.token];
+        let before = open.fetch_add(1, Ordering::AcqRel);
+        let slot = StreamSlot {
+            streams: self.streams.clone(),
+            token: caller.token,
+        };
+        if before >= self.max_streams_per_token {
+            drop(slot);
+            return Err(ApiError::new(
+                ErrorCode::TooManyStreams,
+                format!(
+                    "this token holds {} log streams already, the most one may \
+                     (`max_streams_per_token`); close one first",
+                    self.max_streams_per_token
+                ),
+            ));
+        }
+        Ok(slot)
+    }
+}
+
+/// Who made a request: the index of the token it carried.
+#[derive(Clone, Copy, Debug)]
+struct Caller {
+    token: usize,
+}
+
+/// One open log stream, counted against its token until dropped (when the
+/// stream ends or its client goes away).
+struct StreamSlot {
+    streams: Arc<[AtomicUsize]>,
+    token: usize,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.streams[self.token].fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -204,25 +273,32 @@ async fn method_not_allowed() -> ApiError {
 
 async fn require_token(
     State(app): State<Arc<App>>,
-    request: Request,
-    next: Next,
+    mut request: Request,
+    next: middleware::Next,
 ) -> Result<Response, ApiError> {
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match presented {
-        None => Err(ApiError::new(
+    let Some(presented) = bearer(request.headers()) else {
+        return Err(ApiError::new(
             ErrorCode::Unauthorized,
             "send `Authorization: Bearer TOKEN` (the CLI reads CUSTODY_TOKEN)",
-        )),
-        Some(token) if app.accepts(token.trim()) => Ok(next.run(request).await),
-        Some(_) => Err(ApiError::new(
+        ));
+    };
+    let Some(caller) = app.caller(presented) else {
+        return Err(ApiError::new(
             ErrorCode::Unauthorized,
             "the token is not one this service accepts",
-        )),
-    }
+        ));
+    };
+    request.extensions_mut().insert(caller);
+    Ok(next.run(request).await)
+}
+
+/// The token of an `Authorization: Bearer TOKEN` header.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
 }
 
 /// JSON bodies whose rejections are API errors too.
@@ -231,8 +307,19 @@ pub struct ApiJson<T>(pub T);
 impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        Json::<T>::from_request(req, state)
+        // All of the body within the deadline, not just each piece of it:
+        // a client trickling a byte at a time holds nothing for long.
+        tokio::time::timeout(BODY_READ_TIMEOUT, Json::<T>::from_request(req, state))
             .await
+            .map_err(|_| {
+                ApiError::new(
+                    ErrorCode::RequestTimeout,
+                    format!(
+                        "the request body did not arrive within {} s",
+                        BODY_READ_TIMEOUT.as_secs()
+                    ),
+                )
+            })?
             .map(|Json(v)| ApiJson(v))
             .map_err(|e: JsonRejection| ApiError::new(ErrorCode::InvalidRequest, e.body_text()))
     }
@@ -286,6 +373,7 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Api
         (status = 201, description = "Queued", body = Build),
         (status = 400, description = "Bad request or spec, or refused by policy", body = ErrorBody),
         (status = 401, description = "No or wrong token", body = ErrorBody),
+        (status = 408, description = "The body did not arrive in time", body = ErrorBody),
     )
 )]
 async fn submit(
@@ -537,14 +625,17 @@ struct LogsQuery {
         (status = 400, description = "Bad query", body = ErrorBody),
         (status = 401, description = "No or wrong token", body = ErrorBody),
         (status = 404, description = "No such build", body = ErrorBody),
+        (status = 429, description = "This token holds as many log streams as one may", body = ErrorBody),
     )
 )]
 async fn logs(
     State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
     BuildPath(id): BuildPath,
     headers: HeaderMap,
     ApiQuery(query): ApiQuery<LogsQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let slot = app.open_stream(caller)?;
     if app.queue.service().store.build(&id).await?.is_none() {
         return Err(ApiError::not_found(&id));
     }
@@ -553,78 +644,143 @@ async fn logs(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<i64>().ok());
     let after = query.after.or(resume).unwrap_or(-1);
-    let follow = query.follow.unwrap_or(false);
-    let stream = log_events(app, id, after, follow);
+    // Subscribed before the backlog is read, so no line falls between.
+    let live = match query.follow.unwrap_or(false) {
+        true => Some(app.followers.follow(&id).await?),
+        false => None,
+    };
+    let reader = LogReader {
+        app,
+        id,
+        after,
+        live,
+        catching_up: true,
+        done: false,
+        _slot: slot,
+    };
+    let stream = futures_util::stream::unfold(reader, |mut reader| async move {
+        let events = reader.next_events().await?;
+        Some((futures_util::stream::iter(events), reader))
+    })
+    .flatten();
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
-/// The log as events: stored lines in batches, polling for more while the
-/// build runs (another daemon may be writing them), then `end`.
-fn log_events(
+/// One client's log stream: the stored lines in pages, then (following)
+/// the build's shared updates, then `end`.
+struct LogReader {
     app: Arc<App>,
     id: BuildId,
+    /// The last `seq` sent.
     after: i64,
-    follow: bool,
-) -> impl Stream<Item = Result<Event, Infallible>> {
-    enum Next {
-        Lines(i64),
-        Done,
-    }
-    futures_util::stream::unfold(Next::Lines(after), move |next| {
-        let app = app.clone();
-        let id = id.clone();
-        async move {
-            let Next::Lines(mut after) = next else {
-                return None;
-            };
-            let store = &app.queue.service().store;
-            loop {
-                // The state first: a build that had ended by then has
-                // every line stored already.
-                let record = match store.build(&id).await {
-                    Ok(Some(record)) => record,
-                    Ok(None) => return None,
-                    Err(e) => {
-                        tracing::error!("following {id}: {e}");
-                        let event = Event::default().event("error").data("the job store failed");
-                        return Some((vec![Ok(event)], Next::Done));
-                    }
+    /// The followed build's updates; `None` when not following.
+    live: Option<Subscription>,
+    /// Reading from the store rather than from `live`.
+    catching_up: bool,
+    done: bool,
+    _slot: StreamSlot,
+}
+
+impl LogReader {
+    /// The next events to send; `None` once `end` (or `error`) was sent.
+    async fn next_events(&mut self) -> Option<Vec<Result<Event, Infallible>>> {
+        if self.done {
+            return None;
+        }
+        loop {
+            if self.catching_up || self.live.is_none() {
+                let store = &self.app.queue.service().store;
+                // Not following, the state comes first: a build that had
+                // ended by then has every line stored already.
+                let now = match self.live {
+                    Some(_) => None,
+                    None => match store.build(&self.id).await {
+                        Ok(record) => record,
+                        Err(e) => return Some(self.failed(&e.to_string())),
+                    },
                 };
-                let ended =
-                    record.state != store::State::Queued && record.state != store::State::Running;
-                let lines = match store.logs_after(&id, after, 1000).await {
+                let lines = match store.logs_after(&self.id, self.after, follow::PAGE).await {
                     Ok(lines) => lines,
-                    Err(e) => {
-                        tracing::error!("following {id}: {e}");
-                        return None;
-                    }
+                    Err(e) => return Some(self.failed(&e.to_string())),
                 };
-                if !lines.is_empty() {
-                    after = lines.last().map_or(after, |(seq, _)| *seq);
-                    let events = lines
-                        .into_iter()
-                        .map(|(seq, line)| Ok(log_event(seq, line)))
-                        .collect();
-                    return Some((events, Next::Lines(after)));
+                if lines.len() < follow::PAGE as usize {
+                    self.catching_up = false;
                 }
-                if ended || !follow {
+                if !lines.is_empty() {
+                    return Some(self.send(lines.into_iter()));
+                }
+                if self.live.is_none() {
+                    let Some(record) = now else {
+                        self.done = true;
+                        return None;
+                    };
                     let outputs = if record.state == store::State::Succeeded {
-                        store.outputs(&id).await.unwrap_or_default()
+                        store.outputs(&self.id).await.unwrap_or_default()
                     } else {
                         Vec::new()
                     };
-                    let build = to_build(record, outputs);
-                    let event = Event::default()
-                        .event("end")
-                        .json_data(&build)
-                        .expect("a build serialises");
-                    return Some((vec![Ok(event)], Next::Done));
+                    return Some(self.end(to_build(record, outputs)));
                 }
-                tokio::time::sleep(LOG_POLL).await;
+            }
+            let live = self.live.as_mut().expect("following");
+            match live.next().await {
+                Next::Update(Update::Lines(lines)) => {
+                    let Some((first, _)) = lines.first() else {
+                        continue;
+                    };
+                    if *first > self.after.saturating_add(1) {
+                        // Lines between are in the store, not here.
+                        self.catching_up = true;
+                        continue;
+                    }
+                    let fresh = lines
+                        .iter()
+                        .filter(|(seq, _)| *seq > self.after)
+                        .cloned()
+                        .collect::<Vec<_>>();
+                    if !fresh.is_empty() {
+                        return Some(self.send(fresh.into_iter()));
+                    }
+                }
+                Next::Update(Update::Ended(ended)) => {
+                    // Every line came before this, and none was missed
+                    // (that would have been `Behind` or a gap).
+                    let (record, outputs) = ended.as_ref().clone();
+                    return Some(self.end(to_build(record, outputs)));
+                }
+                Next::Update(Update::Failed) => return Some(self.failed("see the daemon's log")),
+                Next::Behind => self.catching_up = true,
             }
         }
-    })
-    .flat_map(futures_util::stream::iter)
+    }
+
+    fn send(
+        &mut self,
+        lines: impl Iterator<Item = (i64, store::LogLine)>,
+    ) -> Vec<Result<Event, Infallible>> {
+        lines
+            .map(|(seq, line)| {
+                self.after = seq;
+                Ok(log_event(seq, line))
+            })
+            .collect()
+    }
+
+    fn end(&mut self, build: Build) -> Vec<Result<Event, Infallible>> {
+        self.done = true;
+        let event = Event::default()
+            .event("end")
+            .json_data(&build)
+            .expect("a build serialises");
+        vec![Ok(event)]
+    }
+
+    fn failed(&mut self, why: &str) -> Vec<Result<Event, Infallible>> {
+        tracing::error!("following {}: {why}", self.id);
+        self.done = true;
+        let event = Event::default().event("error").data("the job store failed");
+        vec![Ok(event)]
+    }
 }
 
 fn log_event(seq: i64, line: store::LogLine) -> Event {
@@ -740,7 +896,22 @@ async fn readyz(State(app): State<Arc<App>>) -> Result<&'static str, ApiError> {
     Ok("ready\n")
 }
 
-async fn metrics(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
+/// Prometheus metrics; behind `metrics_token` when one is set.
+async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    if let Some(wanted) = &app.metrics_digest {
+        let presented = bearer(&headers).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::Unauthorized,
+                "send `Authorization: Bearer METRICS_TOKEN` (`metrics_token` in the configuration)",
+            )
+        })?;
+        if !TokenDigest::any_matches(std::slice::from_ref(wanted), presented.as_bytes()) {
+            return Err(ApiError::new(
+                ErrorCode::Unauthorized,
+                "the token is not this service's metrics token",
+            ));
+        }
+    }
     let counts = app.queue.service().store.count_by_state().await?;
     let text = app.metrics.render(&counts, app.queue.running());
     Ok((

@@ -6,6 +6,8 @@
 //! # Layout
 //! - [`api`]: the JSON types on the wire (the OpenAPI schema comes from them).
 //! - [`http`]: routes, bearer-token auth, errors, log streaming.
+//! - [`follow`]: one store poll per followed build, shared by its followers.
+//! - [`connections`]: the accept loop: connection caps, header deadline.
 //! - [`serve`]: one process from start to a clean stop.
 //! - [`config`]: the TOML configuration file.
 //! - [`client`]: the API's client, for the CLI.
@@ -13,6 +15,8 @@
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod connections;
+pub mod follow;
 pub mod http;
 pub mod metrics;
 pub mod serve;

@@ -12,6 +12,7 @@ use custody_daemon::queue::{Queue, QueueConfig};
 use tokio::net::TcpListener;
 
 use crate::api::{KeyList, PublicKey};
+use crate::connections::{self, ConnectionLimits};
 use crate::http::{App, router};
 use crate::metrics::Metrics;
 
@@ -24,6 +25,13 @@ pub struct Settings {
     pub queue: QueueConfig,
     /// How long running builds get to finish after SIGTERM.
     pub grace: Duration,
+    /// What `/metrics` wants as a bearer token; `None` leaves it open.
+    pub metrics_token: Option<String>,
+    /// The caps on open API connections (before the open-file limit
+    /// lowers the total, see [`ConnectionLimits::within_open_files`]).
+    pub connections: ConnectionLimits,
+    /// Log streams one API token may hold open at once.
+    pub max_streams_per_token: usize,
 }
 
 /// The sockets a service serves on, bound before it starts (by the binary
@@ -100,16 +108,34 @@ pub async fn run(
     let service = Arc::new(daemon.service);
     let queue = Queue::new(service.clone(), settings.queue, metrics.clone());
     queue.start();
-    let app = Arc::new(App::new(queue.clone(), &settings.tokens, metrics, keys));
+    let app = Arc::new(App::new(
+        queue.clone(),
+        &settings.tokens,
+        settings.metrics_token.as_deref(),
+        settings.max_streams_per_token,
+        metrics,
+        keys,
+    ));
 
-    let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(
-        axum::serve(listener, router(app.clone()))
-            .with_graceful_shutdown(async {
-                let _ = http_stopped.await;
-            })
-            .into_future(),
+    let limits = match connections::open_files_limit() {
+        Some(open_files) => settings.connections.within_open_files(open_files),
+        None => settings.connections,
+    };
+    tracing::info!(
+        max_connections = limits.total,
+        max_connections_per_address = limits.per_address,
+        header_read_timeout = ?connections::HEADER_READ_TIMEOUT,
+        "serving the API"
     );
+    let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(connections::serve(
+        listener,
+        router(app.clone()),
+        limits,
+        async {
+            let _ = http_stopped.await;
+        },
+    ));
 
     shutdown.await;
     tracing::info!(
@@ -122,9 +148,7 @@ pub async fn run(
     let _ = http_stop.send(());
     // Followers of a log stream hold connections open; they have had their
     // `end` event by now, so do not wait on them for long.
-    if let Ok(Ok(Err(e))) = tokio::time::timeout(Duration::from_secs(5), server).await {
-        return Err(ServeError::Http(e));
-    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     service.store.close().await;
     tracing::info!("stopped");
     Ok(())

@@ -2,6 +2,7 @@
 //! daemon that it is the one started for a job, and the RPC they then speak.
 //!
 //! # Layout
+//! - [`address`]: what counts as one client when limiting clients.
 //! - [`identity`]: the daemon's ephemeral TLS 1.3 certificate and the runner's
 //!   client configuration that trusts exactly it.
 //! - [`token`]: one-time job tokens, compared by digest in constant time.
@@ -14,6 +15,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod address;
 pub mod connector;
 pub mod dial;
 pub mod events;
@@ -24,6 +26,7 @@ pub mod token;
 
 use std::sync::Arc;
 
+pub use address::ClientAddress;
 pub use connector::{Connector, Pending, RunnerSession};
 pub use dial::{DialError, dial};
 pub use identity::DaemonIdentity;

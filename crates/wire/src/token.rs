@@ -55,13 +55,24 @@ impl TokenDigest {
     /// in constant time, so timing says nothing about which or how much
     /// matched.
     pub fn any_matches(known: &[TokenDigest], presented: &[u8]) -> bool {
+        Self::position(known, presented).is_some()
+    }
+
+    /// Which of `known` `presented` is (the first, if it is there twice).
+    /// Every one is compared, each in constant time, and the index is
+    /// chosen without branching, so timing says nothing about which or how
+    /// much matched.
+    pub fn position(known: &[TokenDigest], presented: &[u8]) -> Option<usize> {
+        use subtle::ConditionallySelectable as _;
         let presented = Self::of(presented);
-        known
-            .iter()
-            .fold(subtle::Choice::from(0), |any, k| {
-                any | k.0.ct_eq(&presented.0)
-            })
-            .into()
+        let mut found = subtle::Choice::from(0);
+        let mut index = 0u64;
+        for (i, k) in known.iter().enumerate() {
+            let first = k.0.ct_eq(&presented.0) & !found;
+            index.conditional_assign(&(i as u64), first);
+            found |= first;
+        }
+        bool::from(found).then_some(index as usize)
     }
 }
 
@@ -87,5 +98,15 @@ mod tests {
         let known = [a.digest(), b.digest()];
         assert!(TokenDigest::any_matches(&known, b.expose().as_bytes()));
         assert!(!TokenDigest::any_matches(&known, b"guess"));
+        let twice = [b.digest(), a.digest(), a.digest()];
+        assert_eq!(
+            TokenDigest::position(&twice, a.expose().as_bytes()),
+            Some(1)
+        );
+        assert_eq!(
+            TokenDigest::position(&twice, b.expose().as_bytes()),
+            Some(0)
+        );
+        assert_eq!(TokenDigest::position(&twice, b"guess"), None);
     }
 }

@@ -202,3 +202,72 @@ async fn slow_and_oversized_clients_are_cut_off_while_a_good_runner_connects() {
     assert!(matches!(read, Ok(0) | Err(_)));
     assert!(started.elapsed() < deadline + Duration::from_millis(500));
 }
+
+/// A TCP connection to `addr` from `source` (any address of 127/8 is this
+/// machine).
+async fn connect_from(source: &str, addr: &str) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    socket.connect(addr.parse().unwrap()).await.unwrap()
+}
+
+/// One handshake from `source` as a runner makes it; the daemon's answer,
+/// or the error that ended it first.
+async fn handshake_from(
+    d: &Daemon,
+    source: &str,
+    job: &str,
+    token: &JobToken,
+) -> std::io::Result<[u8; 3]> {
+    let config = custody_wire::identity::runner_tls_config(d.connector.certificate_pem()).unwrap();
+    let name =
+        rustls::pki_types::ServerName::try_from(custody_wire::identity::SERVER_NAME).unwrap();
+    let tcp = connect_from(source, &d.addr).await;
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await?;
+    tls.write_all(format!("{job}\n{}\n", token.expose()).as_bytes())
+        .await?;
+    let mut verdict = [0u8; 3];
+    tls.read_exact(&mut verdict).await?;
+    Ok(verdict)
+}
+
+/// The runner port used to answer every token guess. After
+/// `MAX_FAILED_HANDSHAKES` wrong tokens from one address, its next
+/// connection is closed before TLS (even with the right token), while a
+/// runner from another address connects at once.
+#[tokio::test]
+async fn an_address_guessing_tokens_is_shut_out_before_tls() {
+    use custody_wire::connector::MAX_FAILED_HANDSHAKES;
+    let d = daemon(LONG).await;
+    let (token, pending) = d.connector.register("job-7").unwrap();
+    let attacker = "127.0.0.2";
+    for attempt in 0..MAX_FAILED_HANDSHAKES {
+        let verdict = handshake_from(&d, attacker, "job-7", &JobToken::generate()).await;
+        assert_eq!(verdict.unwrap(), *b"IT\n", "guess {attempt}");
+    }
+
+    // Closed at once: no ClientHello needed (the daemon would wait LONG for one).
+    let mut tcp = connect_from(attacker, &d.addr).await;
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(3), tcp.read(&mut byte))
+        .await
+        .expect("the connection was left open, waiting for TLS");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    // The right token from there gets no answer either, and stays unused.
+    let refused = handshake_from(&d, attacker, "job-7", &token).await;
+    assert!(refused.is_err(), "answered {refused:?}");
+    assert_eq!(d.connector.waiting(), 1);
+
+    // A runner from elsewhere connects at once.
+    let started = Instant::now();
+    try_dial(&d, "job-7", &token).await.unwrap();
+    let session = tokio::time::timeout(LONG, pending).await.unwrap().unwrap();
+    assert_eq!(session.peer.ip().to_string(), "127.0.0.1");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the good runner waited {:?}",
+        started.elapsed()
+    );
+}
