@@ -11,192 +11,97 @@
 //! well-behaved client on 127.0.0.1.
 
 use std::collections::VecDeque;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use custody_server::api::{BuildState, GitSource, SubmitRequest};
-use custody_server::client::Client;
 use custody_testkit::{free_port, git};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-const CUSTODY: &str = env!("CARGO_BIN_EXE_custody");
-const TOKEN: &str = "abuse-token-0c4d";
+mod support;
 
-/// One `custody serve` process with the configuration it was given.
-struct Daemon {
-    child: Option<Child>,
-    port: u16,
-    log: PathBuf,
+use support::daemon::{Daemon, DaemonOptions, TOKEN};
+
+/// `custody serve` with `config` (TOML; the tests' local repositories
+/// allowed as sources), its open-file limit lowered to `open_files` when
+/// given.
+fn start(dir: &Path, config: &str, open_files: Option<u32>) -> Daemon {
+    let data = dir.join("data");
+    let mut options = DaemonOptions::new("abused", &data);
+    options.config = format!("{config}\n[sources]\nschemes = [\"file\"]\n");
+    options.concurrency = 1;
+    options.grace_seconds = 1;
+    options.open_files = open_files;
+    Daemon::start(options)
 }
 
-impl Daemon {
-    /// Starts `custody serve` on a free port with `config` (TOML) as its
-    /// configuration file and `CUSTODY_TOKEN` set.
-    fn start(dir: &Path, config: &str) -> Self {
-        Self::start_with_open_files(dir, config, None)
-    }
-
-    /// As [`Daemon::start`], the daemon's open-file limit set to
-    /// `open_files` first when given.
-    fn start_with_open_files(dir: &Path, config: &str, open_files: Option<u32>) -> Self {
-        let port = free_port();
-        fs_err::create_dir_all(dir).unwrap();
-        let config_path = dir.join("serve.toml");
-        // The builds' repositories are local: the source policy must allow them.
-        let config = format!("{config}\n[sources]\nschemes = [\"file\"]\n");
-        fs_err::write(&config_path, config).unwrap();
-        let log = dir.join("serve.log");
-        // Through `sh` only to lower the limit: it `exec`s, so the pid is
-        // the daemon's.
-        let limit = open_files.map_or(String::new(), |n| format!("ulimit -n {n} && "));
-        let child = Command::new("sh")
-            .args(["-c", &format!("{limit}exec \"$0\" \"$@\""), CUSTODY])
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--data-dir", &dir.join("data").display().to_string()])
-            .args(["--config", &config_path.display().to_string()])
-            .args(["--daemon-name", "abused", "--poll-millis", "100"])
-            .args(["--concurrency", "1", "--grace-seconds", "1"])
-            .env("CUSTODY_TOKEN", TOKEN)
-            .env("CUSTODY_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(fs_err::File::create(&log).unwrap().into_parts().0)
-            .spawn()
-            .expect("custody serve starts");
-        let mut daemon = Self {
-            child: Some(child),
-            port,
-            log,
-        };
-        daemon.wait_ready();
-        daemon
-    }
-
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
-                use std::io::{Read, Write};
-                let _ = stream.write_all(b"GET /readyz HTTP/1.0\r\n\r\n");
-                let mut answer = String::new();
-                let _ = stream.read_to_string(&mut answer);
-                if answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200") {
-                    return;
-                }
-            }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("custody serve exited ({status}):\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "not ready in 30 s:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
-    }
-
-    fn client(&self) -> Client {
-        Client::new(
-            &format!("http://127.0.0.1:{}", self.port),
-            Some(TOKEN.to_owned()),
-        )
-        .unwrap()
-    }
-
-    fn log(&self) -> String {
-        fs_err::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Resident memory, KiB (`VmRSS` in /proc/PID/status).
-    fn rss_kib(&self) -> u64 {
-        let status = fs_err::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS in /proc/PID/status")
-    }
-
-    /// CPU time used so far, user and system, all threads (`utime` +
-    /// `stime` in /proc/PID/stat).
-    fn cpu_time(&self) -> Duration {
-        let stat = fs_err::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
-        // After the command name, which is in parentheses and may hold spaces.
-        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
-            .split_whitespace()
-            .collect();
-        // Fields 14 and 15 of proc_pid_stat(5); `fields` starts at field 3.
-        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-        Duration::from_secs_f64(ticks as f64 / clock_ticks_per_second() as f64)
-    }
-
-    /// Submits a build whose one step prints `waiting` and sleeps, and
-    /// waits until that line is stored; returns its id.
-    async fn sleeping_build(&self, dir: &Path) -> String {
-        let spec = "steps:\n  - name: wait\n    run: echo waiting; sleep 120\n";
-        let src = dir.join("src");
-        fs_err::create_dir_all(&src).unwrap();
-        fs_err::write(src.join("custody.yaml"), spec).unwrap();
-        git(&src, &["init", "-q"]);
-        git(&src, &["add", "."]);
-        git(&src, &["commit", "-qm", "spec"]);
-        let request = SubmitRequest {
-            spec: None,
-            spec_path: "custody.yaml".to_owned(),
-            source: Some(GitSource {
-                git: format!("file://{}", src.display()),
-                revision: "main".to_owned(),
-            }),
-        };
-        let client = self.client();
-        let build = client.submit(&request).await.unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let mut lines = Vec::new();
-            let now = client
-                .logs(&build.id, false, |l| lines.push(l.line))
-                .await
-                .unwrap();
-            assert!(
-                !now.state.is_final(),
-                "the build ended: {now:?}\n{}",
-                self.log()
-            );
-            if lines.iter().any(|l| l == "waiting") {
-                assert_eq!(now.state, BuildState::Running);
-                return build.id;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no `waiting` in 60 s\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
+/// Resident memory, KiB (`VmRSS` in /proc/PID/status).
+fn rss_kib(daemon: &Daemon) -> u64 {
+    let status = fs_err::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SIGTERM: a running build is cancelled after the 1 s grace, its
-            // runner stopped.
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+/// CPU time used so far, user and system, all threads (`utime` +
+/// `stime` in /proc/PID/stat).
+fn cpu_time(daemon: &Daemon) -> Duration {
+    let stat = fs_err::read_to_string(format!("/proc/{}/stat", daemon.pid())).unwrap();
+    // After the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .collect();
+    // Fields 14 and 15 of proc_pid_stat(5); `fields` starts at field 3.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_secs_f64(ticks as f64 / clock_ticks_per_second() as f64)
+}
+
+/// Submits a build whose one step prints `waiting` and sleeps, and
+/// waits until that line is stored; returns its id.
+async fn sleeping_build(daemon: &Daemon, dir: &Path) -> String {
+    let spec = "steps:\n  - name: wait\n    run: echo waiting; sleep 120\n";
+    let src = dir.join("src");
+    fs_err::create_dir_all(&src).unwrap();
+    fs_err::write(src.join("custody.yaml"), spec).unwrap();
+    git(&src, &["init", "-q"]);
+    git(&src, &["add", "."]);
+    git(&src, &["commit", "-qm", "spec"]);
+    let request = SubmitRequest {
+        spec: None,
+        spec_path: "custody.yaml".to_owned(),
+        source: Some(GitSource {
+            git: format!("file://{}", src.display()),
+            revision: "main".to_owned(),
+        }),
+    };
+    let client = daemon.client();
+    let build = client.submit(&request).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut lines = Vec::new();
+        let now = client
+            .logs(&build.id, false, |l| lines.push(l.line))
+            .await
+            .unwrap();
+        assert!(
+            !now.state.is_final(),
+            "the build ended: {now:?}\n{}",
+            daemon.log()
+        );
+        if lines.iter().any(|l| l == "waiting") {
+            assert_eq!(now.state, BuildState::Running);
+            return build.id;
         }
+        assert!(
+            Instant::now() < deadline,
+            "no `waiting` in 60 s\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -341,7 +246,7 @@ async fn half_sent_requests_from_many_addresses_neither_starve_others_nor_stay_i
     let config = format!(
         "max_connections = {MAX_CONNECTIONS}\nmax_connections_per_address = {PER_ADDRESS}\n"
     );
-    let daemon = Daemon::start_with_open_files(dir.path(), &config, Some(1024));
+    let daemon = start(dir.path(), &config, Some(1024));
     let port = daemon.port;
     // Idle: after a few ordinary requests, as it would be in service.
     for _ in 0..20 {
@@ -349,7 +254,7 @@ async fn half_sent_requests_from_many_addresses_neither_starve_others_nor_stay_i
         assert_eq!(status, 200);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let idle = daemon.rss_kib();
+    let idle = rss_kib(&daemon);
 
     // Paced (100 connections every 100 ms) so that the probes below see
     // the whole of it.
@@ -394,7 +299,7 @@ async fn half_sent_requests_from_many_addresses_neither_starve_others_nor_stay_i
         );
         slowest = slowest.max(took);
         probes += 1;
-        peak = peak.max(daemon.rss_kib());
+        peak = peak.max(rss_kib(&daemon));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let mut held = attack.await.unwrap();
@@ -451,7 +356,7 @@ async fn half_sent_requests_from_many_addresses_neither_starve_others_nor_stay_i
     let near_idle = idle + 4096;
     let deadline = Instant::now() + Duration::from_secs(45);
     let after = loop {
-        let now = daemon.rss_kib();
+        let now = rss_kib(&daemon);
         if now <= near_idle || Instant::now() > deadline {
             break now;
         }
@@ -483,8 +388,8 @@ async fn a_thousand_idle_log_followers_cost_the_daemon_little_cpu() {
     const FOLLOWERS: usize = 1_000;
     const WINDOW: Duration = Duration::from_secs(5);
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(dir.path(), "max_streams_per_token = 1000\n");
-    let id = daemon.sleeping_build(dir.path()).await;
+    let daemon = start(dir.path(), "max_streams_per_token = 1000\n", None);
+    let id = sleeping_build(&daemon, dir.path()).await;
 
     // From ten addresses, each well within its share of connections.
     let mut followers = Vec::with_capacity(FOLLOWERS);
@@ -497,9 +402,9 @@ async fn a_thousand_idle_log_followers_cost_the_daemon_little_cpu() {
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let before = daemon.cpu_time();
+    let before = cpu_time(&daemon);
     tokio::time::sleep(WINDOW).await;
-    let used = daemon.cpu_time() - before;
+    let used = cpu_time(&daemon) - before;
     let share = used.as_secs_f64() / WINDOW.as_secs_f64();
     eprintln!(
         "{FOLLOWERS} idle followers: the daemon used {used:?} of CPU in {WINDOW:?} ({:.1}% of a core)",
@@ -544,11 +449,12 @@ async fn a_thousand_idle_log_followers_cost_the_daemon_little_cpu() {
 async fn a_token_past_its_log_streams_is_answered_429() {
     const OTHER: &str = "abuse-other-token-77e1";
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(
+    let daemon = start(
         dir.path(),
         &format!("max_streams_per_token = 3\ntokens = [\"{OTHER}\"]\n"),
+        None,
     );
-    let id = daemon.sleeping_build(dir.path()).await;
+    let id = sleeping_build(&daemon, dir.path()).await;
     let port = daemon.port;
 
     let mut streams = Vec::new();
@@ -597,9 +503,10 @@ async fn failed_runner_handshakes_from_one_address_shut_it_out() {
     const FAILURES: usize = custody_wire::connector::MAX_FAILED_HANDSHAKES as usize;
     let dir = tempfile::tempdir().unwrap();
     let runners = free_port();
-    let daemon = Daemon::start(
+    let daemon = start(
         dir.path(),
         &format!("[runners]\nlisten = \"127.0.0.1:{runners}\"\n"),
+        None,
     );
 
     for attempt in 0..FAILURES {
@@ -640,7 +547,11 @@ async fn failed_runner_handshakes_from_one_address_shut_it_out() {
 async fn metrics_want_the_metrics_token_when_one_is_set() {
     const METRICS: &str = "abuse-metrics-9b2a";
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(dir.path(), &format!("metrics_token = \"{METRICS}\"\n"));
+    let daemon = start(
+        dir.path(),
+        &format!("metrics_token = \"{METRICS}\"\n"),
+        None,
+    );
     let port = daemon.port;
 
     let (status, answer) = request("127.0.0.1", port, "/metrics", "").await;

@@ -3,7 +3,7 @@
 //! registry, and that registry records what reached it.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -13,6 +13,7 @@ use custody_testkit::image::{Image, LayoutWriter};
 use custody_testkit::{Registry, free_port, git};
 
 mod support;
+use support::daemon::{Daemon, DaemonOptions};
 use support::{CUSTODY, custody, text};
 
 /// alice's password at the registry she has an account on.
@@ -389,92 +390,6 @@ fn push_offers_a_bare_credential_to_the_registries_on_its_command_line_only() {
     );
 }
 
-/// One `custody serve` process on SQLite (the harness of
-/// crates/cli/tests/serve.rs, cut to what this needs).
-struct Daemon {
-    child: Option<Child>,
-    port: u16,
-    log: std::path::PathBuf,
-}
-
-const TOKEN: &str = "credentials-test-token";
-
-impl Daemon {
-    fn start(data_dir: &Path, extra: &[String]) -> Self {
-        let port = free_port();
-        let log = data_dir.join("serve.log");
-        fs_err::create_dir_all(data_dir).unwrap();
-        // The test's repositories are local: the policy must allow them.
-        let config = data_dir.join("serve.toml");
-        fs_err::write(&config, "[sources]\nschemes = [\"file\"]\n").unwrap();
-        let child = Command::new(CUSTODY)
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .arg("--config")
-            .arg(&config)
-            .args(["--data-dir", &data_dir.display().to_string()])
-            .args(["--poll-millis", "100"])
-            .args(extra)
-            .env("CUSTODY_TOKEN", TOKEN)
-            .env("CUSTODY_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(fs_err::File::create(&log).unwrap().into_parts().0)
-            .spawn()
-            .expect("custody serve starts");
-        let mut daemon = Self {
-            child: Some(child),
-            port,
-            log,
-        };
-        daemon.wait_ready();
-        daemon
-    }
-
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
-                use std::io::{Read, Write};
-                let _ = stream.write_all(b"GET /readyz HTTP/1.0\r\n\r\n");
-                let mut answer = String::new();
-                let _ = stream.read_to_string(&mut answer);
-                if answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200") {
-                    return;
-                }
-            }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("custody serve exited ({status}):\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "not ready in 30 s:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn client(&self) -> custody_server::client::Client {
-        custody_server::client::Client::new(
-            &format!("http://127.0.0.1:{}", self.port),
-            Some(TOKEN.to_owned()),
-        )
-        .unwrap()
-    }
-
-    fn log(&self) -> String {
-        fs_err::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 /// A git repository holding `spec` as custody.yaml; returns its file URL.
 fn repository(dir: &Path, spec: &str) -> String {
     let src = dir.join("src");
@@ -497,17 +412,17 @@ async fn serve_offers_a_credential_only_to_the_registry_it_names() {
     let attacker = AttackerRegistry::start(&image);
     let spec = spec(&attacker.host(), registry.host());
     let git = repository(dir.path(), &spec);
-    let daemon = Daemon::start(
-        &dir.path().join("data"),
-        &args(&[
-            "--insecure-registry",
-            registry.host(),
-            "--insecure-registry",
-            &attacker.host(),
-            "--creds",
-            &format!("{}=alice:{PASSWORD}", registry.host()),
-        ]),
-    );
+    let data = dir.path().join("data");
+    let mut options = DaemonOptions::new("credentials", &data);
+    options.extra = args(&[
+        "--insecure-registry",
+        registry.host(),
+        "--insecure-registry",
+        &attacker.host(),
+        "--creds",
+        &format!("{}=alice:{PASSWORD}", registry.host()),
+    ]);
+    let daemon = Daemon::start(options);
     let client = daemon.client();
     let build = client
         .submit(&SubmitRequest {

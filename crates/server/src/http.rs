@@ -451,8 +451,8 @@ async fn submit(
             &source,
         )
         .await?;
-    // The answer is the build as submitted (queued); a worker may claim it
-    // the moment it is woken.
+    // The answer is the build as stored now: queued, unless a daemon's
+    // poll claimed it already; waking the queue claims it at once.
     let record = service
         .store
         .build(&id)

@@ -1,7 +1,9 @@
-//! What the `custody build` tests share: running the binary, reading what
-//! it printed and the provenance it wrote.
+//! What the tests of the binary share: running it, reading what it printed
+//! and the provenance it wrote; [`daemon`] runs `custody serve`.
 
 #![allow(dead_code)]
+
+pub mod daemon;
 
 use std::path::Path;
 use std::process::{Command, Output};
