@@ -541,6 +541,7 @@ impl BuildService {
                 "steps": spec.steps.iter().map(|step| json!({
                     "name": step.name,
                     "egress": step.network,
+                    "egressHosts": step.hosts.iter().map(ToString::to_string).collect::<Vec<_>>(),
                     "timeoutSeconds": step.timeout.map(|t| t.as_secs()),
                     "memoryBytes": step.memory.unwrap_or(spec::DEFAULT_MEMORY_BYTES),
                     "pids": step.pids.unwrap_or(spec::DEFAULT_PIDS),
