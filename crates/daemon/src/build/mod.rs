@@ -514,7 +514,12 @@ impl BuildService {
                     started_on: Some(started_on.rfc3339()),
                     finished_on: Some(Timestamp::now().rfc3339()),
                 }),
-                byproducts: ran.logs.byproducts(&plan.spec.spec),
+                byproducts: ran
+                    .logs
+                    .byproducts(&plan.spec.spec)
+                    .into_iter()
+                    .chain(ran.egress.byproducts())
+                    .collect(),
             },
         }
     }
