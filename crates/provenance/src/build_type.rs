@@ -216,7 +216,6 @@ impl EgressRecord {
                 .map(|hex| ("sha256".to_owned(), hex.clone()))
                 .collect(),
             annotations: Some(annotations),
-            ..ResourceDescriptor::default()
         }
     }
 

@@ -158,6 +158,11 @@ fn check_egress(provenance: &Provenance, allowed: &[HostPattern]) -> Result<(), 
     Ok(())
 }
 
+/// `https://host/path.git` and `https://host/path` name the same repository.
+fn normalise(url: &str) -> &str {
+    url.trim_end_matches('/').trim_end_matches(".git")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,9 +241,4 @@ mod tests {
                 .is_err()
         );
     }
-}
-
-/// `https://host/path.git` and `https://host/path` name the same repository.
-fn normalise(url: &str) -> &str {
-    url.trim_end_matches('/').trim_end_matches(".git")
 }
