@@ -158,6 +158,15 @@ struct VerifyArgs {
     /// alone does not say what was built).
     #[arg(long)]
     allow_inline_spec: bool,
+    /// Fail when any step reached anything through its egress proxy (the
+    /// provenance's `egress:STEP` byproducts).
+    #[arg(long, conflicts_with = "allow_egress")]
+    no_egress: bool,
+    /// Allow steps to have reached this destination: `HOST[:PORT]`,
+    /// `*.DOMAIN[:PORT]` or `IP[:PORT]`; repeatable. When given, every
+    /// destination recorded must match one.
+    #[arg(long = "allow-egress", value_name = "PATTERN", value_parser = parse_host_pattern)]
+    allow_egress: Vec<custody_provenance::policy::HostPattern>,
     /// Print the verified statement as JSON.
     #[arg(long)]
     json: bool,
@@ -502,6 +511,10 @@ fn fs_write(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(fs_err::write(path, bytes)?)
 }
 
+fn parse_host_pattern(text: &str) -> Result<custody_provenance::policy::HostPattern, String> {
+    custody_provenance::policy::HostPattern::parse(text)
+}
+
 async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     let location = parse_location(&args.image)?;
     let named = registry_host(&location).into_iter().collect();
@@ -527,6 +540,8 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
             .then(|| args.allow_step_images.clone()),
         allow_dirty: args.allow_dirty,
         allow_inline_spec: args.allow_inline_spec,
+        allowed_egress: (args.no_egress || !args.allow_egress.is_empty())
+            .then(|| args.allow_egress.clone()),
     };
     let verified = custody_provenance::verify::verify(&location, &options, &key, &policy).await?;
     if args.json {

@@ -321,6 +321,167 @@ fn network_steps_reach_only_public_or_allowed_destinations_never_the_host() {
     assert_eq!(sandbox["egressAllow"][0], internet.server_addr.to_string());
 }
 
+/// The `egress:STEP` byproducts of the build `output` made in `dir`.
+fn egress_byproducts(dir: &Path, output: &Output) -> Vec<serde_json::Value> {
+    let statement = payload(&dir.join(format!("data/provenance/{}.dsse.json", build_id(output))));
+    statement["predicate"]["runDetails"]["byproducts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["name"].as_str().is_some_and(|n| n.starts_with("egress:")))
+        .cloned()
+        .collect()
+}
+
+/// The sha256 of `path`, by `sha256sum`, not by custody's code.
+fn sha256sum(path: &Path) -> String {
+    let output = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8(output.stdout).unwrap()[..64].to_owned()
+}
+
+#[test]
+fn what_steps_fetch_is_in_the_provenance_and_verify_holds_builds_to_it() {
+    let mut internet = Internet::start(&[("file", "a file from the internet\n")]);
+    let server = internet.server_addr.to_string();
+    let certs = custody_testkit::certs::Certs::for_hosts(&[&server]);
+    internet.serve_tls(8443, &certs.server);
+    let dir = tempfile::tempdir().unwrap();
+    // The test CA goes in with the source; curl trusts nothing else.
+    fs_err::write(dir.path().join("ca.pem"), &certs.ca.cert_pem).unwrap();
+    let spec = format!(
+        "steps:\n  - name: fetch\n    network: true\n    run: |\n\
+         \x20     curl -sS -f -m 10 --cacert ca.pem https://{server}:8443/file -o tls.txt\n\
+         \x20     curl -sS -f -m 10 http://{server}:8000/file -o plain.txt\n\
+         \x20     cmp tls.txt plain.txt\n\
+         artifacts:\n  - paths: [tls.txt, plain.txt]\n    to: oci:out/files:v1\n"
+    );
+    let output = build(dir.path(), &spec, &["--egress-allow", &server]);
+    assert!(output.status.success(), "{}", text(&output));
+
+    let byproducts = egress_byproducts(dir.path(), &output);
+    assert_eq!(byproducts.len(), 2, "{byproducts:#?}");
+    let tunnel = byproducts
+        .iter()
+        .find(|b| b["uri"] == format!("tcp://{server}:8443"))
+        .unwrap_or_else(|| panic!("no tunnel recorded: {byproducts:#?}"));
+    assert_eq!(tunnel["name"], "egress:fetch");
+    assert_eq!(tunnel["annotations"]["step"], "fetch");
+    assert!(
+        tunnel
+            .get("digest")
+            .is_none_or(|d| d.as_object().unwrap().is_empty())
+    );
+    // A TLS handshake and a response went each way.
+    assert!(
+        tunnel["annotations"]["bytesSent"].as_u64().unwrap() > 100,
+        "{tunnel}"
+    );
+    assert!(
+        tunnel["annotations"]["bytesReceived"].as_u64().unwrap() > 100,
+        "{tunnel}"
+    );
+    let plain = byproducts
+        .iter()
+        .find(|b| b["uri"] == format!("http://{server}:8000/file"))
+        .unwrap_or_else(|| panic!("no HTTP request recorded: {byproducts:#?}"));
+    assert_eq!(plain["annotations"]["step"], "fetch");
+    assert_eq!(plain["digest"]["sha256"], sha256sum(&internet.path("file")));
+    let served = fs_err::metadata(internet.path("file")).unwrap().len();
+    assert!(plain["annotations"]["bytesReceived"].as_u64().unwrap() > served);
+    assert!(plain["annotations"]["bytesSent"].as_u64().unwrap() > 0);
+
+    let artifact = format!("oci:{}:v1", dir.path().join("out/files").display());
+    let key = dir.path().join("data/keys/custody.pub");
+    let verify = |extra: &[&str]| {
+        let mut args = vec!["verify", artifact.as_str(), "--key", key.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        custody(&args)
+    };
+    let plain_verify = verify(&[]);
+    assert!(plain_verify.status.success(), "{}", text(&plain_verify));
+    let hermetic = verify(&["--no-egress"]);
+    assert_eq!(hermetic.status.code(), Some(1), "{}", text(&hermetic));
+    for destination in [
+        format!("tcp://{server}:8443 (step fetch)"),
+        format!("http://{server}:8000/file (step fetch)"),
+    ] {
+        assert!(
+            text(&hermetic).contains(&destination),
+            "{}",
+            text(&hermetic)
+        );
+    }
+    let allowed = verify(&["--allow-egress", &server]);
+    assert!(allowed.status.success(), "{}", text(&allowed));
+    let elsewhere = verify(&[
+        "--allow-egress",
+        "pypi.org",
+        "--allow-egress",
+        "*.pythonhosted.org",
+    ]);
+    assert_eq!(elsewhere.status.code(), Some(1), "{}", text(&elsewhere));
+    assert!(
+        text(&elsewhere).contains(&format!(
+            "step `fetch` reached `tcp://{server}:8443`, which no `--allow-egress` pattern allows"
+        )),
+        "{}",
+        text(&elsewhere)
+    );
+    // A port narrows it: the plain HTTP request is outside `HOST:8443`.
+    let one_port = verify(&["--allow-egress", &format!("{server}:8443")]);
+    assert_eq!(one_port.status.code(), Some(1), "{}", text(&one_port));
+    assert!(
+        text(&one_port).contains(&format!("`http://{server}:8000/file`")),
+        "{}",
+        text(&one_port)
+    );
+}
+
+#[test]
+fn a_step_with_a_host_list_reaches_only_what_it_lists() {
+    let mut internet = Internet::start(&[("file", "from the internet\n")]);
+    let server = internet.server_addr.to_string();
+    let certs = custody_testkit::certs::Certs::for_hosts(&[&server]);
+    internet.serve_tls(8443, &certs.server);
+    let dir = tempfile::tempdir().unwrap();
+    fs_err::write(dir.path().join("ca.pem"), &certs.ca.cert_pem).unwrap();
+    // The operator allows the whole server; the step lists one port of it.
+    let spec = format!(
+        "steps:\n  - name: listed\n    network: [\"{server}:8000\", \"*.example.org\"]\n    run: |\n\
+         \x20     echo \"listed $(curl -s -m 5 http://{server}:8000/file)\"\n\
+         \x20     echo \"unlisted $(curl -s -m 5 --cacert ca.pem https://{server}:8443/file)\"\n\
+         \x20     echo \"unlisted-http $(curl -s -m 5 http://{server}:8443/file)\"\n"
+    );
+    let output = build(dir.path(), &spec, &["--egress-allow", &server]);
+    assert!(output.status.success(), "{}", text(&output));
+    let out = stdout(&output);
+    assert!(
+        out.contains("[listed] listed from the internet"),
+        "{}",
+        text(&output)
+    );
+    assert!(
+        !out.contains("unlisted from the internet"),
+        "{}",
+        text(&output)
+    );
+    assert!(
+        !out.contains("unlisted-http from the internet"),
+        "{}",
+        text(&output)
+    );
+    let refusal = format!(
+        "egress to `{server}:8443` refused: it is not in the step's `network` list (`{server}:8000`, `*.example.org`)"
+    );
+    assert!(text(&output).contains(&refusal), "{}", text(&output));
+    // Only what was reached is recorded.
+    let uris: Vec<String> = egress_byproducts(dir.path(), &output)
+        .iter()
+        .map(|b| b["uri"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(uris, [format!("http://{server}:8000/file")]);
+}
+
 /// Free bytes on the filesystem of `path`.
 fn free_bytes(path: &Path) -> u64 {
     let stat = nix::sys::statvfs::statvfs(path).unwrap();

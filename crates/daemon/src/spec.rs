@@ -12,7 +12,8 @@
 //!     image: registry.example.org/tools/builder@sha256:…   # omitted: the host's root, read-only
 //!     run: make image OUT=/output/app                        # or args: [make, image]
 //!     env: { KEY: value }
-//!     network: false                                         # default: only `lo`
+//!     network: false                                         # default: only `lo`; true: the egress proxy
+//!                                                            # or a host list: ["pypi.org", "*.pythonhosted.org"]
 //!     timeout: 10m                                           # seconds, or 90s / 10m / 2h
 //!     memory: 2GiB                                           # cgroup limits (defaults 4GiB, 4096)
 //!     pids: 512
@@ -89,7 +90,10 @@ pub struct Step {
     pub image: Option<Reference>,
     pub command: Command,
     pub env: BTreeMap<String, String>,
+    /// Whether the step gets the egress proxy (`network: true`, or a list).
     pub network: bool,
+    /// With `network` as a list: the only hosts the proxy connects to.
+    pub hosts: Vec<custody_net::HostPattern>,
     pub timeout: Option<Duration>,
     /// Memory limit in bytes; `None` leaves the runner's default.
     pub memory: Option<u64>,
@@ -370,12 +374,43 @@ fn parse_step(
         }
         other => other.map(|p| p.value),
     };
+    if let Some(Spanned {
+        value: RawNetwork::Other(what),
+        ..
+    }) = &step.network
+    {
+        let spanned = step.network.as_ref().expect("just matched");
+        return Err(at.located(
+            spanned,
+            format!("`network` is {what}: give a boolean or a list of host patterns"),
+        ));
+    }
+    let (network, hosts) = match step.network.map(|n| n.value) {
+        None | Some(RawNetwork::Flag(false) | RawNetwork::Other(_)) => (false, Vec::new()),
+        Some(RawNetwork::Flag(true)) => (true, Vec::new()),
+        Some(RawNetwork::Hosts(hosts)) if hosts.is_empty() => {
+            return problem(format!(
+                "step `{}` has an empty `network` list: write `network: false` for no network",
+                name.value
+            ));
+        }
+        Some(RawNetwork::Hosts(hosts)) => {
+            let hosts = hosts
+                .iter()
+                .map(|host| {
+                    custody_net::HostPattern::parse(&host.value).map_err(|e| at.located(host, e))
+                })
+                .collect::<Result<_, _>>()?;
+            (true, hosts)
+        }
+    };
     Ok(Step {
         name: name.value.clone(),
         image,
         command,
         env: step.env,
-        network: step.network.unwrap_or(false),
+        network,
+        hosts,
         timeout,
         memory,
         pids,
@@ -657,13 +692,82 @@ struct RawStep {
     #[serde(default)]
     env: BTreeMap<String, String>,
     #[serde(default)]
-    network: Option<bool>,
+    network: Option<Spanned<RawNetwork>>,
     #[serde(default)]
     timeout: Option<Spanned<String>>,
     #[serde(default)]
     memory: Option<Spanned<String>>,
     #[serde(default)]
     pids: Option<Spanned<u32>>,
+}
+
+/// `network: true | false | [HOST-PATTERN, …]`; anything else is told
+/// where it stands (the error of a visitor is located at the key).
+enum RawNetwork {
+    Flag(bool),
+    Hosts(Vec<Spanned<String>>),
+    /// What was there instead, for the error.
+    Other(String),
+}
+
+impl<'de> Deserialize<'de> for RawNetwork {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawNetwork;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a boolean or a list of host patterns")
+            }
+
+            fn visit_bool<E: serde::de::Error>(self, value: bool) -> Result<RawNetwork, E> {
+                Ok(RawNetwork::Flag(value))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<RawNetwork, E> {
+                Ok(RawNetwork::Other(format!("the string `{value}`")))
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<RawNetwork, E> {
+                Ok(RawNetwork::Other(format!("the number `{value}`")))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<RawNetwork, E> {
+                Ok(RawNetwork::Other(format!("the number `{value}`")))
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, value: f64) -> Result<RawNetwork, E> {
+                Ok(RawNetwork::Other(format!("the number `{value}`")))
+            }
+
+            fn visit_unit<E: serde::de::Error>(self) -> Result<RawNetwork, E> {
+                Ok(RawNetwork::Other("empty".into()))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RawNetwork, A::Error> {
+                while map
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(RawNetwork::Other("a mapping".into()))
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RawNetwork, A::Error> {
+                let mut hosts = Vec::new();
+                while let Some(host) = seq.next_element::<Spanned<String>>()? {
+                    hosts.push(host);
+                }
+                Ok(RawNetwork::Hosts(hosts))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Deserialize)]

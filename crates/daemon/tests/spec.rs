@@ -243,3 +243,39 @@ fn pushes_parse_and_their_mistakes_are_located() {
         "{err}"
     );
 }
+
+#[test]
+fn network_may_be_a_host_list_and_its_mistakes_are_located() {
+    let text = "steps:\n  - name: deps\n    run: x\n    network: [\"pypi.org\", \"*.pythonhosted.org\", \"mirror.example:8080\"]\n";
+    let spec = parse(text, file()).unwrap();
+    assert!(spec.steps[0].network);
+    let hosts: Vec<String> = spec.steps[0].hosts.iter().map(|h| h.to_string()).collect();
+    assert_eq!(
+        hosts,
+        ["pypi.org", "*.pythonhosted.org", "mirror.example:8080"]
+    );
+    for (network, expected) in [("true", true), ("false", false)] {
+        let text = format!("steps:\n  - name: a\n    run: x\n    network: {network}\n");
+        let spec = parse(&text, file()).unwrap();
+        assert_eq!(spec.steps[0].network, expected);
+        assert!(spec.steps[0].hosts.is_empty());
+    }
+
+    let err = error_of(
+        "steps:\n  - name: a\n    run: x\n    network:\n      - pypi.org\n      - \"bad host\"\n",
+    );
+    assert!(
+        err.starts_with("app/custody.yaml:6:9: ") && err.contains("`bad host`"),
+        "{err}"
+    );
+    let err = error_of("steps:\n  - name: a\n    run: x\n    network: []\n");
+    assert!(
+        err.starts_with("app/custody.yaml:2:") && err.contains("empty `network` list"),
+        "{err}"
+    );
+    let err = error_of("steps:\n  - name: a\n    run: x\n    network: { pypi.org: 1 }\n");
+    assert!(
+        err.starts_with("app/custody.yaml:4:") && err.contains("list of host patterns"),
+        "{err}"
+    );
+}

@@ -182,6 +182,86 @@ fn parse_allowed(entry: &str) -> Result<Allowed, String> {
     })
 }
 
+/// A destination named by host, as a spec's `network:` list and
+/// `custody verify --allow-egress` write it: `HOST[:PORT]`,
+/// `*.DOMAIN[:PORT]` (any name below DOMAIN), `IP[:PORT]` or `[V6][:PORT]`.
+/// Matched against the name a client asked for, never against an address
+/// it resolved to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostPattern {
+    /// Lower case, without a trailing dot or brackets; `*.DOMAIN` kept as is.
+    name: String,
+    port: Option<u16>,
+}
+
+impl HostPattern {
+    /// Parses `HOST[:PORT]`, `*.DOMAIN[:PORT]`, `IP[:PORT]` or `[V6][:PORT]`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let bad = |why: &str| {
+            format!("host pattern `{text}`: {why}; write HOST[:PORT], *.DOMAIN[:PORT] or IP[:PORT]")
+        };
+        let trimmed = text.trim();
+        if trimmed.is_empty() {
+            return Err(bad("it is empty"));
+        }
+        let (name, port) = if let Some(rest) = trimmed.strip_prefix('[') {
+            let (inside, after) = rest.split_once(']').ok_or_else(|| bad("no closing `]`"))?;
+            if inside.parse::<std::net::Ipv6Addr>().is_err() {
+                return Err(bad("not an IPv6 address"));
+            }
+            match after.strip_prefix(':') {
+                Some(port) => (inside, Some(port)),
+                None if after.is_empty() => (inside, None),
+                None => return Err(bad("unexpected text after `]`")),
+            }
+        } else if trimmed.parse::<std::net::Ipv6Addr>().is_ok() {
+            (trimmed, None)
+        } else {
+            match trimmed.rsplit_once(':') {
+                Some((name, port)) => (name, Some(port)),
+                None => (trimmed, None),
+            }
+        };
+        let port = port
+            .map(|p| {
+                p.parse::<u16>()
+                    .map_err(|_| bad("the port is not a number"))
+            })
+            .transpose()?;
+        let bare = name.strip_prefix("*.").unwrap_or(name);
+        let valid = name.parse::<IpAddr>().is_ok()
+            || (!bare.is_empty()
+                && !bare.starts_with('.')
+                && bare
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_')));
+        if !valid {
+            return Err(bad("not a host name"));
+        }
+        Ok(Self {
+            name: name.trim_end_matches('.').to_ascii_lowercase(),
+            port,
+        })
+    }
+
+    /// Whether this names `host` (a name or an IP literal, brackets
+    /// allowed) at `port`.
+    pub fn matches(&self, host: &str, port: u16) -> bool {
+        let host = host.trim_matches(['[', ']']).trim_end_matches('.');
+        host_matches(&self.name, host) && self.port.is_none_or(|p| p == port)
+    }
+}
+
+impl std::fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.port, self.name.contains(':')) {
+            (Some(port), true) => write!(f, "[{}]:{port}", self.name),
+            (Some(port), false) => write!(f, "{}:{port}", self.name),
+            (None, _) => f.write_str(&self.name),
+        }
+    }
+}
+
 /// `pattern` (a name, or `*.DOMAIN` for the names below DOMAIN) names `host`.
 fn host_matches(pattern: &str, host: &str) -> bool {
     match pattern.strip_prefix("*.") {
@@ -319,6 +399,28 @@ mod tests {
         assert_eq!(policy.refusal("x", addr("[fd00::5]:443"), &[]), None);
         for bad in ["", "10.0.0.0/33", "a b", "host:port", "[::1", "*.", "*"] {
             assert!(Policy::new(&[bad.into()], Vec::new()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn host_patterns_name_hosts_and_ports_never_what_they_resolve_to() {
+        let pattern = |text: &str| HostPattern::parse(text).unwrap();
+        assert!(pattern("pypi.org").matches("PyPI.org.", 443));
+        assert!(!pattern("pypi.org").matches("evil-pypi.org", 443));
+        assert!(pattern("*.pythonhosted.org").matches("files.pythonhosted.org", 443));
+        assert!(!pattern("*.pythonhosted.org").matches("pythonhosted.org", 443));
+        assert!(!pattern("*.pythonhosted.org").matches("pythonhosted.org.evil", 443));
+        assert!(pattern("example.org:8443").matches("example.org", 8443));
+        assert!(!pattern("example.org:8443").matches("example.org", 443));
+        assert!(pattern("10.1.2.3").matches("10.1.2.3", 80));
+        assert!(pattern("[fd00::1]:443").matches("[fd00::1]", 443));
+        assert!(pattern("fd00::1").matches("fd00::1", 1));
+        assert_eq!(
+            pattern("*.Example.org:8080").to_string(),
+            "*.example.org:8080"
+        );
+        for bad in ["", "a b", "host:port", "*.", "*", "[::1", "x/y", "h:99999"] {
+            assert!(HostPattern::parse(bad).is_err(), "{bad}");
         }
     }
 

@@ -13,7 +13,11 @@
 //!   `digest: { "sha256": HEX }`;
 //! - subjects, each with `annotations.kind`: `image`, `artifact` or `file`;
 //! - `byproducts`: each step's log as `name: "log:STEP"`, with
-//!   `annotations.cutLines`/`cutBytes` when the log passed its bound.
+//!   `annotations.cutLines`/`cutBytes` when the log passed its bound; and
+//!   each destination a step reached through its egress proxy as
+//!   `name: "egress:STEP"`, `uri` `tcp://HOST:PORT` (a tunnel) or the
+//!   `http://` URL (with `digest.sha256` of the response body), and
+//!   `annotations` `step`, `bytesSent`, `bytesReceived`.
 
 use std::collections::BTreeMap;
 
@@ -155,6 +159,93 @@ pub fn step_log(step: &str, hex: String, cut: Option<(u64, u64)>) -> ResourceDes
         }),
         ..ResourceDescriptor::default()
     }
+}
+
+/// The `name` prefix of egress byproducts.
+pub const EGRESS_PREFIX: &str = "egress:";
+
+/// A destination a step reached through its egress proxy, as the
+/// provenance records it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EgressRecord {
+    pub step: String,
+    /// `tcp://HOST:PORT` or an `http://` URL.
+    pub uri: String,
+    /// For plain HTTP, the sha256 (hex) of the response body.
+    pub sha256: Option<String>,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+impl EgressRecord {
+    /// The host and port it names, `None` for a URI that is neither form.
+    pub fn host_port(&self) -> Option<(String, u16)> {
+        let (authority, default) = if let Some(rest) = self.uri.strip_prefix("tcp://") {
+            (rest, None)
+        } else {
+            let rest = self.uri.strip_prefix("http://")?;
+            (rest.split(['/', '?', '#']).next()?, Some(80))
+        };
+        let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+        if let Some(rest) = authority.strip_prefix('[') {
+            let (host, after) = rest.split_once(']')?;
+            let port = match after.strip_prefix(':') {
+                Some(port) => port.parse().ok()?,
+                None => default?,
+            };
+            return Some((host.to_owned(), port));
+        }
+        match authority.rsplit_once(':') {
+            Some((host, port)) => Some((host.to_owned(), port.parse().ok()?)),
+            None => Some((authority.to_owned(), default?)),
+        }
+    }
+
+    /// The byproduct that records it.
+    pub fn descriptor(&self) -> ResourceDescriptor {
+        let mut annotations = serde_json::Map::new();
+        annotations.insert("step".into(), self.step.clone().into());
+        annotations.insert("bytesSent".into(), self.bytes_sent.into());
+        annotations.insert("bytesReceived".into(), self.bytes_received.into());
+        ResourceDescriptor {
+            name: Some(format!("{EGRESS_PREFIX}{}", self.step)),
+            uri: Some(self.uri.clone()),
+            digest: self
+                .sha256
+                .iter()
+                .map(|hex| ("sha256".to_owned(), hex.clone()))
+                .collect(),
+            annotations: Some(annotations),
+        }
+    }
+
+    /// Reads one back; `None` for a byproduct that is not an egress record.
+    pub fn from_descriptor(descriptor: &ResourceDescriptor) -> Option<Self> {
+        let step = descriptor.name.as_deref()?.strip_prefix(EGRESS_PREFIX)?;
+        let annotations = descriptor.annotations.as_ref();
+        let number = |key: &str| {
+            annotations
+                .and_then(|a| a.get(key))
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0)
+        };
+        Some(Self {
+            step: step.to_owned(),
+            uri: descriptor.uri.clone().unwrap_or_default(),
+            sha256: descriptor.digest.get("sha256").cloned(),
+            bytes_sent: number("bytesSent"),
+            bytes_received: number("bytesReceived"),
+        })
+    }
+}
+
+/// Every destination the build's steps reached, in the order recorded.
+pub fn egress(provenance: &Provenance) -> impl Iterator<Item = EgressRecord> + '_ {
+    provenance
+        .run_details
+        .byproducts
+        .iter()
+        .filter_map(EgressRecord::from_descriptor)
 }
 
 /// A subject's name for `destination`: `REGISTRY/REPO`, or `oci:PATH` for

@@ -1,9 +1,11 @@
 //! The policy `custody verify` checks a provenance against: who built it,
-//! from which source at which commit, with which step images.
+//! from which source at which commit, with which step images, reaching
+//! which destinations.
 
 use custody_attest::statement::Provenance;
+pub use custody_net::HostPattern;
 
-use crate::build_type::{is_dirty, is_inline_spec, source, step_images};
+use crate::build_type::{egress, is_dirty, is_inline_spec, source, step_images};
 
 /// What a verifier insists on, beyond a valid signature on a statement
 /// about the artifact.
@@ -24,6 +26,9 @@ pub struct Policy {
     /// Accept a spec that did not come from the source (submitted with
     /// the build, or a local file) when a source is required.
     pub allow_inline_spec: bool,
+    /// When given, every destination a step reached through its egress
+    /// proxy must match one of these; an empty list allows none.
+    pub allowed_egress: Option<Vec<HostPattern>>,
 }
 
 /// How a statement fails the policy.
@@ -46,6 +51,16 @@ pub enum Violation {
     InlineSpec,
     #[error("step image `{image}` ({digest}) is not in the allowed list")]
     StepImage { image: String, digest: String },
+    #[error(
+        "the build's steps reached the outside, and `--no-egress` allows nothing: {}",
+        destinations.iter().map(|d| format!("`{d}`")).collect::<Vec<_>>().join(", ")
+    )]
+    Egress {
+        /// Each destination, with the step that reached it.
+        destinations: Vec<String>,
+    },
+    #[error("step `{step}` reached `{uri}`, which no `--allow-egress` pattern allows")]
+    EgressNotAllowed { step: String, uri: String },
     #[error("the provenance has no {0}")]
     Missing(&'static str),
 }
@@ -110,11 +125,120 @@ impl Policy {
                 }
             }
         }
+        if let Some(allowed) = &self.allowed_egress {
+            check_egress(provenance, allowed)?;
+        }
         Ok(())
     }
+}
+
+/// Every recorded destination must match `allowed`; none may exist when
+/// it is empty.
+fn check_egress(provenance: &Provenance, allowed: &[HostPattern]) -> Result<(), Violation> {
+    if allowed.is_empty() {
+        let destinations: Vec<String> = egress(provenance)
+            .map(|record| format!("{} (step {})", record.uri, record.step))
+            .collect();
+        if destinations.is_empty() {
+            return Ok(());
+        }
+        return Err(Violation::Egress { destinations });
+    }
+    for record in egress(provenance) {
+        let matched = record
+            .host_port()
+            .is_some_and(|(host, port)| allowed.iter().any(|p| p.matches(&host, port)));
+        if !matched {
+            return Err(Violation::EgressNotAllowed {
+                step: record.step,
+                uri: record.uri,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// `https://host/path.git` and `https://host/path` name the same repository.
 fn normalise(url: &str) -> &str {
     url.trim_end_matches('/').trim_end_matches(".git")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build_type::EgressRecord;
+
+    fn reaching(records: &[(&str, &str)]) -> Provenance {
+        let mut provenance: Provenance = serde_json::from_value(serde_json::json!({
+            "buildDefinition": {
+                "buildType": crate::build_type::BUILD_TYPE,
+                "externalParameters": {},
+            },
+            "runDetails": { "builder": { "id": "b" } },
+        }))
+        .unwrap();
+        provenance.run_details.byproducts = records
+            .iter()
+            .map(|(step, uri)| {
+                EgressRecord {
+                    step: (*step).into(),
+                    uri: (*uri).into(),
+                    sha256: None,
+                    bytes_sent: 1,
+                    bytes_received: 2,
+                }
+                .descriptor()
+            })
+            .collect();
+        provenance
+    }
+
+    fn allowing(patterns: &[&str]) -> Policy {
+        Policy {
+            allowed_egress: Some(
+                patterns
+                    .iter()
+                    .map(|p| HostPattern::parse(p).unwrap())
+                    .collect(),
+            ),
+            ..Policy::default()
+        }
+    }
+
+    #[test]
+    fn egress_is_allowed_only_to_matching_hosts_and_ports() {
+        let provenance = reaching(&[
+            ("deps", "tcp://files.pythonhosted.org:443"),
+            ("deps", "http://pypi.org/simple/?x=1"),
+        ]);
+        assert_eq!(Policy::default().check(&provenance), Ok(()));
+        assert_eq!(
+            allowing(&["*.pythonhosted.org:443", "pypi.org:80"]).check(&provenance),
+            Ok(())
+        );
+        assert_eq!(
+            allowing(&["*.pythonhosted.org"]).check(&provenance),
+            Err(Violation::EgressNotAllowed {
+                step: "deps".into(),
+                uri: "http://pypi.org/simple/?x=1".into()
+            })
+        );
+        assert!(matches!(
+            allowing(&["pythonhosted.org", "pypi.org"]).check(&provenance),
+            Err(Violation::EgressNotAllowed { uri, .. }) if uri == "tcp://files.pythonhosted.org:443"
+        ));
+        let err = allowing(&[]).check(&provenance).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("`tcp://files.pythonhosted.org:443 (step deps)`"),
+            "{err}"
+        );
+        assert_eq!(allowing(&[]).check(&reaching(&[])), Ok(()));
+        // A URI that names no host and port matches nothing.
+        assert!(
+            allowing(&["x"])
+                .check(&reaching(&[("s", "ftp://x/")]))
+                .is_err()
+        );
+    }
 }

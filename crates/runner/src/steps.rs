@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use custody_wire::events::{Isolation, JobEnd, LogLine, RunnerEvent, StepEnd as Ended, Stream};
+use custody_wire::events::{
+    Egress, Isolation, JobEnd, LogLine, RunnerEvent, StepEnd as Ended, Stream,
+};
 use custody_wire::rpc::proto;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -13,7 +15,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::EventSink;
 use crate::cgroup::{Limits, StepCgroup};
-use crate::egress::{self, Policy};
+use crate::egress::{self, HostPattern, Policy};
 use crate::jobdir::JobDir;
 use crate::logs::Log;
 use crate::netns::StepNetwork;
@@ -159,13 +161,14 @@ async fn run_one(
         StepNetwork::made_by_sandbox()
     };
     let (proxy, mut extra_env) = if step.network {
-        let proxy = egress_proxy(index, &network, boundary, events).map_err(|e| {
+        let proxy = egress_proxy(index, step, &network, boundary, events).map_err(|e| {
             JobEnd::Failed(format!(
                 "step `{}`: cannot serve its egress proxy: {e}",
                 step.name
             ))
         })?;
-        (Some(proxy.task), proxy.env)
+        let env = proxy.env.clone();
+        (Some(proxy), env)
     } else {
         (None, Vec::new())
     };
@@ -173,7 +176,7 @@ async fn run_one(
         Some(gateway) => {
             let serving = gateway.serve_in(&network).map_err(|e| {
                 if let Some(proxy) = &proxy {
-                    proxy.abort();
+                    proxy.task.abort();
                 }
                 JobEnd::Failed(format!(
                     "step `{}`: cannot serve the registry gateway (`pushes`): {e}",
@@ -199,7 +202,8 @@ async fn run_one(
     )
     .await;
     if let Some(proxy) = proxy {
-        proxy.abort();
+        // Every destination the step reached is told before its end.
+        proxy.stop().await;
     }
     if let (Some(serving), Some(gateway)) = (registry, &boundary.gateway) {
         serving.stop().await;
@@ -276,40 +280,89 @@ fn ended(
 /// The egress proxy of one step.
 struct Proxy {
     task: tokio::task::JoinHandle<()>,
+    /// Sends what the proxy records and notes as events; ends once the
+    /// proxy and all its connections are gone.
+    told: tokio::task::JoinHandle<()>,
     /// What points the step's clients at it.
     env: Vec<(String, String)>,
+}
+
+impl Proxy {
+    /// Stops serving, closes what is still open, and returns once every
+    /// destination reached has been sent as an event.
+    async fn stop(self) {
+        self.task.abort();
+        let _ = self.task.await;
+        let _ = self.told.await;
+    }
+}
+
+/// What the proxy tells while it serves.
+enum Told {
+    Note(String),
+    Contact(egress::Contact),
 }
 
 /// Serves the egress proxy on the step's loopback.
 fn egress_proxy(
     index: u32,
+    step: &proto::Step,
     network: &StepNetwork,
     boundary: &Boundary,
     events: &EventSink,
 ) -> std::io::Result<Proxy> {
+    // The daemon parsed the list; a runner still refuses what it cannot read.
+    let hosts = step
+        .hosts
+        .iter()
+        .map(|h| HostPattern::parse(h).map_err(std::io::Error::other))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let rules = egress::Rules {
+        policy: boundary.policy.clone(),
+        hosts,
+    };
     let listener = tokio::net::TcpListener::from_std(network.listen()?)?;
     let port = listener.local_addr()?.port();
     // Refusals are told in the step's log, a bounded number of them.
-    let (notes, mut incoming) = mpsc::unbounded_channel::<String>();
+    let (notes, mut incoming) = mpsc::unbounded_channel::<Told>();
+    let contacts = notes.clone();
     let told = Arc::new(AtomicU32::new(0));
-    let proxy = egress::serve(listener, boundary.policy.clone(), move |refusal| {
-        let n = told.fetch_add(1, Ordering::Relaxed);
-        if n < MAX_EGRESS_NOTES {
-            let _ = notes.send(format!("[custody] {refusal}"));
-        } else if n == MAX_EGRESS_NOTES {
-            let _ = notes.send("[custody] more egress was refused; not told further".into());
-        }
-    });
+    let proxy = egress::serve(
+        listener,
+        rules,
+        move |refusal| {
+            let n = told.fetch_add(1, Ordering::Relaxed);
+            if n < MAX_EGRESS_NOTES {
+                let _ = notes.send(Told::Note(format!("[custody] {refusal}")));
+            } else if n == MAX_EGRESS_NOTES {
+                let _ = notes.send(Told::Note(
+                    "[custody] more egress was refused; not told further".into(),
+                ));
+            }
+        },
+        move |contact| {
+            let _ = contacts.send(Told::Contact(contact));
+        },
+    );
     let events = events.clone();
-    tokio::spawn(async move {
-        while let Some(note) = incoming.recv().await {
-            let line = LogLine {
-                step: index,
-                stream: Stream::Stderr,
-                line: note.into_bytes(),
-                unix_millis: now_millis(),
+    let told = tokio::spawn(async move {
+        while let Some(told) = incoming.recv().await {
+            let event = match told {
+                Told::Note(note) => RunnerEvent::Log(LogLine {
+                    step: index,
+                    stream: Stream::Stderr,
+                    line: note.into_bytes(),
+                    unix_millis: now_millis(),
+                }),
+                Told::Contact(contact) => RunnerEvent::Egress(Egress {
+                    step: index,
+                    uri: contact.uri,
+                    sha256: contact.sha256,
+                    bytes_sent: contact.bytes_sent,
+                    bytes_received: contact.bytes_received,
+                }),
             };
-            if !events.send(RunnerEvent::Log(line)).await {
+            if !events.send(event).await {
                 break;
             }
         }
@@ -331,7 +384,11 @@ fn egress_proxy(
     ]
     .map(|(k, v)| (k.to_owned(), v))
     .to_vec();
-    Ok(Proxy { task: proxy, env })
+    Ok(Proxy {
+        task: proxy,
+        told,
+        env,
+    })
 }
 
 /// Pulls and unpacks a step image; returns the digest it resolved to.

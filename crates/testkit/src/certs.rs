@@ -26,6 +26,12 @@ pub struct Certs {
 
 impl Certs {
     pub fn generate() -> Self {
+        Self::for_hosts(&["127.0.0.1", "localhost"])
+    }
+
+    /// As [`Certs::generate`], the server certificate naming `hosts`
+    /// (names or IP addresses).
+    pub fn for_hosts(hosts: &[&str]) -> Self {
         let ca_key = KeyPair::generate().expect("a CA key");
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params
@@ -54,9 +60,9 @@ impl Certs {
             }
         };
         let server = leaf(
-            vec!["127.0.0.1".into(), "localhost".into()],
+            hosts.iter().map(|h| (*h).to_owned()).collect(),
             ExtendedKeyUsagePurpose::ServerAuth,
-            "127.0.0.1",
+            hosts.first().copied().unwrap_or("server"),
         );
         let client = leaf(
             vec!["client.test".into()],

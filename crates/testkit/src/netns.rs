@@ -20,20 +20,34 @@ pub struct Internet {
     servers: Vec<Child>,
     /// What the servers serve.
     pub dir: tempfile::TempDir,
+    /// What they do not (TLS keys).
+    private: tempfile::TempDir,
+    /// The namespace and its addresses are per process: one at a time.
+    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
 }
+
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Internet {
     /// Makes the namespace (a /24 picked from the process id) and starts
     /// its server; `files` are (name, contents) it serves.
     pub fn start(files: &[(&str, &str)]) -> Self {
+        // A test that failed while holding it leaves nothing behind (Drop).
+        let one_at_a_time = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let id = std::process::id();
         let name = format!("custody-inet-{id}");
         let (b, c) = (100 + (id >> 8) % 100, id % 250);
         let host_addr = Ipv4Addr::new(10, b as u8, c as u8, 1);
         let server_addr = Ipv4Addr::new(10, b as u8, c as u8, 2);
         let (outer, inner) = (format!("ci{}", id % 100_000), format!("cn{}", id % 100_000));
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
-        let _ = Command::new("ip").args(["link", "del", &outer]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &outer])
+            .stderr(Stdio::null())
+            .status();
         for args in [
             vec!["netns", "add", &name],
             vec![
@@ -67,6 +81,8 @@ impl Internet {
             port: 8000,
             servers: Vec::new(),
             dir,
+            private: tempfile::tempdir().unwrap(),
+            _one_at_a_time: one_at_a_time,
         };
         let server = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", internet.name))
@@ -81,6 +97,36 @@ impl Internet {
         internet.servers.push(server);
         internet.wait_for(&format!("{server_addr}:8000"), true);
         internet
+    }
+
+    /// Serves the same files over HTTPS inside the namespace, at
+    /// `server_addr:port`, with `server` (a certificate and its key).
+    pub fn serve_tls(&mut self, port: u16, server: &crate::certs::Pair) {
+        let (cert, key) = (
+            self.private.path().join("cert.pem"),
+            self.private.path().join("key.pem"),
+        );
+        fs_err::write(&cert, &server.cert_pem).unwrap();
+        fs_err::write(&key, &server.key_pem).unwrap();
+        let script = "import functools, http.server, ssl, sys\n\
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n\
+            context.load_cert_chain(sys.argv[1], sys.argv[2])\n\
+            handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[3])\n\
+            server = http.server.ThreadingHTTPServer((sys.argv[4], int(sys.argv[5])), handler)\n\
+            server.socket = context.wrap_socket(server.socket, server_side=True)\n\
+            server.serve_forever()\n";
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.name))
+            .args(["python3", "-c", script])
+            .args([&cert, &key, &self.dir.path().to_owned()])
+            .arg(self.server_addr.to_string())
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.servers.push(child);
+        self.wait_for(&format!("{}:{port}", self.server_addr), true);
     }
 
     /// Serves `dir`'s files on the build host at `addr:port` too (loopback,
@@ -121,7 +167,8 @@ impl Internet {
                     .args(["python3", "-c"])
                     .arg(format!(
                         "import socket; socket.create_connection(('{}', {}), 1)",
-                        self.server_addr, self.port
+                        self.server_addr,
+                        addr.rsplit_once(':').map_or("0", |(_, port)| port)
                     ))
                     .stderr(Stdio::null())
                     .status()
@@ -161,7 +208,10 @@ impl Drop for Internet {
             .args(["netns", "del", &self.name])
             .status();
         let outer = format!("ci{}", std::process::id() % 100_000);
-        let _ = Command::new("ip").args(["link", "del", &outer]).status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &outer])
+            .stderr(Stdio::null())
+            .status();
     }
 }
 

@@ -33,6 +33,8 @@ pub enum RunnerEvent {
         lines: u64,
         bytes: u64,
     },
+    /// A destination a step reached through its egress proxy.
+    Egress(Egress),
     /// An output the runner pushed (by digest).
     Pushed(Pushed),
     /// The last event.
@@ -71,6 +73,19 @@ pub enum StepEnd {
     /// Its exit code; -1 when a signal killed it.
     Exited(i32),
     TimedOut,
+}
+
+/// A destination a step reached through its egress proxy: one CONNECT
+/// tunnel or one plain HTTP request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Egress {
+    pub step: u32,
+    /// `tcp://HOST:PORT` for a tunnel; the `http://` URL for plain HTTP.
+    pub uri: String,
+    /// For plain HTTP, the sha256 (hex) of the response body received.
+    pub sha256: Option<String>,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
 }
 
 /// What was pushed.
@@ -171,6 +186,13 @@ impl From<RunnerEvent> for proto::Event {
             RunnerEvent::LogCut { step, lines, bytes } => {
                 Kind::LogCut(proto::LogCut { step, lines, bytes })
             }
+            RunnerEvent::Egress(e) => Kind::Egress(proto::Egress {
+                step: e.step,
+                uri: e.uri,
+                sha256: e.sha256.unwrap_or_default(),
+                bytes_sent: e.bytes_sent,
+                bytes_received: e.bytes_received,
+            }),
             RunnerEvent::Pushed(p) => Kind::Output(proto::Output {
                 reference: p.reference,
                 digest: p.digest,
@@ -250,6 +272,13 @@ impl TryFrom<proto::Event> for RunnerEvent {
                 lines: c.lines,
                 bytes: c.bytes,
             },
+            Kind::Egress(e) => RunnerEvent::Egress(Egress {
+                step: e.step,
+                uri: e.uri,
+                sha256: (!e.sha256.is_empty()).then_some(e.sha256),
+                bytes_sent: e.bytes_sent,
+                bytes_received: e.bytes_received,
+            }),
             Kind::Output(o) => RunnerEvent::Pushed(Pushed {
                 reference: o.reference,
                 digest: o.digest,
@@ -312,6 +341,20 @@ mod tests {
                 lines: 2,
                 bytes: 9,
             },
+            RunnerEvent::Egress(Egress {
+                step: 0,
+                uri: "tcp://pypi.org:443".into(),
+                sha256: None,
+                bytes_sent: 3,
+                bytes_received: 4,
+            }),
+            RunnerEvent::Egress(Egress {
+                step: 1,
+                uri: "http://example.org/f".into(),
+                sha256: Some("ab".into()),
+                bytes_sent: 0,
+                bytes_received: 2,
+            }),
             RunnerEvent::Pushed(Pushed {
                 reference: "r@sha256:0".into(),
                 digest: "sha256:0".into(),

@@ -514,7 +514,12 @@ impl BuildService {
                     started_on: Some(started_on.rfc3339()),
                     finished_on: Some(Timestamp::now().rfc3339()),
                 }),
-                byproducts: ran.logs.byproducts(&plan.spec.spec),
+                byproducts: ran
+                    .logs
+                    .byproducts(&plan.spec.spec)
+                    .into_iter()
+                    .chain(ran.egress.byproducts())
+                    .collect(),
             },
         }
     }
@@ -541,6 +546,7 @@ impl BuildService {
                 "steps": spec.steps.iter().map(|step| json!({
                     "name": step.name,
                     "egress": step.network,
+                    "egressHosts": step.hosts.iter().map(ToString::to_string).collect::<Vec<_>>(),
                     "timeoutSeconds": step.timeout.map(|t| t.as_secs()),
                     "memoryBytes": step.memory.unwrap_or(spec::DEFAULT_MEMORY_BYTES),
                     "pids": step.pids.unwrap_or(spec::DEFAULT_PIDS),

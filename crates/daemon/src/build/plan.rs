@@ -582,6 +582,7 @@ fn job_step(step: &spec::Step, image: Option<&str>) -> proto::Step {
             .map(|t| u32::try_from(t.as_secs()).unwrap_or(u32::MAX))
             .unwrap_or(0),
         network: step.network,
+        hosts: step.hosts.iter().map(ToString::to_string).collect(),
         image: image.unwrap_or_default().to_owned(),
         limits: Some(proto::Limits {
             memory_bytes: step.memory.unwrap_or(spec::DEFAULT_MEMORY_BYTES),

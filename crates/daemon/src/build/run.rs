@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use custody_attest::statement::ResourceDescriptor;
 use custody_oci::digest::{DigestAlgorithm, Hasher};
 use custody_provenance::build_type;
+use custody_provenance::build_type::EgressRecord;
 use custody_wire::events::{Isolation, JobEnd, LogLine, Pushed, RunnerEvent, Stream};
 
 use super::logs::LogWriter;
@@ -27,6 +28,46 @@ pub(crate) struct Ran {
     pub isolation: Isolation,
     /// Lines the daemon refused past the log's bound.
     pub dropped_lines: u64,
+    /// Where steps went through their egress proxies.
+    pub egress: Egress,
+}
+
+/// The destinations steps reached, as the runner reported them: one entry
+/// per step, URI and digest, its bytes summed over every connection.
+#[derive(Default)]
+pub(crate) struct Egress {
+    records: Vec<EgressRecord>,
+    /// `(step index, uri, sha256)` to its place in `records`.
+    index: std::collections::HashMap<(u32, String, Option<String>), usize>,
+}
+
+impl Egress {
+    fn add(&mut self, spec: &Spec, reported: &custody_wire::events::Egress) {
+        let key = (reported.step, reported.uri.clone(), reported.sha256.clone());
+        let at = *self.index.entry(key).or_insert_with(|| {
+            self.records.push(EgressRecord {
+                step: spec
+                    .steps
+                    .get(reported.step as usize)
+                    .map_or_else(|| reported.step.to_string(), |s| s.name.clone()),
+                uri: reported.uri.clone(),
+                sha256: reported.sha256.clone(),
+                bytes_sent: 0,
+                bytes_received: 0,
+            });
+            self.records.len() - 1
+        });
+        let record = &mut self.records[at];
+        record.bytes_sent = record.bytes_sent.saturating_add(reported.bytes_sent);
+        record.bytes_received = record
+            .bytes_received
+            .saturating_add(reported.bytes_received);
+    }
+
+    /// The `egress:STEP` byproducts.
+    pub fn byproducts(&self) -> impl Iterator<Item = ResourceDescriptor> + '_ {
+        self.records.iter().map(EgressRecord::descriptor)
+    }
 }
 
 /// Each step's stored log, hashed as it is stored, and what was cut of it.
@@ -79,6 +120,7 @@ impl BuildService {
             backstop: LogBackstop::new(self.bounds.log_bytes),
         };
         let mut isolation = Isolation::default();
+        let mut egress = Egress::default();
         let report = self
             .dispatcher
             .run(
@@ -95,6 +137,10 @@ impl BuildService {
                                 note(*step, cut_marker(*lines, *bytes, self.bounds.log_bytes));
                             recording.store(&marker);
                             progress(Progress::Runner(RunnerEvent::Log(marker)));
+                            return;
+                        }
+                        RunnerEvent::Egress(reported) => {
+                            egress.add(&plan.spec.spec, reported);
                             return;
                         }
                         RunnerEvent::Isolation(reported) => {
@@ -121,6 +167,7 @@ impl BuildService {
                 logs: recording.step_logs,
                 isolation,
                 dropped_lines: recording.backstop.dropped_lines,
+                egress,
             }),
             JobEnd::Failed(error) => Err(BuildError::Runner(error)),
             JobEnd::Cancelled(reason) => Err(BuildError::Cancelled(reason)),
