@@ -5,15 +5,22 @@
 //! `CUSTODY_REGISTRY` and no credential; what it pushed stays here until
 //! every step succeeded, then goes out like an `images:` output (see
 //! `push.rs`), each manifest credited to the step that pushed it.
+//!
+//! The gateway asks each push's destination, with the job's registry
+//! access, whether it already holds a blob ([`Destinations`]): a builder
+//! then skips uploading it, and the onward push (sparse: the copy finds
+//! it present) does not send it either.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use custody_gateway::{Config, Gateway, Pushed, Repository, Tag};
-use custody_oci::Digest;
+use custody_gateway::{BoxError, Config, Destination, Gateway, Pushed, Repository, Tag};
 use custody_oci::oci_spec::image::Descriptor;
+use custody_oci::registry::{Client, RegistryOptions};
+use custody_oci::{Digest, Reference};
 use custody_wire::rpc::proto;
+use futures_util::future::BoxFuture;
 use tokio::sync::oneshot;
 
 use crate::netns::StepNetwork;
@@ -64,11 +71,13 @@ pub(crate) struct Onward {
 
 impl BuildGateway {
     /// A gateway for `pushes`, keeping at most `limit` bytes in `storage`
-    /// (a directory only the runner reaches). `None` without pushes.
+    /// (a directory only the runner reaches), asking the destinations with
+    /// `registries` (the job's access). `None` without pushes.
     pub(crate) fn for_job(
         pushes: &[proto::GatewayPush],
         storage: &Path,
         limit: u64,
+        registries: Arc<Registries>,
     ) -> Result<Option<Self>, String> {
         if pushes.is_empty() {
             return Ok(None);
@@ -80,7 +89,9 @@ impl BuildGateway {
                 Ok((name, p.to.clone()))
             })
             .collect::<Result<Vec<_>, String>>()?;
-        let config = Config::new(storage, pushes.iter().map(|(name, _)| name.clone()), limit);
+        let destinations = Destinations::new(&pushes, registries)?;
+        let config = Config::new(storage, pushes.iter().map(|(name, _)| name.clone()), limit)
+            .with_destination(destinations);
         let gateway =
             Gateway::new(config).map_err(|e| format!("cannot set up the registry gateway: {e}"))?;
         Ok(Some(Self {
@@ -180,6 +191,77 @@ fn places(pushed: &Pushed) -> Vec<(Place, String)> {
         }
     }
     places
+}
+
+/// Registry clients for the job's hosts, made on first use and kept, with
+/// exactly the access the daemon sent for this job.
+pub(crate) struct Registries {
+    options: RegistryOptions,
+    clients: tokio::sync::Mutex<HashMap<String, Arc<Client>>>,
+}
+
+impl Registries {
+    pub(crate) fn new(options: RegistryOptions) -> Self {
+        Self {
+            options,
+            clients: tokio::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The client for `reference`'s registry.
+    pub(crate) async fn client(
+        &self,
+        reference: &Reference,
+    ) -> Result<Arc<Client>, custody_oci::Error> {
+        let host = reference.api_host();
+        let mut clients = self.clients.lock().await;
+        if let Some(client) = clients.get(host) {
+            return Ok(client.clone());
+        }
+        let client = Arc::new(Client::new(host, &self.options).await?);
+        clients.insert(host.to_owned(), client.clone());
+        Ok(client)
+    }
+}
+
+/// The gateway's [`Destination`]: each declared repository's `to`, asked
+/// with the job's registry access. The step learns "present, this size"
+/// of a blob and nothing else; the registry sees the runner, never the
+/// step.
+struct Destinations {
+    to: BTreeMap<Repository, Reference>,
+    registries: Arc<Registries>,
+}
+
+impl Destinations {
+    fn new(pushes: &[(Repository, String)], registries: Arc<Registries>) -> Result<Self, String> {
+        let to = pushes
+            .iter()
+            .map(|(name, to)| {
+                let reference = to
+                    .parse::<Reference>()
+                    .map_err(|e| format!("the destination of push `{name}`: {e}"))?;
+                Ok((name.clone(), reference))
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Self { to, registries })
+    }
+}
+
+impl Destination for Destinations {
+    fn blob_size<'a>(
+        &'a self,
+        repository: &'a Repository,
+        digest: &'a Digest,
+    ) -> BoxFuture<'a, Result<Option<u64>, BoxError>> {
+        Box::pin(async move {
+            let Some(to) = self.to.get(repository) else {
+                return Ok(None);
+            };
+            let client = self.registries.client(to).await?;
+            Ok(client.blob_size(to.repository(), digest).await?)
+        })
+    }
 }
 
 /// The gateway served in one step's namespace.
