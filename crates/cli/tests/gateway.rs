@@ -375,3 +375,58 @@ fn a_layer_the_destination_holds_is_neither_uploaded_nor_pushed_again() {
         "the build sent {up} and fetched {down} bytes through the proxy"
     );
 }
+
+/// A step reads a `pulls` repository through the gateway with skopeo, which
+/// holds no credential: the gateway serves it from the TLS + htpasswd
+/// registry with the platform's password, and the manifest the step read
+/// is a resolved dependency of the provenance.
+#[test]
+fn skopeo_in_a_step_reads_a_pulls_repository_and_the_provenance_names_it() {
+    let registry = registry();
+    let dir = tempfile::tempdir().unwrap();
+    let base = Image::random(41, &[3000, 60_000]);
+    let base_layout = dir.path().join("base");
+    LayoutWriter::new(&base_layout)
+        .image(&base)
+        .tag("v1", &base.manifest);
+    seed(&registry, &base_layout, "library/base:v1");
+
+    let src = dir.path().join("src");
+    fs_err::create_dir_all(&src).unwrap();
+    let look = r#"if grep -rqs "s3cret-gateway""-pw" /workspace /output /tmp /run /root /home /etc/containers /proc/self/environ; then echo FOUND; exit 9; fi"#;
+    let steps = format!(
+        "  - name: fetch\n    run: env && {look} && skopeo copy --quiet --remove-signatures --src-tls-verify=false docker://$CUSTODY_REGISTRY/base:v1 oci:/workspace/x:v1 && cat /workspace/x/index.json\n  - name: write\n    run: skopeo copy --quiet --remove-signatures --src-tls-verify=false --dest-tls-verify=false docker://$CUSTODY_REGISTRY/base:v1 docker://$CUSTODY_REGISTRY/base:v2 || echo REFUSED\n"
+    );
+    let spec = format!(
+        "steps:\n{steps}pulls:\n  - name: base\n    from: {}/library/base\n",
+        registry.host()
+    );
+    let output = build(&registry, dir.path(), &src, &spec);
+    assert!(output.status.success(), "{}", text(&output));
+    let all = text(&output);
+    assert!(
+        all.contains("[fetch] CUSTODY_REGISTRY=127.0.0.1:5000"),
+        "{all}"
+    );
+    assert!(!all.contains(PASSWORD), "{all}");
+    // The step holds the very image the registry has.
+    assert!(all.contains(&base.manifest.digest), "{all}");
+    // A pull repository takes no push: the gateway says so, DENIED.
+    assert!(all.contains("[write] REFUSED"), "{all}");
+    assert!(all.contains("is a pull repository"), "{all}");
+    assert!(!registry.has_manifest("library/base", "v2"));
+
+    let statement = payload(&dir.path().join("provenance.json"));
+    let dependencies = statement["predicate"]["buildDefinition"]["resolvedDependencies"]
+        .as_array()
+        .unwrap();
+    let pulled = dependencies
+        .iter()
+        .find(|d| d["name"] == "pull:base")
+        .unwrap_or_else(|| panic!("no pull:base dependency: {dependencies:?}"));
+    assert_eq!(
+        pulled["uri"],
+        format!("{}/library/base@{}", registry.host(), base.manifest.digest).as_str()
+    );
+    assert_eq!(pulled["digest"]["sha256"], base.manifest.hex());
+}

@@ -216,6 +216,7 @@ impl Preparation {
         // runner reaches, and counts against the same size.
         let gateway = gateway::BuildGateway::for_job(
             &job.pushes,
+            &job.pulls,
             &jobdir.private.join("gateway"),
             disk,
             Arc::new(gateway::Registries::new(push::registry_options(job))),

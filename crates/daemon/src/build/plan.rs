@@ -37,6 +37,15 @@ pub(crate) struct Plan {
     pub outputs: Vec<Expected>,
     /// Each `pushes` repository and where what steps push to it goes.
     pub pushes: Vec<PlannedPush>,
+    /// Each `pulls` repository and the registry repository it reads.
+    pub pulls: Vec<PlannedPull>,
+}
+
+/// A `pulls` repository: steps read `from` through the gateway.
+pub(crate) struct PlannedPull {
+    pub name: String,
+    /// `host[:port]/path`, without tag or digest.
+    pub from: Reference,
 }
 
 /// A `pushes` repository, its destination resolved and checked.
@@ -172,8 +181,27 @@ impl BuildService {
                 destination,
             })
             .collect();
+        // Pulls are reads with the platform's credentials for their host,
+        // like step images: no destination policy, no push check.
+        let pulls: Vec<PlannedPull> = spec
+            .spec
+            .pulls
+            .iter()
+            .map(|pull| PlannedPull {
+                name: pull.name.to_string(),
+                from: pull.from.clone(),
+            })
+            .collect();
         let job = self
-            .job(id, &spec.spec, &source.job, &step_images, &outputs, &pushes)
+            .job(
+                id,
+                &spec.spec,
+                &source.job,
+                &step_images,
+                &outputs,
+                &pushes,
+                &pulls,
+            )
             .await?;
         Ok(Plan {
             spec,
@@ -182,6 +210,7 @@ impl BuildService {
             step_images,
             outputs,
             pushes,
+            pulls,
         })
     }
 
@@ -194,9 +223,10 @@ impl BuildService {
         step_images: &[ResourceDescriptor],
         outputs: &[Expected],
         pushes: &[PlannedPush],
+        pulls: &[PlannedPull],
     ) -> Result<proto::Job, BuildError> {
         let (images, artifacts) = outputs.split_at(spec.images.len());
-        let hosts = registry_hosts(outputs, pushes, step_images);
+        let hosts = registry_hosts(outputs, pushes, pulls, step_images);
         Ok(proto::Job {
             job_id: id.to_string(),
             steps: spec
@@ -238,6 +268,13 @@ impl BuildService {
                 .map(|push| proto::GatewayPush {
                     name: push.name.clone(),
                     to: push.destination.to_string(),
+                })
+                .collect(),
+            pulls: pulls
+                .iter()
+                .map(|pull| proto::GatewayPull {
+                    name: pull.name.clone(),
+                    from: pull.from.to_string(),
                 })
                 .collect(),
         })
@@ -590,10 +627,11 @@ fn job_step(step: &spec::Step, image: Option<&str>) -> proto::Step {
     }
 }
 
-/// Registry hosts the job talks to: destinations and step images.
+/// Registry hosts the job talks to: destinations, pulls and step images.
 fn registry_hosts(
     outputs: &[Expected],
     pushes: &[PlannedPush],
+    pulls: &[PlannedPull],
     step_images: &[ResourceDescriptor],
 ) -> Vec<String> {
     let mut hosts: Vec<String> = outputs
@@ -603,6 +641,7 @@ fn registry_hosts(
             _ => None,
         })
         .chain(pushes.iter().map(|p| p.destination.api_host().to_owned()))
+        .chain(pulls.iter().map(|p| p.from.api_host().to_owned()))
         .chain(step_images.iter().filter_map(|d| {
             d.uri
                 .as_deref()

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use custody_attest::statement::ResourceDescriptor;
 use custody_oci::digest::{DigestAlgorithm, Hasher};
 use custody_provenance::build_type;
-use custody_wire::events::{Isolation, JobEnd, LogLine, Pushed, RunnerEvent, Stream};
+use custody_wire::events::{Isolation, JobEnd, LogLine, Pulled, Pushed, RunnerEvent, Stream};
 
 use super::logs::LogWriter;
 use super::plan::Plan;
@@ -22,6 +22,8 @@ use crate::store;
 pub(crate) struct Ran {
     /// What the runner says it pushed, in output order.
     pub outputs: Vec<Pushed>,
+    /// What steps read from `pulls` repositories, as the runner saw it.
+    pub pulled: Vec<Pulled>,
     pub logs: StepLogs,
     /// The boundary the steps ran within, as the runner set it up.
     pub isolation: Isolation,
@@ -118,6 +120,7 @@ impl BuildService {
         match report.end {
             JobEnd::Succeeded => Ok(Ran {
                 outputs: report.outputs,
+                pulled: report.pulled,
                 logs: recording.step_logs,
                 isolation,
                 dropped_lines: recording.backstop.dropped_lines,
