@@ -55,6 +55,13 @@ pub(crate) struct PlannedPush {
     pub destination: Reference,
 }
 
+/// What the runner's gateway takes pushes to and reads pulls from.
+#[derive(Clone, Copy)]
+struct GatewayRepositories<'a> {
+    pushes: &'a [PlannedPush],
+    pulls: &'a [PlannedPull],
+}
+
 /// The spec a build runs, read once.
 pub(crate) struct LoadedSpec {
     pub bytes: Vec<u8>,
@@ -199,8 +206,10 @@ impl BuildService {
                 &source.job,
                 &step_images,
                 &outputs,
-                &pushes,
-                &pulls,
+                GatewayRepositories {
+                    pushes: &pushes,
+                    pulls: &pulls,
+                },
             )
             .await?;
         Ok(Plan {
@@ -222,9 +231,9 @@ impl BuildService {
         source: &proto::source::Kind,
         step_images: &[ResourceDescriptor],
         outputs: &[Expected],
-        pushes: &[PlannedPush],
-        pulls: &[PlannedPull],
+        gateway: GatewayRepositories<'_>,
     ) -> Result<proto::Job, BuildError> {
+        let GatewayRepositories { pushes, pulls } = gateway;
         let (images, artifacts) = outputs.split_at(spec.images.len());
         let hosts = registry_hosts(outputs, pushes, pulls, step_images);
         Ok(proto::Job {
