@@ -7,8 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use custody_testkit::Registry;
 use custody_testkit::image::{Image, LayoutWriter};
+use custody_testkit::{FaultProxy, Registry};
 
 mod support;
 use support::{custody, payload, text};
@@ -53,6 +53,52 @@ fn build(registry: &Registry, dir: &Path, src: &Path, spec: &str) -> Output {
         "--authfile",
         docker.join("config.json").to_str().unwrap(),
     ])
+}
+
+/// [`build`] with `registry` reached at `host` (a [`FaultProxy`] in front
+/// of it): the same CA and password, keyed by that host.
+fn build_via(registry: &Registry, host: &str, dir: &Path, src: &Path, spec: &str) -> Output {
+    fs_err::write(src.join("custody.yaml"), spec).unwrap();
+    let ca = registry
+        .certs_dir()
+        .expect("a TLS registry")
+        .join(registry.host())
+        .join("ca.crt");
+    let certs = dir.join("certs.d");
+    fs_err::create_dir_all(certs.join(host)).unwrap();
+    fs_err::copy(&ca, certs.join(host).join("ca.crt")).unwrap();
+    let (user, password) = registry.credentials().expect("a password");
+    let docker = custody_testkit::write_docker_config(dir, host, user, password);
+    let data = dir.join("data");
+    let envelope = dir.join("provenance.json");
+    custody(&[
+        "build",
+        src.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--provenance-out",
+        envelope.to_str().unwrap(),
+        "--certs-dir",
+        certs.to_str().unwrap(),
+        "--authfile",
+        docker.join("config.json").to_str().unwrap(),
+    ])
+}
+
+/// Pushes `layout`'s `v1` straight to `registry` as `reference`, with
+/// the password (as whoever made the base image would).
+fn seed(registry: &Registry, layout: &Path, reference: &str) {
+    let certs = registry.certs_dir().unwrap().join(registry.host());
+    let (user, password) = registry.credentials().unwrap();
+    let pushed = std::process::Command::new("skopeo")
+        .args(["copy", "--quiet"])
+        .arg(format!("--dest-cert-dir={}", certs.display()))
+        .arg(format!("--dest-creds={user}:{password}"))
+        .arg(format!("oci:{}:v1", layout.display()))
+        .arg(format!("docker://{}/{reference}", registry.host()))
+        .output()
+        .unwrap();
+    assert!(pushed.status.success(), "{}", text(&pushed));
 }
 
 /// The skopeo command a step runs to push the layout through the gateway.
@@ -246,4 +292,141 @@ fn a_declared_push_no_step_made_fails_the_build_naming_it() {
     );
     // What was pushed to `app` does not go out either.
     assert_nothing_published(&registry, "team/app", &image);
+}
+
+/// The destination already holds the image's big layer (a base image
+/// pushed there before): the gateway answers the step's `HEAD` for it
+/// with 200, so skopeo skips the upload, the gateway accepts the manifest
+/// naming it, and the runner's onward push finds it present. The layer
+/// crosses no wire during the build.
+#[test]
+fn a_layer_the_destination_holds_is_neither_uploaded_nor_pushed_again() {
+    let registry = registry();
+    let proxy = FaultProxy::start(registry.addr());
+    let dir = tempfile::tempdir().unwrap();
+    let (big, big_diff) = custody_testkit::image::gzip_layer(
+        "big",
+        &custody_testkit::image::random_bytes(31, 3_000_000),
+    );
+    let layer = |seed: u64| {
+        custody_testkit::image::gzip_layer(
+            "small",
+            &custody_testkit::image::random_bytes(seed, 2000),
+        )
+    };
+    let ((base_top, base_diff), (app_top, app_diff)) = (layer(32), layer(33));
+    let base = Image::from_layers(
+        32,
+        vec![big.clone(), base_top],
+        vec![big_diff.clone(), base_diff],
+        "amd64",
+    );
+    let app = Image::from_layers(
+        33,
+        vec![big.clone(), app_top],
+        vec![big_diff, app_diff],
+        "amd64",
+    );
+
+    // The base image reaches the destination straight, not through the proxy.
+    let base_layout = dir.path().join("base");
+    LayoutWriter::new(&base_layout)
+        .image(&base)
+        .tag("v1", &base.manifest);
+    seed(&registry, &base_layout, "team/app:base");
+    assert!(registry.has_blob("team/app", &big.digest));
+
+    let src = source_with_layout(dir.path(), &app);
+    let steps = format!("  - name: image\n    run: {}\n", push_to("app:v1"));
+    let output = build_via(
+        &registry,
+        &proxy.host(),
+        dir.path(),
+        &src,
+        &spec(&proxy.host(), &steps, &["app"]),
+    );
+    assert!(output.status.success(), "{}", text(&output));
+
+    // The destination holds the new image under the step's tag, whole.
+    let inspected = registry
+        .skopeo(&["inspect", "--raw"])
+        .arg(format!("docker://{}/team/app:v1", registry.host()))
+        .output()
+        .unwrap();
+    assert!(inspected.status.success(), "{}", text(&inspected));
+    assert_eq!(
+        custody_testkit::image::sha256(&inspected.stdout),
+        app.manifest.digest
+    );
+    for blob in app.blobs() {
+        assert!(
+            registry.has_blob("team/app", &blob.digest),
+            "{}",
+            blob.digest
+        );
+    }
+
+    // Checks, the small layer, config, manifest and attestation went up;
+    // the 3 MB layer went neither up nor down.
+    let (up, down) = (proxy.bytes_up(), proxy.bytes_down());
+    assert!(big.size > 2_900_000);
+    assert!(
+        up < 200_000 && down < 200_000,
+        "the build sent {up} and fetched {down} bytes through the proxy"
+    );
+}
+
+/// A step reads a `pulls` repository through the gateway with skopeo, which
+/// holds no credential: the gateway serves it from the TLS + htpasswd
+/// registry with the platform's password, and the manifest the step read
+/// is a resolved dependency of the provenance.
+#[test]
+fn skopeo_in_a_step_reads_a_pulls_repository_and_the_provenance_names_it() {
+    let registry = registry();
+    let dir = tempfile::tempdir().unwrap();
+    let base = Image::random(41, &[3000, 60_000]);
+    let base_layout = dir.path().join("base");
+    LayoutWriter::new(&base_layout)
+        .image(&base)
+        .tag("v1", &base.manifest);
+    seed(&registry, &base_layout, "library/base:v1");
+
+    let src = dir.path().join("src");
+    fs_err::create_dir_all(&src).unwrap();
+    let look = r#"if grep -rqs "s3cret-gateway""-pw" /workspace /output /tmp /run /root /home /etc/containers /proc/self/environ; then echo FOUND; exit 9; fi"#;
+    let steps = format!(
+        "  - name: fetch\n    run: env && {look} && skopeo copy --quiet --remove-signatures --src-tls-verify=false docker://$CUSTODY_REGISTRY/base:v1 oci:/workspace/x:v1 && cat /workspace/x/index.json\n  - name: write\n    run: skopeo copy --quiet --remove-signatures --src-tls-verify=false --dest-tls-verify=false docker://$CUSTODY_REGISTRY/base:v1 docker://$CUSTODY_REGISTRY/base:v2 || echo REFUSED\n"
+    );
+    let spec = format!(
+        "steps:\n{steps}pulls:\n  - name: base\n    from: {}/library/base\n",
+        registry.host()
+    );
+    let output = build(&registry, dir.path(), &src, &spec);
+    assert!(output.status.success(), "{}", text(&output));
+    let all = text(&output);
+    assert!(
+        all.contains("[fetch] CUSTODY_REGISTRY=127.0.0.1:5000"),
+        "{all}"
+    );
+    assert!(!all.contains(PASSWORD), "{all}");
+    // The step holds the very image the registry has.
+    assert!(all.contains(&base.manifest.digest), "{all}");
+    // A pull repository takes no push: the gateway says so, DENIED.
+    assert!(all.contains("[write] REFUSED"), "{all}");
+    assert!(all.contains("is a pull repository"), "{all}");
+    assert!(!registry.has_manifest("library/base", "v2"));
+
+    let statement = payload(&dir.path().join("provenance.json"));
+    let dependencies = statement["predicate"]["buildDefinition"]["resolvedDependencies"]
+        .as_array()
+        .unwrap();
+    let pulled = dependencies
+        .iter()
+        .find(|d| d["name"] == "pull:base")
+        .unwrap_or_else(|| panic!("no pull:base dependency: {dependencies:?}"));
+    assert_eq!(
+        pulled["uri"],
+        format!("{}/library/base@{}", registry.host(), base.manifest.digest).as_str()
+    );
+    assert_eq!(pulled["digest"]["sha256"], base.manifest.hex());
 }

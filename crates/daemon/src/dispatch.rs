@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use custody_wire::events::{JobEnd, Pushed, RunnerEvent};
+use custody_wire::events::{JobEnd, Pulled, Pushed, RunnerEvent};
 use custody_wire::rpc::proto;
 use custody_wire::{Connector, RunnerSession};
 use futures_util::StreamExt as _;
@@ -35,6 +35,8 @@ pub struct JobReport {
     /// Where the runner said it runs: host name and pid.
     pub hello: Option<(String, u32)>,
     pub outputs: Vec<Pushed>,
+    /// What steps read from `pulls` repositories.
+    pub pulled: Vec<Pulled>,
     pub end: JobEnd,
     pub timings: Timings,
 }
@@ -132,6 +134,7 @@ impl Dispatcher {
             peer,
             hello: followed.hello,
             outputs: followed.outputs,
+            pulled: followed.pulled,
             end: followed.end,
             timings: Timings {
                 runner_started,
@@ -154,6 +157,7 @@ struct Running {
 struct Followed {
     hello: Option<(String, u32)>,
     outputs: Vec<Pushed>,
+    pulled: Vec<Pulled>,
     end: JobEnd,
     first_event: Option<Duration>,
 }
@@ -179,6 +183,7 @@ async fn follow(
     let mut followed = Followed {
         hello: None,
         outputs: Vec::new(),
+        pulled: Vec::new(),
         end: JobEnd::Succeeded,
         first_event: None,
     };
@@ -195,6 +200,7 @@ async fn follow(
                     match event {
                         RunnerEvent::Hello { hostname, pid, .. } => followed.hello = Some((hostname, pid)),
                         RunnerEvent::Pushed(pushed) => followed.outputs.push(pushed),
+                        RunnerEvent::Pulled(pulled) => followed.pulled.push(pulled),
                         RunnerEvent::Finished(end) => {
                             followed.end = end;
                             return Ok(followed);

@@ -26,6 +26,9 @@
 //! pushes:                             # steps push here themselves
 //!   - name: app                       # `$CUSTODY_REGISTRY/app[:TAG]` in every step
 //!     to: registry.example.org/team/app   # pushed there after the last step, tags kept
+//! pulls:                              # steps read here, read-only
+//!   - name: base                      # `$CUSTODY_REGISTRY/base:TAG` or `@sha256:…`
+//!     from: registry.example.org/library/debian   # every manifest read is recorded
 //! ```
 //!
 //! Destinations may use `{revision}` (the revision asked for), `{commit}`
@@ -64,6 +67,20 @@ pub struct Spec {
     pub artifacts: Vec<ArtifactOutput>,
     /// Repositories steps push to themselves, through the runner's gateway.
     pub pushes: Vec<Push>,
+    /// Repositories steps read through the runner's gateway.
+    pub pulls: Vec<Pull>,
+}
+
+/// A repository steps read as `$CUSTODY_REGISTRY/NAME:TAG` (or `@DIGEST`),
+/// served from a registry repository with the platform's credentials.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pull {
+    pub name: custody_gateway::Repository,
+    /// `host[:port]/path`: no tag, no digest, no placeholder.
+    pub from: Reference,
+    /// Where the spec says `from`, for errors found later.
+    pub line: u64,
+    pub column: u64,
 }
 
 /// A repository steps push to as `$CUSTODY_REGISTRY/NAME[:TAG]`, and the
@@ -255,6 +272,7 @@ pub fn parse(text: &str, file: &Path) -> Result<Spec, SpecError> {
             .into_iter()
             .map(|a| parse_artifact(a, &at))
             .collect::<Result<_, _>>()?,
+        pulls: parse_pulls(raw.pulls, &raw.pushes, &at)?,
         pushes: parse_pushes(raw.pushes, &at)?,
     })
 }
@@ -528,6 +546,55 @@ fn parse_pushes(pushes: Vec<RawPush>, at: &Locator<'_>) -> Result<Vec<Push>, Spe
     Ok(parsed)
 }
 
+fn parse_pulls(
+    pulls: Vec<RawPull>,
+    pushes: &[RawPush],
+    at: &Locator<'_>,
+) -> Result<Vec<Pull>, SpecError> {
+    let mut parsed: Vec<Pull> = Vec::new();
+    for pull in pulls {
+        let name = pull
+            .name
+            .value
+            .parse::<custody_gateway::Repository>()
+            .map_err(|e| at.located(&pull.name, e.to_string()))?;
+        if parsed.iter().any(|p| p.name == name) {
+            return Err(at.located(
+                &pull.name,
+                format!("`{name}` is already declared; each pull needs its own name"),
+            ));
+        }
+        if pushes.iter().any(|p| p.name.value == name.as_str()) {
+            return Err(at.located(
+                &pull.name,
+                format!(
+                    "`{name}` is also declared in `pushes`; a repository steps read is not one they push to: give one of them another name"
+                ),
+            ));
+        }
+        let from = match pull.from.value.trim().parse::<Reference>() {
+            Ok(from) if from.tag().is_none() && from.digest().is_none() => from,
+            Ok(_) => {
+                return Err(at.located(
+                    &pull.from,
+                    format!(
+                        "`{}` must be a registry repository `host[:port]/path`, without tag or digest: steps name the tag or digest they read",
+                        pull.from.value
+                    ),
+                ));
+            }
+            Err(e) => return Err(at.located(&pull.from, e.to_string())),
+        };
+        parsed.push(Pull {
+            name,
+            from,
+            line: pull.from.referenced.line(),
+            column: pull.from.referenced.column(),
+        });
+    }
+    Ok(parsed)
+}
+
 fn parse_source(source: RawSource, at: &Locator<'_>) -> Result<GitSource, SpecError> {
     let git = GitUrl::parse(&source.git.value).map_err(|e| {
         let message = match e.hint() {
@@ -662,6 +729,15 @@ struct RawSpec {
     artifacts: Vec<RawArtifact>,
     #[serde(default)]
     pushes: Vec<RawPush>,
+    #[serde(default)]
+    pulls: Vec<RawPull>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPull {
+    name: Spanned<String>,
+    from: Spanned<String>,
 }
 
 #[derive(Deserialize)]

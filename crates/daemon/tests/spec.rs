@@ -279,3 +279,42 @@ fn network_may_be_a_host_list_and_its_mistakes_are_located() {
         "{err}"
     );
 }
+
+#[test]
+fn pulls_parse_and_their_mistakes_are_located() {
+    let text = "steps:\n  - name: a\n    run: x\npulls:\n  - name: base\n    from: 127.0.0.1:5000/library/debian\n";
+    let spec = parse(text, file()).unwrap();
+    assert_eq!(spec.pulls.len(), 1);
+    assert_eq!(spec.pulls[0].name.as_str(), "base");
+    assert_eq!(
+        spec.pulls[0].from.to_string(),
+        "127.0.0.1:5000/library/debian"
+    );
+    assert_eq!((spec.pulls[0].line, spec.pulls[0].column), (6, 11));
+
+    let with = |pulls: &str| error_of(&format!("steps:\n  - name: a\n    run: x\npulls:\n{pulls}"));
+    let err = with("  - name: base\n    from: reg.example/base:v1\n");
+    assert!(
+        err.starts_with("app/custody.yaml:6:") && err.contains("without tag or digest"),
+        "{err}"
+    );
+    let err = with("  - name: Base\n    from: reg.example/base\n");
+    assert!(
+        err.starts_with("app/custody.yaml:5:") && err.contains("not a valid repository name"),
+        "{err}"
+    );
+    let err = with("  - name: base\n    to: reg.example/base\n");
+    assert!(err.contains("unknown field `to`"), "{err}");
+    let err = with("  - name: b\n    from: reg.example/a\n  - name: b\n    from: reg.example/b\n");
+    assert!(
+        err.starts_with("app/custody.yaml:7:") && err.contains("already declared"),
+        "{err}"
+    );
+    let err = error_of(
+        "steps:\n  - name: a\n    run: x\npushes:\n  - name: app\n    to: reg.example/app\npulls:\n  - name: app\n    from: reg.example/app\n",
+    );
+    assert!(
+        err.starts_with("app/custody.yaml:8:") && err.contains("also declared in `pushes`"),
+        "{err}"
+    );
+}

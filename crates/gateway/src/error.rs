@@ -28,6 +28,10 @@ pub enum Error {
     /// No repository was declared: a gateway that accepts nothing.
     #[error("the gateway needs at least one declared repository")]
     NoRepositories,
+
+    /// A repository declared both for pushes and for pulls.
+    #[error("`{0}` is declared both for pushes and for pulls; a repository is one or the other")]
+    PushAndPull(crate::name::Repository),
 }
 
 /// Error codes of the distribution spec ("Error Codes") the gateway answers

@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 
 use crate::error::{Code, Refusal};
 use crate::name::{Reference, Repository, Tag};
-use crate::{Shared, manifest};
+use crate::{BoxError, Shared, manifest};
 
 const API_VERSION: HeaderName = HeaderName::from_static("docker-distribution-api-version");
 const CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
@@ -169,6 +169,12 @@ async fn dispatch(shared: &Shared, request: Request) -> Result<Response, Refusal
     }
     let route = Route::parse(parts.uri.path())?;
     if let Some(repository) = route.repository()
+        && shared.pulls.contains(repository)
+    {
+        let repository = repository.clone();
+        return pull(shared, method, route, &repository).await;
+    }
+    if let Some(repository) = route.repository()
         && !shared.store.declared().contains(repository)
     {
         return Err(Refusal::new(
@@ -222,13 +228,144 @@ async fn dispatch(shared: &Shared, request: Request) -> Result<Response, Refusal
 
 /// The declared repositories, for messages.
 fn allowed(shared: &Shared) -> String {
-    shared
-        .store
-        .declared()
+    let pushes = names(shared.store.declared());
+    let pushes = if pushes.is_empty() {
+        "no repository".to_owned()
+    } else {
+        pushes
+    };
+    if shared.pulls.is_empty() {
+        pushes
+    } else {
+        format!("{pushes} and read from {}", names(&shared.pulls))
+    }
+}
+
+fn names(repositories: &std::collections::BTreeSet<Repository>) -> String {
+    repositories
         .iter()
         .map(|r| format!("`{r}`"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// A request to a pull repository: manifests and blobs are read from the
+/// upstream registry (with the platform's credentials, which the step
+/// never sees); every manifest served is recorded. Nothing is written.
+async fn pull(
+    shared: &Shared,
+    method: Method,
+    route: Route,
+    repository: &Repository,
+) -> Result<Response, Refusal> {
+    let head = method == Method::HEAD;
+    match (method, route) {
+        (Method::GET | Method::HEAD, Route::Manifest(_, reference)) => {
+            pull_manifest(shared, repository, &reference, head).await
+        }
+        (Method::GET | Method::HEAD, Route::Blob(_, digest)) => {
+            pull_blob(shared, repository, &digest, head).await
+        }
+        (Method::GET, Route::Tags(_)) => Err(Refusal::new(
+            Code::Unsupported,
+            format!(
+                "the gateway does not list the tags of pull repository `{repository}`; read a tag or digest"
+            ),
+        )),
+        _ => Err(Refusal::new(
+            Code::Denied,
+            format!(
+                "`{repository}` is a pull repository: steps read its manifests and blobs and push nothing to it; steps may push to {}",
+                allowed(shared)
+            ),
+        )),
+    }
+}
+
+/// A refusal for an upstream that could not be asked: 502, naming the
+/// repository and what the upstream said (custody's registry errors carry
+/// no credential).
+fn upstream_failed(repository: &Repository, what: &str, error: &BoxError) -> Refusal {
+    Refusal {
+        status: StatusCode::BAD_GATEWAY,
+        ..Refusal::new(
+            Code::Denied,
+            format!("reading {what} of pull repository `{repository}` failed: {error}"),
+        )
+    }
+}
+
+async fn pull_manifest(
+    shared: &Shared,
+    repository: &Repository,
+    reference: &str,
+    head: bool,
+) -> Result<Response, Refusal> {
+    let reference = parse_reference(reference)?;
+    let manifest = shared
+        .upstream
+        .manifest(repository, &reference)
+        .await
+        .map_err(|e| upstream_failed(repository, &format!("manifest `{reference}`"), &e))?
+        .ok_or_else(|| {
+            Refusal::new(
+                Code::ManifestUnknown,
+                format!("`{repository}` holds no manifest `{reference}`"),
+            )
+        })?;
+    if !head {
+        // What a step read is what it may have built on; a HEAD only
+        // learns a digest, which the step must then read to use.
+        shared
+            .pulled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((repository.clone(), manifest.digest.to_string()));
+    }
+    let size = manifest.bytes.len() as u64;
+    let body = if head {
+        Body::empty()
+    } else {
+        Body::from(manifest.bytes)
+    };
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    headers.insert(header::CONTENT_TYPE, header_value(&manifest.media_type));
+    headers.insert(CONTENT_DIGEST, header_value(manifest.digest.as_ref()));
+    Ok(response)
+}
+
+async fn pull_blob(
+    shared: &Shared,
+    repository: &Repository,
+    digest: &str,
+    head: bool,
+) -> Result<Response, Refusal> {
+    let digest = parse_digest(digest)?;
+    let what = format!("blob `{digest}`");
+    let size = shared
+        .upstream
+        .blob_size(repository, &digest)
+        .await
+        .map_err(|e| upstream_failed(repository, &what, &e))?
+        .ok_or_else(|| {
+            Refusal::new(
+                Code::BlobUnknown,
+                format!("`{repository}` holds no blob `{digest}`"),
+            )
+        })?;
+    let body = if head {
+        Body::empty()
+    } else {
+        let stream = shared
+            .upstream
+            .blob(repository, &digest, size)
+            .await
+            .map_err(|e| upstream_failed(repository, &what, &e))?;
+        Body::from_stream(stream)
+    };
+    Ok(blob_found(&digest, size, body))
 }
 
 /// The query parameters the API uses.

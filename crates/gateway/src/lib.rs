@@ -8,7 +8,10 @@
 //! build declared, verifies every blob and manifest against its digest
 //! while it streams, stores them in an OCI layout under a byte limit, and
 //! records what was pushed ([`Pushed`]) for the platform to push onward
-//! once every step has succeeded.
+//! once every step has succeeded. Repositories declared for pulls are
+//! read-only: their manifests and blobs come from the real registry through
+//! an [`Upstream`] the platform passes in (holding the credentials the step
+//! never sees), and every manifest digest served is recorded ([`Pulled`]).
 //!
 //! ```ignore
 //! let gateway = Gateway::new(Config::new(job_dir.join("pushed"), ["app".parse()?], 8 << 30))?;
@@ -36,9 +39,12 @@ mod store;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use custody_oci::Digest;
+use futures_util::Stream;
 use futures_util::future::BoxFuture;
 use tokio::net::TcpListener;
 
@@ -78,6 +84,84 @@ impl Destination for NoDestination {
     }
 }
 
+/// Where pull repositories are read from: the real registry, asked with
+/// the platform's credentials. `None` is "not there" (404 to the step).
+pub trait Upstream: Send + Sync {
+    /// Manifest `reference` of pull repository `repository`; a digest
+    /// reference must come back with those very bytes.
+    fn manifest<'a>(
+        &'a self,
+        repository: &'a Repository,
+        reference: &'a Reference,
+    ) -> BoxFuture<'a, Result<Option<UpstreamManifest>, BoxError>>;
+
+    /// The size of blob `digest` in `repository`, if it is there.
+    fn blob_size<'a>(
+        &'a self,
+        repository: &'a Repository,
+        digest: &'a Digest,
+    ) -> BoxFuture<'a, Result<Option<u64>, BoxError>>;
+
+    /// Blob `digest` of `size` bytes, its bytes checked against both
+    /// while they stream.
+    fn blob<'a>(
+        &'a self,
+        repository: &'a Repository,
+        digest: &'a Digest,
+        size: u64,
+    ) -> BoxFuture<'a, Result<BlobBody, BoxError>>;
+}
+
+/// A blob's bytes as they stream from an [`Upstream`].
+pub type BlobBody = Pin<Box<dyn Stream<Item = Result<Bytes, BoxError>> + Send>>;
+
+/// A manifest read from an [`Upstream`].
+#[derive(Clone, Debug)]
+pub struct UpstreamManifest {
+    pub media_type: String,
+    /// The digest of `bytes`.
+    pub digest: Digest,
+    pub bytes: Bytes,
+}
+
+/// No upstream: a gateway without pull repositories.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoUpstream;
+
+impl Upstream for NoUpstream {
+    fn manifest<'a>(
+        &'a self,
+        _repository: &'a Repository,
+        _reference: &'a Reference,
+    ) -> BoxFuture<'a, Result<Option<UpstreamManifest>, BoxError>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    fn blob_size<'a>(
+        &'a self,
+        _repository: &'a Repository,
+        _digest: &'a Digest,
+    ) -> BoxFuture<'a, Result<Option<u64>, BoxError>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    fn blob<'a>(
+        &'a self,
+        _repository: &'a Repository,
+        digest: &'a Digest,
+        _size: u64,
+    ) -> BoxFuture<'a, Result<BlobBody, BoxError>> {
+        Box::pin(async move { Err(format!("no upstream holds `{digest}`").into()) })
+    }
+}
+
+/// A manifest a step read from a pull repository.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pulled {
+    pub repository: Repository,
+    pub digest: Digest,
+}
+
 /// What a gateway serves and where it keeps it.
 pub struct Config {
     /// A new or empty directory; the gateway makes it an OCI layout and
@@ -90,6 +174,10 @@ pub struct Config {
     pub limit: u64,
     /// Asked about blobs the gateway does not hold.
     pub destination: Arc<dyn Destination>,
+    /// The repositories steps may read from (the spec's `pulls` names),
+    /// read-only, served from `upstream`.
+    pub pulls: BTreeSet<Repository>,
+    pub upstream: Arc<dyn Upstream>,
 }
 
 impl Config {
@@ -103,7 +191,20 @@ impl Config {
             repositories: repositories.into_iter().collect(),
             limit,
             destination: Arc::new(NoDestination),
+            pulls: BTreeSet::new(),
+            upstream: Arc::new(NoUpstream),
         }
+    }
+
+    /// Read-only repositories `pulls`, served from `upstream`.
+    pub fn with_pulls(
+        mut self,
+        pulls: impl IntoIterator<Item = Repository>,
+        upstream: impl Upstream + 'static,
+    ) -> Self {
+        self.pulls = pulls.into_iter().collect();
+        self.upstream = Arc::new(upstream);
+        self
     }
 
     pub fn with_destination(mut self, destination: impl Destination + 'static) -> Self {
@@ -123,6 +224,10 @@ pub(crate) struct Shared {
     store: store::Store,
     limit: u64,
     destination: Arc<dyn Destination>,
+    pulls: BTreeSet<Repository>,
+    upstream: Arc<dyn Upstream>,
+    /// Every manifest served from a pull repository.
+    pulled: Mutex<BTreeSet<(Repository, String)>>,
 }
 
 impl Shared {
@@ -143,8 +248,11 @@ impl Gateway {
     /// Opens (creating it if missing) the storage directory as an OCI
     /// layout.
     pub fn new(config: Config) -> Result<Self, Error> {
-        if config.repositories.is_empty() {
+        if config.repositories.is_empty() && config.pulls.is_empty() {
             return Err(Error::NoRepositories);
+        }
+        if let Some(both) = config.repositories.intersection(&config.pulls).next() {
+            return Err(Error::PushAndPull(both.clone()));
         }
         let store = store::Store::open(&config.storage, config.repositories, config.limit)?;
         Ok(Self {
@@ -152,6 +260,9 @@ impl Gateway {
                 store,
                 limit: config.limit,
                 destination: config.destination,
+                pulls: config.pulls,
+                upstream: config.upstream,
+                pulled: Mutex::default(),
             }),
         })
     }
@@ -167,6 +278,20 @@ impl Gateway {
     /// What steps pushed so far.
     pub fn pushed(&self) -> Pushed {
         self.shared.store.pushed()
+    }
+
+    /// Every manifest steps read from pull repositories so far, each once.
+    pub fn pulled(&self) -> Vec<Pulled> {
+        let pulled = self.shared.pulled.lock().unwrap_or_else(|e| e.into_inner());
+        pulled
+            .iter()
+            .filter_map(|(repository, digest)| {
+                Some(Pulled {
+                    repository: repository.clone(),
+                    digest: custody_oci::digest::parse(digest).ok()?,
+                })
+            })
+            .collect()
     }
 
     /// Bytes stored and being uploaded, counted against the limit.

@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use custody_gateway::{BoxError, Config, Destination, Gateway, Pushed, Repository};
+use custody_gateway::{
+    BlobBody, BoxError, Config, Destination, Gateway, Pushed, Reference, Repository, Upstream,
+    UpstreamManifest,
+};
 use custody_oci::Digest;
 use custody_testkit::image::{self, Blob, Image, LayoutWriter};
 use futures_util::future::BoxFuture;
@@ -48,6 +51,20 @@ impl Setup {
     fn destination(mut self, destination: impl Destination + 'static) -> Self {
         self.destination = Some(Box::new(move |config: Config| {
             config.with_destination(destination)
+        }));
+        self
+    }
+
+    /// Read-only repositories `pulls`, served from `upstream`.
+    fn pulls(mut self, pulls: &[&'static str], upstream: impl Upstream + 'static) -> Self {
+        let before = self.destination.take();
+        let pulls: Vec<Repository> = pulls.iter().map(|r| r.parse().unwrap()).collect();
+        self.destination = Some(Box::new(move |config: Config| {
+            let config = match before {
+                Some(before) => before(config),
+                None => config,
+            };
+            config.with_pulls(pulls, upstream)
         }));
         self
     }
@@ -1000,4 +1017,101 @@ fn storage_must_be_new_or_empty_and_reached_without_symlinks() {
         Gateway::new(Config::new(dir.path().join("new"), [], 1 << 20)),
         Err(custody_gateway::Error::NoRepositories)
     ));
+}
+
+/// An upstream holding one image, as the runner's reads the real registry.
+struct Serving(Image);
+
+impl Serving {
+    fn blob(&self, digest: &Digest) -> Option<&Blob> {
+        self.0.blobs().find(|b| b.digest == digest.to_string())
+    }
+}
+
+impl Upstream for Serving {
+    fn manifest<'a>(
+        &'a self,
+        _repository: &'a Repository,
+        reference: &'a Reference,
+    ) -> BoxFuture<'a, Result<Option<UpstreamManifest>, BoxError>> {
+        let manifest = &self.0.manifest;
+        let found = match reference {
+            Reference::Tag(tag) => tag.as_str() == "v1",
+            Reference::Digest(digest) => digest.to_string() == manifest.digest,
+        };
+        let found = found.then(|| UpstreamManifest {
+            media_type: manifest.media_type.clone(),
+            digest: custody_oci::digest::parse(&manifest.digest).unwrap(),
+            bytes: manifest.bytes.clone().into(),
+        });
+        Box::pin(async move { Ok(found) })
+    }
+
+    fn blob_size<'a>(
+        &'a self,
+        _repository: &'a Repository,
+        digest: &'a Digest,
+    ) -> BoxFuture<'a, Result<Option<u64>, BoxError>> {
+        let size = self.blob(digest).map(|b| b.size);
+        Box::pin(async move { Ok(size) })
+    }
+
+    fn blob<'a>(
+        &'a self,
+        _repository: &'a Repository,
+        digest: &'a Digest,
+        _size: u64,
+    ) -> BoxFuture<'a, Result<BlobBody, BoxError>> {
+        let bytes = self
+            .blob(digest)
+            .map(|b| bytes::Bytes::from(b.bytes.clone()));
+        Box::pin(async move {
+            let bytes = bytes.ok_or("no such blob")?;
+            let body: BlobBody = Box::pin(futures_util::stream::once(async { Ok(bytes) }));
+            Ok(body)
+        })
+    }
+}
+
+#[test]
+fn skopeo_reads_a_pull_repository_which_takes_no_push() {
+    let image = Image::random(51, &[1000, 3000]);
+    let gateway = gateway(&["app"])
+        .pulls(&["base"], Serving(image.clone()))
+        .start();
+    let out = gateway.dir.path().join("read");
+    let read = gateway.skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        &gateway.docker("base:v1"),
+        &format!("oci:{}:v1", out.display()),
+    ]);
+    assert!(
+        read.status.success(),
+        "{}",
+        String::from_utf8_lossy(&read.stderr)
+    );
+    for blob in image.blobs() {
+        assert_eq!(
+            fs_err::read(out.join("blobs/sha256").join(blob.hex())).unwrap(),
+            blob.bytes
+        );
+    }
+    let pulled = gateway.gateway.pulled();
+    assert_eq!(pulled.len(), 1, "{pulled:?}");
+    assert_eq!(pulled[0].repository.as_str(), "base");
+    assert_eq!(pulled[0].digest.to_string(), image.manifest.digest);
+
+    // Nothing goes into it: not a blob, not a manifest.
+    let message = gateway
+        .push_blob("base", &image.config)
+        .refused(403, "DENIED");
+    assert!(message.contains("`base` is a pull repository"), "{message}");
+    gateway
+        .put_manifest("base", "v2", &image.manifest)
+        .refused(403, "DENIED");
+    let missing = gateway.curl("GET", "/v2/base/manifests/v9", &[], None);
+    missing.refused(404, "MANIFEST_UNKNOWN");
+    let (pushed, _) = gateway.stop();
+    assert!(pushed.repositories.is_empty());
 }

@@ -10,7 +10,9 @@
 //!   `uri: "git+URL"`, `digest: { "gitCommit": SHA }` (with
 //!   `annotations.dirty` for a working tree with uncommitted changes), and
 //!   each step image as `name: "step-image:STEP"`, `uri: REFERENCE`,
-//!   `digest: { "sha256": HEX }`;
+//!   `digest: { "sha256": HEX }`, and each manifest a step read through
+//!   the gateway from a `pulls` repository as `name: "pull:NAME"`,
+//!   `uri: REGISTRY/REPO@sha256:HEX`, `digest: { "sha256": HEX }`;
 //! - subjects, each with `annotations.kind`: `image`, `artifact` or `file`;
 //! - `byproducts`: each step's log as `name: "log:STEP"`, with
 //!   `annotations.cutLines`/`cutBytes` when the log passed its bound; and
@@ -30,6 +32,9 @@ pub const BUILD_TYPE: &str = "https://custody.dev/build-types/build/v1";
 pub const SOURCE_DEPENDENCY: &str = "source";
 /// The `name` prefix of step images in `resolvedDependencies`.
 pub const STEP_IMAGE_PREFIX: &str = "step-image:";
+/// The `name` prefix of manifests steps read from `pulls` repositories in
+/// `resolvedDependencies`.
+pub const PULL_PREFIX: &str = "pull:";
 /// The subject annotation that says what a subject is.
 pub const SUBJECT_KIND: &str = "kind";
 
@@ -111,6 +116,30 @@ pub fn step_image(step: &str, pinned: &str, digest: &Digest) -> ResourceDescript
         uri: Some(pinned.to_owned()),
         ..digest_descriptor(digest)
     }
+}
+
+/// A manifest a step read from `pulls` repository `pull` through the
+/// gateway: `from` is the registry repository (`host[:port]/path`) it was
+/// served from.
+pub fn pulled(pull: &str, from: &str, digest: &Digest) -> ResourceDescriptor {
+    ResourceDescriptor {
+        name: Some(format!("{PULL_PREFIX}{pull}")),
+        uri: Some(format!("{from}@{digest}")),
+        ..digest_descriptor(digest)
+    }
+}
+
+/// What steps read from `pulls` repositories, in the resolved dependencies.
+pub fn pulls(provenance: &Provenance) -> impl Iterator<Item = &ResourceDescriptor> {
+    provenance
+        .build_definition
+        .resolved_dependencies
+        .iter()
+        .filter(|d| {
+            d.name
+                .as_deref()
+                .is_some_and(|n| n.starts_with(PULL_PREFIX))
+        })
 }
 
 /// A subject: what `kind` of thing `name` is, with its digest.

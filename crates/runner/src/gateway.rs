@@ -5,15 +5,30 @@
 //! `CUSTODY_REGISTRY` and no credential; what it pushed stays here until
 //! every step succeeded, then goes out like an `images:` output (see
 //! `push.rs`), each manifest credited to the step that pushed it.
+//!
+//! The gateway asks each push's destination, with the job's registry
+//! access, whether it already holds a blob ([`Destinations`]): a builder
+//! then skips uploading it, and the onward push (sparse: the copy finds
+//! it present) does not send it either.
+//!
+//! With `pulls`, the same gateway serves read-only repositories from their
+//! registry repositories ([`Pulls`]), with the job's registry access; every
+//! manifest a step read is reported after the last step.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use custody_gateway::{Config, Gateway, Pushed, Repository, Tag};
-use custody_oci::Digest;
-use custody_oci::oci_spec::image::Descriptor;
+use custody_gateway::{
+    BlobBody, BoxError, Config, Destination, Gateway, Pulled, Pushed,
+    Reference as GatewayReference, Repository, Tag, Upstream, UpstreamManifest,
+};
+use custody_oci::oci_spec::image::{Descriptor, MediaType};
+use custody_oci::registry::{Client, RegistryOptions};
+use custody_oci::{Digest, Reference};
 use custody_wire::rpc::proto;
+use futures_util::TryStreamExt;
+use futures_util::future::BoxFuture;
 use tokio::sync::oneshot;
 
 use crate::netns::StepNetwork;
@@ -63,14 +78,18 @@ pub(crate) struct Onward {
 }
 
 impl BuildGateway {
-    /// A gateway for `pushes`, keeping at most `limit` bytes in `storage`
-    /// (a directory only the runner reaches). `None` without pushes.
+    /// A gateway for `pushes` and `pulls`, keeping at most `limit` bytes
+    /// in `storage` (a directory only the runner reaches), asking the
+    /// registries with `registries` (the job's access). `None` without
+    /// either.
     pub(crate) fn for_job(
         pushes: &[proto::GatewayPush],
+        pulls: &[proto::GatewayPull],
         storage: &Path,
         limit: u64,
+        registries: Arc<Registries>,
     ) -> Result<Option<Self>, String> {
-        if pushes.is_empty() {
+        if pushes.is_empty() && pulls.is_empty() {
             return Ok(None);
         }
         let pushes = pushes
@@ -80,7 +99,12 @@ impl BuildGateway {
                 Ok((name, p.to.clone()))
             })
             .collect::<Result<Vec<_>, String>>()?;
-        let config = Config::new(storage, pushes.iter().map(|(name, _)| name.clone()), limit);
+        let destinations = Destinations::new(&pushes, registries.clone())?;
+        let pulls = Pulls::new(pulls, registries)?;
+        let pull_names: Vec<Repository> = pulls.from.keys().cloned().collect();
+        let config = Config::new(storage, pushes.iter().map(|(name, _)| name.clone()), limit)
+            .with_destination(destinations)
+            .with_pulls(pull_names, pulls);
         let gateway =
             Gateway::new(config).map_err(|e| format!("cannot set up the registry gateway: {e}"))?;
         Ok(Some(Self {
@@ -118,6 +142,11 @@ impl BuildGateway {
                 credits.seen.insert(place, digest);
             }
         }
+    }
+
+    /// Every manifest steps read from `pulls` repositories.
+    pub(crate) fn pulled(&self) -> Vec<Pulled> {
+        self.gateway.pulled()
     }
 
     /// Every manifest steps pushed, tagged ones first per repository; an
@@ -180,6 +209,177 @@ fn places(pushed: &Pushed) -> Vec<(Place, String)> {
         }
     }
     places
+}
+
+/// Registry clients for the job's hosts, made on first use and kept, with
+/// exactly the access the daemon sent for this job.
+pub(crate) struct Registries {
+    options: RegistryOptions,
+    clients: tokio::sync::Mutex<HashMap<String, Arc<Client>>>,
+}
+
+impl Registries {
+    pub(crate) fn new(options: RegistryOptions) -> Self {
+        Self {
+            options,
+            clients: tokio::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The client for `reference`'s registry.
+    pub(crate) async fn client(
+        &self,
+        reference: &Reference,
+    ) -> Result<Arc<Client>, custody_oci::Error> {
+        let host = reference.api_host();
+        let mut clients = self.clients.lock().await;
+        if let Some(client) = clients.get(host) {
+            return Ok(client.clone());
+        }
+        let client = Arc::new(Client::new(host, &self.options).await?);
+        clients.insert(host.to_owned(), client.clone());
+        Ok(client)
+    }
+}
+
+/// The gateway's [`Destination`]: each declared repository's `to`, asked
+/// with the job's registry access. The step learns "present, this size"
+/// of a blob and nothing else; the registry sees the runner, never the
+/// step.
+struct Destinations {
+    to: BTreeMap<Repository, Reference>,
+    registries: Arc<Registries>,
+}
+
+impl Destinations {
+    fn new(pushes: &[(Repository, String)], registries: Arc<Registries>) -> Result<Self, String> {
+        let to = pushes
+            .iter()
+            .map(|(name, to)| {
+                let reference = to
+                    .parse::<Reference>()
+                    .map_err(|e| format!("the destination of push `{name}`: {e}"))?;
+                Ok((name.clone(), reference))
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Self { to, registries })
+    }
+}
+
+impl Destination for Destinations {
+    fn blob_size<'a>(
+        &'a self,
+        repository: &'a Repository,
+        digest: &'a Digest,
+    ) -> BoxFuture<'a, Result<Option<u64>, BoxError>> {
+        Box::pin(async move {
+            let Some(to) = self.to.get(repository) else {
+                return Ok(None);
+            };
+            let client = self.registries.client(to).await?;
+            Ok(client.blob_size(to.repository(), digest).await?)
+        })
+    }
+}
+
+/// The gateway's [`Upstream`]: each `pulls` repository's `from`, read with
+/// the job's registry access. Manifests by digest and blobs are checked
+/// against their digests by the client as they arrive.
+struct Pulls {
+    from: BTreeMap<Repository, Reference>,
+    registries: Arc<Registries>,
+}
+
+impl Pulls {
+    fn new(pulls: &[proto::GatewayPull], registries: Arc<Registries>) -> Result<Self, String> {
+        let from = pulls
+            .iter()
+            .map(|p| {
+                let name = p.name.parse::<Repository>().map_err(|e| e.to_string())?;
+                let from = p
+                    .from
+                    .parse::<Reference>()
+                    .map_err(|e| format!("the repository of pull `{name}`: {e}"))?;
+                Ok((name, from))
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Self { from, registries })
+    }
+
+    async fn client(
+        &self,
+        repository: &Repository,
+    ) -> Result<Option<(Arc<Client>, &Reference)>, BoxError> {
+        let Some(from) = self.from.get(repository) else {
+            return Ok(None);
+        };
+        Ok(Some((self.registries.client(from).await?, from)))
+    }
+}
+
+/// Whether the registry said "not there".
+fn not_found(error: &custody_oci::Error) -> bool {
+    matches!(error, custody_oci::Error::Registry { status: 404, .. })
+}
+
+impl Upstream for Pulls {
+    fn manifest<'a>(
+        &'a self,
+        repository: &'a Repository,
+        reference: &'a GatewayReference,
+    ) -> BoxFuture<'a, Result<Option<UpstreamManifest>, BoxError>> {
+        Box::pin(async move {
+            let Some((client, from)) = self.client(repository).await? else {
+                return Ok(None);
+            };
+            match client
+                .manifest(from.repository(), &reference.to_string())
+                .await
+            {
+                Ok((descriptor, bytes)) => Ok(Some(UpstreamManifest {
+                    media_type: descriptor.media_type().to_string(),
+                    digest: descriptor.digest().clone(),
+                    bytes,
+                })),
+                Err(e) if not_found(&e) => Ok(None),
+                Err(e) => Err(e.into()),
+            }
+        })
+    }
+
+    fn blob_size<'a>(
+        &'a self,
+        repository: &'a Repository,
+        digest: &'a Digest,
+    ) -> BoxFuture<'a, Result<Option<u64>, BoxError>> {
+        Box::pin(async move {
+            let Some((client, from)) = self.client(repository).await? else {
+                return Ok(None);
+            };
+            Ok(client.blob_size(from.repository(), digest).await?)
+        })
+    }
+
+    fn blob<'a>(
+        &'a self,
+        repository: &'a Repository,
+        digest: &'a Digest,
+        size: u64,
+    ) -> BoxFuture<'a, Result<BlobBody, BoxError>> {
+        Box::pin(async move {
+            let Some((client, from)) = self.client(repository).await? else {
+                return Err(format!("`{repository}` is not a pull repository").into());
+            };
+            let descriptor = Descriptor::new(
+                MediaType::Other("application/octet-stream".into()),
+                size,
+                digest.clone(),
+            );
+            let stream = client.blob(from.repository(), &descriptor).await?;
+            let body: BlobBody = Box::pin(stream.map_err(|e| Box::new(e) as BoxError));
+            Ok(body)
+        })
+    }
 }
 
 /// The gateway served in one step's namespace.

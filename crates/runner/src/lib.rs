@@ -214,8 +214,13 @@ impl Preparation {
         let policy = egress::Policy::new(&bounds.egress_allow, self.daemon.clone())?;
         // What steps push is kept on the build's disk, where only the
         // runner reaches, and counts against the same size.
-        let gateway =
-            gateway::BuildGateway::for_job(&job.pushes, &jobdir.private.join("gateway"), disk)?;
+        let gateway = gateway::BuildGateway::for_job(
+            &job.pushes,
+            &job.pulls,
+            &jobdir.private.join("gateway"),
+            disk,
+            Arc::new(gateway::Registries::new(push::registry_options(job))),
+        )?;
         let defaults = rootfs::ImageLimits::default();
         let mut notes: Vec<String> = note.into_iter().collect();
         if !ids.privileged {

@@ -8,7 +8,7 @@ use custody_oci::copy::{self, CopyOptions, Destination, Source};
 use custody_oci::layout::Layout;
 use custody_oci::registry::certs::HostTls;
 use custody_oci::registry::{Credential, CredentialSource, RegistryOptions, Secret};
-use custody_wire::events::{GatewayPushed, Pushed, RunnerEvent};
+use custody_wire::events::{GatewayPushed, Pulled, Pushed, RunnerEvent};
 use custody_wire::rpc::proto;
 
 use crate::EventSink;
@@ -107,6 +107,15 @@ pub(crate) async fn push_outputs(
         });
     }
     if let Some(gateway) = &boundary.gateway {
+        // What steps read, for the provenance's resolved dependencies.
+        for pulled in gateway.pulled() {
+            events
+                .send(RunnerEvent::Pulled(Pulled {
+                    pull: pulled.repository.to_string(),
+                    digest: pulled.digest.to_string(),
+                }))
+                .await;
+        }
         ready.extend(pushed_by_steps(gateway).await?);
     }
     for output in ready {

@@ -30,7 +30,8 @@ pub(crate) struct Boundary {
     pub jobdir: JobDir,
     pub sandbox: Sandbox,
     pub policy: Arc<Policy>,
-    /// Where steps push images themselves, when the spec declares `pushes`.
+    /// Where steps push images themselves and read `pulls`, when the spec
+    /// declares either.
     pub gateway: Option<crate::gateway::BuildGateway>,
     pub log_bytes: u64,
     pub image_limits: ImageLimits,
@@ -179,7 +180,7 @@ async fn run_one(
                     proxy.task.abort();
                 }
                 JobEnd::Failed(format!(
-                    "step `{}`: cannot serve the registry gateway (`pushes`): {e}",
+                    "step `{}`: cannot serve the registry gateway (`pushes`, `pulls`): {e}",
                     step.name
                 ))
             })?;

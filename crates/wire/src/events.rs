@@ -37,6 +37,8 @@ pub enum RunnerEvent {
     Egress(Egress),
     /// An output the runner pushed (by digest).
     Pushed(Pushed),
+    /// A manifest a step read from a `pulls` repository through the gateway.
+    Pulled(Pulled),
     /// The last event.
     Finished(JobEnd),
 }
@@ -109,6 +111,14 @@ pub struct GatewayPushed {
     pub tag: Option<String>,
     /// The step that pushed it (the last one, when several did).
     pub step: String,
+}
+
+/// A manifest a step read through the gateway.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pulled {
+    /// The spec's `pulls` name.
+    pub pull: String,
+    pub digest: String,
 }
 
 /// The step boundary as the runner set it up.
@@ -203,6 +213,10 @@ impl From<RunnerEvent> for proto::Event {
                     step: g.step,
                 }),
             }),
+            RunnerEvent::Pulled(p) => Kind::Pulled(proto::Pulled {
+                pull: p.pull,
+                digest: p.digest,
+            }),
             RunnerEvent::Finished(end) => Kind::Finished(match end {
                 JobEnd::Succeeded => proto::Finished {
                     success: true,
@@ -289,6 +303,10 @@ impl TryFrom<proto::Event> for RunnerEvent {
                     step: g.step,
                 }),
             }),
+            Kind::Pulled(p) => RunnerEvent::Pulled(Pulled {
+                pull: p.pull,
+                digest: p.digest,
+            }),
             Kind::Finished(f) => RunnerEvent::Finished(match (f.success, f.cancelled) {
                 (true, _) => JobEnd::Succeeded,
                 (false, true) => JobEnd::Cancelled(f.error),
@@ -370,6 +388,10 @@ mod tests {
                     tag: Some("v1".into()),
                     step: "image".into(),
                 }),
+            }),
+            RunnerEvent::Pulled(Pulled {
+                pull: "base".into(),
+                digest: "sha256:2".into(),
             }),
             RunnerEvent::Finished(JobEnd::Succeeded),
             RunnerEvent::Finished(JobEnd::Failed("f".into())),

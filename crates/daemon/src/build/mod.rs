@@ -487,6 +487,7 @@ impl BuildService {
                 )),
                 resolved_dependencies: std::iter::once(plan.source)
                     .chain(plan.step_images)
+                    .chain(pulled_dependencies(&plan.pulls, &ran.pulled))
                     .collect(),
             },
             run_details: RunDetails {
@@ -554,6 +555,25 @@ impl BuildService {
             },
         })
     }
+}
+
+/// The manifests steps read from `pulls` repositories, as resolved
+/// dependencies named for the repository they were served from. The
+/// runner names only the `pulls` it was given; anything else it said, or
+/// a digest that does not parse, is not claimed.
+fn pulled_dependencies(
+    pulls: &[plan::PlannedPull],
+    pulled: &[custody_wire::events::Pulled],
+) -> Vec<custody_attest::statement::ResourceDescriptor> {
+    pulled
+        .iter()
+        .filter_map(|p| {
+            let pull = pulls.iter().find(|planned| planned.name == p.pull)?;
+            let digest = custody_oci::digest::parse(&p.digest).ok()?;
+            let from = format!("{}/{}", pull.from.registry(), pull.from.repository());
+            Some(build_type::pulled(&pull.name, &from, &digest))
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -37,6 +37,15 @@ pub(crate) struct Plan {
     pub outputs: Vec<Expected>,
     /// Each `pushes` repository and where what steps push to it goes.
     pub pushes: Vec<PlannedPush>,
+    /// Each `pulls` repository and the registry repository it reads.
+    pub pulls: Vec<PlannedPull>,
+}
+
+/// A `pulls` repository: steps read `from` through the gateway.
+pub(crate) struct PlannedPull {
+    pub name: String,
+    /// `host[:port]/path`, without tag or digest.
+    pub from: Reference,
 }
 
 /// A `pushes` repository, its destination resolved and checked.
@@ -44,6 +53,13 @@ pub(crate) struct PlannedPush {
     pub name: String,
     /// `host[:port]/path`, without tag or digest.
     pub destination: Reference,
+}
+
+/// What the runner's gateway takes pushes to and reads pulls from.
+#[derive(Clone, Copy)]
+struct GatewayRepositories<'a> {
+    pushes: &'a [PlannedPush],
+    pulls: &'a [PlannedPull],
 }
 
 /// The spec a build runs, read once.
@@ -172,8 +188,29 @@ impl BuildService {
                 destination,
             })
             .collect();
+        // Pulls are reads with the platform's credentials for their host,
+        // like step images: no destination policy, no push check.
+        let pulls: Vec<PlannedPull> = spec
+            .spec
+            .pulls
+            .iter()
+            .map(|pull| PlannedPull {
+                name: pull.name.to_string(),
+                from: pull.from.clone(),
+            })
+            .collect();
         let job = self
-            .job(id, &spec.spec, &source.job, &step_images, &outputs, &pushes)
+            .job(
+                id,
+                &spec.spec,
+                &source.job,
+                &step_images,
+                &outputs,
+                GatewayRepositories {
+                    pushes: &pushes,
+                    pulls: &pulls,
+                },
+            )
             .await?;
         Ok(Plan {
             spec,
@@ -182,6 +219,7 @@ impl BuildService {
             step_images,
             outputs,
             pushes,
+            pulls,
         })
     }
 
@@ -193,10 +231,11 @@ impl BuildService {
         source: &proto::source::Kind,
         step_images: &[ResourceDescriptor],
         outputs: &[Expected],
-        pushes: &[PlannedPush],
+        gateway: GatewayRepositories<'_>,
     ) -> Result<proto::Job, BuildError> {
+        let GatewayRepositories { pushes, pulls } = gateway;
         let (images, artifacts) = outputs.split_at(spec.images.len());
-        let hosts = registry_hosts(outputs, pushes, step_images);
+        let hosts = registry_hosts(outputs, pushes, pulls, step_images);
         Ok(proto::Job {
             job_id: id.to_string(),
             steps: spec
@@ -238,6 +277,13 @@ impl BuildService {
                 .map(|push| proto::GatewayPush {
                     name: push.name.clone(),
                     to: push.destination.to_string(),
+                })
+                .collect(),
+            pulls: pulls
+                .iter()
+                .map(|pull| proto::GatewayPull {
+                    name: pull.name.clone(),
+                    from: pull.from.to_string(),
                 })
                 .collect(),
         })
@@ -591,10 +637,11 @@ fn job_step(step: &spec::Step, image: Option<&str>) -> proto::Step {
     }
 }
 
-/// Registry hosts the job talks to: destinations and step images.
+/// Registry hosts the job talks to: destinations, pulls and step images.
 fn registry_hosts(
     outputs: &[Expected],
     pushes: &[PlannedPush],
+    pulls: &[PlannedPull],
     step_images: &[ResourceDescriptor],
 ) -> Vec<String> {
     let mut hosts: Vec<String> = outputs
@@ -604,6 +651,7 @@ fn registry_hosts(
             _ => None,
         })
         .chain(pushes.iter().map(|p| p.destination.api_host().to_owned()))
+        .chain(pulls.iter().map(|p| p.from.api_host().to_owned()))
         .chain(step_images.iter().filter_map(|d| {
             d.uri
                 .as_deref()

@@ -9,7 +9,7 @@ use custody_attest::statement::ResourceDescriptor;
 use custody_oci::digest::{DigestAlgorithm, Hasher};
 use custody_provenance::build_type;
 use custody_provenance::build_type::EgressRecord;
-use custody_wire::events::{Isolation, JobEnd, LogLine, Pushed, RunnerEvent, Stream};
+use custody_wire::events::{Isolation, JobEnd, LogLine, Pulled, Pushed, RunnerEvent, Stream};
 
 use super::logs::LogWriter;
 use super::plan::Plan;
@@ -23,6 +23,8 @@ use crate::store;
 pub(crate) struct Ran {
     /// What the runner says it pushed, in output order.
     pub outputs: Vec<Pushed>,
+    /// What steps read from `pulls` repositories, as the runner saw it.
+    pub pulled: Vec<Pulled>,
     pub logs: StepLogs,
     /// The boundary the steps ran within, as the runner set it up.
     pub isolation: Isolation,
@@ -164,6 +166,7 @@ impl BuildService {
         match report.end {
             JobEnd::Succeeded => Ok(Ran {
                 outputs: report.outputs,
+                pulled: report.pulled,
                 logs: recording.step_logs,
                 isolation,
                 dropped_lines: recording.backstop.dropped_lines,

@@ -349,6 +349,37 @@ impl Client {
         .await
     }
 
+    /// The size of the blob if `repository` has it, as the registry's
+    /// `Content-Length` says (a claim: whoever reads the blob checks its
+    /// bytes against a descriptor).
+    pub async fn blob_size(&self, repository: &str, digest: &Digest) -> Result<Option<u64>, Error> {
+        let action = format!("a check for blob `{digest}`");
+        let url = self.url(&format!("v2/{repository}/blobs/{digest}"));
+        self.exchange(&action, || async {
+            let response = self
+                .send(&action, &Scope::pull(repository), || {
+                    self.http.head(url.clone())
+                })
+                .await?;
+            match response.status() {
+                // Read from the header: the body of a HEAD is empty, and
+                // so is what reqwest would count of it.
+                StatusCode::OK => response
+                    .headers()
+                    .get(CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(Some)
+                    .ok_or_else(|| {
+                        self.protocol(&action, "the answer has no usable `Content-Length`")
+                    }),
+                StatusCode::NOT_FOUND => Ok(None),
+                _ => self.expect(response, &action, &[]).await.map(|_| None),
+            }
+        })
+        .await
+    }
+
     /// Whether `repository` would take a push, without pushing anything:
     /// reaches the registry (TLS or plain HTTP as configured), gets push
     /// access (credentials, token scope), starts an upload and cancels it.
