@@ -35,24 +35,7 @@ fn source_with_layout(dir: &Path, image: &Image) -> PathBuf {
 /// `custody build SRC` with `spec`, trusting `registry` and holding its
 /// password; the provenance goes to `DIR/provenance.json`.
 fn build(registry: &Registry, dir: &Path, src: &Path, spec: &str) -> Output {
-    fs_err::write(src.join("custody.yaml"), spec).unwrap();
-    let certs = registry.certs_dir().expect("a TLS registry");
-    let (user, password) = registry.credentials().expect("a password");
-    let docker = custody_testkit::write_docker_config(dir, registry.host(), user, password);
-    let data = dir.join("data");
-    let envelope = dir.join("provenance.json");
-    custody(&[
-        "build",
-        src.to_str().unwrap(),
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--provenance-out",
-        envelope.to_str().unwrap(),
-        "--certs-dir",
-        certs.to_str().unwrap(),
-        "--authfile",
-        docker.join("config.json").to_str().unwrap(),
-    ])
+    build_via(registry, registry.host(), dir, src, spec)
 }
 
 /// [`build`] with `registry` reached at `host` (a [`FaultProxy`] in front
@@ -429,4 +412,64 @@ fn skopeo_in_a_step_reads_a_pulls_repository_and_the_provenance_names_it() {
         format!("{}/library/base@{}", registry.host(), base.manifest.digest).as_str()
     );
     assert_eq!(pulled["digest"]["sha256"], base.manifest.hex());
+}
+
+/// A second client custody did not write: Python's `oras` pushes a file
+/// artifact (its own manifest, config and layer) through the gateway, and
+/// custody publishes exactly what it pushed.
+#[test]
+fn oras_in_a_step_pushes_an_artifact_through_the_gateway() {
+    let registry = registry();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    fs_err::create_dir_all(&src).unwrap();
+    fs_err::write(src.join("report.txt"), "built by a step\n").unwrap();
+    fs_err::write(
+        src.join("push.py"),
+        "import os, oras.client\n\
+         client = oras.client.OrasClient(hostname=os.environ['CUSTODY_REGISTRY'], insecure=True)\n\
+         client.push(target=os.environ['CUSTODY_REGISTRY'] + '/app:v1', files=['report.txt'], disable_path_validation=True)\n",
+    )
+    .unwrap();
+    // scripts/setup installs oras for the system python3, where steps see it.
+    let steps = "  - name: publish\n    run: PYTHONPATH=/opt/custody-tests/python /usr/bin/python3 push.py\n";
+    let output = build(
+        &registry,
+        dir.path(),
+        &src,
+        &spec(registry.host(), steps, &["app"]),
+    );
+    assert!(output.status.success(), "{}", text(&output));
+
+    // The destination holds oras's manifest, whose one layer is the file.
+    let inspected = registry
+        .skopeo(&["inspect", "--raw"])
+        .arg(format!("docker://{}/team/app:v1", registry.host()))
+        .output()
+        .unwrap();
+    assert!(inspected.status.success(), "{}", text(&inspected));
+    let manifest: serde_json::Value = serde_json::from_slice(&inspected.stdout).unwrap();
+    let layers = manifest["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 1, "{manifest}");
+    assert_eq!(
+        layers[0]["digest"],
+        custody_testkit::image::sha256(b"built by a step\n").as_str()
+    );
+    assert_eq!(
+        layers[0]["annotations"]["org.opencontainers.image.title"],
+        "report.txt"
+    );
+
+    // That manifest is the subject the step is credited with.
+    let digest = custody_testkit::image::sha256(&inspected.stdout);
+    let statement = payload(&dir.path().join("provenance.json"));
+    let subject = statement["subject"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| format!("sha256:{}", s["digest"]["sha256"].as_str().unwrap()) == digest)
+        .unwrap_or_else(|| panic!("no subject for {digest}: {statement}"))
+        .clone();
+    assert_eq!(subject["annotations"]["step"], "publish");
+    assert_eq!(subject["annotations"]["tag"], "v1");
 }
