@@ -473,3 +473,64 @@ fn oras_in_a_step_pushes_an_artifact_through_the_gateway() {
     assert_eq!(subject["annotations"]["step"], "publish");
     assert_eq!(subject["annotations"]["tag"], "v1");
 }
+
+/// What the gateway refuses, tried from a step as an attacker would: each
+/// request fails with the registry's own error code, the step's exit code
+/// says so, and nothing of the build reaches the destination.
+#[test]
+fn the_gateway_refuses_deletes_attestation_tags_subjects_and_wrong_bytes_from_a_step() {
+    let registry = registry();
+    let image = Image::random(11, &[6000]);
+    let hex = image.manifest.hex();
+    let gateway = "http://$CUSTODY_REGISTRY/v2/app";
+    // Each attempt after a good push of the layout, so the blobs and the
+    // manifest it names are there; `curl --fail-with-body` shows it and exits 22.
+    let attempts = [
+        (
+            "delete",
+            format!("curl -sS --fail-with-body -X DELETE {gateway}/manifests/v1"),
+            "UNSUPPORTED",
+        ),
+        (
+            "attestation tag",
+            push_to(&format!("app:sha256-{hex}.att")),
+            "denied",
+        ),
+        (
+            "subject",
+            format!(
+                "python3 -c 'import json,sys; m=json.load(open(\"layout/blobs/sha256/{hex}\")); m[\"subject\"]={{\"mediaType\":m[\"mediaType\"],\"digest\":\"sha256:{hex}\",\"size\":1}}; open(\"m.json\",\"w\").write(json.dumps(m))' && curl -sS --fail-with-body -X PUT -H 'Content-Type: application/vnd.oci.image.manifest.v1+json' --data-binary @m.json {gateway}/manifests/v2"
+            ),
+            "DENIED",
+        ),
+        (
+            "wrong bytes",
+            format!(
+                "echo tampered > blob && curl -sS --fail-with-body -X POST --data-binary @blob \"{gateway}/blobs/uploads/?digest=sha256:{}\"",
+                "0".repeat(64)
+            ),
+            "DIGEST_INVALID",
+        ),
+    ];
+    for (what, attempt, code) in attempts {
+        let dir = tempfile::tempdir().unwrap();
+        let src = source_with_layout(dir.path(), &image);
+        let script = format!("set -e\n{}\n{attempt}\n", push_to("app:v1"));
+        fs_err::write(src.join("attack.sh"), script).unwrap();
+        let steps = "  - name: attack\n    run: sh attack.sh\n";
+        let output = build(
+            &registry,
+            dir.path(),
+            &src,
+            &spec(registry.host(), steps, &["app"]),
+        );
+        let all = text(&output);
+        assert_eq!(output.status.code(), Some(1), "{what}: {all}");
+        assert!(
+            all.contains("step `attack` exited with code"),
+            "{what}: {all}"
+        );
+        assert!(all.contains(code), "{what}: no {code} in\n{all}");
+        assert_nothing_published(&registry, "team/app", &image);
+    }
+}
