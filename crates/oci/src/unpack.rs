@@ -3,7 +3,8 @@
 //!
 //! Layers come from images nobody vouches for, so every entry is checked
 //! before it touches the disk: absolute paths and `..` components are
-//! refused, and so is any entry whose path goes through a symlink already in
+//! refused (an entry naming the root itself, `/` as `umoci insert DIR /`
+//! writes it, escapes nothing and is skipped), and so is any entry whose path goes through a symlink already in
 //! the tree (a layer that plants `etc -> /etc` and then writes `etc/passwd`
 //! would otherwise write outside the root). Hard links must point inside
 //! the tree the same way. Devices and FIFOs are skipped; set-id bits are
@@ -78,6 +79,9 @@ pub fn apply_layer(
         let mut entry = entry.map_err(UnpackError::Tar)?;
         let raw = entry.path().map_err(UnpackError::Tar)?.into_owned();
         let display = raw.display().to_string();
+        if is_root(&raw) {
+            continue; // the root's own entry: it is the directory unpacked into
+        }
         let relative = clean(&raw).ok_or(UnpackError::Unsafe {
             entry: display.clone(),
             reason: "absolute paths and `..` are not allowed",
@@ -193,6 +197,12 @@ fn clean(path: &Path) -> Option<PathBuf> {
     Some(out)
 }
 
+/// Whether `path` names the root itself (`/`, `./`, `.`).
+fn is_root(path: &Path) -> bool {
+    path.components()
+        .all(|c| matches!(c, Component::RootDir | Component::CurDir))
+}
+
 /// Refuses `relative` if any of its components is a symlink in the tree.
 fn ensure_no_symlink(root: &Path, relative: &Path, entry: &str) -> Result<(), UnpackError> {
     let mut at = root.to_owned();
@@ -282,5 +292,54 @@ impl<R: Read> Read for Measured<R> {
             ));
         }
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tar of entries named exactly as given (the tar crate would
+    /// normalise `/`), each a directory, or a file holding `x` when its
+    /// name does not end in `/`.
+    fn tar_of(names: &[&str]) -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        for name in names {
+            let mut header = tar::Header::new_ustar();
+            let field = &mut header.as_old_mut().name;
+            field[..name.len()].copy_from_slice(name.as_bytes());
+            let dir = name.ends_with('/');
+            header.set_entry_type(if dir {
+                tar::EntryType::Directory
+            } else {
+                tar::EntryType::Regular
+            });
+            header.set_mode(if dir { 0o755 } else { 0o644 });
+            header.set_size(if dir { 0 } else { 1 });
+            header.set_cksum();
+            let body: &[u8] = if dir { b"" } else { b"x" };
+            builder.append(&header, body).unwrap();
+        }
+        builder.into_inner().unwrap()
+    }
+
+    #[test]
+    fn the_roots_own_entry_is_skipped_and_escapes_stay_refused() {
+        let root = tempfile::tempdir().unwrap();
+        // As `umoci insert DIR /` writes a layer: the root, then its content.
+        apply_layer(
+            &tar_of(&["/", "./", "etc/", "etc/x"])[..],
+            root.path(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(fs::read(root.path().join("etc/x")).unwrap(), b"x");
+        for escape in ["/etc/y", "../y", "etc/../../y"] {
+            let err = apply_layer(&tar_of(&[escape])[..], root.path(), None).unwrap_err();
+            assert!(
+                matches!(&err, UnpackError::Unsafe { entry, .. } if entry == escape),
+                "{escape}: {err}"
+            );
+        }
     }
 }
