@@ -307,12 +307,7 @@ async fn pull_manifest(
         .manifest(repository, &reference)
         .await
         .map_err(|e| upstream_failed(repository, &format!("manifest `{reference}`"), &e))?
-        .ok_or_else(|| {
-            Refusal::new(
-                Code::ManifestUnknown,
-                format!("`{repository}` holds no manifest `{reference}`"),
-            )
-        })?;
+        .ok_or_else(|| unknown_manifest(repository, &reference))?;
     if !head {
         // What a step read is what it may have built on; a HEAD only
         // learns a digest, which the step must then read to use.
@@ -328,12 +323,12 @@ async fn pull_manifest(
     } else {
         Body::from(manifest.bytes)
     };
-    let mut response = Response::new(body);
-    let headers = response.headers_mut();
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
-    headers.insert(header::CONTENT_TYPE, header_value(&manifest.media_type));
-    headers.insert(CONTENT_DIGEST, header_value(manifest.digest.as_ref()));
-    Ok(response)
+    Ok(manifest_found(
+        &manifest.digest,
+        size,
+        &manifest.media_type,
+        body,
+    ))
 }
 
 async fn pull_blob(
@@ -349,12 +344,7 @@ async fn pull_blob(
         .blob_size(repository, &digest)
         .await
         .map_err(|e| upstream_failed(repository, &what, &e))?
-        .ok_or_else(|| {
-            Refusal::new(
-                Code::BlobUnknown,
-                format!("`{repository}` holds no blob `{digest}`"),
-            )
-        })?;
+        .ok_or_else(|| unknown_blob(repository, &digest))?;
     let body = if head {
         Body::empty()
     } else {
@@ -422,19 +412,13 @@ async fn get_blob(
     head: bool,
 ) -> Result<Response, Refusal> {
     let digest = parse_digest(digest)?;
-    let unknown = || {
-        Refusal::new(
-            Code::BlobUnknown,
-            format!("`{repository}` holds no blob `{digest}`"),
-        )
-    };
     let Some(size) = shared.store.blob_size(repository, &digest) else {
         // The destination's copy lets a builder skip the upload; the bytes
         // are not the gateway's to serve.
         if head && let Some(size) = shared.destination_size(repository, &digest).await {
             return Ok(blob_found(&digest, size, Body::empty()));
         }
-        return Err(unknown());
+        return Err(unknown_blob(repository, &digest));
     };
     let body = if head {
         Body::empty()
@@ -449,15 +433,32 @@ async fn get_blob(
 }
 
 fn blob_found(digest: &Digest, size: u64, body: Body) -> Response {
+    manifest_found(digest, size, "application/octet-stream", body)
+}
+
+/// A manifest or blob answered (`body` empty for a `HEAD`): its length,
+/// media type and digest.
+fn manifest_found(digest: &Digest, size: u64, media_type: &str, body: Body) -> Response {
     let mut response = Response::new(body);
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
+    headers.insert(header::CONTENT_TYPE, header_value(media_type));
     headers.insert(CONTENT_DIGEST, header_value(digest.as_ref()));
     response
+}
+
+fn unknown_blob(repository: &Repository, digest: &Digest) -> Refusal {
+    Refusal::new(
+        Code::BlobUnknown,
+        format!("`{repository}` holds no blob `{digest}`"),
+    )
+}
+
+fn unknown_manifest(repository: &Repository, reference: &impl std::fmt::Display) -> Refusal {
+    Refusal::new(
+        Code::ManifestUnknown,
+        format!("`{repository}` holds no manifest `{reference}`"),
+    )
 }
 
 async fn start_upload(
@@ -754,12 +755,7 @@ async fn get_manifest(
     let held = shared
         .store
         .manifest(repository, &reference)
-        .ok_or_else(|| {
-            Refusal::new(
-                Code::ManifestUnknown,
-                format!("`{repository}` holds no manifest `{reference}`"),
-            )
-        })?;
+        .ok_or_else(|| unknown_manifest(repository, &reference))?;
     let body = if head {
         Body::empty()
     } else {
@@ -769,12 +765,12 @@ async fn get_manifest(
                 .read_blob(&held.digest, held.size, &held.media_type),
         )
     };
-    let mut response = Response::new(body);
-    let headers = response.headers_mut();
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(held.size));
-    headers.insert(header::CONTENT_TYPE, header_value(&held.media_type));
-    headers.insert(CONTENT_DIGEST, header_value(held.digest.as_ref()));
-    Ok(response)
+    Ok(manifest_found(
+        &held.digest,
+        held.size,
+        &held.media_type,
+        body,
+    ))
 }
 
 fn tags(shared: &Shared, repository: &Repository, query: &Query) -> Response {

@@ -333,20 +333,7 @@ impl Client {
     /// Whether `repository` already has the blob.
     pub async fn has_blob(&self, repository: &str, digest: &Digest) -> Result<bool, Error> {
         let action = format!("a check for blob `{digest}`");
-        let url = self.url(&format!("v2/{repository}/blobs/{digest}"));
-        self.exchange(&action, || async {
-            let response = self
-                .send(&action, &Scope::pull(repository), || {
-                    self.http.head(url.clone())
-                })
-                .await?;
-            match response.status() {
-                StatusCode::OK => Ok(true),
-                StatusCode::NOT_FOUND => Ok(false),
-                _ => self.expect(response, &action, &[]).await.map(|_| false),
-            }
-        })
-        .await
+        Ok(self.head_blob(repository, digest, &action).await?.is_some())
     }
 
     /// The size of the blob if `repository` has it, as the registry's
@@ -354,27 +341,37 @@ impl Client {
     /// bytes against a descriptor).
     pub async fn blob_size(&self, repository: &str, digest: &Digest) -> Result<Option<u64>, Error> {
         let action = format!("a check for blob `{digest}`");
+        let Some(headers) = self.head_blob(repository, digest, &action).await? else {
+            return Ok(None);
+        };
+        // Read from the header: the body of a HEAD is empty, and so is what
+        // reqwest would count of it.
+        headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Some)
+            .ok_or_else(|| self.protocol(&action, "the answer has no usable `Content-Length`"))
+    }
+
+    /// The headers of a `HEAD` of the blob if `repository` has it.
+    async fn head_blob(
+        &self,
+        repository: &str,
+        digest: &Digest,
+        action: &str,
+    ) -> Result<Option<reqwest::header::HeaderMap>, Error> {
         let url = self.url(&format!("v2/{repository}/blobs/{digest}"));
-        self.exchange(&action, || async {
+        self.exchange(action, || async {
             let response = self
-                .send(&action, &Scope::pull(repository), || {
+                .send(action, &Scope::pull(repository), || {
                     self.http.head(url.clone())
                 })
                 .await?;
             match response.status() {
-                // Read from the header: the body of a HEAD is empty, and
-                // so is what reqwest would count of it.
-                StatusCode::OK => response
-                    .headers()
-                    .get(CONTENT_LENGTH)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .map(Some)
-                    .ok_or_else(|| {
-                        self.protocol(&action, "the answer has no usable `Content-Length`")
-                    }),
+                StatusCode::OK => Ok(Some(response.headers().clone())),
                 StatusCode::NOT_FOUND => Ok(None),
-                _ => self.expect(response, &action, &[]).await.map(|_| None),
+                _ => self.expect(response, action, &[]).await.map(|_| None),
             }
         })
         .await
