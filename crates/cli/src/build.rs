@@ -37,10 +37,25 @@ pub struct BuildArgs {
     /// Also write the signed DSSE envelope here.
     #[arg(long, value_name = "FILE")]
     provenance_out: Option<PathBuf>,
+    /// Also write the digest of each image and artifact pushed
+    /// (`sha256:…`), one per line in the spec's order.
+    #[arg(long, value_name = "FILE")]
+    digestfile: Option<PathBuf>,
+    /// Print JSON on stdout: each step's log line as one JSON object, then
+    /// the build's result (`id`, `state`, `subjects`, `provenance`); errors
+    /// as a JSON object on stderr.
+    #[arg(long)]
+    json: bool,
     #[command(flatten)]
     registry: RegistryArgs,
     #[command(flatten)]
     bounds: crate::bounds::BoundsArgs,
+}
+
+impl BuildArgs {
+    pub fn json(&self) -> bool {
+        self.json
+    }
 }
 
 /// The build ran and failed (exit 1), as opposed to custody being misused.
@@ -107,7 +122,10 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
         .given_spec()
         .map(|spec| spec.steps.iter().map(|s| s.name.clone()).collect())
         .unwrap_or_default();
-    let mut printer = Printer { step_names };
+    let mut printer = Printer {
+        step_names,
+        json: args.json,
+    };
     let cancel = async {
         let _ = tokio::signal::ctrl_c().await;
         "interrupted (Ctrl-C)".to_owned()
@@ -135,6 +153,30 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
     write_file(&stored, &envelope)?;
     if let Some(out) = &args.provenance_out {
         fs_err::write(out, &envelope)?;
+    }
+    if let Some(path) = &args.digestfile {
+        let digests: String = subjects
+            .iter()
+            .filter(|s| {
+                use custody_provenance::build_type::SubjectKind;
+                matches!(
+                    SubjectKind::of(s),
+                    Some(SubjectKind::Image | SubjectKind::Artifact)
+                )
+            })
+            .filter_map(|s| s.digest.iter().next())
+            .map(|(alg, hex)| format!("{alg}:{hex}\n"))
+            .collect();
+        fs_err::write(path, digests)?;
+    }
+    if args.json {
+        let report = serde_json::json!({
+            "id": id.as_str(),
+            "state": "succeeded",
+            "subjects": subjects,
+            "provenance": stored,
+        });
+        return crate::print_line(&serde_json::to_string(&report)?);
     }
     let mut summary = format!("build {id} succeeded\n");
     for subject in &subjects {
@@ -193,6 +235,8 @@ fn read_request(args: &BuildArgs) -> anyhow::Result<BuildRequest> {
 /// prefixed with the step's name on stdout or stderr as they wrote it.
 struct Printer {
     step_names: Vec<String>,
+    /// Log lines as JSON objects on stdout (`--json`).
+    json: bool,
 }
 
 impl Printer {
@@ -221,6 +265,18 @@ impl Printer {
                         .step_names
                         .get(line.step as usize)
                         .map_or("?", String::as_str);
+                    if self.json {
+                        let event = serde_json::json!({
+                            "step": name,
+                            "stream": match line.stream {
+                                Stream::Stdout => "stdout",
+                                Stream::Stderr => "stderr",
+                            },
+                            "line": String::from_utf8_lossy(&line.line),
+                        });
+                        let _ = writeln!(std::io::stdout(), "{event}");
+                        return;
+                    }
                     let mut text = format!("[{name}] ").into_bytes();
                     text.extend_from_slice(&line.line);
                     text.push(b'\n');

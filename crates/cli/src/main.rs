@@ -186,7 +186,27 @@ enum KeysCommand {
         /// `ecdsa-p256` (default) or `ed25519`.
         #[arg(long, default_value = "ecdsa-p256")]
         algorithm: custody_attest::keys::Algorithm,
+        /// Print the key id and both paths as JSON.
+        #[arg(long)]
+        json: bool,
     },
+}
+
+impl Command {
+    /// Whether the command line asked for JSON (and so for errors as
+    /// JSON too).
+    fn json(&self) -> bool {
+        match self {
+            Command::Build(args) => args.json(),
+            Command::Push(args) | Command::Pull(args) => args.json,
+            Command::Referrers(args) => args.json,
+            Command::Verify(args) => args.json,
+            Command::Submit(args) => args.json(),
+            Command::Builds(command) => command.json(),
+            Command::Keys(KeysCommand::Generate { json, .. }) => *json,
+            Command::Serve(_) | Command::Runner(_) => false,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -277,6 +297,10 @@ struct CopyArgs {
     /// PUT, for registries or proxies that limit request sizes.
     #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1024..))]
     chunk_size: Option<u64>,
+    /// Print the result as JSON (`reference`, `digest`, `size` of the
+    /// manifest, `bytes` copied); errors as JSON on stderr.
+    #[arg(long)]
+    json: bool,
     /// Where the image comes from.
     #[arg(value_name = "SRC")]
     source: String,
@@ -311,17 +335,30 @@ fn main() -> ExitCode {
     }
     // Both rustls providers may be linked in; pick ours explicitly.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CUSTODY_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // The service says what it does with each build; a command says only
+    // what went wrong.
+    let (default_filter, format) = match &cli.command {
+        Command::Serve(args) => (
+            "warn,custody=info,custody_daemon=info,custody_server=info",
+            args.log_format,
+        ),
+        _ => ("warn", serve::LogFormat::Text),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CUSTODY_LOG")
+        .unwrap_or_else(|_| default_filter.into());
+    let log = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        serve::LogFormat::Json => log.json().init(),
+        // Colour codes only where a terminal shows them, not into files.
+        serve::LogFormat::Text => log.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("the runtime starts");
+    JSON_ERRORS.store(cli.command.json(), std::sync::atomic::Ordering::Relaxed);
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => report(&err),
@@ -338,8 +375,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Referrers(args) => referrers(args).await,
         Command::Runner(args) => runner(args).await,
         Command::Verify(args) => verify(args).await,
-        Command::Keys(KeysCommand::Generate { out, algorithm }) => {
+        Command::Keys(KeysCommand::Generate {
+            out,
+            algorithm,
+            json,
+        }) => {
             let (private, public, key) = custody_attest::keys::generate_files(&out, algorithm)?;
+            if json {
+                let report = serde_json::json!({
+                    "key_id": key.verifying_key().key_id(),
+                    "private": private,
+                    "public": public,
+                });
+                return print_line(&report.to_string());
+            }
             say!(
                 "wrote the private key to `{}` and the public key to `{}`",
                 private.display(),
@@ -455,6 +504,15 @@ async fn copy_image(args: CopyArgs) -> anyhow::Result<()> {
     );
     if let Some(path) = &args.digestfile {
         fs_write(path, report.descriptor.digest().to_string().as_bytes())?;
+    }
+    if args.json {
+        let result = serde_json::json!({
+            "reference": report.pinned.to_string(),
+            "digest": report.descriptor.digest().to_string(),
+            "size": report.descriptor.size(),
+            "bytes": report.bytes_copied,
+        });
+        return print_line(&result.to_string());
     }
     print_line(&report.pinned)
 }
@@ -629,7 +687,12 @@ pub(crate) fn print_line(line: &str) -> anyhow::Result<()> {
     }
 }
 
-/// Prints `error:` / `Caused by:` / `hint:` and picks the exit code.
+/// Whether errors go to stderr as one JSON object: the command was given
+/// `--json`, so whoever reads it reads JSON.
+static JSON_ERRORS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Prints `error:` / `Caused by:` / `hint:` (or, after `--json`, the same
+/// as one JSON object) and picks the exit code.
 fn report(err: &anyhow::Error) -> ExitCode {
     // Whoever read stdout stopped (`custody builds list | head -1`):
     // nothing went wrong, and there is no one to tell.
@@ -641,15 +704,6 @@ fn report(err: &anyhow::Error) -> ExitCode {
     if pipe_closed {
         return ExitCode::SUCCESS;
     }
-    let mut chain = err.chain();
-    let mut text = String::new();
-    if let Some(top) = chain.next() {
-        text.push_str(&format!("error: {top}\n"));
-    }
-    for cause in chain {
-        text.push_str(&format!("  Caused by: {cause}\n"));
-    }
-    let cause = err.downcast_ref::<custody_oci::Error>();
     let unscoped = err.downcast_ref::<creds::Unscoped>();
     // A registry's hint holds wherever its error surfaced (a build's push,
     // a verification's fetch), not only from `push` and `pull`.
@@ -658,18 +712,68 @@ fn report(err: &anyhow::Error) -> ExitCode {
         .find_map(|c| c.downcast_ref::<custody_oci::Error>())
         .and_then(custody_oci::Error::hint)
         .or_else(|| unscoped.map(creds::Unscoped::hint));
-    if let Some(hint) = hint {
-        text.push_str(&format!("hint: {hint}\n"));
-    }
+    let exit = exit_code(err);
+    let text = if JSON_ERRORS.load(std::sync::atomic::Ordering::Relaxed) {
+        let api = err
+            .downcast_ref::<custody_server::client::ClientError>()
+            .and_then(|e| match e {
+                custody_server::client::ClientError::Api { code, .. } => Some(code.to_string()),
+                _ => None,
+            });
+        let code = api.unwrap_or_else(|| {
+            match exit {
+                2 => "usage",
+                3 => "cannot_start",
+                _ if err.downcast_ref::<build::BuildFailed>().is_some() => "build_failed",
+                _ if err
+                    .downcast_ref::<custody_provenance::verify::Rejection>()
+                    .is_some() =>
+                {
+                    "not_verified"
+                }
+                _ => "failed",
+            }
+            .to_owned()
+        });
+        let object = serde_json::json!({
+            "error": {
+                "code": code,
+                "message": err.to_string(),
+                "causes": err.chain().skip(1).map(|c| c.to_string()).collect::<Vec<_>>(),
+                "hint": hint,
+                "exit": exit,
+            }
+        });
+        format!("{object}\n")
+    } else {
+        let mut chain = err.chain();
+        let mut text = String::new();
+        if let Some(top) = chain.next() {
+            text.push_str(&format!("error: {top}\n"));
+        }
+        for cause in chain {
+            text.push_str(&format!("  Caused by: {cause}\n"));
+        }
+        if let Some(hint) = hint {
+            text.push_str(&format!("hint: {hint}\n"));
+        }
+        text
+    };
     let _ = std::io::stderr().write_all(text.as_bytes());
-    // Exit 2 when the fault is in how custody was called or set up.
+    ExitCode::from(exit)
+}
+
+/// 2 when the fault is in how custody was called or set up, 3 when it
+/// cannot start here, 1 for everything else (a failed build, a refused
+/// verification, a registry that said no).
+fn exit_code(err: &anyhow::Error) -> u8 {
     let key_problem = err.downcast_ref::<custody_attest::Error>().is_some()
         || matches!(
             err.downcast_ref::<custody_daemon::embedded::Error>(),
             Some(custody_daemon::embedded::Error::Key(_))
         );
     let misused = err.downcast_ref::<build::Usage>().is_some()
-        || unscoped.is_some()
+        || err.downcast_ref::<creds::Unscoped>().is_some()
         || err
             .downcast_ref::<custody_server::client::ClientError>()
             .is_some_and(|e| {
@@ -681,12 +785,15 @@ fn report(err: &anyhow::Error) -> ExitCode {
         || err
             .downcast_ref::<custody_daemon::spec::SpecError>()
             .is_some();
-    if cause.is_some_and(custody_oci::Error::is_usage) || key_problem || misused {
-        ExitCode::from(2)
+    let usage = err
+        .downcast_ref::<custody_oci::Error>()
+        .is_some_and(custody_oci::Error::is_usage);
+    if usage || key_problem || misused {
+        2
     } else if cannot_start(err) {
-        ExitCode::from(3)
+        3
     } else {
-        ExitCode::from(1)
+        1
     }
 }
 
@@ -704,4 +811,92 @@ fn cannot_start(err: &anyhow::Error) -> bool {
         || err
             .downcast_ref::<custody_daemon::store::StoreError>()
             .is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use clap::CommandFactory as _;
+
+    use super::Cli;
+
+    /// Every command and subcommand, with the path that reaches it.
+    fn commands() -> Vec<(String, clap::Command)> {
+        fn walk(path: String, command: &clap::Command, into: &mut Vec<(String, clap::Command)>) {
+            into.push((path.clone(), command.clone()));
+            for sub in command.get_subcommands() {
+                walk(format!("{path} {}", sub.get_name()), sub, into);
+            }
+        }
+        let mut all = Vec::new();
+        walk("custody".into(), &Cli::command(), &mut all);
+        all
+    }
+
+    #[test]
+    fn every_flag_and_argument_says_what_it_is_for() {
+        let mut silent = Vec::new();
+        for (path, command) in commands() {
+            if command.is_hide_set() {
+                continue;
+            }
+            if command.get_about().is_none() && path != "custody" {
+                silent.push(path.clone());
+            }
+            for arg in command.get_arguments() {
+                let id = arg.get_id().as_str();
+                if matches!(id, "help" | "version") || arg.is_hide_set() {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    silent.push(format!("{path} {id}"));
+                }
+            }
+        }
+        assert!(silent.is_empty(), "without help text: {silent:#?}");
+    }
+
+    #[test]
+    fn a_short_flag_means_one_thing_everywhere() {
+        let mut meanings: BTreeMap<char, BTreeMap<String, Vec<String>>> = BTreeMap::new();
+        for (path, command) in commands() {
+            for arg in command.get_arguments() {
+                if let (Some(short), Some(long)) = (arg.get_short(), arg.get_long()) {
+                    meanings
+                        .entry(short)
+                        .or_default()
+                        .entry(long.to_owned())
+                        .or_default()
+                        .push(path.clone());
+                }
+            }
+        }
+        let clashes: Vec<_> = meanings
+            .iter()
+            .filter(|(_, longs)| longs.len() > 1)
+            .collect();
+        assert!(
+            clashes.is_empty(),
+            "short flags with two meanings: {clashes:#?}"
+        );
+    }
+
+    #[test]
+    fn commands_that_print_data_offer_json() {
+        let mut without = Vec::new();
+        for (path, command) in commands() {
+            let prints_data = command.get_subcommands().next().is_none()
+                && !command.is_hide_set()
+                && !["custody serve", "custody builds provenance"].contains(&path.as_str());
+            if prints_data
+                && !command
+                    .get_arguments()
+                    .any(|a| a.get_long() == Some("json"))
+            {
+                without.push(path);
+            }
+        }
+        assert!(without.is_empty(), "no --json: {without:#?}");
+    }
 }

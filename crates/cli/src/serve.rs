@@ -22,6 +22,16 @@ pub struct ServeArgs {
     /// Where the HTTP API listens [default: 127.0.0.1:8420].
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
+    /// How the service log on stderr is written: `text` (colour only on a
+    /// terminal) or `json` (one object per line, for log collectors).
+    /// `CUSTODY_LOG` filters it like `RUST_LOG` [default: info].
+    #[arg(
+        long,
+        value_name = "FORMAT",
+        env = "CUSTODY_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
     /// The data directory: the SQLite store (unless `--database-url`) and
     /// the signing key (unless `--signing-key`) [default:
     /// $XDG_DATA_HOME/custody or ~/.local/share/custody].
@@ -160,11 +170,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listeners = Listeners::bind(&settings).await?;
     serve::run(settings, listeners, serve::shutdown_signal(), |started| {
         if started.key_created {
-            say!("created a signing key at `{}`", started.key_path.display());
+            tracing::info!(path = %started.key_path.display(), "created a signing key");
         }
-        say!(
-            "custody serve: API on http://{}/api/v1 (daemon `{owner}`, store: {store_description})",
-            started.api
+        tracing::info!(
+            api = %format!("http://{}/api/v1", started.api),
+            daemon = %owner,
+            store = %store_description,
+            "custody serve is up"
         );
     })
     .await?;
@@ -217,6 +229,13 @@ impl ServeArgs {
             ..Config::default()
         }
     }
+}
+
+/// How `custody serve` writes its log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Args)]
@@ -279,6 +298,24 @@ pub struct SubmitArgs {
     follow: bool,
 }
 
+impl SubmitArgs {
+    pub fn json(&self) -> bool {
+        self.server.json
+    }
+}
+
+impl BuildsCommand {
+    pub fn json(&self) -> bool {
+        match self {
+            BuildsCommand::List { server, .. }
+            | BuildsCommand::Show { server, .. }
+            | BuildsCommand::Logs { server, .. }
+            | BuildsCommand::Cancel { server, .. }
+            | BuildsCommand::Provenance { server, .. } => server.json,
+        }
+    }
+}
+
 pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     // An inline spec is checked here first, for the file's own name in
     // errors; it may name its own source.
@@ -330,11 +367,8 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
         crate::print_line(&build.id)?;
     }
     if args.follow {
-        let ended = follow(&client, &build.id, true).await?;
-        if args.server.json {
-            print_json(&ended)?;
-        }
-        return outcome(&ended);
+        let ended = follow(&client, &build.id, true, Lines::of(&args.server)).await?;
+        return outcome(&ended, &args.server);
     }
     Ok(())
 }
@@ -406,31 +440,59 @@ pub enum BuildsCommand {
     Show {
         #[command(flatten)]
         server: ServerArgs,
-        id: String,
+        #[command(flatten)]
+        id: BuildIdArg,
     },
-    /// Print a build's log; `-f` follows it until the build ends (exit 0
-    /// only if it succeeded).
+    /// Print a build's log, each line prefixed with its step's name;
+    /// `--follow` streams it until the build ends (exit 0 only if it
+    /// succeeded). With `--json`, one log event per line.
     Logs {
         #[command(flatten)]
         server: ServerArgs,
-        #[arg(short = 'f', long)]
+        /// Keep streaming until the build ends; exit 0 only if it succeeded.
+        #[arg(long)]
         follow: bool,
-        id: String,
+        #[command(flatten)]
+        id: BuildIdArg,
     },
     /// Cancel a queued or running build.
     Cancel {
         #[command(flatten)]
         server: ServerArgs,
-        id: String,
+        #[command(flatten)]
+        id: BuildIdArg,
     },
     /// Write a build's signed provenance (DSSE envelope) to stdout or a file.
     Provenance {
         #[command(flatten)]
         server: ServerArgs,
+        /// Write the envelope to this file instead of stdout.
         #[arg(short = 'o', long, value_name = "FILE")]
         out: Option<PathBuf>,
-        id: String,
+        #[command(flatten)]
+        id: BuildIdArg,
     },
+}
+
+/// The build a command is about.
+#[derive(Args)]
+pub struct BuildIdArg {
+    /// The build's id, or enough of its start to name one build (like a
+    /// git commit); `builds list` shows them.
+    #[arg(value_name = "ID", value_parser = parse_build_id)]
+    id: String,
+}
+
+fn parse_build_id(text: &str) -> Result<String, String> {
+    custody_daemon::record::BuildIdPrefix::parse(text)
+        .map(|prefix| prefix.as_str().to_owned())
+        .ok_or_else(|| {
+            format!(
+                "`{text}` is not a build id: ids are hex digits and hyphens, \
+                 give at least {} of them",
+                custody_daemon::record::BuildIdPrefix::MIN
+            )
+        })
 }
 
 fn parse_state(text: &str) -> Result<BuildState, String> {
@@ -474,7 +536,7 @@ pub async fn builds(command: BuildsCommand) -> anyhow::Result<()> {
             write_stdout(out.as_bytes())
         }
         BuildsCommand::Show { server, id } => {
-            let build = server.client()?.show(&id).await?;
+            let build = server.client()?.show(&id.id).await?;
             if server.json {
                 return print_json(&build);
             }
@@ -486,25 +548,28 @@ pub async fn builds(command: BuildsCommand) -> anyhow::Result<()> {
             id,
         } => {
             let client = server.client()?;
-            let ended = follow(&client, &id, f).await?;
-            if f { outcome(&ended) } else { Ok(()) }
+            // The whole id, so a stream that reconnects asks for this
+            // build even if a newer one begins with the same characters.
+            let build = client.show(&id.id).await?;
+            let ended = follow(&client, &build.id, f, Lines::of(&server)).await?;
+            if f { outcome(&ended, &server) } else { Ok(()) }
         }
         BuildsCommand::Cancel { server, id } => {
-            let build = server.client()?.cancel(&id).await?;
+            let build = server.client()?.cancel(&id.id).await?;
             if server.json {
                 return print_json(&build);
             }
             say!(
                 "{}",
                 match build.state {
-                    BuildState::Cancelled => format!("cancelled build {id}"),
-                    _ => format!("asked the daemon running build {id} to stop it"),
+                    BuildState::Cancelled => format!("cancelled build {}", build.id),
+                    _ => format!("asked the daemon running build {} to stop it", build.id),
                 }
             );
             Ok(())
         }
         BuildsCommand::Provenance { server, out, id } => {
-            let envelope = server.client()?.provenance(&id).await?;
+            let envelope = server.client()?.provenance(&id.id).await?;
             match out {
                 Some(path) => Ok(fs_err::write(path, envelope)?),
                 None => write_stdout(&envelope),
@@ -513,26 +578,61 @@ pub async fn builds(command: BuildsCommand) -> anyhow::Result<()> {
     }
 }
 
-/// Prints the log as it comes: stdout lines to stdout, stderr lines to
-/// stderr, each prefixed with its step.
-async fn follow(client: &Client, id: &str, follow: bool) -> anyhow::Result<Build> {
+/// How a followed log is printed.
+#[derive(Clone, Copy)]
+enum Lines {
+    /// Stdout lines to stdout, stderr lines to stderr, each prefixed with
+    /// its step.
+    Text,
+    /// Every event as one line of JSON on stdout (the API's `LogEvent`).
+    Json,
+}
+
+impl Lines {
+    fn of(server: &ServerArgs) -> Self {
+        if server.json {
+            Lines::Json
+        } else {
+            Lines::Text
+        }
+    }
+}
+
+/// Prints the log as it comes.
+async fn follow(client: &Client, id: &str, follow: bool, lines: Lines) -> anyhow::Result<Build> {
     Ok(client
         .logs(id, follow, |event| {
-            let text = format!("[{}] {}\n", event.step, event.line);
-            let _ = match event.stream {
-                LogStream::Stdout => std::io::stdout().lock().write_all(text.as_bytes()),
-                LogStream::Stderr => std::io::stderr().lock().write_all(text.as_bytes()),
+            let (text, to_stderr) = match lines {
+                Lines::Json => (
+                    format!("{}\n", serde_json::to_string(&event).unwrap_or_default()),
+                    false,
+                ),
+                Lines::Text => (
+                    format!("[{}] {}\n", event.step, event.line),
+                    event.stream == LogStream::Stderr,
+                ),
+            };
+            // A closed pipe ends nothing: the build's outcome still decides
+            // the exit code.
+            let _ = if to_stderr {
+                std::io::stderr().lock().write_all(text.as_bytes())
+            } else {
+                std::io::stdout().lock().write_all(text.as_bytes())
             };
         })
         .await?)
 }
 
-/// Exit 0 for a succeeded build, 1 (with its reason) otherwise.
-fn outcome(build: &Build) -> anyhow::Result<()> {
+/// Exit 0 for a succeeded build, 1 (with its reason) otherwise; with
+/// `--json` the build is the last line on stdout.
+fn outcome(build: &Build, server: &ServerArgs) -> anyhow::Result<()> {
+    if server.json {
+        crate::print_line(&serde_json::to_string(build)?)?;
+    }
     if build.state == BuildState::Succeeded {
         say!("build {} succeeded", build.id);
         for output in &build.outputs {
-            say!("  pushed {}@{}", output.reference, output.digest);
+            say!("  pushed {}", pinned(output));
         }
         return Ok(());
     }
@@ -542,6 +642,16 @@ fn outcome(build: &Build) -> anyhow::Result<()> {
         build.error.clone().unwrap_or_default(),
     )
     .into())
+}
+
+/// An output's reference with its digest, once (a reference the runner
+/// pushed by digest carries it already).
+fn pinned(output: &custody_server::api::Output) -> String {
+    if output.reference.ends_with(&format!("@{}", output.digest)) {
+        output.reference.clone()
+    } else {
+        format!("{}@{}", output.reference, output.digest)
+    }
 }
 
 fn source_text(build: &Build) -> String {
@@ -575,10 +685,7 @@ fn describe(build: &Build) -> String {
         }
     }
     for output in &build.outputs {
-        text.push_str(&format!(
-            "pushed    {}@{}\n",
-            output.reference, output.digest
-        ));
+        text.push_str(&format!("pushed    {}\n", pinned(output)));
     }
     if build.has_provenance {
         text.push_str(&format!(

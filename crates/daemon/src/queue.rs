@@ -239,11 +239,19 @@ impl Queue {
         // of them finishes, and ends with the job.
         let mut push_began = None;
         let mut push_took = None;
+        tracing::info!(%id, "build started");
         let progress = |event: Progress| {
             if let Progress::Runner(event) = event {
                 match event {
-                    RunnerEvent::StepFinished { .. } => {
+                    RunnerEvent::StepStarted { name, .. } => {
+                        tracing::info!(%id, step = %name, "step started");
+                    }
+                    RunnerEvent::StepFinished { index, end } => {
+                        tracing::info!(%id, step = index, end = ?end, "step finished");
                         push_began = Some(Instant::now());
+                    }
+                    RunnerEvent::Pushed(pushed) => {
+                        tracing::info!(%id, reference = %pushed.reference, "pushed");
                     }
                     RunnerEvent::Finished(_) => {
                         push_took = push_began.map(|b| b.elapsed());

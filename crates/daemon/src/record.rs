@@ -32,6 +32,38 @@ impl BuildId {
     }
 }
 
+/// The start of a build id, as people type one (like a git commit's):
+/// at least [`BuildIdPrefix::MIN`] characters of the id's lowercase
+/// hyphenated form. Ids begin with the time they were made, so builds
+/// queued the same minute share their first eight or nine characters;
+/// `builds list` shows how much tells them apart.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BuildIdPrefix(String);
+
+impl BuildIdPrefix {
+    pub const MIN: usize = 4;
+
+    /// `None` unless `text` could begin a build id.
+    pub fn parse(text: &str) -> Option<Self> {
+        let text = text.to_ascii_lowercase();
+        let fits = (Self::MIN..=36).contains(&text.len())
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b) || b == b'-');
+        fits.then_some(Self(text))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for BuildIdPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 impl Default for BuildId {
     fn default() -> Self {
         Self::new()
@@ -135,6 +167,16 @@ mod tests {
             "0196f7a0-aaaa-7bbb-8ccc-ddddeeeeffff0",
         ] {
             assert_eq!(BuildId::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn prefixes_are_the_start_of_an_id_and_nothing_else() {
+        let id = BuildId::new();
+        let prefix = BuildIdPrefix::parse(&id.as_str()[..6].to_uppercase()).unwrap();
+        assert!(id.as_str().starts_with(prefix.as_str()));
+        for bad in ["", "019", "019a%", "019a_", "../x", &"0".repeat(37)] {
+            assert_eq!(BuildIdPrefix::parse(bad), None, "{bad}");
         }
     }
 

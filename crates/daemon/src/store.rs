@@ -16,7 +16,7 @@ use sqlx::{Executor, Row};
 
 use custody_oci::Digest;
 
-use crate::record::{BuildId, Timestamp};
+use crate::record::{BuildId, BuildIdPrefix, Timestamp};
 use crate::source::BuildSource;
 
 type Migrations = &'static [(i64, &'static str, &'static str)];
@@ -617,6 +617,25 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?;
         row.map(|row| record(&row)).transpose()
+    }
+
+    /// The ids that begin with `prefix`, at most `limit` of them, oldest
+    /// first. The prefix holds only hex digits and hyphens, so nothing in
+    /// it means anything to `LIKE`.
+    pub async fn ids_starting(
+        &self,
+        prefix: &BuildIdPrefix,
+        limit: i64,
+    ) -> Result<Vec<BuildId>, StoreError> {
+        let rows = sqlx::query("SELECT id FROM builds WHERE id LIKE $1 ORDER BY id LIMIT $2")
+            .bind(format!("{prefix}%"))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| BuildId::stored(row.get("id")))
+            .collect())
     }
 
     /// A build with its outputs, in one query.

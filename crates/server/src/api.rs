@@ -183,6 +183,9 @@ pub enum ErrorCode {
     RefusedByPolicy,
     /// 404: no such build or route.
     NotFound,
+    /// 400: a shortened build id that more than one build begins with; the
+    /// message names them.
+    AmbiguousId,
     /// 404: the build exists but published no provenance.
     NoProvenance,
     /// 409: the build already ended.
@@ -204,7 +207,10 @@ impl ErrorCode {
     /// The HTTP status the server answers this code with.
     pub fn http_status(self) -> u16 {
         match self {
-            ErrorCode::InvalidRequest | ErrorCode::InvalidSpec | ErrorCode::RefusedByPolicy => 400,
+            ErrorCode::InvalidRequest
+            | ErrorCode::InvalidSpec
+            | ErrorCode::RefusedByPolicy
+            | ErrorCode::AmbiguousId => 400,
             ErrorCode::Unauthorized => 401,
             ErrorCode::NotFound | ErrorCode::NoProvenance => 404,
             ErrorCode::MethodNotAllowed => 405,

@@ -15,7 +15,7 @@ use axum::routing::get;
 use axum::{Extension, Json, Router};
 use custody_daemon::policy::check_spec_path;
 use custody_daemon::queue::Queue;
-use custody_daemon::record::{BuildId, Timestamp};
+use custody_daemon::record::{BuildId, BuildIdPrefix, Timestamp};
 use custody_daemon::source::BuildSource;
 use custody_daemon::spec;
 use custody_daemon::store::{self, BuildRecord, CancelOutcome, StoreError};
@@ -325,21 +325,41 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<
     }
 }
 
-/// A build id in the path; one that cannot be a build id is no build.
+/// A build id in the path, whole or shortened to a prefix only one build
+/// begins with (like a git commit); one that cannot begin a build id is no
+/// build.
 pub struct BuildPath(pub BuildId);
 
-impl<S: Send + Sync> FromRequestParts<S> for BuildPath {
+impl FromRequestParts<Arc<App>> for BuildPath {
     type Rejection = ApiError;
     async fn from_request_parts(
         parts: &mut axum::http::request::Parts,
-        state: &S,
+        app: &Arc<App>,
     ) -> Result<Self, ApiError> {
-        let Path(text) = Path::<String>::from_request_parts(parts, state)
+        let Path(text) = Path::<String>::from_request_parts(parts, app)
             .await
             .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e.body_text()))?;
-        BuildId::parse(&text)
-            .map(BuildPath)
-            .ok_or_else(|| ApiError::not_found(&text))
+        if let Some(id) = BuildId::parse(&text) {
+            return Ok(BuildPath(id));
+        }
+        let prefix = BuildIdPrefix::parse(&text).ok_or_else(|| ApiError::not_found(&text))?;
+        let store = &app.queue.service().store;
+        let mut found = store.ids_starting(&prefix, 3).await?;
+        match found.len() {
+            0 => Err(ApiError::not_found(&text)),
+            1 => Ok(BuildPath(found.remove(0))),
+            _ => {
+                let named: Vec<&str> = found.iter().map(BuildId::as_str).collect();
+                Err(ApiError::new(
+                    ErrorCode::AmbiguousId,
+                    format!(
+                        "`{prefix}` begins more than one build ({}{}); give more of the id",
+                        named[..2].join(", "),
+                        if named.len() > 2 { ", …" } else { "" }
+                    ),
+                ))
+            }
+        }
     }
 }
 
