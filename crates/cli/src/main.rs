@@ -478,7 +478,7 @@ async fn copy_image(args: CopyArgs) -> anyhow::Result<()> {
     let progress: Arc<dyn copy::Progress> = if std::io::stderr().is_terminal() {
         Arc::new(progress::Bars::new())
     } else {
-        Arc::new(copy::NoProgress)
+        Arc::new(progress::Lines::new("copying"))
     };
     let copy_options = CopyOptions {
         jobs: usize::from(args.jobs),

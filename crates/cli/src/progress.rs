@@ -1,7 +1,9 @@
-//! Progress bars on a terminal: one per blob in flight.
+//! Progress while blobs move: bars on a terminal (one per blob in
+//! flight), plain periodic lines otherwise.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use custody_oci::Digest;
 use custody_oci::copy::{BlobOutcome, Progress};
@@ -65,5 +67,83 @@ impl Progress for Bars {
             BlobOutcome::Copied => "copied",
         };
         let _ = self.multi.println(format!("{} {line}", short(digest)));
+    }
+}
+
+/// Plain progress lines for a log that is not a terminal (CI): at most one
+/// every `every`, saying how much of what has started has moved, and how
+/// fast.
+pub struct Lines {
+    every: Duration,
+    verb: &'static str,
+    state: Mutex<LinesState>,
+}
+
+struct LinesState {
+    began: Instant,
+    last: Instant,
+    total: u64,
+    moved: u64,
+}
+
+impl Lines {
+    /// `CUSTODY_PROGRESS_SECONDS` sets how often (default 5 s).
+    pub fn new(verb: &'static str) -> Self {
+        let every = std::env::var("CUSTODY_PROGRESS_SECONDS")
+            .ok()
+            .and_then(|s| s.parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .map_or(Duration::from_secs(5), Duration::from_secs_f64);
+        let now = Instant::now();
+        Self {
+            every,
+            verb,
+            state: Mutex::new(LinesState {
+                began: now,
+                last: now,
+                total: 0,
+                moved: 0,
+            }),
+        }
+    }
+}
+
+impl Progress for Lines {
+    fn blob_started(&self, descriptor: &Descriptor) {
+        self.state.lock().expect("progress lock").total += descriptor.size();
+    }
+
+    fn blob_bytes(&self, _digest: &Digest, bytes: u64) {
+        let mut state = self.state.lock().expect("progress lock");
+        state.moved += bytes;
+        let now = Instant::now();
+        if now.duration_since(state.last) < self.every {
+            return;
+        }
+        state.last = now;
+        let seconds = now.duration_since(state.began).as_secs_f64().max(0.001);
+        say!(
+            "{}: {} of {} ({}/s)",
+            self.verb,
+            size(state.moved),
+            size(state.total),
+            size((state.moved as f64 / seconds) as u64)
+        );
+    }
+}
+
+/// `bytes` for people: B, KiB, MiB or GiB with one decimal.
+pub fn size(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
     }
 }

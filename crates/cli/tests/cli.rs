@@ -1010,3 +1010,31 @@ fn keys_generate_writes_a_private_and_a_public_key_and_never_overwrites() {
     ])
     .success();
 }
+
+#[test]
+fn a_push_into_a_log_says_how_far_it_got_and_json_says_what_it_pushed() {
+    let registry = Registry::builder().start();
+    let dir = tempfile::tempdir().unwrap();
+    let image = Image::random(11, &[4 << 20, 4 << 20]);
+    let layout = layout_with(dir.path(), &image);
+    let destination = format!("{}/team/logged:v1", registry.host());
+    let args = push_args(&registry, &["--json", &oci(&layout, "v1"), &destination]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    // stderr is a pipe here, as in CI: plain lines, not bars.
+    let run = custody_with_env(&args, &[("CUSTODY_PROGRESS_SECONDS", "0.000001")]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    // The last line counts every blob that started.
+    let line = run
+        .stderr
+        .lines()
+        .rfind(|l| l.starts_with("copying: "))
+        .unwrap_or_else(|| panic!("no progress line:\n{}", run.stderr));
+    assert!(line.ends_with("/s)") && line.contains(" of 8.0 MiB"), "{line}");
+    assert!(!run.stderr.contains('\x1b'), "terminal codes in a log");
+    let result: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(result["digest"], image.manifest.digest.as_str());
+    assert_eq!(
+        result["reference"],
+        format!("{destination}@{}", image.manifest.digest)
+    );
+}
