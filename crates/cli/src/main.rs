@@ -145,7 +145,7 @@ struct VerifyArgs {
     source: Option<String>,
     /// Allow this step image digest (`sha256:…`); repeatable. When given,
     /// every step image must be one of them.
-    #[arg(long = "allow-step-image", value_name = "DIGEST")]
+    #[arg(long = "allow-step-image", value_name = "DIGEST", value_parser = parse_image_digest)]
     allow_step_images: Vec<String>,
     /// Accept a build of a working tree with uncommitted changes when
     /// `--source` is given (by default it fails: such a build is not the
@@ -569,6 +569,15 @@ fn fs_write(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(fs_err::write(path, bytes)?)
 }
 
+/// A step image digest as provenance records it: `sha256:` and 64 hex
+/// digits (what `custody verify` prints and `skopeo inspect` shows).
+fn parse_image_digest(text: &str) -> Result<String, String> {
+    let digest: custody_oci::Digest = text.parse().map_err(|_| {
+        format!("`{text}` is not an image digest: write `sha256:` followed by 64 hex digits")
+    })?;
+    Ok(digest.to_string())
+}
+
 fn parse_host_pattern(text: &str) -> Result<custody_provenance::policy::HostPattern, String> {
     custody_provenance::policy::HostPattern::parse(text)
 }
@@ -709,7 +718,7 @@ fn report(err: &anyhow::Error) -> ExitCode {
     // a verification's fetch), not only from `push` and `pull`.
     let hint = err
         .chain()
-        .find_map(|c| c.downcast_ref::<custody_oci::Error>())
+        .find_map(registry_error)
         .and_then(custody_oci::Error::hint)
         .or_else(|| unscoped.map(creds::Unscoped::hint));
     let exit = exit_code(err);
@@ -763,6 +772,19 @@ fn report(err: &anyhow::Error) -> ExitCode {
     ExitCode::from(exit)
 }
 
+/// The registry error `cause` is or stands for (a verification's fetch
+/// wraps one transparently, which hides it from the chain).
+fn registry_error<'a>(
+    cause: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a custody_oci::Error> {
+    cause.downcast_ref::<custody_oci::Error>().or_else(|| {
+        match cause.downcast_ref::<custody_provenance::verify::VerifyError>()? {
+            custody_provenance::verify::VerifyError::Oci(e) => Some(e),
+            _ => None,
+        }
+    })
+}
+
 /// 2 when the fault is in how custody was called or set up, 3 when it
 /// cannot start here, 1 for everything else (a failed build, a refused
 /// verification, a registry that said no).
@@ -787,6 +809,7 @@ fn exit_code(err: &anyhow::Error) -> u8 {
             .is_some();
     let usage = err
         .downcast_ref::<custody_oci::Error>()
+        .or_else(|| registry_error(err.downcast_ref::<custody_provenance::verify::VerifyError>()?))
         .is_some_and(custody_oci::Error::is_usage);
     if usage || key_problem || misused {
         2

@@ -187,3 +187,21 @@ fn build_json_prints_the_log_and_the_result_as_json() {
         "{error}"
     );
 }
+
+#[test]
+fn a_malformed_flag_value_is_a_usage_error_naming_it() {
+    let output = support::custody(&[
+        "verify",
+        "--key",
+        "k.pub",
+        "--allow-step-image",
+        "abc123",
+        "127.0.0.1:1/x:v1",
+    ]);
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("`abc123` is not an image digest: write `sha256:` followed by 64 hex digits"),
+        "{stderr}"
+    );
+}

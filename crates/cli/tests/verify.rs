@@ -407,3 +407,24 @@ fn base64_encode(bytes: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
+
+#[test]
+fn a_plain_http_registry_asked_for_tls_gets_the_insecure_registry_hint() {
+    let s = setup();
+    let image = format!("{}/app:v1", s.registry.host());
+    let output = Command::new(env!("CARGO_BIN_EXE_custody"))
+        .args(["verify", "--key", s.public.to_str().unwrap(), &image])
+        .env("HOME", s.dir.path())
+        .output()
+        .unwrap();
+    let run = Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into(),
+        stderr: String::from_utf8_lossy(&output.stderr).into(),
+    };
+    let hint = format!(
+        "hint: `{host}` seems to serve plain HTTP; if you trust it, pass `--insecure-registry {host}`",
+        host = s.registry.host()
+    );
+    refused(run, &hint);
+}

@@ -242,6 +242,19 @@ pub fn parse(text: &str, file: &Path) -> Result<Spec, SpecError> {
         let message = message
             .rfind(" at line ")
             .map_or(message, |i| &message[..i]);
+        // The scanner reports a tab where the token it was reading began,
+        // often a line early: point at the tab itself.
+        if message.contains("tab") {
+            if let Some((line, column)) = indenting_tab(text, line) {
+                return at(
+                    text,
+                    file,
+                    line,
+                    column,
+                    "a tab in the indentation: YAML indents with spaces only".to_owned(),
+                );
+            }
+        }
         at(text, file, line, column, message.to_owned())
     })?;
     let at = Locator { text, file };
@@ -700,6 +713,20 @@ pub fn parse_size(text: &str) -> Option<u64> {
         _ => return None,
     };
     n.checked_mul(1 << shift).filter(|&bytes| bytes >= 1 << 20)
+}
+
+/// The first tab in a line's indentation, from line `from` on (1-based
+/// line and column).
+fn indenting_tab(text: &str, from: u64) -> Option<(u64, u64)> {
+    text.lines()
+        .enumerate()
+        .skip((from as usize).saturating_sub(1))
+        .find_map(|(i, line)| {
+            let indent = &line[..line.len() - line.trim_start().len()];
+            indent
+                .find('\t')
+                .map(|column| (i as u64 + 1, column as u64 + 1))
+        })
 }
 
 fn at(text: &str, file: &Path, line: u64, column: u64, message: String) -> SpecError {

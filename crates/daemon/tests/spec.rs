@@ -109,6 +109,18 @@ fn syntax_and_type_errors_name_the_file_line_and_column() {
 
     let err = error_of("steps: [\n");
     assert!(err.starts_with("app/custody.yaml:1:"), "{err}");
+
+    // A tab is reported where it is, not where the scanner's token began.
+    for (text, at) in [
+        ("steps:\n  - name: a\n\trun: echo hi\n", "3:1"),
+        ("steps:\n  - name: a\n    run: x\n    env:\n  \t  A: b\n", "5:3"),
+    ] {
+        let err = error_of(text);
+        assert!(
+            err.starts_with(&format!("app/custody.yaml:{at}: a tab in the indentation")),
+            "{err}"
+        );
+    }
 }
 
 #[test]
