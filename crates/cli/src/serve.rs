@@ -271,15 +271,11 @@ pub struct SubmitArgs {
     /// commit, unless `--git` names the source).
     #[arg(value_name = "DIR", default_value = ".")]
     dir: PathBuf,
-    /// The spec's path in the source; the server reads it there, at the
-    /// commit it builds.
-    #[arg(
-        long,
-        value_name = "PATH",
-        default_value = "custody.yaml",
-        conflicts_with = "file"
-    )]
-    spec_path: String,
+    /// The spec's path in the source, from its root; the server reads it
+    /// there, at the commit it builds [default: DIR's custody.yaml, as
+    /// `custody build DIR` reads it].
+    #[arg(long, value_name = "PATH", conflicts_with = "file")]
+    spec_path: Option<String>,
     /// Send this spec's text with the build instead (only where the
     /// service allows inline specs; the provenance says so, and
     /// `custody verify --source` then needs `--allow-inline-spec`).
@@ -317,25 +313,44 @@ impl BuildsCommand {
 }
 
 pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
-    // An inline spec is checked here first, for the file's own name in
-    // errors; it may name its own source.
+    // The spec is checked here first when it is at hand, for the file's
+    // own name in errors; an inline one may name its own source.
     let inline = match &args.file {
         Some(path) => {
             let text = fs_err::read_to_string(path).map_err(|e| Usage(e.to_string()))?;
             let parsed = custody_daemon::spec::parse(&text, path)?;
-            Some((path.clone(), text, parsed.source.is_some()))
+            Some((path.clone(), text, parsed))
         }
         None => None,
     };
-    let names_source = inline.as_ref().is_some_and(|(_, _, named)| *named);
+    let names_source = inline
+        .as_ref()
+        .is_some_and(|(_, _, spec)| spec.source.is_some());
     let source = match (&args.git, names_source) {
         (Some(git), _) => Some(GitSource {
             git: git.clone(),
             revision: args.revision.clone().unwrap_or_else(|| "HEAD".to_owned()),
+            path: None,
         }),
         (None, true) => None,
         (None, false) => Some(checkout_source(&args.dir, args.revision.as_deref()).await?),
     };
+    // Like `custody build DIR`: DIR's custody.yaml, steps started in DIR.
+    let in_checkout = source.as_ref().and_then(|s| s.path.clone());
+    let default_spec = match &in_checkout {
+        Some(dir) => format!("{dir}/custody.yaml"),
+        None => "custody.yaml".to_owned(),
+    };
+    match &inline {
+        Some((path, _, spec)) => refuse_relative_layouts(spec, path)?,
+        None if args.git.is_none() && args.spec_path.is_none() => {
+            let local = args.dir.join("custody.yaml");
+            if let Ok(text) = fs_err::read_to_string(&local) {
+                refuse_relative_layouts(&custody_daemon::spec::parse(&text, &local)?, &local)?;
+            }
+        }
+        None => {}
+    }
     let (spec_path, spec) = match inline {
         Some((path, text, _)) => {
             let relative = path
@@ -345,7 +360,7 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
                 .to_string();
             (relative, Some((path, text)))
         }
-        None => (args.spec_path.clone(), None),
+        None => (args.spec_path.clone().unwrap_or(default_spec), None),
     };
     let client = args.server.client()?;
     let build = client
@@ -398,10 +413,45 @@ async fn checkout_source(dir: &Path, revision: Option<&str>) -> anyhow::Result<G
             state.commit
         }
     };
+    // DIR's place in the checkout is where the build runs.
+    let path = custody_source::path_in_checkout(dir)
+        .await
+        .filter(|p| !p.is_empty());
     Ok(GitSource {
         git: origin,
         revision,
+        path,
     })
+}
+
+/// A service writes layouts only under the roots its operator allows
+/// (absolute paths); a layout next to the spec (`oci:out/app`) is for
+/// `custody build` only, so it is refused before the build is queued.
+fn refuse_relative_layouts(spec: &custody_daemon::spec::Spec, file: &Path) -> anyhow::Result<()> {
+    let destinations = spec
+        .images
+        .iter()
+        .map(|i| &i.to)
+        .chain(spec.artifacts.iter().map(|a| &a.to));
+    for to in destinations {
+        let beside_spec = to
+            .template()
+            .strip_prefix("oci:")
+            .is_some_and(|path| !path.starts_with('/'));
+        if beside_spec {
+            return Err(Usage(format!(
+                "{}:{}:{}: destination `{}` is a layout next to the spec, which only \
+                 `custody build` writes; a service pushes to a registry (or to an absolute \
+                 `oci:` path its operator allows)",
+                file.display(),
+                to.line,
+                to.column,
+                to.template()
+            ))
+            .into());
+        }
+    }
+    Ok(())
 }
 
 /// A spec the server refused, named by the local file.

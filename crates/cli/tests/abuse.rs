@@ -76,6 +76,7 @@ async fn sleeping_build(daemon: &Daemon, dir: &Path) -> String {
         source: Some(GitSource {
             git: format!("file://{}", src.display()),
             revision: "main".to_owned(),
+            path: None,
         }),
     };
     let client = daemon.client();

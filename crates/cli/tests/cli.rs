@@ -1029,7 +1029,10 @@ fn a_push_into_a_log_says_how_far_it_got_and_json_says_what_it_pushed() {
         .lines()
         .rfind(|l| l.starts_with("copying: "))
         .unwrap_or_else(|| panic!("no progress line:\n{}", run.stderr));
-    assert!(line.ends_with("/s)") && line.contains(" of 8.0 MiB"), "{line}");
+    assert!(
+        line.ends_with("/s)") && line.contains(" of 8.0 MiB"),
+        "{line}"
+    );
     assert!(!run.stderr.contains('\x1b'), "terminal codes in a log");
     let result: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
     assert_eq!(result["digest"], image.manifest.digest.as_str());

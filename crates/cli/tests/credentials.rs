@@ -431,6 +431,7 @@ async fn serve_offers_a_credential_only_to_the_registry_it_names() {
             source: Some(GitSource {
                 git,
                 revision: "main".to_owned(),
+                path: None,
             }),
         })
         .await

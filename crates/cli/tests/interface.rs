@@ -201,7 +201,8 @@ fn a_malformed_flag_value_is_a_usage_error_naming_it() {
     assert_eq!(output.status.code(), Some(2), "{}", text(&output));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("`abc123` is not an image digest: write `sha256:` followed by 64 hex digits"),
+        stderr
+            .contains("`abc123` is not an image digest: write `sha256:` followed by 64 hex digits"),
         "{stderr}"
     );
 }

@@ -45,6 +45,7 @@ fn request(git: &str, spec_path: &str) -> SubmitRequest {
         source: Some(GitSource {
             git: git.to_owned(),
             revision: "main".to_owned(),
+            path: None,
         }),
         spec: None,
     }
@@ -416,29 +417,65 @@ async fn a_restarted_daemon_ends_the_build_it_was_killed_in() {
 async fn submit_follow_and_verify_the_example() {
     let registry = Registry::builder().start();
     let dir = tempfile::tempdir().unwrap();
-    // The example, pushing to the registry rather than to layouts beside it.
-    let src = dir.path().join("hello");
+    // A checkout holding the example where this repository has it, pushing
+    // to the registry rather than to layouts beside it.
+    let repo = dir.path().join("repo");
+    let src = repo.join("examples/hello");
     fs_err::create_dir_all(&src).unwrap();
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/hello");
     for name in ["custody.yaml", "hello.sh", ".gitignore"] {
         fs_err::copy(example.join(name), src.join(name)).unwrap();
     }
-    let spec = fs_err::read_to_string(src.join("custody.yaml"))
-        .unwrap()
-        .replace("oci:out/", &format!("{}/", registry.host()));
-    fs_err::write(src.join("custody.yaml"), spec).unwrap();
-    git(&src, &["init", "-q"]);
-    git(&src, &["add", "."]);
-    git(&src, &["commit", "-qm", "example"]);
-    let commit = git(&src, &["rev-parse", "HEAD"]);
-    let url = format!("file://{}", src.display());
-    git(&src, &["remote", "add", "origin", &url]);
+    let as_shipped = fs_err::read_to_string(src.join("custody.yaml")).unwrap();
+    fs_err::write(
+        repo.join("custody.yaml"),
+        "steps: [{name: wrong, run: exit 7}]\n",
+    )
+    .unwrap();
+    git(&repo, &["init", "-q"]);
+    git(&repo, &["add", "."]);
+    git(&repo, &["commit", "-qm", "example"]);
+    let url = format!("file://{}", repo.display());
+    git(&repo, &["remote", "add", "origin", &url]);
 
     let mut options = DaemonOptions::new("round-trip", dir.path());
     options.extra = vec!["--insecure-registry".into(), registry.host().into()];
     let daemon = Daemon::start(options);
 
-    // The source comes from the checkout's origin at its commit.
+    // As shipped, the example writes layouts next to its spec: a service
+    // cannot, and says so before anything is queued.
+    let refused = daemon.cli(&["submit", &src.display().to_string()]);
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused));
+    let line = as_shipped
+        .lines()
+        .position(|l| l.contains("to: oci:out/hello:"))
+        .unwrap()
+        + 1;
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains(&format!(
+            "{}:{line}:9: destination `oci:out/hello:{{short_commit}}` is a layout next to the spec",
+            src.join("custody.yaml").display()
+        )),
+        "{}",
+        text(&refused)
+    );
+    assert!(
+        daemon
+            .client()
+            .list(None, 10, None)
+            .await
+            .unwrap()
+            .builds
+            .is_empty()
+    );
+
+    let spec = as_shipped.replace("oci:out/", &format!("{}/", registry.host()));
+    fs_err::write(src.join("custody.yaml"), spec).unwrap();
+    git(&repo, &["commit", "-qam", "to the registry"]);
+    let commit = git(&repo, &["rev-parse", "HEAD"]);
+
+    // `submit DIR` as `build DIR`: DIR's spec, the steps in DIR (hello.sh
+    // is found), the checkout's origin at its commit.
     let submitted = daemon.cli(&["submit", &src.display().to_string(), "--follow"]);
     let output = text(&submitted);
     assert!(submitted.status.success(), "{output}\n{}", daemon.log());
@@ -493,6 +530,32 @@ async fn submit_follow_and_verify_the_example() {
     assert!(
         shown.contains(&format!("pushed    {image}@sha256:")),
         "{shown}"
+    );
+
+    // The provenance says where in the repository it ran, and the files
+    // are named as `custody build examples/hello` names them.
+    let envelope = daemon.cli(&["builds", "provenance", id]);
+    let envelope: serde_json::Value = serde_json::from_slice(&envelope.stdout).unwrap();
+    use base64::Engine as _;
+    let statement: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::STANDARD
+            .decode(envelope["payload"].as_str().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let source = &statement["predicate"]["buildDefinition"]["externalParameters"]["source"];
+    assert_eq!(source["path"], "examples/hello", "{source}");
+    let files: Vec<&str> = statement["subject"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["annotations"]["kind"] == "file")
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        files.iter().any(|f| f.ends_with("hello.sh"))
+            && !files.iter().any(|f| f.contains("examples/")),
+        "{files:?}"
     );
 }
 
@@ -860,5 +923,56 @@ async fn tarpits_are_cancelled_at_once_and_bounded_by_the_build_deadline() {
             "{:?}",
             begun.elapsed()
         );
+    }
+}
+
+#[tokio::test]
+async fn a_build_directory_must_be_a_real_directory_of_the_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = "steps:\n  - name: look\n    run: pwd; ls\n";
+    let git_url = repository(dir.path(), &[("custody.yaml", spec)]);
+    let src = dir.path().join("src");
+    fs_err::create_dir_all(src.join("sub")).unwrap();
+    fs_err::write(src.join("sub/custody.yaml"), spec).unwrap();
+    std::os::unix::fs::symlink("/etc", src.join("linked")).unwrap();
+    git(&src, &["add", "."]);
+    git(&src, &["commit", "-qm", "sub and a link"]);
+    let daemon = Daemon::start(DaemonOptions::new("workdir", dir.path()));
+    let client = daemon.client();
+
+    let mut asked = request(&git_url, "sub/custody.yaml");
+    asked.source.as_mut().unwrap().path = Some("sub".into());
+    let (ended, lines) = run_to_end(&client, &asked).await;
+    assert_eq!(ended.state, BuildState::Succeeded, "{ended:?}");
+    assert_eq!(
+        lines[0], "/workspace/sub",
+        "the step starts in the build's directory"
+    );
+    assert_eq!(ended.source["path"], "sub");
+
+    // A link planted in the source leads nowhere, and no step runs.
+    let mut asked = request(&git_url, "custody.yaml");
+    asked.source.as_mut().unwrap().path = Some("linked".into());
+    let (ended, lines) = run_to_end(&client, &asked).await;
+    assert_eq!(ended.state, BuildState::Failed);
+    assert!(lines.is_empty(), "{lines:?}");
+    let error = ended.error.unwrap();
+    assert!(
+        error.contains("`linked`, which is not a directory of the source"),
+        "{error}"
+    );
+
+    // A path out of the source is refused at submit.
+    let mut asked = request(&git_url, "custody.yaml");
+    asked.source.as_mut().unwrap().path = Some("sub/../../x".into());
+    match client.submit(&asked).await {
+        Err(ClientError::Api {
+            status: 400,
+            message,
+            ..
+        }) => {
+            assert!(message.contains("`source.path`"), "{message}")
+        }
+        other => panic!("{other:?}"),
     }
 }

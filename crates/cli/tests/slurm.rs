@@ -189,6 +189,7 @@ async fn serve_builds_on_the_cluster(cluster: &SlurmCluster) {
             source: Some(GitSource {
                 git: format!("file://{}", src.display()),
                 revision: "main".into(),
+                path: None,
             }),
         })
         .await

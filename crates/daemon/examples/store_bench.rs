@@ -48,6 +48,7 @@ fn source() -> BuildSource {
     BuildSource::Git(GitSource {
         git: GitUrl::parse("https://git.example/team/app.git").expect("a plain https URL"),
         revision: "4f3c2a1b9e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b".to_owned(),
+        path: Default::default(),
     })
 }
 

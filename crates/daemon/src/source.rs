@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
-use crate::spec::{GitSource, GitUrl};
+use crate::spec::{GitSource, GitUrl, WorkDir};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BuildSource {
@@ -30,9 +30,15 @@ impl BuildSource {
             .or_else(|| directory.map(|d| BuildSource::Directory(d.to_owned())))
     }
 
-    /// As recorded: `{ "git": URL, "revision": REV }` or `{ "directory": PATH }`.
+    /// As recorded: `{ "git": URL, "revision": REV }` (with `"path": DIR`
+    /// when the build runs in a directory of it) or `{ "directory": PATH }`.
     pub fn to_json(&self) -> serde_json::Value {
         match self {
+            BuildSource::Git(git) if !git.path.is_root() => json!({
+                "git": git.git.as_str(),
+                "revision": git.revision,
+                "path": git.path.as_str(),
+            }),
             BuildSource::Git(git) => json!({ "git": git.git.as_str(), "revision": git.revision }),
             BuildSource::Directory(dir) => json!({
                 "directory": dir.canonicalize().unwrap_or_else(|_| dir.clone()).display().to_string()
@@ -48,9 +54,11 @@ impl BuildSource {
             value.get("git").and_then(|v| v.as_str()),
             value.get("revision").and_then(|v| v.as_str()),
         ) {
+            let path = value.get("path").and_then(|v| v.as_str()).unwrap_or("");
             return Ok(BuildSource::Git(GitSource {
                 git: GitUrl::parse(git).map_err(|e| e.to_string())?,
                 revision: revision.to_owned(),
+                path: WorkDir::parse(path)?,
             }));
         }
         match value.get("directory").and_then(|v| v.as_str()) {
@@ -66,10 +74,30 @@ impl BuildSource {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_work_dir_is_plain_names_inside_the_source() {
+        for root in ["", ".", "./"] {
+            assert!(WorkDir::parse(root).unwrap().is_root(), "{root:?}");
+        }
+        assert_eq!(WorkDir::parse("a/b/").unwrap().as_str(), "a/b");
+        for bad in [
+            "/etc",
+            "../x",
+            "a/../../b",
+            "a//b",
+            "a/./b",
+            "a\\..\\b",
+            "a\nb",
+        ] {
+            assert!(WorkDir::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
     fn git(url: &str) -> GitSource {
         GitSource {
             git: GitUrl::parse(url).unwrap(),
             revision: "main".into(),
+            path: WorkDir::default(),
         }
     }
 
@@ -99,6 +127,19 @@ mod tests {
         assert_eq!(
             BuildSource::from_json(&source.to_json().to_string()),
             Ok(source)
+        );
+        let mut inside = git("https://example.org/app.git");
+        inside.path = WorkDir::parse("examples/hello/").unwrap();
+        let source = BuildSource::Git(inside);
+        assert_eq!(source.to_json()["path"], "examples/hello");
+        assert_eq!(
+            BuildSource::from_json(&source.to_json().to_string()),
+            Ok(source)
+        );
+        assert!(
+            BuildSource::from_json(r#"{"git":"https://h/x","revision":"m","path":"../x"}"#)
+                .unwrap_err()
+                .contains("without `..`")
         );
         assert!(BuildSource::from_json("{}").is_err());
         assert!(

@@ -98,6 +98,55 @@ pub struct GitSource {
     pub git: GitUrl,
     /// Branch, tag or commit; `HEAD` when not given.
     pub revision: String,
+    /// The directory of the repository the build runs in: the steps'
+    /// working directory, and what artifact `paths` are relative to
+    /// (`custody submit DIR` sends DIR's path in its checkout).
+    pub path: WorkDir,
+}
+
+/// A directory inside a source, as a path relative to its root: only
+/// plain names, `/`-separated (no `..`, `.`, empty or absolute parts);
+/// empty for the root itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkDir(String);
+
+impl WorkDir {
+    /// `text` as a directory inside a source; `""`, `.` and `./` are the
+    /// root; a trailing `/` is dropped.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let trimmed = text.trim_end_matches('/');
+        if trimmed.is_empty() || trimmed == "." {
+            return Ok(Self::default());
+        }
+        let plain = |part: &str| {
+            !part.is_empty()
+                && part != "."
+                && part != ".."
+                && !part.contains(['\\', '\0'])
+                && !part.chars().any(char::is_control)
+        };
+        if text.starts_with('/') || trimmed.len() > 1024 || !trimmed.split('/').all(plain) {
+            return Err(format!(
+                "`{text}` is not a directory inside the source: write a relative path of plain names (`examples/hello`), without `..`"
+            ));
+        }
+        Ok(Self(trimmed.to_owned()))
+    }
+
+    pub fn is_root(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// `""` for the root.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for WorkDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.is_root() { "." } else { &self.0 })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -244,16 +293,18 @@ pub fn parse(text: &str, file: &Path) -> Result<Spec, SpecError> {
             .map_or(message, |i| &message[..i]);
         // The scanner reports a tab where the token it was reading began,
         // often a line early: point at the tab itself.
-        if message.contains("tab") {
-            if let Some((line, column)) = indenting_tab(text, line) {
-                return at(
-                    text,
-                    file,
-                    line,
-                    column,
-                    "a tab in the indentation: YAML indents with spaces only".to_owned(),
-                );
-            }
+        if let Some((line, column)) = message
+            .contains("tab")
+            .then(|| indenting_tab(text, line))
+            .flatten()
+        {
+            return at(
+                text,
+                file,
+                line,
+                column,
+                "a tab in the indentation: YAML indents with spaces only".to_owned(),
+            );
         }
         at(text, file, line, column, message.to_owned())
     })?;
@@ -624,6 +675,7 @@ fn parse_source(source: RawSource, at: &Locator<'_>) -> Result<GitSource, SpecEr
         error
     })?;
     Ok(GitSource {
+        path: WorkDir::default(),
         git,
         revision: source.revision.unwrap_or_else(|| "HEAD".into()),
     })

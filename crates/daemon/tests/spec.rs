@@ -113,7 +113,10 @@ fn syntax_and_type_errors_name_the_file_line_and_column() {
     // A tab is reported where it is, not where the scanner's token began.
     for (text, at) in [
         ("steps:\n  - name: a\n\trun: echo hi\n", "3:1"),
-        ("steps:\n  - name: a\n    run: x\n    env:\n  \t  A: b\n", "5:3"),
+        (
+            "steps:\n  - name: a\n    run: x\n    env:\n  \t  A: b\n",
+            "5:3",
+        ),
     ] {
         let err = error_of(text);
         assert!(

@@ -75,6 +75,7 @@ async fn enqueue(store: &Store, n: usize) -> Vec<BuildId> {
     let source = BuildSource::Git(GitSource {
         git: GitUrl::parse("file:///src").unwrap(),
         revision: "main".into(),
+        path: Default::default(),
     });
     let mut ids = Vec::new();
     for _ in 0..n {
@@ -308,6 +309,7 @@ async fn specs_from_the_source_are_queued_without_bytes(backend: &Backend) {
             source: &BuildSource::Git(GitSource {
                 git: GitUrl::parse("https://git.example.org/app.git").unwrap(),
                 revision: "v1".into(),
+                path: Default::default(),
             }),
             created_at: at(0),
         })

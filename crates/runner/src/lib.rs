@@ -231,6 +231,7 @@ impl Preparation {
         Ok(steps::Boundary {
             sandbox: sandbox::Sandbox {
                 workspace: jobdir.workspace.clone(),
+                workdir: job.workdir.clone(),
                 output: jobdir.output.clone(),
                 hidden: job
                     .hidden_paths

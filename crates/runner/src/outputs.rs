@@ -53,14 +53,22 @@ pub enum OutputError {
 /// A workspace file that goes out as part of an artifact.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ArtifactFile {
-    /// Relative to the workspace, `/`-separated.
+    /// Its name in the artifact: relative to the build's directory,
+    /// `/`-separated.
     pub path: String,
+    /// Relative to the workspace.
+    pub inside: PathBuf,
 }
 
-/// Files in `workspace` matching `globs` (`*` does not cross `/`; `**`
-/// does), sorted by path. Every glob must match at least one file. A
-/// matched symlink must stay inside the workspace.
-pub fn collect_files(workspace: &Path, globs: &[String]) -> Result<Vec<ArtifactFile>, OutputError> {
+/// Files of the build's directory `workdir` (relative to `workspace`;
+/// empty for the workspace itself) matching `globs` (`*` does not cross
+/// `/`; `**` does), relative to it, sorted by path. Every glob must match
+/// at least one file. A matched symlink must stay inside the workspace.
+pub fn collect_files(
+    workspace: &Path,
+    workdir: &str,
+    globs: &[String],
+) -> Result<Vec<ArtifactFile>, OutputError> {
     let dir = Dir::open(workspace)?;
     let matchers = globs
         .iter()
@@ -77,12 +85,18 @@ pub fn collect_files(workspace: &Path, globs: &[String]) -> Result<Vec<ArtifactF
         .collect::<Result<Vec<_>, _>>()?;
     let mut matched = vec![false; globs.len()];
     let mut files = Vec::new();
+    // The whole workspace is walked, never through a link, and only what
+    // lies under the build's directory counts: a step that swapped that
+    // directory for a symlink leads the walk nowhere.
     for entry in walkdir::WalkDir::new(workspace)
         .follow_links(false)
         .sort_by_file_name()
     {
         let entry = entry.map_err(|e| std::io::Error::other(e.to_string()))?;
-        let Ok(relative) = entry.path().strip_prefix(workspace) else {
+        let Ok(inside) = entry.path().strip_prefix(workspace) else {
+            continue;
+        };
+        let Ok(relative) = inside.strip_prefix(workdir) else {
             continue;
         };
         let Some(path) = relative.to_str().map(str::to_owned) else {
@@ -102,8 +116,11 @@ pub fn collect_files(workspace: &Path, globs: &[String]) -> Result<Vec<ArtifactF
             continue;
         }
         // A link to a directory inside is no file: skip it, as before.
-        match open_inside(&dir, relative) {
-            Ok(_) => files.push(ArtifactFile { path }),
+        match open_inside(&dir, inside) {
+            Ok(_) => files.push(ArtifactFile {
+                path,
+                inside: inside.to_owned(),
+            }),
             Err(OutputError::Oci(custody_oci::Error::Io(_))) if entry.path_is_symlink() => {}
             Err(e) => return Err(e),
         }
@@ -186,7 +203,7 @@ pub fn write_artifact(
     let workspace = Dir::open(workspace)?;
     let mut layers = Vec::new();
     for file in files {
-        let mut reader = open_inside(&workspace, Path::new(&file.path))?;
+        let mut reader = open_inside(&workspace, &file.inside)?;
         let (digest, size) = {
             let mut hasher = Hasher::new(&DigestAlgorithm::Sha256)?;
             let mut buf = vec![0; 256 * 1024];

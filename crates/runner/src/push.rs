@@ -177,8 +177,9 @@ async fn stage_artifact(
 ) -> Result<Source, String> {
     let staging = boundary.jobdir.private.join(format!("artifact-{index}"));
     let (workspace, globs) = (boundary.jobdir.workspace.clone(), globs.to_vec());
+    let workdir = boundary.sandbox.workdir.clone();
     let layout = tokio::task::spawn_blocking(move || -> Result<Layout, outputs::OutputError> {
-        let files = outputs::collect_files(&workspace, &globs)?;
+        let files = outputs::collect_files(&workspace, &workdir, &globs)?;
         let layout = Layout::for_writing(&staging)?;
         layout.create_if_missing()?;
         outputs::write_artifact(&workspace, &files, &layout, "artifact")?;

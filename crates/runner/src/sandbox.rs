@@ -46,6 +46,9 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Sandbox {
     /// Bound at `/workspace`.
     pub workspace: PathBuf,
+    /// Where in `/workspace` steps start: the build's directory of its
+    /// source (empty: `/workspace` itself).
+    pub workdir: String,
     /// Bound at `/output`.
     pub output: PathBuf,
     /// More host paths to hide: directories behind empty tmpfs mounts,
@@ -208,6 +211,10 @@ impl Sandbox {
                 push(&[&"--bind", &rootfs, &"/", &"--tmpfs", &"/tmp"]);
             }
         }
+        let start = match self.workdir.as_str() {
+            "" => "/workspace".to_owned(),
+            dir => format!("/workspace/{dir}"),
+        };
         push(&[
             &"--dev",
             &"/dev",
@@ -220,7 +227,7 @@ impl Sandbox {
             &self.output,
             &"/output",
             &"--chdir",
-            &"/workspace",
+            &start,
             &"--",
         ]);
         if step.args.is_empty() {

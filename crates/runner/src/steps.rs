@@ -445,6 +445,18 @@ async fn prepare_source(job: &proto::Job, jobdir: &JobDir) -> Result<(), String>
                 .map_err(|e| e.to_string())
         }
     }?;
+    if !job.workdir.is_empty() {
+        // A real directory of the source: not a symlink on the way, not a
+        // path out of it.
+        let found = custody_oci::beneath::Dir::open(workspace)
+            .and_then(|dir| dir.open_dir(std::path::Path::new(&job.workdir)));
+        if found.is_err() {
+            return Err(format!(
+                "the build runs in `{}`, which is not a directory of the source (a symlink is not followed)",
+                job.workdir
+            ));
+        }
+    }
     let (ids, workspace) = (jobdir.ids, workspace.clone());
     tokio::task::spawn_blocking(move || crate::jobdir::give_to_steps(ids, &workspace))
         .await

@@ -19,18 +19,19 @@ fn globs_match_workspace_files_and_every_glob_must_match() {
     fs_err::write(ws.path().join("README"), "r").unwrap();
     symlink("a.tar.gz", ws.path().join("dist/link.tar.gz")).unwrap();
 
-    let files = outputs::collect_files(ws.path(), &globs(&["dist/*.tar.gz"])).unwrap();
+    let files = outputs::collect_files(ws.path(), "", &globs(&["dist/*.tar.gz"])).unwrap();
     let paths: Vec<&str> = files.iter().map(|f| f.path.as_str()).collect();
     assert_eq!(
         paths,
         ["dist/a.tar.gz", "dist/link.tar.gz"],
         "`*` does not cross `/`; a link inside is fine"
     );
-    let files = outputs::collect_files(ws.path(), &globs(&["dist/**/*.tar.gz", "README"])).unwrap();
+    let files =
+        outputs::collect_files(ws.path(), "", &globs(&["dist/**/*.tar.gz", "README"])).unwrap();
     assert_eq!(files.len(), 4);
 
     let err =
-        outputs::collect_files(ws.path(), &globs(&["dist/*.tar.gz", "missing/*"])).unwrap_err();
+        outputs::collect_files(ws.path(), "", &globs(&["dist/*.tar.gz", "missing/*"])).unwrap_err();
     assert!(
         matches!(&err, OutputError::NothingMatched { glob } if glob == "missing/*"),
         "{err}"
@@ -38,10 +39,37 @@ fn globs_match_workspace_files_and_every_glob_must_match() {
 }
 
 #[test]
+fn paths_are_relative_to_the_builds_directory_and_a_swapped_one_leads_nowhere() {
+    let ws = tempfile::tempdir().unwrap();
+    fs_err::create_dir_all(ws.path().join("examples/hello/dist")).unwrap();
+    fs_err::write(ws.path().join("examples/hello/dist/a.txt"), "a").unwrap();
+    fs_err::write(ws.path().join("top.txt"), "top").unwrap();
+    let files = outputs::collect_files(ws.path(), "examples/hello", &globs(&["dist/*"])).unwrap();
+    assert_eq!(files.len(), 1);
+    assert_eq!(
+        files[0].path, "dist/a.txt",
+        "named as the build's directory sees it"
+    );
+    // Nothing outside the build's directory matches, even with `**`.
+    let err =
+        outputs::collect_files(ws.path(), "examples/hello", &globs(&["**/top.txt"])).unwrap_err();
+    assert!(matches!(err, OutputError::NothingMatched { .. }), "{err}");
+
+    // A step replaced the build's directory with a link to the host.
+    let host = tempfile::tempdir().unwrap();
+    fs_err::create_dir_all(host.path().join("dist")).unwrap();
+    fs_err::write(host.path().join("dist/secret"), "host").unwrap();
+    fs_err::remove_dir_all(ws.path().join("examples/hello")).unwrap();
+    symlink(host.path(), ws.path().join("examples/hello")).unwrap();
+    let err = outputs::collect_files(ws.path(), "examples/hello", &globs(&["dist/*"])).unwrap_err();
+    assert!(matches!(err, OutputError::NothingMatched { .. }), "{err}");
+}
+
+#[test]
 fn a_glob_matching_a_symlink_to_outside_is_refused() {
     let ws = tempfile::tempdir().unwrap();
     symlink("/etc/passwd", ws.path().join("passwd")).unwrap();
-    let err = outputs::collect_files(ws.path(), &globs(&["*"])).unwrap_err();
+    let err = outputs::collect_files(ws.path(), "", &globs(&["*"])).unwrap_err();
     assert!(matches!(err, OutputError::Escapes { .. }), "{err}");
     assert!(
         err.to_string().contains("`passwd`") && err.to_string().contains("/etc/passwd"),
@@ -98,7 +126,7 @@ fn artifacts_are_oci_artifacts_that_standard_tools_read() {
     fs_err::create_dir_all(ws.path().join("dist")).unwrap();
     fs_err::write(ws.path().join("dist/app.tar.gz"), "payload").unwrap();
     fs_err::write(ws.path().join("dist/notes.txt"), "notes").unwrap();
-    let files = outputs::collect_files(ws.path(), &globs(&["dist/*"])).unwrap();
+    let files = outputs::collect_files(ws.path(), "", &globs(&["dist/*"])).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let layout_root = dir.path().join("artifact");
     let layout = Layout::for_writing(&layout_root).unwrap();

@@ -37,6 +37,11 @@ pub struct GitSource {
     #[serde(default = "default_revision")]
     #[schema(default = "HEAD")]
     pub revision: String,
+    /// The directory of the repository the build runs in (`examples/hello`):
+    /// the steps start there and artifact `paths` are relative to it; the
+    /// provenance records it. Default: the repository's root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
 }
 
 fn default_revision() -> String {

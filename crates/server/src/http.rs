@@ -433,9 +433,13 @@ async fn submit(
                 };
                 ApiError::new(ErrorCode::InvalidRequest, message)
             })?;
+            let path = spec::WorkDir::parse(source.path.as_deref().unwrap_or("")).map_err(|e| {
+                ApiError::new(ErrorCode::InvalidRequest, format!("`source.path`: {e}"))
+            })?;
             Ok::<_, ApiError>(spec::GitSource {
                 git,
                 revision: source.revision,
+                path,
             })
         })
         .transpose()?;

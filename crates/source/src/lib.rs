@@ -385,6 +385,20 @@ pub async fn local_state(dir: &Path) -> Option<LocalState> {
     Some(LocalState { commit, dirty })
 }
 
+/// Where `dir` lies inside its checkout: `examples/hello` (empty at the
+/// checkout's root); `None` outside a checkout.
+pub async fn path_in_checkout(dir: &Path) -> Option<String> {
+    let mut prefix = git();
+    prefix
+        .arg("-C")
+        .arg(dir)
+        .args(["rev-parse", "--show-prefix"]);
+    let text = run(prefix, &dir.display().to_string(), "rev-parse")
+        .await
+        .ok()?;
+    Some(text.trim().trim_end_matches('/').to_owned())
+}
+
 /// The URL of a local checkout's `origin` remote, if it has one.
 pub async fn origin(dir: &Path) -> Option<String> {
     let mut remote = git();

@@ -199,11 +199,15 @@ impl BuildService {
                 from: pull.from.clone(),
             })
             .collect();
+        let workdir = match &request.source {
+            BuildSource::Git(git) => git.path.as_str(),
+            BuildSource::Directory(_) => "",
+        };
         let job = self
             .job(
                 id,
                 &spec.spec,
-                &source.job,
+                (&source.job, workdir),
                 &step_images,
                 &outputs,
                 GatewayRepositories {
@@ -228,7 +232,7 @@ impl BuildService {
         &self,
         id: &BuildId,
         spec: &Spec,
-        source: &proto::source::Kind,
+        (source, workdir): (&proto::source::Kind, &str),
         step_images: &[ResourceDescriptor],
         outputs: &[Expected],
         gateway: GatewayRepositories<'_>,
@@ -266,6 +270,7 @@ impl BuildService {
             source: Some(proto::Source {
                 kind: Some(source.clone()),
             }),
+            workdir: workdir.to_owned(),
             hidden_paths: self
                 .hidden_paths
                 .iter()
