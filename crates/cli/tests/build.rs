@@ -1135,3 +1135,85 @@ fn a_destination_that_cannot_take_a_push_fails_before_any_step_runs() {
         assert!(!all.contains("wrong-pw"), "{all}");
     }
 }
+
+/// A toolchain image as builders make them: its tools on its own `PATH`,
+/// set in the image config's `Env` (here by umoci, a tool custody did not
+/// write).
+#[test]
+fn a_step_image_brings_its_own_environment() {
+    let registry = Registry::builder().start();
+    let dir = tempfile::tempdir().unwrap();
+    let (layout, _) = custody_testkit::image::busybox_layout(dir.path());
+    let tool = dir.path().join("mytool");
+    fs_err::write(&tool, "#!/bin/sh\necho \"tool ran with FOO=$FOO\"\n").unwrap();
+    std::fs::set_permissions(&tool, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let image = format!("{}:v1", layout.display());
+    let umoci = |args: &[&str]| {
+        let output = std::process::Command::new("umoci")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "umoci {args:?}: {}", text(&output));
+    };
+    // A layer GNU tar wrote (umoci 0.4.7's own `insert` leaves its tar
+    // streams without their end, which GNU tar refuses too).
+    let root = dir.path().join("root");
+    fs_err::create_dir_all(root.join("opt/tool/bin")).unwrap();
+    fs_err::rename(&tool, root.join("opt/tool/bin/mytool")).unwrap();
+    let layer = dir.path().join("layer.tar");
+    let tar = std::process::Command::new("tar")
+        .args([
+            "-C",
+            root.to_str().unwrap(),
+            "-cf",
+            layer.to_str().unwrap(),
+            "opt",
+        ])
+        .output()
+        .unwrap();
+    assert!(tar.status.success(), "{}", text(&tar));
+    umoci(&[
+        "raw",
+        "add-layer",
+        "--image",
+        &image,
+        layer.to_str().unwrap(),
+    ]);
+    umoci(&[
+        "config",
+        "--image",
+        &image,
+        "--config.env",
+        "PATH=/opt/tool/bin:/bin",
+        "--config.env",
+        "FOO=from-the-image",
+        "--config.env",
+        "KEEP=image",
+    ]);
+    let tagged = format!("{}/tools/toolchain:v1", registry.host());
+    let pushed = custody(&[
+        "push",
+        "--insecure-registry",
+        registry.host(),
+        &format!("oci:{image}"),
+        &tagged,
+    ]);
+    assert!(pushed.status.success(), "{}", text(&pushed));
+
+    let spec = format!(
+        "steps:\n  - name: tool\n    image: {tagged}\n    run: mytool; echo \"KEEP=$KEEP\"\n    env: {{ KEEP: spec }}\n"
+    );
+    let output = build_in(&registry, dir.path(), &spec, &dir.path().join("data"), &[]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(
+        stdout.contains("[tool] tool ran with FOO=from-the-image"),
+        "{}",
+        text(&output)
+    );
+    assert!(
+        stdout.contains("[tool] KEEP=spec"),
+        "the spec's env wins: {}",
+        text(&output)
+    );
+}

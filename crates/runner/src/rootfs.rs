@@ -69,6 +69,9 @@ pub struct ResolvedImage {
     pub reference: String,
     /// The digest the reference resolved to (an index or a manifest).
     pub digest: Digest,
+    /// The environment the image's config sets (`Env`, `KEY=VALUE`), in
+    /// its order: a toolchain image's `PATH` and friends.
+    pub env: Vec<(String, String)>,
 }
 
 /// Pulls `reference` and unpacks it into `dest` (an empty directory),
@@ -84,7 +87,7 @@ pub async fn prepare(
     let shown = reference.to_string();
     let client = Client::new(reference.api_host(), options).await?;
     let (top, manifest) = manifest_for_this_machine(&client, reference).await?;
-    let diff_ids = checked_diff_ids(&client, reference, &manifest, limits).await?;
+    let (diff_ids, env) = checked_config(&client, reference, &manifest, limits).await?;
     tokio::fs::create_dir_all(dest).await?;
     let mut budget = limits.max_bytes;
     for (layer, diff_id) in manifest.layers().iter().zip(diff_ids) {
@@ -133,6 +136,7 @@ pub async fn prepare(
     Ok(ResolvedImage {
         reference: shown,
         digest: top,
+        env,
     })
 }
 
@@ -180,14 +184,15 @@ async fn manifest_for_this_machine(
     Ok((top.digest().clone(), manifest))
 }
 
-/// The layers' `diff_ids` from the image's config, once the image is
-/// known to be within `limits` (layer count, compressed size, config size).
-async fn checked_diff_ids(
+/// The layers' `diff_ids` and the environment from the image's config,
+/// once the image is known to be within `limits` (layer count, compressed
+/// size, config size).
+async fn checked_config(
     client: &Client,
     reference: &Reference,
     manifest: &ImageManifest,
     limits: ImageLimits,
-) -> Result<Vec<String>, RootfsError> {
+) -> Result<(Vec<String>, Vec<(String, String)>), RootfsError> {
     let limit = |detail: String| RootfsError::Limit {
         reference: reference.to_string(),
         detail,
@@ -224,11 +229,10 @@ async fn checked_diff_ids(
         reference: reference.to_string(),
         detail,
     };
-    let diff_ids = serde_json::from_slice::<ImageConfiguration>(&config_bytes)
-        .map_err(|e| bad(format!("its config is not an image config: {e}")))?
-        .rootfs()
-        .diff_ids()
-        .clone();
+    let configuration = serde_json::from_slice::<ImageConfiguration>(&config_bytes)
+        .map_err(|e| bad(format!("its config is not an image config: {e}")))?;
+    let diff_ids = configuration.rootfs().diff_ids().clone();
+    let env = image_env(&configuration).map_err(bad)?;
     if diff_ids.len() != layers.len() {
         return Err(bad(format!(
             "its config lists {} diff_ids for {} layers",
@@ -236,7 +240,32 @@ async fn checked_diff_ids(
             layers.len()
         )));
     }
-    Ok(diff_ids)
+    Ok((diff_ids, env))
+}
+
+/// The config's `Env` as pairs; an entry without `=` or with a name no
+/// shell could use is refused rather than guessed at.
+fn image_env(configuration: &ImageConfiguration) -> Result<Vec<(String, String)>, String> {
+    let entries = configuration
+        .config()
+        .as_ref()
+        .and_then(|c| c.env().clone())
+        .unwrap_or_default();
+    entries
+        .iter()
+        .map(|entry| {
+            let (name, value) = entry.split_once('=').unwrap_or((entry, ""));
+            let valid = !name.is_empty()
+                && !name.starts_with(|c: char| c.is_ascii_digit())
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid || !entry.contains('=') || value.contains('\0') {
+                return Err(format!(
+                    "its config's `Env` entry `{name}` is not NAME=VALUE"
+                ));
+            }
+            Ok((name.to_owned(), value.to_owned()))
+        })
+        .collect()
 }
 
 /// Downloads a layer to `path`, verified while it streams.

@@ -118,19 +118,18 @@ async fn run_one(
 ) -> Result<(), JobEnd> {
     // A step image becomes this step's root filesystem.
     let rootfs = boundary.jobdir.rootfs(index);
-    let image_digest = if step.image.is_empty() {
-        None
+    let (image_digest, image_env) = if step.image.is_empty() {
+        (None, Vec::new())
     } else {
-        Some(
-            prepare_image(&step.image, job, boundary, &rootfs)
-                .await
-                .map_err(|error| {
-                    JobEnd::Failed(format!(
-                        "step `{}`: image `{}`: {error}",
-                        step.name, step.image
-                    ))
-                })?,
-        )
+        let (digest, env) = prepare_image(&step.image, job, boundary, &rootfs)
+            .await
+            .map_err(|error| {
+                JobEnd::Failed(format!(
+                    "step `{}`: image `{}`: {error}",
+                    step.name, step.image
+                ))
+            })?;
+        (Some(digest), env)
     };
     let root = if step.image.is_empty() {
         Root::Host
@@ -161,7 +160,10 @@ async fn run_one(
     } else {
         StepNetwork::made_by_sandbox()
     };
-    let (proxy, mut extra_env) = if step.network {
+    // The image's own environment comes first (its `PATH` replaces the
+    // default one); what the runner sets for the step, then the step's
+    // `env`, go over it.
+    let (proxy, proxy_env) = if step.network {
         let proxy = egress_proxy(index, step, &network, boundary, events).map_err(|e| {
             JobEnd::Failed(format!(
                 "step `{}`: cannot serve its egress proxy: {e}",
@@ -173,6 +175,8 @@ async fn run_one(
     } else {
         (None, Vec::new())
     };
+    let mut extra_env = image_env;
+    extra_env.extend(proxy_env);
     let registry = match &boundary.gateway {
         Some(gateway) => {
             let serving = gateway.serve_in(&network).map_err(|e| {
@@ -398,7 +402,7 @@ async fn prepare_image(
     job: &proto::Job,
     boundary: &Boundary,
     rootfs: &std::path::Path,
-) -> Result<String, String> {
+) -> Result<(String, Vec<(String, String)>), String> {
     let reference: custody_oci::Reference = image
         .parse()
         .map_err(|e: custody_oci::Error| e.to_string())?;
@@ -414,7 +418,7 @@ async fn prepare_image(
     )
     .await
     .map_err(|e| e.to_string())?;
-    Ok(resolved.digest.to_string())
+    Ok((resolved.digest.to_string(), resolved.env))
 }
 
 /// Puts the job's source into the workspace: a git repository checked out
