@@ -1033,3 +1033,49 @@ fn a_runner_that_is_not_root_keeps_what_it_can_and_says_what_it_cannot() {
     );
     assert!(!stdout(&output).contains("never"));
 }
+
+/// The step's environment is the step's, not bubblewrap's: while bubblewrap
+/// still runs on the host, nothing a spec sets for the dynamic loader may
+/// act on it (here: make it write a file into the host's /tmp), and a NUL
+/// cannot smuggle an argument to it.
+#[test]
+fn a_steps_environment_never_acts_on_the_sandbox_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let probe = format!("/tmp/custody-ld-probe-{}", std::process::id());
+    let spec = format!(
+        "steps:\n  - name: loader\n    run: echo \"LD_DEBUG=$LD_DEBUG\"\n    env: {{ LD_DEBUG: files, LD_DEBUG_OUTPUT: {probe} }}\n"
+    );
+    let output = build(dir.path(), &spec, &[]);
+    assert!(output.status.success(), "{}", text(&output));
+    // The step itself got what it asked for.
+    assert!(
+        stdout(&output).contains("[loader] LD_DEBUG=files"),
+        "{}",
+        text(&output)
+    );
+    let written: Vec<_> = fs_err::read_dir("/tmp")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().to_string_lossy().starts_with(&probe))
+        .map(|e| e.path())
+        .collect();
+    for path in &written {
+        let _ = fs_err::remove_file(path);
+    }
+    assert!(
+        written.is_empty(),
+        "the host's loader obeyed the step: {written:?}"
+    );
+
+    // A NUL in a value would split it into arguments of bubblewrap's own.
+    let spec = "steps:\n  - name: smuggle\n    run: ls /hostroot || echo not-mounted\n    env: { X: \"a\\0--bind\\0/\\0/hostroot\" }\n";
+    let output = build(dir.path(), spec, &[]);
+    assert_ne!(output.status.code(), Some(0), "{}", text(&output));
+    assert!(!stdout(&output).contains("[smuggle]"), "{}", text(&output));
+    assert!(
+        String::from_utf8_lossy(&output.stderr)
+            .contains("the environment variable `X` cannot be set"),
+        "{}",
+        text(&output)
+    );
+}

@@ -9,8 +9,11 @@
 //! ([`crate::ids`]) and waits (`--userns-block-fd`) while the runner writes
 //! the namespace's `uid_map`/`gid_map` (`0 START COUNT`), moves it into the
 //! step's cgroup, and only then lets it go on — so nothing of the step ever
-//! runs with host privileges or outside its limits. The step's environment
-//! reaches bubblewrap as its environment, never in its arguments (which any
+//! runs with host privileges or outside its limits. bubblewrap itself starts
+//! with an empty environment, so nothing a step sets (`LD_PRELOAD`,
+//! `LD_DEBUG_OUTPUT`, …) acts on it while it still runs on the host; the
+//! step's environment reaches it through a pipe (`--args`: `--clearenv`,
+//! then `--setenv` for each variable), never in its arguments (which any
 //! local user can read in `/proc`).
 
 use std::ffi::OsString;
@@ -38,6 +41,8 @@ const OWN_TOP: &[&str] = &["proc", "dev", "workspace", "output"];
 /// The descriptors bubblewrap reports on and waits on, in the child.
 const INFO_FD: i32 = 3;
 const BLOCK_FD: i32 = 4;
+/// The descriptor bubblewrap reads the step's environment from (`--args`).
+const ENV_FD: i32 = 5;
 /// How long bubblewrap may take to set its namespaces up.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -80,17 +85,27 @@ impl Sandbox {
     ) -> std::io::Result<(Child, SpawnGuard)> {
         let (mut info, info_child) = std::io::pipe()?;
         let (block_child, mut block) = std::io::pipe()?;
+        let (env_child, env_writer) = std::io::pipe()?;
+        let environment = environment_arguments(
+            [("PATH", STEP_PATH), ("HOME", "/workspace")]
+                .into_iter()
+                .chain(extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .chain(step.env.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
+        )?;
+        // Written while bubblewrap reads it: an environment may be larger
+        // than a pipe holds. A bubblewrap that died first closes the pipe.
+        std::thread::spawn(move || {
+            let mut env_writer = env_writer;
+            let _ = env_writer.write_all(&environment);
+        });
         let mut command = Command::new(BWRAP);
+        command.args(["--args", &ENV_FD.to_string()]);
         if network.made_by_sandbox_itself() {
             command.arg("--unshare-net");
         }
         command
             .args(self.arguments(step, root))
             .env_clear()
-            .env("PATH", STEP_PATH)
-            .env("HOME", "/workspace")
-            .envs(extra_env.iter().map(|(k, v)| (k, v)))
-            .envs(&step.env)
             .current_dir("/")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -107,6 +122,10 @@ impl Sandbox {
                 FdMapping {
                     parent_fd: OwnedFd::from(block_child),
                     child_fd: BLOCK_FD,
+                },
+                FdMapping {
+                    parent_fd: OwnedFd::from(env_child),
+                    child_fd: ENV_FD,
                 },
             ])
             .map_err(std::io::Error::other)?;
@@ -156,7 +175,34 @@ impl Sandbox {
         drop(block);
         Ok((child, guard))
     }
+}
 
+/// bubblewrap's `--args` for an environment of exactly `variables` (later
+/// ones win): NUL-separated, so a NUL inside a name or value would be an
+/// argument of its own and is refused, as is a name with `=`.
+fn environment_arguments<'a>(
+    variables: impl Iterator<Item = (&'a str, &'a str)>,
+) -> std::io::Result<Vec<u8>> {
+    let mut bytes = b"--clearenv\0".to_vec();
+    for (name, value) in variables {
+        if name.is_empty() || name.contains(['=', '\0']) || value.contains('\0') {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "the environment variable `{}` cannot be set: a name holds no `=`, and neither holds a NUL byte",
+                    name.replace('\0', "\\0")
+                ),
+            ));
+        }
+        for part in ["--setenv", name, value] {
+            bytes.extend_from_slice(part.as_bytes());
+            bytes.push(0);
+        }
+    }
+    Ok(bytes)
+}
+
+impl Sandbox {
     /// Maps the user namespace of bubblewrap's child `inner` and moves it
     /// and bubblewrap (`outer`) into the step's cgroup.
     fn prepare(
