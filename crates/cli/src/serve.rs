@@ -428,12 +428,7 @@ async fn checkout_source(dir: &Path, revision: Option<&str>) -> anyhow::Result<G
 /// (absolute paths); a layout next to the spec (`oci:out/app`) is for
 /// `custody build` only, so it is refused before the build is queued.
 fn refuse_relative_layouts(spec: &custody_daemon::spec::Spec, file: &Path) -> anyhow::Result<()> {
-    let destinations = spec
-        .images
-        .iter()
-        .map(|i| &i.to)
-        .chain(spec.artifacts.iter().map(|a| &a.to));
-    for to in destinations {
+    for to in spec.output_destinations() {
         let beside_spec = to
             .template()
             .strip_prefix("oci:")

@@ -71,6 +71,17 @@ pub struct Spec {
     pub pulls: Vec<Pull>,
 }
 
+impl Spec {
+    /// Where the runner pushes the declared outputs: each image's `to`,
+    /// then each artifact's, in the spec's order.
+    pub fn output_destinations(&self) -> impl Iterator<Item = &Destination> {
+        self.images
+            .iter()
+            .map(|i| &i.to)
+            .chain(self.artifacts.iter().map(|a| &a.to))
+    }
+}
+
 /// A repository steps read as `$CUSTODY_REGISTRY/NAME:TAG` (or `@DIGEST`),
 /// served from a registry repository with the platform's credentials.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -501,12 +501,7 @@ fn check_destinations(
         commit: "0000000000000000000000000000000000000000",
         job: "00000000-0000-7000-8000-000000000000",
     };
-    let destinations = spec
-        .images
-        .iter()
-        .map(|i| &i.to)
-        .chain(spec.artifacts.iter().map(|a| &a.to));
-    for to in destinations {
+    for to in spec.output_destinations() {
         let Ok(location) = to.resolve(&values) else {
             continue; // the build says what is wrong with the template
         };
