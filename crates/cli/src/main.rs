@@ -642,14 +642,35 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
         .map(|m| m.invocation_id.as_str())
         .unwrap_or("-");
     print_line(&format!(
-        "verified {}\n  signed by    {}\n  builder      {}\n  source       {}\n  step images  {}\n  invocation   {}",
+        "verified {}\n  signed by    {}\n  builder      {}\n  source       {}\n  step images  {}\n  invocation   {}\n  egress       {}",
         verified.target,
         verified.statement.key_id(),
         provenance.run_details.builder.id,
         source,
         custody_provenance::build_type::step_images(provenance).count(),
         invocation,
+        egress_summary(provenance),
     ))
+}
+
+/// What the steps reached through their egress proxies, for people: each
+/// destination once, with the steps that reached it.
+fn egress_summary(provenance: &custody_attest::statement::Provenance) -> String {
+    let mut reached: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for record in custody_provenance::build_type::egress(provenance) {
+        let steps = reached.entry(record.uri).or_default();
+        if !steps.contains(&record.step) {
+            steps.push(record.step);
+        }
+    }
+    if reached.is_empty() {
+        return "none (no step reached anything outside)".to_owned();
+    }
+    let lines: Vec<String> = reached
+        .iter()
+        .map(|(uri, steps)| format!("{uri} (step {})", steps.join(", ")))
+        .collect();
+    format!("{}:\n    {}", lines.len(), lines.join("\n    "))
 }
 
 async fn runner(args: RunnerArgs) -> anyhow::Result<()> {

@@ -399,6 +399,14 @@ fn what_steps_fetch_is_in_the_provenance_and_verify_holds_builds_to_it() {
     };
     let plain_verify = verify(&[]);
     assert!(plain_verify.status.success(), "{}", text(&plain_verify));
+    // Verified, and the summary says where the steps went.
+    assert!(
+        stdout(&plain_verify).contains(&format!(
+            "  egress       2:\n    http://{server}:8000/file (step fetch)\n    tcp://{server}:8443 (step fetch)"
+        )),
+        "{}",
+        text(&plain_verify)
+    );
     let hermetic = verify(&["--no-egress"]);
     assert_eq!(hermetic.status.code(), Some(1), "{}", text(&hermetic));
     for destination in [
