@@ -202,6 +202,7 @@ pub fn router(app: Arc<App>) -> Router {
         .method_not_allowed_fallback(method_not_allowed);
     Router::new()
         .nest("/api/v1", api)
+        .route("/", get(front_page))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -258,6 +259,16 @@ impl IntoResponse for ApiError {
         }
         response
     }
+}
+
+/// What someone who opens the server's address in a browser sees: where
+/// the API and its description are.
+async fn front_page() -> &'static str {
+    "custody serve: a build service whose outputs can be trusted.\n\n\
+     API:      /api/v1 (every request needs `Authorization: Bearer TOKEN`)\n\
+     OpenAPI:  /api/v1/openapi.json\n\
+     Health:   /healthz, /readyz\n\
+     CLI:      CUSTODY_SERVER=<this address> custody builds list\n"
 }
 
 async fn not_found() -> ApiError {

@@ -255,6 +255,11 @@ async fn the_api_refuses_what_it_cannot_serve(backend: Backend) {
         let response = http.get(format!("{url}{path}")).send().await.unwrap();
         assert_eq!(response.status(), 200, "{path}");
     }
+    // The address opened in a browser says where things are, not 404.
+    let front = http.get(format!("{url}/")).send().await.unwrap();
+    assert_eq!(front.status(), 200);
+    let text = front.text().await.unwrap();
+    assert!(text.contains("/api/v1/openapi.json"), "{text}");
     service.stop().await;
 }
 
