@@ -16,6 +16,7 @@ macro_rules! say {
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+mod artifacts;
 mod bounds;
 mod build;
 mod creds;
@@ -117,6 +118,9 @@ enum Command {
     /// See, follow and cancel builds on a custody server.
     #[command(subcommand)]
     Builds(serve::BuildsCommand),
+    /// Get the files of an artifact from a registry.
+    #[command(subcommand)]
+    Artifacts(artifacts::ArtifactsCommand),
     /// Manage signing keys.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -336,6 +340,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Builds(command) => serve::builds(command).await,
         Command::Push(args) | Command::Pull(args) => copy_image(args).await,
         Command::Referrers(args) => referrers(args).await,
+        Command::Artifacts(command) => artifacts::artifacts(command).await,
         Command::Runner(args) => runner(args).await,
         Command::Verify(args) => verify(args).await,
         Command::Keys(KeysCommand::Generate { out, algorithm }) => {

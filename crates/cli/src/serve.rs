@@ -1,5 +1,5 @@
 //! `custody serve` and the commands that talk to it: `submit` and
-//! `builds list|show|logs|cancel|provenance`.
+//! `builds list|show|logs|cancel|retry|provenance`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -402,10 +402,12 @@ pub enum BuildsCommand {
         #[arg(long, value_name = "ID")]
         before: Option<String>,
     },
-    /// Show one build: its state, source, error and outputs.
+    /// Show one build: its state, source and the commit it resolved, its
+    /// steps (exit code, duration, image digest), error and outputs.
     Show {
         #[command(flatten)]
         server: ServerArgs,
+        /// The build's id.
         id: String,
     },
     /// Print a build's log; `-f` follows it until the build ends (exit 0
@@ -421,6 +423,19 @@ pub enum BuildsCommand {
     Cancel {
         #[command(flatten)]
         server: ServerArgs,
+        id: String,
+    },
+    /// Queue a new build of the same spec at the same source commit.
+    ///
+    /// The new build reads the spec the build read (the same path in the
+    /// source, or the same inline text) at the commit the build resolved,
+    /// not at its branch again, and records which build it retries. A
+    /// build that failed before it resolved a commit is retried as it was
+    /// asked for. Prints the new build's id (`--json`: the build).
+    Retry {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// The build to retry.
         id: String,
     },
     /// Write a build's signed provenance (DSSE envelope) to stdout or a file.
@@ -503,6 +518,14 @@ pub async fn builds(command: BuildsCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        BuildsCommand::Retry { server, id } => {
+            let build = server.client()?.retry(&id).await?;
+            if server.json {
+                return print_json(&build);
+            }
+            say!("queued build {}, retrying {id}", build.id);
+            crate::print_line(&build.id)
+        }
         BuildsCommand::Provenance { server, out, id } => {
             let envelope = server.client()?.provenance(&id).await?;
             match out {
@@ -556,13 +579,20 @@ fn source_text(build: &Build) -> String {
 
 fn describe(build: &Build) -> String {
     let mut text = format!(
-        "build     {}\nstate     {}\nsource    {}\nspec      {}\ncreated   {}\n",
+        "build     {}\nstate     {}\nsource    {}\n",
         build.id,
         build.state.as_str(),
         source_text(build),
-        build.spec_path,
-        build.created_at
     );
+    for (label, value) in [("commit", &build.commit), ("retry of", &build.retry_of)] {
+        if let Some(value) = value {
+            text.push_str(&format!("{label:<9} {value}\n"));
+        }
+    }
+    text.push_str(&format!(
+        "spec      {}\ncreated   {}\n",
+        build.spec_path, build.created_at
+    ));
     for (label, value) in [
         ("started", &build.started_at),
         ("finished", &build.finished_at),
@@ -574,10 +604,25 @@ fn describe(build: &Build) -> String {
             text.push_str(&format!("{label:<9} {value}\n"));
         }
     }
+    let width = build.steps.iter().map(|s| s.name.len()).max().unwrap_or(0);
+    for step in &build.steps {
+        let mut line = format!("step      {:<width$}  {}", step.name, step.state.as_str());
+        if let Some(code) = step.exit_code {
+            line.push_str(&format!("  exit {code}"));
+        }
+        if let Some(ms) = step.duration_ms {
+            line.push_str(&format!("  {}", duration_text(ms)));
+        }
+        if let Some(image) = &step.image {
+            line.push_str(&format!("  image {image}"));
+        }
+        text.push_str(line.trim_end());
+        text.push('\n');
+    }
     for output in &build.outputs {
         text.push_str(&format!(
-            "pushed    {}@{}\n",
-            output.reference, output.digest
+            "pushed    {}@{}  (manifest, {} bytes)\n",
+            output.reference, output.digest, output.size
         ));
     }
     if build.has_provenance {
@@ -587,6 +632,15 @@ fn describe(build: &Build) -> String {
         ));
     }
     text
+}
+
+/// `850 ms`, `12.3 s`, `4 min 05 s`.
+fn duration_text(ms: u64) -> String {
+    match ms {
+        0..1_000 => format!("{ms} ms"),
+        1_000..60_000 => format!("{:.1} s", ms as f64 / 1000.0),
+        _ => format!("{} min {:02} s", ms / 60_000, (ms % 60_000) / 1000),
+    }
 }
 
 fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {

@@ -86,6 +86,7 @@ async fn enqueue(store: &Store, n: usize) -> Vec<BuildId> {
                 spec: Some(b"steps: []"),
                 source: &source,
                 created_at: at(0),
+                retry_of: None,
             })
             .await
             .unwrap();
@@ -310,6 +311,7 @@ async fn specs_from_the_source_are_queued_without_bytes(backend: &Backend) {
                 revision: "v1".into(),
             }),
             created_at: at(0),
+            retry_of: None,
         })
         .await
         .unwrap();
