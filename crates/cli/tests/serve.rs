@@ -902,7 +902,12 @@ async fn the_record_shows_the_commit_steps_and_outputs_and_a_retry_builds_the_sa
     let client = daemon.client();
 
     // 201 with `Location`, and following it gets the build.
-    let http = reqwest::Client::new();
+    // No pooled connections: the server closes idle ones (its header
+    // deadline) while the builds run, and a stale one fails the next request.
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
     let response = http
         .post(format!("{}/api/v1/builds", daemon.url()))
         .bearer_auth(TOKEN)
@@ -1072,6 +1077,18 @@ async fn the_record_shows_the_commit_steps_and_outputs_and_a_retry_builds_the_sa
             .unwrap()
             .starts_with("/api/v1/builds/")
     );
+
+    // A build that never resolved a commit is retried as it was asked for.
+    let mut unknown = request(&git, "custody.yaml");
+    unknown.source.as_mut().unwrap().revision = "no-such-branch".into();
+    let unresolved = client.submit(&unknown).await.unwrap();
+    let unresolved = wait_ended(&client, &unresolved.id, Duration::from_secs(60)).await;
+    assert_eq!(unresolved.state, BuildState::Failed);
+    assert_eq!(unresolved.commit, None);
+    assert!(unresolved.steps.is_empty());
+    let again = client.retry(&unresolved.id).await.unwrap();
+    assert_eq!(again.source["revision"], "no-such-branch");
+    assert_eq!(again.retry_of.as_deref(), Some(unresolved.id.as_str()));
 }
 
 fn git_cmd(dir: &Path, args: &[&str]) -> String {
