@@ -838,8 +838,9 @@ impl Store {
         Ok(())
     }
 
-    /// Records that step `index` of build `id` started at `at` (on the
-    /// image `image`, when the runner named one).
+    /// Records that step `index` of build `id` started at `at`. The image
+    /// digest planned (the one the provenance claims) stands; the runner's
+    /// `image` fills in only where none was planned.
     pub async fn step_started(
         &self,
         id: &BuildId,
@@ -853,7 +854,7 @@ impl Store {
              VALUES ($1, $2, $3, $4, 'running', $5)
              ON CONFLICT (build_id, position) DO UPDATE
              SET state = 'running', started_ms = excluded.started_ms,
-                 image = COALESCE(excluded.image, build_steps.image)",
+                 image = COALESCE(build_steps.image, excluded.image)",
         )
         .bind(id.as_str())
         .bind(i64::from(index))
