@@ -1094,3 +1094,41 @@ async fn the_record_shows_the_commit_steps_and_outputs_and_a_retry_builds_the_sa
 fn git_cmd(dir: &Path, args: &[&str]) -> String {
     git(dir, args).trim().to_owned()
 }
+
+/// Steps are recorded as the runner reports them: while the build runs,
+/// the API shows the step that finished and the one running; a cancel
+/// leaves the running one interrupted and the next one skipped.
+#[tokio::test]
+async fn a_running_build_shows_the_steps_it_finished() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = "steps:\n  - name: quick\n    run: exit 0\n  - name: slow\n    run: sleep 60\n  - name: after\n    run: 'true'\n";
+    let git = repository(dir.path(), &[("custody.yaml", spec)]);
+    let mut options = DaemonOptions::new("stepper", dir.path());
+    options.concurrency = 1;
+    let daemon = Daemon::start(options);
+    let client = daemon.client();
+    let build = client.submit(&request(&git, "custody.yaml")).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let running = loop {
+        let now = client.show(&build.id).await.unwrap();
+        if now
+            .steps
+            .get(1)
+            .is_some_and(|s| s.state.as_str() == "running")
+        {
+            break now;
+        }
+        assert!(Instant::now() < deadline, "{now:?}\n{}", daemon.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(running.state, BuildState::Running);
+    assert_eq!(running.steps[0].state.as_str(), "succeeded");
+    assert_eq!(running.steps[0].exit_code, Some(0));
+    assert!(running.steps[0].duration_ms.is_some());
+    assert_eq!(running.steps[2].state.as_str(), "pending");
+    client.cancel(&build.id).await.unwrap();
+    let ended = wait_ended(&client, &build.id, Duration::from_secs(30)).await;
+    assert_eq!(ended.state, BuildState::Cancelled);
+    let states: Vec<_> = ended.steps.iter().map(|s| s.state.as_str()).collect();
+    assert_eq!(states, ["succeeded", "interrupted", "skipped"]);
+}
