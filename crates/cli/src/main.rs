@@ -16,6 +16,7 @@ macro_rules! say {
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+mod artifacts;
 mod bounds;
 mod build;
 mod creds;
@@ -117,6 +118,9 @@ enum Command {
     /// See, follow and cancel builds on a custody server.
     #[command(subcommand)]
     Builds(serve::BuildsCommand),
+    /// Get the files of an artifact from a registry.
+    #[command(subcommand)]
+    Artifacts(artifacts::ArtifactsCommand),
     /// Manage signing keys.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -204,6 +208,7 @@ impl Command {
             Command::Submit(args) => args.json(),
             Command::Builds(command) => command.json(),
             Command::Keys(KeysCommand::Generate { json, .. }) => *json,
+            Command::Artifacts(command) => command.json(),
             Command::Serve(_) | Command::Runner(_) => false,
         }
     }
@@ -373,6 +378,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Builds(command) => serve::builds(command).await,
         Command::Push(args) | Command::Pull(args) => copy_image(args).await,
         Command::Referrers(args) => referrers(args).await,
+        Command::Artifacts(command) => artifacts::artifacts(command).await,
         Command::Runner(args) => runner(args).await,
         Command::Verify(args) => verify(args).await,
         Command::Keys(KeysCommand::Generate {

@@ -1,5 +1,5 @@
 //! `custody serve` and the commands that talk to it: `submit` and
-//! `builds list|show|logs|cancel|provenance`.
+//! `builds list|show|logs|cancel|retry|provenance`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -307,6 +307,7 @@ impl BuildsCommand {
             | BuildsCommand::Show { server, .. }
             | BuildsCommand::Logs { server, .. }
             | BuildsCommand::Cancel { server, .. }
+            | BuildsCommand::Retry { server, .. }
             | BuildsCommand::Provenance { server, .. } => server.json,
         }
     }
@@ -481,7 +482,8 @@ pub enum BuildsCommand {
         #[arg(long, value_name = "ID")]
         before: Option<String>,
     },
-    /// Show one build: its state, source, error and outputs.
+    /// Show one build: its state, source and the commit it resolved, its
+    /// steps (exit code, duration, image digest), error and outputs.
     Show {
         #[command(flatten)]
         server: ServerArgs,
@@ -502,6 +504,19 @@ pub enum BuildsCommand {
     },
     /// Cancel a queued or running build.
     Cancel {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[command(flatten)]
+        id: BuildIdArg,
+    },
+    /// Queue a new build of the same spec at the same source commit.
+    ///
+    /// The new build reads the spec the build read (the same path in the
+    /// source, or the same inline text) at the commit the build resolved,
+    /// not at its branch again, and records which build it retries. A
+    /// build that failed before it resolved a commit is retried as it was
+    /// asked for. Prints the new build's id (`--json`: the build).
+    Retry {
         #[command(flatten)]
         server: ServerArgs,
         #[command(flatten)]
@@ -613,6 +628,15 @@ pub async fn builds(command: BuildsCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        BuildsCommand::Retry { server, id } => {
+            let build = server.client()?.retry(&id.id).await?;
+            if server.json {
+                return print_json(&build);
+            }
+            let retried = build.retry_of.as_deref().unwrap_or(&id.id);
+            say!("queued build {}, retrying {retried}", build.id);
+            crate::print_line(&build.id)
+        }
         BuildsCommand::Provenance { server, out, id } => {
             let envelope = server.client()?.provenance(&id.id).await?;
             match out {
@@ -645,15 +669,35 @@ impl Lines {
 
 /// Prints the log as it comes.
 async fn follow(client: &Client, id: &str, follow: bool, lines: Lines) -> anyhow::Result<Build> {
-    Ok(client
-        .logs(id, follow, |event| {
+    let (sender, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let stream = client.logs(id, follow, move |event| {
+        let _ = sender.send(event);
+    });
+    // Lines are named by their step; the names come from the build's
+    // record, asked again when a step it did not list yet speaks.
+    let print = async {
+        let mut names: Vec<String> = Vec::new();
+        while let Some(event) = events.recv().await {
+            let step = event.step as usize;
+            if matches!(lines, Lines::Text)
+                && step >= names.len()
+                && let Ok(build) = client.show(id).await
+            {
+                names = build.steps.into_iter().map(|s| s.name).collect();
+            }
             let (text, to_stderr) = match lines {
                 Lines::Json => (
                     format!("{}\n", serde_json::to_string(&event).unwrap_or_default()),
                     false,
                 ),
                 Lines::Text => (
-                    format!("[{}] {}\n", event.step, event.line),
+                    format!(
+                        "[{}] {}\n",
+                        names
+                            .get(step)
+                            .map_or_else(|| event.step.to_string(), Clone::clone),
+                        event.line
+                    ),
                     event.stream == LogStream::Stderr,
                 ),
             };
@@ -664,8 +708,10 @@ async fn follow(client: &Client, id: &str, follow: bool, lines: Lines) -> anyhow
             } else {
                 std::io::stdout().lock().write_all(text.as_bytes())
             };
-        })
-        .await?)
+        }
+    };
+    let (ended, ()) = tokio::join!(stream, print);
+    Ok(ended?)
 }
 
 /// Exit 0 for a succeeded build, 1 (with its reason) otherwise; with
@@ -711,13 +757,20 @@ fn source_text(build: &Build) -> String {
 
 fn describe(build: &Build) -> String {
     let mut text = format!(
-        "build     {}\nstate     {}\nsource    {}\nspec      {}\ncreated   {}\n",
+        "build     {}\nstate     {}\nsource    {}\n",
         build.id,
         build.state.as_str(),
         source_text(build),
-        build.spec_path,
-        build.created_at
     );
+    for (label, value) in [("commit", &build.commit), ("retry of", &build.retry_of)] {
+        if let Some(value) = value {
+            text.push_str(&format!("{label:<9} {value}\n"));
+        }
+    }
+    text.push_str(&format!(
+        "spec      {}\ncreated   {}\n",
+        build.spec_path, build.created_at
+    ));
     for (label, value) in [
         ("started", &build.started_at),
         ("finished", &build.finished_at),
@@ -729,8 +782,27 @@ fn describe(build: &Build) -> String {
             text.push_str(&format!("{label:<9} {value}\n"));
         }
     }
+    let width = build.steps.iter().map(|s| s.name.len()).max().unwrap_or(0);
+    for step in &build.steps {
+        let mut line = format!("step      {:<width$}  {}", step.name, step.state.as_str());
+        if let Some(code) = step.exit_code {
+            line.push_str(&format!("  exit {code}"));
+        }
+        if let Some(ms) = step.duration_ms {
+            line.push_str(&format!("  {}", duration_text(ms)));
+        }
+        if let Some(image) = &step.image {
+            line.push_str(&format!("  image {image}"));
+        }
+        text.push_str(line.trim_end());
+        text.push('\n');
+    }
     for output in &build.outputs {
-        text.push_str(&format!("pushed    {}\n", pinned(output)));
+        text.push_str(&format!(
+            "pushed    {}  (manifest, {} bytes)\n",
+            pinned(output),
+            output.size
+        ));
     }
     if build.has_provenance {
         text.push_str(&format!(
@@ -739,6 +811,15 @@ fn describe(build: &Build) -> String {
         ));
     }
     text
+}
+
+/// `850 ms`, `12.3 s`, `4 min 05 s`.
+fn duration_text(ms: u64) -> String {
+    match ms {
+        0..1_000 => format!("{ms} ms"),
+        1_000..60_000 => format!("{:.1} s", ms as f64 / 1000.0),
+        _ => format!("{} min {:02} s", ms / 60_000, (ms % 60_000) / 1000),
+    }
 }
 
 fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {

@@ -79,6 +79,7 @@ async fn wait_ended(client: &Client, id: &str, within: Duration) -> Build {
 custody_testkit::on_both!(
     builds_run_stream_their_logs_and_cancel,
     sigterm_lets_running_builds_finish_and_leaves_the_queue,
+    the_record_shows_the_commit_steps_and_outputs_and_a_retry_builds_the_same_commit,
 );
 
 async fn builds_run_stream_their_logs_and_cancel(backend: Backend) {
@@ -479,8 +480,9 @@ async fn submit_follow_and_verify_the_example() {
     let submitted = daemon.cli(&["submit", &src.display().to_string(), "--follow"]);
     let output = text(&submitted);
     assert!(submitted.status.success(), "{output}\n{}", daemon.log());
+    // Each line is named by its step, as `custody build` names it.
     assert!(
-        output.contains("image written to /output/hello"),
+        output.contains("[image] image written to /output/hello"),
         "{output}"
     );
     assert!(output.contains("hello.sh"), "{output}");
@@ -975,4 +977,273 @@ async fn a_build_directory_must_be_a_real_directory_of_the_source() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+/// `custody builds show ID --json`, parsed.
+fn show_json(daemon: &Daemon, id: &str) -> serde_json::Value {
+    let shown = daemon.cli(&["builds", "show", id, "--json"]);
+    assert!(shown.status.success(), "{}", text(&shown));
+    serde_json::from_slice(&shown.stdout).unwrap()
+}
+
+/// What a build resolved and did, as `builds show` (text and JSON), the
+/// list and the API tell it; the 201's `Location` leads to the build; a
+/// retry after the branch moved on builds the commit the first build did.
+async fn the_record_shows_the_commit_steps_and_outputs_and_a_retry_builds_the_same_commit(
+    backend: Backend,
+) {
+    let registry = Registry::builder().start();
+    let dir = tempfile::tempdir().unwrap();
+    let (image, tagged) = support::push_busybox(&registry, dir.path());
+    let host = registry.host();
+    let spec = format!(
+        "steps:\n  - name: compile\n    image: {tagged}\n    run: echo built > out.txt\n\
+         \x20 - name: on-host\n    run: cat out.txt\n\
+         artifacts:\n  - paths: [out.txt]\n    to: {host}/t/files:v1\n"
+    );
+    let failing = "steps:\n  - name: fine\n    run: 'true'\n  - name: broken\n    run: exit 3\n  - name: never\n    run: 'true'\n";
+    let git = repository(
+        dir.path(),
+        &[("custody.yaml", &spec), ("failing.yaml", failing)],
+    );
+    let src = dir.path().join("src");
+    git_cmd(&src, &["branch", "-M", "main"]);
+    let first_commit = git_cmd(&src, &["rev-parse", "HEAD"]);
+    let mut options = DaemonOptions::new("recorder", dir.path());
+    options.database_url = backend.url();
+    options.concurrency = 1;
+    options.extra = vec!["--insecure-registry".into(), host.into()];
+    let daemon = Daemon::start(options);
+    let client = daemon.client();
+
+    // 201 with `Location`, and following it gets the build.
+    // No pooled connections: the server closes idle ones (its header
+    // deadline) while the builds run, and a stale one fails the next request.
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let response = http
+        .post(format!("{}/api/v1/builds", daemon.url()))
+        .bearer_auth(TOKEN)
+        .json(&request(&git, "custody.yaml"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    let submitted: Build = response.json().await.unwrap();
+    assert_eq!(location, format!("/api/v1/builds/{}", submitted.id));
+    let followed: Build = http
+        .get(format!("{}{location}", daemon.url()))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(followed.id, submitted.id);
+    let ended = wait_ended(&client, &submitted.id, Duration::from_secs(120)).await;
+    assert_eq!(
+        ended.state,
+        BuildState::Succeeded,
+        "{ended:?}\n{}",
+        daemon.log()
+    );
+
+    // JSON: the resolved commit, not the revision asked for; each step.
+    let shown = show_json(&daemon, &submitted.id);
+    assert_eq!(shown["source"]["revision"], "main");
+    assert_eq!(shown["commit"], first_commit.as_str());
+    let steps = shown["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 2, "{shown}");
+    assert_eq!(steps[0]["name"], "compile");
+    assert_eq!(steps[0]["state"], "succeeded");
+    assert_eq!(steps[0]["exit_code"], 0);
+    assert!(steps[0]["duration_ms"].is_u64(), "{shown}");
+    assert_eq!(steps[0]["image"], image.manifest.digest.as_str());
+    assert_eq!(steps[1]["name"], "on-host");
+    assert_eq!(steps[1]["exit_code"], 0);
+    assert!(steps[1]["duration_ms"].is_u64(), "{shown}");
+    assert!(steps[1].get("image").is_none(), "{shown}");
+    let output = &shown["outputs"][0];
+    assert_eq!(output["reference"], format!("{host}/t/files:v1"));
+    assert!(output["digest"].as_str().unwrap().starts_with("sha256:"));
+    assert!(output["size"].as_u64().unwrap() > 0);
+
+    // The list carries the outputs too.
+    let listed = daemon.cli(&["builds", "list", "--json"]);
+    let page: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let in_list = page["builds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["id"] == submitted.id.as_str())
+        .unwrap();
+    assert_eq!(in_list["outputs"], shown["outputs"]);
+    assert_eq!(in_list["steps"], shown["steps"]);
+
+    // Text, for people.
+    let text_shown = daemon.cli(&["builds", "show", &submitted.id]);
+    let said = String::from_utf8_lossy(&text_shown.stdout).into_owned();
+    assert!(
+        said.contains(&format!("commit    {first_commit}\n")),
+        "{said}"
+    );
+    let compile = said
+        .lines()
+        .find(|l| l.starts_with("step      compile"))
+        .unwrap_or_else(|| panic!("{said}"));
+    assert!(compile.contains("succeeded  exit 0  "), "{compile}");
+    assert!(
+        compile.ends_with(&format!("image {}", image.manifest.digest)),
+        "{compile}"
+    );
+    assert!(
+        compile.contains(" ms  ") || compile.contains(" s  "),
+        "{compile}"
+    );
+    assert!(
+        said.contains(&format!("pushed    {host}/t/files:v1@sha256:")),
+        "{said}"
+    );
+
+    // A failing step shows its exit code; the step after it never ran.
+    let failed = client.submit(&request(&git, "failing.yaml")).await.unwrap();
+    let failed = wait_ended(&client, &failed.id, Duration::from_secs(60)).await;
+    assert_eq!(failed.state, BuildState::Failed);
+    let states: Vec<_> = failed
+        .steps
+        .iter()
+        .map(|s| (s.name.as_str(), s.state.as_str(), s.exit_code))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("fine", "succeeded", Some(0)),
+            ("broken", "failed", Some(3)),
+            ("never", "skipped", None)
+        ]
+    );
+    let said =
+        String::from_utf8_lossy(&daemon.cli(&["builds", "show", &failed.id]).stdout).into_owned();
+    assert!(said.contains("broken  failed  exit 3"), "{said}");
+
+    // The branch moves on; the retry builds the commit the build resolved.
+    fs_err::write(
+        src.join("custody.yaml"),
+        "steps:\n  - name: moved\n    run: exit 1\n",
+    )
+    .unwrap();
+    git_cmd(&src, &["commit", "-qam", "moved on"]);
+    let retried = daemon.cli(&["builds", "retry", &submitted.id]);
+    assert!(retried.status.success(), "{}", text(&retried));
+    let retry_id = String::from_utf8_lossy(&retried.stdout).trim().to_owned();
+    let retry = wait_ended(&client, &retry_id, Duration::from_secs(120)).await;
+    assert_eq!(
+        retry.state,
+        BuildState::Succeeded,
+        "{retry:?}\n{}",
+        daemon.log()
+    );
+    assert_eq!(retry.commit.as_deref(), Some(first_commit.as_str()));
+    assert_eq!(retry.source["revision"], first_commit.as_str());
+    assert_eq!(retry.retry_of.as_deref(), Some(submitted.id.as_str()));
+    assert_eq!(retry.steps[0].name, "compile");
+    let said =
+        String::from_utf8_lossy(&daemon.cli(&["builds", "show", &retry_id]).stdout).into_owned();
+    assert!(
+        said.contains(&format!("retry of  {}\n", submitted.id)),
+        "{said}"
+    );
+    let envelope: serde_json::Value =
+        serde_json::from_slice(&client.provenance(&retry_id).await.unwrap()).unwrap();
+    let statement: serde_json::Value = serde_json::from_slice(
+        &base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            envelope["payload"].as_str().unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        statement["predicate"]["buildDefinition"]["internalParameters"]["retryOf"],
+        submitted.id.as_str()
+    );
+    // `--json` prints the new build; the API answers 201 with `Location`.
+    let again = daemon.cli(&["builds", "retry", &failed.id, "--json"]);
+    let again: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(again["retry_of"], failed.id.as_str());
+    let response = http
+        .post(format!(
+            "{}/api/v1/builds/{}/retry",
+            daemon.url(),
+            failed.id
+        ))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    assert!(
+        response.headers()["location"]
+            .to_str()
+            .unwrap()
+            .starts_with("/api/v1/builds/")
+    );
+
+    // A build that never resolved a commit is retried as it was asked for.
+    let mut unknown = request(&git, "custody.yaml");
+    unknown.source.as_mut().unwrap().revision = "no-such-branch".into();
+    let unresolved = client.submit(&unknown).await.unwrap();
+    let unresolved = wait_ended(&client, &unresolved.id, Duration::from_secs(60)).await;
+    assert_eq!(unresolved.state, BuildState::Failed);
+    assert_eq!(unresolved.commit, None);
+    assert!(unresolved.steps.is_empty());
+    let again = client.retry(&unresolved.id).await.unwrap();
+    assert_eq!(again.source["revision"], "no-such-branch");
+    assert_eq!(again.retry_of.as_deref(), Some(unresolved.id.as_str()));
+}
+
+fn git_cmd(dir: &Path, args: &[&str]) -> String {
+    git(dir, args).trim().to_owned()
+}
+
+/// Steps are recorded as the runner reports them: while the build runs,
+/// the API shows the step that finished and the one running; a cancel
+/// leaves the running one interrupted and the next one skipped.
+#[tokio::test]
+async fn a_running_build_shows_the_steps_it_finished() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = "steps:\n  - name: quick\n    run: exit 0\n  - name: slow\n    run: sleep 60\n  - name: after\n    run: 'true'\n";
+    let git = repository(dir.path(), &[("custody.yaml", spec)]);
+    let mut options = DaemonOptions::new("stepper", dir.path());
+    options.concurrency = 1;
+    let daemon = Daemon::start(options);
+    let client = daemon.client();
+    let build = client.submit(&request(&git, "custody.yaml")).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let running = loop {
+        let now = client.show(&build.id).await.unwrap();
+        if now
+            .steps
+            .get(1)
+            .is_some_and(|s| s.state.as_str() == "running")
+        {
+            break now;
+        }
+        assert!(Instant::now() < deadline, "{now:?}\n{}", daemon.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(running.state, BuildState::Running);
+    assert_eq!(running.steps[0].state.as_str(), "succeeded");
+    assert_eq!(running.steps[0].exit_code, Some(0));
+    assert!(running.steps[0].duration_ms.is_some());
+    assert_eq!(running.steps[2].state.as_str(), "pending");
+    client.cancel(&build.id).await.unwrap();
+    let ended = wait_ended(&client, &build.id, Duration::from_secs(30)).await;
+    assert_eq!(ended.state, BuildState::Cancelled);
+    let states: Vec<_> = ended.steps.iter().map(|s| s.state.as_str()).collect();
+    assert_eq!(states, ["succeeded", "interrupted", "skipped"]);
 }

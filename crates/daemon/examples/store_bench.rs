@@ -201,6 +201,7 @@ async fn seed_one(
                 spec: Some(SPEC),
                 source: &source(),
                 created_at: created,
+                retry_of: None,
             },
             created.after(Duration::from_secs(2)),
         )
@@ -316,6 +317,7 @@ async fn run_claims(url: &str, daemons: usize, jobs: usize) -> Result<()> {
                         spec: Some(b"steps: []\n"),
                         source,
                         created_at,
+                        retry_of: None,
                     })
                     .await
             }

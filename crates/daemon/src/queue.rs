@@ -374,5 +374,9 @@ fn request_for(claimed: &Claimed) -> Result<BuildRequest, String> {
         claimed.spec.clone(),
         claimed.source.clone(),
     )
+    .map(|request| BuildRequest {
+        retry_of: claimed.retry_of.clone(),
+        ..request
+    })
     .map_err(|e| e.to_string())
 }

@@ -37,6 +37,11 @@ const SQLITE_MIGRATIONS: Migrations = &[
         "spec in source",
         include_str!("../migrations/sqlite/0003_spec_in_source.sql"),
     ),
+    (
+        4,
+        "build record",
+        include_str!("../migrations/sqlite/0004_build_record.sql"),
+    ),
 ];
 
 const POSTGRES_MIGRATIONS: Migrations = &[
@@ -54,6 +59,11 @@ const POSTGRES_MIGRATIONS: Migrations = &[
         3,
         "spec in source",
         include_str!("../migrations/postgres/0003_spec_in_source.sql"),
+    ),
+    (
+        4,
+        "build record",
+        include_str!("../migrations/postgres/0004_build_record.sql"),
     ),
 ];
 
@@ -130,6 +140,8 @@ pub struct NewBuild<'a> {
     pub spec: Option<&'a [u8]>,
     pub source: &'a BuildSource,
     pub created_at: Timestamp,
+    /// The build this one retries (`custody builds retry`).
+    pub retry_of: Option<&'a BuildId>,
 }
 
 /// One stored log line.
@@ -149,6 +161,62 @@ pub struct Output {
     pub reference: String,
     pub digest: Digest,
     pub size: u64,
+}
+
+/// Where a step is: `Pending` until the runner starts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepState {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    TimedOut,
+}
+
+impl StepState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepState::Pending => "pending",
+            StepState::Running => "running",
+            StepState::Succeeded => "succeeded",
+            StepState::Failed => "failed",
+            StepState::TimedOut => "timed_out",
+        }
+    }
+}
+
+impl FromStr for StepState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "pending" => StepState::Pending,
+            "running" => StepState::Running,
+            "succeeded" => StepState::Succeeded,
+            "failed" => StepState::Failed,
+            "timed_out" => StepState::TimedOut,
+            other => return Err(format!("unknown step state `{other}`")),
+        })
+    }
+}
+
+/// One step of a build, as planned and then as the runner reported it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StepRecord {
+    pub name: String,
+    /// The step image's manifest digest; `None` on the host root.
+    pub image: Option<Digest>,
+    pub state: StepState,
+    /// Its exit code once it exited (-1: a signal killed it).
+    pub exit_code: Option<i32>,
+    /// From when the daemon heard it start to when it heard it end.
+    pub duration_ms: Option<u64>,
+}
+
+/// How a step ended, as the runner reported it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepEnding {
+    Exited(i32),
+    TimedOut,
 }
 
 /// How a build ended.
@@ -179,6 +247,30 @@ pub struct BuildRecord {
     pub claims: i64,
     /// Set while a cancel waits for the owner to act on it.
     pub cancel_reason: Option<String>,
+    /// The commit its source resolved to, once it planned.
+    pub commit: Option<String>,
+    /// The build this one retries.
+    pub retry_of: Option<BuildId>,
+}
+
+/// A build with what it pushed and its steps.
+#[derive(Clone, Debug)]
+pub struct BuildDetail {
+    pub record: BuildRecord,
+    /// In the order the spec declares them; only a succeeded build has any.
+    pub outputs: Vec<Output>,
+    /// In spec order; none before the build planned.
+    pub steps: Vec<StepRecord>,
+}
+
+/// What a retry starts from: the build's request as it was recorded.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub spec_path: String,
+    /// `None`: read it from the source.
+    pub spec: Option<Vec<u8>>,
+    pub source: BuildSource,
+    pub commit: Option<String>,
 }
 
 /// A queued build one daemon now holds.
@@ -189,6 +281,8 @@ pub struct Claimed {
     /// `None`: read it from the source.
     pub spec: Option<Vec<u8>>,
     pub source: BuildSource,
+    /// The build it retries.
+    pub retry_of: Option<BuildId>,
 }
 
 /// What the owner of a running build learns when it renews its lease.
@@ -237,7 +331,7 @@ pub struct Store {
 
 const RECORD_COLUMNS: &str = "builds.id, state, spec_path, source, created_at, started_at, \
      finished_at, error, CASE WHEN provenance IS NULL THEN 0 ELSE 1 END AS has_provenance, owner, \
-     claims, cancel_reason";
+     claims, cancel_reason, source_commit, retry_of";
 
 impl Store {
     /// Opens the store a URL names: `postgres://…` (or `postgresql://…`),
@@ -329,8 +423,8 @@ impl Store {
     ) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO builds (id, state, spec_path, spec, source, created_at, started_at,
-                                 spec_in_source)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                                 spec_in_source, retry_of)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(build.id.as_str())
         .bind(state)
@@ -340,6 +434,7 @@ impl Store {
         .bind(build.created_at.rfc3339())
         .bind(started_at.map(Timestamp::rfc3339))
         .bind(i64::from(build.spec.is_none()))
+        .bind(build.retry_of.map(BuildId::as_str))
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -365,7 +460,7 @@ impl Store {
                  claims = claims + 1, runner_started = 0
              WHERE id = (SELECT id FROM builds WHERE state = 'queued' ORDER BY id LIMIT 1 {lock})
                AND state = 'queued'
-             RETURNING id, spec_path, spec, spec_in_source, source"
+             RETURNING id, spec_path, spec, spec_in_source, source, retry_of"
         )))
         .bind(owner)
         .bind(lease_until.unix_millis())
@@ -378,6 +473,9 @@ impl Store {
                 spec_path: row.get("spec_path"),
                 spec: (row.get::<i64, _>("spec_in_source") == 0).then(|| row.get("spec")),
                 source: BuildSource::from_json(row.get("source")).map_err(corrupt("source"))?,
+                retry_of: row
+                    .get::<Option<String>, _>("retry_of")
+                    .map(BuildId::stored),
             })
         })
         .transpose()
@@ -638,28 +736,184 @@ impl Store {
             .collect())
     }
 
-    /// A build with its outputs, in one query.
-    pub async fn build_with_outputs(
-        &self,
-        id: &BuildId,
-    ) -> Result<Option<(BuildRecord, Vec<Output>)>, StoreError> {
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {RECORD_COLUMNS}, o.reference, o.digest, o.size
-             FROM builds LEFT JOIN build_outputs o ON o.build_id = builds.id
-             WHERE builds.id = $1 ORDER BY o.position"
-        )))
-        .bind(id.as_str())
-        .fetch_all(&self.pool)
-        .await?;
-        let Some(first) = rows.first() else {
+    /// A build with its outputs and steps.
+    pub async fn build_detail(&self, id: &BuildId) -> Result<Option<BuildDetail>, StoreError> {
+        let Some(record) = self.build(id).await? else {
             return Ok(None);
         };
-        let outputs = rows
-            .iter()
-            .filter(|row| row.get::<Option<String>, _>("reference").is_some())
-            .map(output)
-            .collect::<Result<_, _>>()?;
-        Ok(Some((record(first)?, outputs)))
+        Ok(self.details(vec![record]).await?.pop())
+    }
+
+    /// `records` with their outputs and steps: one query for all their
+    /// outputs and one for all their steps, however many there are.
+    pub async fn details(&self, records: Vec<BuildRecord>) -> Result<Vec<BuildDetail>, StoreError> {
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let placeholders = (1..=records.len())
+            .map(|n| format!("${n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let bind_ids = |sql: String| {
+            records
+                .iter()
+                .fold(sqlx::query(AssertSqlSafe(sql)), |q, r| {
+                    q.bind(r.id.as_str().to_owned())
+                })
+        };
+        let output_rows = bind_ids(format!(
+            "SELECT build_id, reference, digest, size FROM build_outputs
+             WHERE build_id IN ({placeholders}) ORDER BY build_id, position"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        let step_rows = bind_ids(format!(
+            "SELECT build_id, name, image, state, exit_code, duration_ms FROM build_steps
+             WHERE build_id IN ({placeholders}) ORDER BY build_id, position"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut outputs: std::collections::HashMap<String, Vec<Output>> = Default::default();
+        for row in &output_rows {
+            outputs
+                .entry(row.get("build_id"))
+                .or_default()
+                .push(output(row)?);
+        }
+        let mut steps: std::collections::HashMap<String, Vec<StepRecord>> = Default::default();
+        for row in &step_rows {
+            steps
+                .entry(row.get("build_id"))
+                .or_default()
+                .push(step(row)?);
+        }
+        Ok(records
+            .into_iter()
+            .map(|record| BuildDetail {
+                outputs: outputs.remove(record.id.as_str()).unwrap_or_default(),
+                steps: steps.remove(record.id.as_str()).unwrap_or_default(),
+                record,
+            })
+            .collect())
+    }
+
+    /// The request build `id` was recorded with, and the commit it
+    /// resolved (for a retry).
+    pub async fn recorded(&self, id: &BuildId) -> Result<Option<Recorded>, StoreError> {
+        let row = sqlx::query(
+            "SELECT spec_path, spec, spec_in_source, source, source_commit FROM builds
+             WHERE id = $1",
+        )
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| {
+            Ok(Recorded {
+                spec_path: row.get("spec_path"),
+                spec: (row.get::<i64, _>("spec_in_source") == 0).then(|| row.get("spec")),
+                source: BuildSource::from_json(row.get("source")).map_err(corrupt("source"))?,
+                commit: row.get("source_commit"),
+            })
+        })
+        .transpose()
+    }
+
+    /// Records the commit build `id`'s source resolved to.
+    pub async fn record_commit(&self, id: &BuildId, commit: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE builds SET source_commit = $1 WHERE id = $2")
+            .bind(commit)
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Records the steps build `id` planned, each pending with its image's
+    /// digest, in place of any an earlier plan of it recorded (a build
+    /// requeued before its runner started plans again).
+    pub async fn record_steps(
+        &self,
+        id: &BuildId,
+        steps: &[(String, Option<Digest>)],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM build_steps WHERE build_id = $1")
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        for (position, (name, image)) in steps.iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO build_steps (build_id, position, name, image, state)
+                 VALUES ($1, $2, $3, $4, 'pending')",
+            )
+            .bind(id.as_str())
+            .bind(position as i64)
+            .bind(name)
+            .bind(image.as_ref().map(ToString::to_string))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records that step `index` of build `id` started at `at`. The image
+    /// digest planned (the one the provenance claims) stands; the runner's
+    /// `image` fills in only where none was planned.
+    pub async fn step_started(
+        &self,
+        id: &BuildId,
+        index: u32,
+        name: &str,
+        image: Option<&Digest>,
+        at: Timestamp,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO build_steps (build_id, position, name, image, state, started_ms)
+             VALUES ($1, $2, $3, $4, 'running', $5)
+             ON CONFLICT (build_id, position) DO UPDATE
+             SET state = 'running', started_ms = excluded.started_ms,
+                 image = COALESCE(build_steps.image, excluded.image)",
+        )
+        .bind(id.as_str())
+        .bind(i64::from(index))
+        .bind(name)
+        .bind(image.map(ToString::to_string))
+        .bind(at.unix_millis())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records how step `index` of build `id` ended, at `at`.
+    pub async fn step_finished(
+        &self,
+        id: &BuildId,
+        index: u32,
+        ending: StepEnding,
+        at: Timestamp,
+    ) -> Result<(), StoreError> {
+        let (state, exit_code) = match ending {
+            StepEnding::Exited(0) => (StepState::Succeeded, Some(0)),
+            StepEnding::Exited(code) => (StepState::Failed, Some(code)),
+            StepEnding::TimedOut => (StepState::TimedOut, None),
+        };
+        sqlx::query(
+            "UPDATE build_steps
+             SET state = $1, exit_code = $2,
+                 duration_ms = CASE WHEN started_ms IS NULL THEN NULL
+                                    WHEN started_ms > $3 THEN 0
+                                    ELSE $3 - started_ms END
+             WHERE build_id = $4 AND position = $5",
+        )
+        .bind(state.as_str())
+        .bind(exit_code.map(i64::from))
+        .bind(at.unix_millis())
+        .bind(id.as_str())
+        .bind(i64::from(index))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// Builds newest first: at most `limit`, only those older than
@@ -848,6 +1102,10 @@ fn record(row: &AnyRow) -> Result<BuildRecord, StoreError> {
         owner: row.get("owner"),
         claims: row.get("claims"),
         cancel_reason: row.get("cancel_reason"),
+        commit: row.get("source_commit"),
+        retry_of: row
+            .get::<Option<String>, _>("retry_of")
+            .map(BuildId::stored),
     })
 }
 
@@ -861,6 +1119,30 @@ fn output(row: &AnyRow) -> Result<Output, StoreError> {
                 corrupt("output digest")(e.to_string())
             })?,
         size: row.get::<i64, _>("size") as u64,
+    })
+}
+
+fn step(row: &AnyRow) -> Result<StepRecord, StoreError> {
+    Ok(StepRecord {
+        name: row.get("name"),
+        image: row
+            .get::<Option<String>, _>("image")
+            .map(|digest| {
+                digest
+                    .parse()
+                    .map_err(|e: custody_oci::oci_spec::OciSpecError| {
+                        corrupt("step image")(e.to_string())
+                    })
+            })
+            .transpose()?,
+        state: row
+            .get::<String, _>("state")
+            .parse()
+            .map_err(corrupt("step state"))?,
+        exit_code: row.get::<Option<i64>, _>("exit_code").map(|c| c as i32),
+        duration_ms: row
+            .get::<Option<i64>, _>("duration_ms")
+            .map(|d| d.max(0) as u64),
     })
 }
 

@@ -6,7 +6,9 @@ use std::collections::HashSet;
 use custody_daemon::record::{BuildId, Timestamp};
 use custody_daemon::source::BuildSource;
 use custody_daemon::spec::{GitSource, GitUrl};
-use custody_daemon::store::{CancelOutcome, Ending, LogLine, NewBuild, Renewal, State, Store};
+use custody_daemon::store::{
+    CancelOutcome, Ending, LogLine, NewBuild, Output, Renewal, State, StepEnding, StepState, Store,
+};
 use custody_testkit::Postgres;
 
 /// A store on each backend; the PostgreSQL cluster lives as long as the
@@ -59,6 +61,7 @@ on_both!(
     logs_keep_their_order_across_batches,
     list_filters_and_pages,
     specs_from_the_source_are_queued_without_bytes,
+    the_record_keeps_the_commit_steps_outputs_and_retries,
 );
 
 /// A moment `millis` after the tests' epoch.
@@ -87,6 +90,7 @@ async fn enqueue(store: &Store, n: usize) -> Vec<BuildId> {
                 spec: Some(b"steps: []"),
                 source: &source,
                 created_at: at(0),
+                retry_of: None,
             })
             .await
             .unwrap();
@@ -312,6 +316,7 @@ async fn specs_from_the_source_are_queued_without_bytes(backend: &Backend) {
                 path: Default::default(),
             }),
             created_at: at(0),
+            retry_of: None,
         })
         .await
         .unwrap();
@@ -324,4 +329,125 @@ async fn specs_from_the_source_are_queued_without_bytes(backend: &Backend) {
     assert_eq!(second.id, from_source);
     assert_eq!(second.spec, None, "read from the source when it runs");
     assert_eq!(second.spec_path, "ci/custody.yaml");
+}
+
+async fn the_record_keeps_the_commit_steps_outputs_and_retries(backend: &Backend) {
+    let store = open(backend).await;
+    let ids = enqueue(&store, 3).await;
+    let (built, failed, untouched) = (&ids[0], &ids[1], &ids[2]);
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let image = custody_oci::digest::sha256(b"step image");
+    for id in [built, failed] {
+        store.claim("d", never(), at(1)).await.unwrap().unwrap();
+        store.record_commit(id, commit).await.unwrap();
+        // Planned twice (requeued before its runner started): one set of steps.
+        for _ in 0..2 {
+            store
+                .record_steps(
+                    id,
+                    &[
+                        ("compile".to_owned(), Some(image.clone())),
+                        ("test".to_owned(), None),
+                    ],
+                )
+                .await
+                .unwrap();
+        }
+    }
+    store
+        .step_started(built, 0, "compile", None, at(10))
+        .await
+        .unwrap();
+    // A running build shows what has finished so far.
+    store
+        .step_finished(built, 0, StepEnding::Exited(0), at(1_510))
+        .await
+        .unwrap();
+    let detail = store.build_detail(built).await.unwrap().unwrap();
+    assert_eq!(detail.record.commit.as_deref(), Some(commit));
+    let states: Vec<_> = detail.steps.iter().map(|s| s.state).collect();
+    assert_eq!(states, [StepState::Succeeded, StepState::Pending]);
+    assert_eq!(
+        detail.steps[0].image.as_ref(),
+        Some(&image),
+        "kept from the plan"
+    );
+    assert_eq!(detail.steps[0].exit_code, Some(0));
+    assert_eq!(detail.steps[0].duration_ms, Some(1_500));
+    assert_eq!(detail.steps[1].image, None);
+    let other = custody_oci::digest::sha256(b"the runner's word");
+    store
+        .step_started(built, 1, "test", Some(&other), at(2_000))
+        .await
+        .unwrap();
+    store
+        .step_finished(built, 1, StepEnding::Exited(0), at(2_250))
+        .await
+        .unwrap();
+    let outputs = [Output {
+        reference: "registry.example.org/app:v1".into(),
+        digest: custody_oci::digest::sha256(b"manifest"),
+        size: 8,
+    }];
+    let ending = Ending {
+        outputs: &outputs,
+        ..succeeded()
+    };
+    assert!(store.finish(built, Some("d"), &ending).await.unwrap());
+
+    store
+        .step_started(failed, 0, "compile", None, at(10))
+        .await
+        .unwrap();
+    store
+        .step_finished(failed, 0, StepEnding::Exited(3), at(20))
+        .await
+        .unwrap();
+
+    // The list's page, with its outputs and steps in two queries.
+    let page = store.list(None, None, 10).await.unwrap();
+    let details = store.details(page).await.unwrap();
+    let by_id = |id: &BuildId| details.iter().find(|d| &d.record.id == id).unwrap();
+    assert_eq!(by_id(built).outputs, outputs);
+    assert_eq!(by_id(built).steps[1].image.as_ref(), Some(&other));
+    assert_eq!(by_id(built).steps[1].duration_ms, Some(250));
+    assert_eq!(by_id(failed).outputs, []);
+    assert_eq!(by_id(failed).steps[0].state, StepState::Failed);
+    assert_eq!(by_id(failed).steps[0].exit_code, Some(3));
+    assert!(by_id(untouched).steps.is_empty());
+    assert_eq!(by_id(untouched).record.commit, None);
+
+    // A retry names what it retries; the original request is kept.
+    let recorded = store.recorded(built).await.unwrap().unwrap();
+    assert_eq!(recorded.commit.as_deref(), Some(commit));
+    assert_eq!(recorded.spec.as_deref(), Some(&b"steps: []"[..]));
+    let retry = BuildId::new();
+    store
+        .enqueue(&NewBuild {
+            id: &retry,
+            spec_path: &recorded.spec_path,
+            spec: recorded.spec.as_deref(),
+            source: &recorded.source,
+            created_at: at(3),
+            retry_of: Some(built),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .build(&retry)
+            .await
+            .unwrap()
+            .unwrap()
+            .retry_of
+            .as_ref(),
+        Some(built)
+    );
+    let claimed = loop {
+        let claimed = store.claim("d", never(), at(4)).await.unwrap().unwrap();
+        if claimed.id == retry {
+            break claimed;
+        }
+    };
+    assert_eq!(claimed.retry_of.as_ref(), Some(built));
 }

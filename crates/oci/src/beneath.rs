@@ -318,6 +318,33 @@ impl TempFile {
         })
     }
 
+    /// Moves the file to `name` in its directory only if nothing is there
+    /// (`RENAME_NOREPLACE`): an existing name is an `AlreadyExists` error
+    /// and the temporary file goes.
+    pub fn persist_new(mut self, name: &str) -> Result<(), Error> {
+        let target = Path::new(name);
+        if target.components().count() != 1 || name == ".." || name == "." {
+            return Err(Error::Io(io::Error::other(format!(
+                "`{name}` is not a plain file name"
+            ))));
+        }
+        let temp = self
+            .name
+            .take()
+            .expect("a temporary file is persisted once");
+        rfs::renameat_with(
+            self.dir.fd.as_fd(),
+            &temp,
+            self.dir.fd.as_fd(),
+            target,
+            rfs::RenameFlags::NOREPLACE,
+        )
+        .map_err(|e| {
+            let _ = rfs::unlinkat(self.dir.fd.as_fd(), &temp, AtFlags::empty());
+            error(&self.dir.display_path(target), e)
+        })
+    }
+
     fn describe(&self, e: io::Error) -> String {
         let name = self.name.as_deref().unwrap_or("?");
         format!(

@@ -10,12 +10,14 @@
 //!   [`beneath`]: the file access both use, which never follows a symlink.
 //! - [`registry`]: the distribution API client (certs.d, auth, uploads,
 //!   referrers).
+//! - [`artifact`]: an artifact's files written back beneath a directory.
 //! - [`copy`]: the engine that moves an image between any source and
 //!   destination, used by `custody push` and `custody pull`.
 
 #![forbid(unsafe_code)]
 
 pub mod archive;
+pub mod artifact;
 pub mod beneath;
 pub mod copy;
 pub mod digest;

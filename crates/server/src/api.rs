@@ -87,6 +87,13 @@ pub struct Build {
     /// What was asked for: `{"git": URL, "revision": REV}`.
     #[schema(value_type = Object)]
     pub source: serde_json::Value,
+    /// The commit (40 hex digits) the source's revision resolved to, once
+    /// the build planned.
+    #[serde(default)]
+    pub commit: Option<String>,
+    /// The build this one retries (`POST /builds/{id}/retry`).
+    #[serde(default)]
+    pub retry_of: Option<String>,
     /// RFC 3339 times.
     pub created_at: String,
     pub started_at: Option<String>,
@@ -99,14 +106,76 @@ pub struct Build {
     pub cancel_requested: Option<String>,
     /// Whether signed provenance can be downloaded.
     pub has_provenance: bool,
-    /// What it pushed, in the order the spec declares.
+    /// Its spec's steps, in order, once it planned: each as far as it got.
+    #[serde(default)]
+    pub steps: Vec<Step>,
+    /// What it pushed, in the order the spec declares (only a succeeded
+    /// build has any).
     pub outputs: Vec<Output>,
 }
 
+/// One step of a build.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Step {
+    pub name: String,
+    pub state: StepState,
+    /// The manifest digest of the step's image; absent for a step on the
+    /// host root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Once it exited: its exit code (-1 when a signal killed it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Once it ended: how long it ran, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+}
+
+/// Where a step is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StepState {
+    /// Not started yet.
+    Pending,
+    Running,
+    /// Exited 0.
+    Succeeded,
+    /// Exited otherwise.
+    Failed,
+    /// Ran past its `timeout`.
+    TimedOut,
+    /// Never started: the build ended first.
+    Skipped,
+    /// Still running when the build ended (cancelled, or its daemon lost).
+    Interrupted,
+    /// A state this client does not know (from a newer server).
+    #[serde(other)]
+    Unknown,
+}
+
+impl StepState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepState::Pending => "pending",
+            StepState::Running => "running",
+            StepState::Succeeded => "succeeded",
+            StepState::Failed => "failed",
+            StepState::TimedOut => "timed_out",
+            StepState::Skipped => "skipped",
+            StepState::Interrupted => "interrupted",
+            StepState::Unknown => "unknown",
+        }
+    }
+}
+
+/// One manifest a build pushed.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct Output {
+    /// Where, pinned by digest.
     pub reference: String,
+    /// The manifest's digest.
     pub digest: String,
+    /// The manifest's size in bytes.
     pub size: u64,
 }
 

@@ -89,6 +89,12 @@ impl Client {
             .await
     }
 
+    /// Queues a new build of `id`'s spec at the commit it resolved.
+    pub async fn retry(&self, id: &str) -> Result<Build, ClientError> {
+        self.call::<(), _>(Method::POST, &format!("/api/v1/builds/{id}/retry"), None)
+            .await
+    }
+
     pub async fn keys(&self) -> Result<KeyList, ClientError> {
         self.call::<(), _>(Method::GET, "/api/v1/keys", None).await
     }

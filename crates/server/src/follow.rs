@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use custody_daemon::record::BuildId;
-use custody_daemon::store::{self, BuildRecord, LogLine, Store, StoreError};
+use custody_daemon::store::{self, BuildDetail, LogLine, Store, StoreError};
 use tokio::sync::broadcast;
 
 /// How often a followed build's store rows are read.
@@ -37,7 +37,7 @@ pub enum Update {
     /// Lines stored since the last update, in order, each with its `seq`.
     Lines(Arc<[(i64, LogLine)]>),
     /// The build ended; every line was sent before this.
-    Ended(Arc<(BuildRecord, Vec<store::Output>)>),
+    Ended(Arc<BuildDetail>),
     /// The store failed; the task has stopped.
     Failed,
 }
@@ -122,7 +122,7 @@ impl Followers {
     }
 
     /// Sends the lines stored after `last`; once the build has ended (after
-    /// its last lines), says so with the build and its outputs.
+    /// its last lines), says so with the build, its steps and outputs.
     async fn read(
         &self,
         id: &BuildId,
@@ -148,12 +148,10 @@ impl Followers {
         if !ended {
             return Ok(Polled::Running);
         }
-        let outputs = if record.state == store::State::Succeeded {
-            self.store.outputs(id).await?
-        } else {
-            Vec::new()
-        };
-        Ok(Polled::Ended(Arc::new((record, outputs))))
+        let detail = self.store.details(vec![record]).await?.pop();
+        Ok(Polled::Ended(Arc::new(
+            detail.expect("one record, one detail"),
+        )))
     }
 
     /// Stops following `id` if nobody does; decided under the lock new
@@ -183,7 +181,7 @@ impl Followers {
 /// What one read of a followed build found.
 enum Polled {
     Running,
-    Ended(Arc<(BuildRecord, Vec<store::Output>)>),
+    Ended(Arc<BuildDetail>),
     Gone,
 }
 

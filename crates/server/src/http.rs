@@ -18,7 +18,7 @@ use custody_daemon::queue::Queue;
 use custody_daemon::record::{BuildId, BuildIdPrefix, Timestamp};
 use custody_daemon::source::BuildSource;
 use custody_daemon::spec;
-use custody_daemon::store::{self, BuildRecord, CancelOutcome, StoreError};
+use custody_daemon::store::{self, BuildDetail, CancelOutcome, StoreError};
 use custody_wire::TokenDigest;
 use futures_util::{Stream, StreamExt as _};
 use serde::Deserialize;
@@ -29,7 +29,7 @@ use utoipa_axum::routes;
 
 use crate::api::{
     Build, BuildList, BuildState, ErrorBody, ErrorCode, ErrorDetail, KeyList, LogEvent, LogStream,
-    Output, SubmitRequest,
+    Output, Step, StepState, SubmitRequest,
 };
 use crate::follow::{self, Followers, Next, Subscription, Update};
 use crate::metrics::Metrics;
@@ -154,6 +154,9 @@ impl Drop for StreamSlot {
         title = "custody",
         description = "Builds whose outputs can be trusted: queue builds, follow them, fetch their signed provenance."
     ),
+    // Named only in descriptions (the `data` of `log` server-sent events),
+    // so listed here to be defined.
+    components(schemas(LogEvent, LogStream)),
     modifiers(&BearerAuth),
     security(("bearer" = []))
 )]
@@ -181,6 +184,7 @@ pub fn router(app: Arc<App>) -> Router {
         .routes(routes!(show))
         .routes(routes!(logs))
         .routes(routes!(cancel))
+        .routes(routes!(retry))
         .routes(routes!(provenance))
         .routes(routes!(keys))
         .split_for_parts();
@@ -401,7 +405,8 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Api
 #[utoipa::path(
     post, path = "/builds", request_body = SubmitRequest,
     responses(
-        (status = 201, description = "Queued", body = Build),
+        (status = 201, description = "Queued", body = Build,
+            headers(("Location" = String, description = "The build's URL: `/api/v1/builds/{id}`"))),
         (status = 400, description = "Bad request or spec, or refused by policy", body = ErrorBody),
         (status = 401, description = "No or wrong token", body = ErrorBody),
         (status = 408, description = "The body did not arrive in time", body = ErrorBody),
@@ -410,7 +415,7 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Api
 async fn submit(
     State(app): State<Arc<App>>,
     ApiJson(request): ApiJson<SubmitRequest>,
-) -> Result<(StatusCode, Json<Build>), ApiError> {
+) -> Result<Response, ApiError> {
     let service = app.queue.service();
     let policy = service.policy.clone().unwrap_or_default();
     check_spec_path(&request.spec_path)
@@ -484,17 +489,91 @@ async fn submit(
             &request.spec_path,
             request.spec.as_deref().map(str::as_bytes),
             &source,
+            None,
         )
         .await?;
-    // The answer is the build as stored now: queued, unless a daemon's
-    // poll claimed it already; waking the queue claims it at once.
-    let record = service
+    created(&app, &id).await
+}
+
+/// The answer to a build just queued: 201, its URL in `Location`, and the
+/// build as stored now (queued, unless a daemon's poll claimed it already;
+/// waking the queue claims it at once).
+async fn created(app: &App, id: &BuildId) -> Result<Response, ApiError> {
+    let detail = app
+        .queue
+        .service()
         .store
-        .build(&id)
+        .build_detail(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(id))?;
+    app.queue.wake();
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, format!("/api/v1/builds/{id}"))],
+        Json(to_build(detail)),
+    )
+        .into_response())
+}
+
+/// Retry a build: a new build of the same spec at the same commit.
+///
+/// The new build reads the same spec (the same `spec_path`, or the same
+/// inline text) from the same repository at the commit the retried build
+/// resolved, not at its branch again; it records which build it retries
+/// (`retry_of`). A build that failed before it resolved a commit is
+/// retried as it was asked for. The service's policy applies as to any
+/// submission.
+#[utoipa::path(
+    post, path = "/builds/{id}/retry", params(("id" = String, Path, description = "The build to retry")),
+    responses(
+        (status = 201, description = "The new build, queued", body = Build,
+            headers(("Location" = String, description = "The new build's URL: `/api/v1/builds/{id}`"))),
+        (status = 400, description = "Refused by policy, or not a build of a git source", body = ErrorBody),
+        (status = 401, description = "No or wrong token", body = ErrorBody),
+        (status = 404, description = "No such build", body = ErrorBody),
+    )
+)]
+async fn retry(
+    State(app): State<Arc<App>>,
+    BuildPath(id): BuildPath,
+) -> Result<Response, ApiError> {
+    let service = app.queue.service();
+    let recorded = service
+        .store
+        .recorded(&id)
         .await?
         .ok_or_else(|| ApiError::not_found(&id))?;
-    app.queue.wake();
-    Ok((StatusCode::CREATED, Json(to_build(record, Vec::new()))))
+    let BuildSource::Git(mut source) = recorded.source else {
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("build `{id}` built a local directory, which the service cannot fetch again"),
+        ));
+    };
+    if let Some(commit) = recorded.commit {
+        source.revision = commit;
+    }
+    let policy = service.policy.clone().unwrap_or_default();
+    if recorded.spec.is_some() && !policy.allow_inline_specs {
+        return Err(ApiError::new(
+            ErrorCode::RefusedByPolicy,
+            format!(
+                "build `{id}` ran an inline spec, which this service no longer accepts \
+                 (`allow_inline_specs` is off)"
+            ),
+        ));
+    }
+    policy.sources.check(&source.git).map_err(|rule| {
+        ApiError::new(ErrorCode::RefusedByPolicy, format!("`source.git`: {rule}"))
+    })?;
+    let new = service
+        .enqueue(
+            &recorded.spec_path,
+            recorded.spec.as_deref(),
+            &source,
+            Some(&id),
+        )
+        .await?;
+    created(&app, &new).await
 }
 
 /// How long a submission waits for its source's name to resolve before
@@ -575,25 +654,23 @@ async fn list(
         })
         .transpose()?;
     let state = query.state.map(to_store_state);
-    let records = app
-        .queue
-        .service()
-        .store
-        .list(state, before.as_ref(), limit)
-        .await?;
+    let store = &app.queue.service().store;
+    let records = store.list(state, before.as_ref(), limit).await?;
     let next = (records.len() as i64 == limit)
         .then(|| records.last().map(|r| r.id.to_string()))
         .flatten();
     Ok(Json(BuildList {
-        builds: records
+        builds: store
+            .details(records)
+            .await?
             .into_iter()
-            .map(|r| to_build(r, Vec::new()))
+            .map(to_build)
             .collect(),
         next,
     }))
 }
 
-/// Show one build, with what it pushed.
+/// Show one build: the commit it resolved, its steps and what it pushed.
 #[utoipa::path(
     get, path = "/builds/{id}", params(("id" = String, Path, description = "Build id")),
     responses(
@@ -607,14 +684,14 @@ async fn show(State(app): State<Arc<App>>, BuildPath(id): BuildPath) -> Result<R
     let body = match cached {
         Some(body) => body,
         None => {
-            let (record, outputs) = app
+            let detail = app
                 .queue
                 .service()
                 .store
-                .build_with_outputs(&id)
+                .build_detail(&id)
                 .await?
                 .ok_or_else(|| ApiError::not_found(&id))?;
-            let build = to_build(record, outputs);
+            let build = to_build(detail);
             let body =
                 axum::body::Bytes::from(serde_json::to_vec(&build).expect("a build serialises"));
             if build.state.is_final() {
@@ -744,12 +821,11 @@ impl LogReader {
                         self.done = true;
                         return None;
                     };
-                    let outputs = if record.state == store::State::Succeeded {
-                        store.outputs(&self.id).await.unwrap_or_default()
-                    } else {
-                        Vec::new()
+                    let detail = match store.details(vec![record]).await {
+                        Ok(mut details) => details.pop().expect("one record, one detail"),
+                        Err(e) => return Some(self.failed(&e.to_string())),
                     };
-                    return Some(self.end(to_build(record, outputs)));
+                    return Some(self.end(to_build(detail)));
                 }
             }
             let live = self.live.as_mut().expect("following");
@@ -775,8 +851,7 @@ impl LogReader {
                 Next::Update(Update::Ended(ended)) => {
                     // Every line came before this, and none was missed
                     // (that would have been `Behind` or a gap).
-                    let (record, outputs) = ended.as_ref().clone();
-                    return Some(self.end(to_build(record, outputs)));
+                    return Some(self.end(to_build(ended.as_ref().clone())));
                 }
                 Next::Update(Update::Failed) => return Some(self.failed("see the daemon's log")),
                 Next::Behind => self.catching_up = true,
@@ -862,11 +937,11 @@ async fn cancel(
         }
         CancelOutcome::NotFound => return Err(ApiError::not_found(&id)),
     }
-    let record = store
-        .build(&id)
+    let detail = store
+        .build_detail(&id)
         .await?
         .ok_or_else(|| ApiError::not_found(&id))?;
-    Ok((StatusCode::ACCEPTED, Json(to_build(record, Vec::new()))))
+    Ok((StatusCode::ACCEPTED, Json(to_build(detail))))
 }
 
 /// Download a build's signed provenance: a DSSE envelope holding an
@@ -964,7 +1039,13 @@ fn to_store_state(state: BuildState) -> store::State {
     }
 }
 
-fn to_build(record: BuildRecord, outputs: Vec<store::Output>) -> Build {
+fn to_build(detail: BuildDetail) -> Build {
+    let BuildDetail {
+        record,
+        outputs,
+        steps,
+    } = detail;
+    let ended = !matches!(record.state, store::State::Queued | store::State::Running);
     Build {
         state: match record.state {
             store::State::Queued => BuildState::Queued,
@@ -974,6 +1055,8 @@ fn to_build(record: BuildRecord, outputs: Vec<store::Output>) -> Build {
             store::State::Cancelled => BuildState::Cancelled,
         },
         source: record.source.to_json(),
+        commit: record.commit,
+        retry_of: record.retry_of.map(|id| id.to_string()),
         id: record.id.to_string(),
         spec_path: record.spec_path,
         created_at: record.created_at.rfc3339(),
@@ -985,6 +1068,24 @@ fn to_build(record: BuildRecord, outputs: Vec<store::Output>) -> Build {
             .cancel_reason
             .filter(|_| matches!(record.state, store::State::Running | store::State::Queued)),
         has_provenance: record.has_provenance,
+        steps: steps
+            .into_iter()
+            .map(|step| Step {
+                name: step.name,
+                state: match step.state {
+                    store::StepState::Pending if ended => StepState::Skipped,
+                    store::StepState::Running if ended => StepState::Interrupted,
+                    store::StepState::Pending => StepState::Pending,
+                    store::StepState::Running => StepState::Running,
+                    store::StepState::Succeeded => StepState::Succeeded,
+                    store::StepState::Failed => StepState::Failed,
+                    store::StepState::TimedOut => StepState::TimedOut,
+                },
+                image: step.image.map(|d| d.to_string()),
+                exit_code: step.exit_code,
+                duration_ms: step.duration_ms,
+            })
+            .collect(),
         outputs: outputs
             .into_iter()
             .map(|o| Output {

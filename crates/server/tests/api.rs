@@ -397,3 +397,98 @@ async fn what_the_policy_does_not_allow_is_refused_at_submit() {
     service.stop().await;
     open.stop().await;
 }
+
+/// The OpenAPI document is whole: every schema it references is defined
+/// (`LogEvent` is named only by the log stream's description), every
+/// error code the server answers is listed, and a build queued (submitted
+/// or retried) is answered 201 with its `Location`.
+#[tokio::test]
+async fn the_openapi_document_defines_what_it_references() {
+    let service = Service::start(None, |_| {}).await;
+    let openapi: serde_json::Value = reqwest::Client::new()
+        .get(format!("{}/api/v1/openapi.json", service.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    fn references(value: &serde_json::Value, found: &mut Vec<String>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, value) in map {
+                    match value.as_str() {
+                        Some(target) if key == "$ref" => found.push(target.to_owned()),
+                        _ => references(value, found),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| references(v, found)),
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    references(&openapi, &mut found);
+    let schemas = &openapi["components"]["schemas"];
+    assert!(found.len() > 10, "{found:?}");
+    for target in &found {
+        let name = target
+            .strip_prefix("#/components/schemas/")
+            .unwrap_or_else(|| panic!("`{target}` is not a schema reference"));
+        assert!(schemas.get(name).is_some(), "`{target}` is not defined");
+    }
+    for name in [
+        "LogEvent",
+        "LogStream",
+        "Step",
+        "StepState",
+        "Build",
+        "Output",
+    ] {
+        assert!(schemas.get(name).is_some(), "{name} missing");
+    }
+    let codes: Vec<&str> = schemas["ErrorCode"]["enum"]
+        .as_array()
+        .or_else(|| schemas["ErrorCode"]["oneOf"].as_array())
+        .unwrap_or_else(|| panic!("{}", schemas["ErrorCode"]))
+        .iter()
+        .flat_map(|v| {
+            v.as_str().map(|s| vec![s]).unwrap_or_else(|| {
+                v["enum"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter_map(|e| e.as_str())
+                    .collect()
+            })
+        })
+        .collect();
+    for code in [
+        "unauthorized",
+        "invalid_request",
+        "invalid_spec",
+        "refused_by_policy",
+        "not_found",
+        "no_provenance",
+        "already_ended",
+        "method_not_allowed",
+        "unavailable",
+        "too_many_streams",
+        "request_timeout",
+    ] {
+        assert!(codes.contains(&code), "`{code}` not in {codes:?}");
+    }
+    for path in ["/api/v1/builds", "/api/v1/builds/{id}/retry"] {
+        let created = &openapi["paths"][path]["post"]["responses"]["201"];
+        assert!(
+            created["headers"].get("Location").is_some(),
+            "{path}: {created}"
+        );
+    }
+    let build = &schemas["Build"]["properties"];
+    for field in ["commit", "steps", "outputs", "retry_of"] {
+        assert!(build.get(field).is_some(), "Build.{field} missing");
+    }
+    service.stop().await;
+}

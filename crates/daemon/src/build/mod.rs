@@ -61,6 +61,8 @@ pub struct BuildRequest {
     /// What it builds: the submitted source, else the spec's, else the
     /// directory given.
     pub source: BuildSource,
+    /// The build this one retries (`internalParameters.retryOf`).
+    pub retry_of: Option<BuildId>,
 }
 
 /// The spec a build runs.
@@ -113,6 +115,7 @@ impl BuildRequest {
                 inline,
             },
             source,
+            retry_of: None,
         })
     }
 
@@ -136,6 +139,7 @@ impl BuildRequest {
             spec_path,
             spec,
             source,
+            retry_of: None,
         })
     }
 
@@ -289,6 +293,7 @@ impl BuildService {
                     },
                     source: &request.source,
                     created_at: now,
+                    retry_of: None,
                 },
                 now,
             )
@@ -301,11 +306,13 @@ impl BuildService {
     /// Puts a build of `source` in the queue, with its spec's bytes when
     /// they came with the request (already checked), or `None` to read it
     /// at `spec_path` in the source; returns its id.
+    /// `retry_of` names the build this one retries.
     pub async fn enqueue(
         &self,
         spec_path: &str,
         spec_bytes: Option<&[u8]>,
         source: &spec::GitSource,
+        retry_of: Option<&BuildId>,
     ) -> Result<BuildId, StoreError> {
         let id = BuildId::new();
         self.store
@@ -315,6 +322,7 @@ impl BuildService {
                 spec: spec_bytes,
                 source: &BuildSource::Git(source.clone()),
                 created_at: Timestamp::now(),
+                retry_of,
             })
             .await?;
         Ok(id)
@@ -484,6 +492,7 @@ impl BuildService {
                     &plan.spec.spec,
                     &ran.isolation,
                     ran.dropped_lines,
+                    request.retry_of.as_ref(),
                 )),
                 resolved_dependencies: std::iter::once(plan.source)
                     .chain(plan.step_images)
@@ -531,8 +540,9 @@ impl BuildService {
         spec: &Spec,
         isolation: &Isolation,
         dropped_lines: u64,
+        retry_of: Option<&BuildId>,
     ) -> serde_json::Value {
-        json!({
+        let mut parameters = json!({
             "executor": self.executor_kind,
             "sandbox": {
                 "kind": "bubblewrap",
@@ -553,7 +563,11 @@ impl BuildService {
                     "pids": step.pids.unwrap_or(spec::DEFAULT_PIDS),
                 })).collect::<Vec<_>>(),
             },
-        })
+        });
+        if let Some(id) = retry_of {
+            parameters["retryOf"] = json!(id.as_str());
+        }
+        parameters
     }
 }
 

@@ -128,8 +128,24 @@ impl BuildService {
         progress: &mut (impl FnMut(Progress) + Send),
     ) -> Result<Plan, BuildError> {
         let source = self.resolve_source(request, progress).await?;
+        if !source.commit.is_empty() {
+            self.store.record_commit(id, &source.commit).await?;
+        }
         let spec = self.load_spec(request, &source).await?;
         let step_images = resolve_step_images(&spec.spec, clients, progress).await?;
+        let planned_steps: Vec<_> = spec
+            .spec
+            .steps
+            .iter()
+            .zip(pinned_images(&spec.spec, &step_images))
+            .map(|(step, pinned)| {
+                let digest = pinned
+                    .and_then(|p| p.rsplit_once('@'))
+                    .and_then(|(_, digest)| custody_oci::digest::parse(digest).ok());
+                (step.name.clone(), digest)
+            })
+            .collect();
+        self.store.record_steps(id, &planned_steps).await?;
         let values = Values {
             revision: &source.revision,
             commit: &source.commit,

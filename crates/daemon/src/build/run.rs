@@ -9,7 +9,9 @@ use custody_attest::statement::ResourceDescriptor;
 use custody_oci::digest::{DigestAlgorithm, Hasher};
 use custody_provenance::build_type;
 use custody_provenance::build_type::EgressRecord;
-use custody_wire::events::{Isolation, JobEnd, LogLine, Pulled, Pushed, RunnerEvent, Stream};
+use custody_wire::events::{
+    Isolation, JobEnd, LogLine, Pulled, Pushed, RunnerEvent, StepEnd, Stream,
+};
 
 use super::logs::LogWriter;
 use super::plan::Plan;
@@ -144,6 +146,26 @@ impl BuildService {
                         RunnerEvent::Egress(reported) => {
                             egress.add(&plan.spec.spec, reported);
                             return;
+                        }
+                        RunnerEvent::StepStarted {
+                            index,
+                            name,
+                            image_digest,
+                        } => {
+                            // A digest that does not parse is not recorded.
+                            let image = image_digest
+                                .as_deref()
+                                .and_then(|d| custody_oci::digest::parse(d).ok());
+                            logs.step_started(*index, name, image);
+                        }
+                        RunnerEvent::StepFinished { index, end } => {
+                            logs.step_finished(
+                                *index,
+                                match end {
+                                    StepEnd::Exited(code) => store::StepEnding::Exited(*code),
+                                    StepEnd::TimedOut => store::StepEnding::TimedOut,
+                                },
+                            );
                         }
                         RunnerEvent::Isolation(reported) => {
                             // What the runner could not enforce goes in the
