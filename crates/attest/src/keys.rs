@@ -1,5 +1,8 @@
-//! Signing and verifying keys. Private keys are PKCS#8 PEM files (mode
-//! 0600), public keys SPKI PEM; both ECDSA P-256 (the default) and Ed25519.
+//! Signing and verifying keys. A [`Signer`] is whatever makes custody's
+//! signatures: a [`SigningKey`] read from a PKCS#8 PEM file (mode 0600), or
+//! a key inside a PKCS#11 token (`custody_pkcs11`). Public keys are SPKI
+//! PEM; both ECDSA P-256 (the default) and Ed25519. A [`Keyring`] holds the
+//! public keys a verifier trusts, found by key id.
 
 use std::path::Path;
 
@@ -41,6 +44,26 @@ impl std::str::FromStr for Algorithm {
                 "unknown key algorithm `{other}`; use `ecdsa-p256` or `ed25519`"
             ))),
         }
+    }
+}
+
+/// What signs DSSE pre-authentication bytes. One signer is shared by every
+/// build the daemon runs at once (behind an `Arc`), so it is `Send + Sync`.
+///
+/// Every signer signs the same encoding, so verifiers cannot tell them
+/// apart: ECDSA P-256 makes an ASN.1 DER signature over the SHA-256 of the
+/// message, Ed25519 signs the message itself.
+pub trait Signer: Send + Sync + std::fmt::Debug {
+    /// Signs `message` (the DSSE PAE).
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, Error>;
+    /// The public key of the private key that signs.
+    fn verifying_key(&self) -> &VerifyingKey;
+    fn algorithm(&self) -> Algorithm {
+        self.verifying_key().algorithm()
+    }
+    /// `sha256:<hex>` of the public key's SPKI: what envelopes carry as `keyid`.
+    fn key_id(&self) -> &str {
+        self.verifying_key().key_id()
     }
 }
 
@@ -127,6 +150,12 @@ impl SigningKey {
 
     /// Signs `message` (ECDSA: ASN.1 DER signature over SHA-256).
     pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, Error> {
+        Signer::sign(self, message)
+    }
+}
+
+impl Signer for SigningKey {
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, Error> {
         match &self.pair {
             Pair::Ecdsa(pair) => pair
                 .sign(&SystemRandom::new(), message)
@@ -135,12 +164,17 @@ impl SigningKey {
             Pair::Ed25519(pair) => Ok(pair.sign(message).as_ref().to_vec()),
         }
     }
+
+    fn verifying_key(&self) -> &VerifyingKey {
+        &self.public
+    }
 }
 
 /// A public key that checks signatures.
 #[derive(Clone)]
 pub struct VerifyingKey {
     key: ParsedPublicKey,
+    algorithm: Algorithm,
     spki: Vec<u8>,
     key_id: String,
 }
@@ -162,11 +196,15 @@ fn is_private_pem(pem: &[u8]) -> bool {
 impl VerifyingKey {
     /// Reads a DER SubjectPublicKeyInfo of either algorithm.
     pub fn from_spki_der(spki: &[u8]) -> Result<Self, Error> {
-        let key = ParsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, spki)
-            .or_else(|_| ParsedPublicKey::new(&signature::ED25519, spki))
+        let (key, algorithm) = ParsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, spki)
+            .map(|k| (k, Algorithm::EcdsaP256))
+            .or_else(|_| {
+                ParsedPublicKey::new(&signature::ED25519, spki).map(|k| (k, Algorithm::Ed25519))
+            })
             .map_err(|_| Error::Key("not an ECDSA P-256 or Ed25519 public key".into()))?;
         Ok(Self {
             key,
+            algorithm,
             spki: spki.to_vec(),
             key_id: key_id(spki),
         })
@@ -203,12 +241,70 @@ impl VerifyingKey {
         &self.key_id
     }
 
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithm
+    }
+
+    /// The DER SubjectPublicKeyInfo.
+    pub fn spki_der(&self) -> &[u8] {
+        &self.spki
+    }
+
     pub fn to_pem(&self) -> String {
         pem("PUBLIC KEY", &self.spki)
     }
 
     pub fn verify(&self, message: &[u8], signature: &[u8]) -> bool {
         self.key.verify_sig(message, signature).is_ok()
+    }
+}
+
+/// The public keys a verifier trusts, each found by its key id: a DSSE
+/// signature is checked with the key its `keyid` names, and one naming a
+/// key not here verifies with none (a retired key stays here, so what it
+/// signed keeps verifying after rotation).
+#[derive(Clone, Debug, Default)]
+pub struct Keyring {
+    keys: Vec<VerifyingKey>,
+}
+
+impl Keyring {
+    /// The keys, each once (by key id).
+    pub fn new(keys: impl IntoIterator<Item = VerifyingKey>) -> Self {
+        let mut ring = Self::default();
+        for key in keys {
+            ring.add(key);
+        }
+        ring
+    }
+
+    pub fn add(&mut self, key: VerifyingKey) {
+        if self.get(key.key_id()).is_none() {
+            self.keys.push(key);
+        }
+    }
+
+    pub fn get(&self, key_id: &str) -> Option<&VerifyingKey> {
+        self.keys.iter().find(|k| k.key_id() == key_id)
+    }
+
+    pub fn keys(&self) -> &[VerifyingKey] {
+        &self.keys
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The key ids, for messages.
+    pub fn ids(&self) -> Vec<String> {
+        self.keys.iter().map(|k| k.key_id().to_owned()).collect()
+    }
+}
+
+impl From<VerifyingKey> for Keyring {
+    fn from(key: VerifyingKey) -> Self {
+        Self::new([key])
     }
 }
 

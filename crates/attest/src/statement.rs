@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 use crate::dsse::{self, Envelope, VerifiedPayload};
-use crate::keys::{SigningKey, VerifyingKey};
+use crate::keys::{Keyring, Signer, VerifyingKey};
 
 pub const STATEMENT_TYPE: &str = "https://in-toto.io/Statement/v1";
 pub const SLSA_PROVENANCE_V1: &str = "https://slsa.dev/provenance/v1";
@@ -101,7 +101,7 @@ impl Statement {
     }
 
     /// Signs the statement into a DSSE envelope.
-    pub fn sign(&self, key: &SigningKey) -> Result<Envelope, Error> {
+    pub fn sign(&self, key: &dyn Signer) -> Result<Envelope, Error> {
         let payload = serde_json::to_vec(self).expect("a statement serialises");
         dsse::sign(PAYLOAD_TYPE, &payload, key)
     }
@@ -118,7 +118,14 @@ pub struct VerifiedStatement {
 impl VerifiedStatement {
     /// Verifies the envelope with `key` and parses its payload as a v1 statement.
     pub fn verify(envelope: &Envelope, key: &VerifyingKey) -> Result<Self, Error> {
-        let VerifiedPayload { bytes, key_id, .. } = dsse::verify(envelope, key, PAYLOAD_TYPE)?;
+        Self::verify_keyring(envelope, &Keyring::from(key.clone()))
+    }
+
+    /// Verifies the envelope with the key of `keyring` its signature names
+    /// and parses its payload as a v1 statement.
+    pub fn verify_keyring(envelope: &Envelope, keyring: &Keyring) -> Result<Self, Error> {
+        let VerifiedPayload { bytes, key_id, .. } =
+            dsse::verify_keyring(envelope, keyring, PAYLOAD_TYPE)?;
         let statement: Statement =
             serde_json::from_slice(&bytes).map_err(|e| Error::Statement(e.to_string()))?;
         if statement.statement_type != STATEMENT_TYPE {

@@ -25,10 +25,13 @@ pub struct BuildArgs {
     /// ~/.local/share/custody].
     #[arg(long, value_name = "DIR", env = "CUSTODY_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// The PKCS#8 PEM key that signs the provenance (default: the data
-    /// directory's `keys/custody.key`, created on first use).
-    #[arg(long, value_name = "PEM")]
-    signing_key: Option<PathBuf>,
+    /// The key that signs the provenance: a PKCS#8 PEM file, or a key in a
+    /// PKCS#11 token as an RFC 7512 URI
+    /// (`pkcs11:token=T;object=K?module-path=/…so&pin-source=file:/…`; keep
+    /// the PIN in a file, not in the URI) [default: the data directory's
+    /// `keys/custody.key`, created on first use].
+    #[arg(long, value_name = "PEM|URI")]
+    signing_key: Option<custody_daemon::signer::KeySource>,
     /// This builder's identity, recorded as `runDetails.builder.id` and
     /// checked by `custody verify --builder-id` [default:
     /// custody+local://HOSTNAME].
@@ -111,7 +114,7 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
     if daemon.key_created {
         say!(
             "created a signing key at `{}`; its public key, for `custody verify --key`, is `{}`",
-            daemon.key_path.display(),
+            daemon.key_source,
             daemon
                 .public_key_path
                 .as_deref()

@@ -62,7 +62,7 @@ enum Command {
     /// nothing. Exit 0 built and published, 1 the build failed, 2 usage or
     /// spec error, 3 custody could not start here (data directory, job
     /// store, listener, executor).
-    Build(build::BuildArgs),
+    Build(Box<build::BuildArgs>),
     /// Copy an image to a registry (or a layout), preserving every digest.
     ///
     /// SRC is `oci:PATH[:TAG]` (an OCI image layout; TAG selects by
@@ -138,9 +138,15 @@ enum Command {
 struct VerifyArgs {
     #[command(flatten)]
     registry: RegistryArgs,
-    /// The public key (SPKI PEM) the provenance must be signed with.
-    #[arg(long, value_name = "PUB.pem")]
-    key: PathBuf,
+    /// A public key (SPKI PEM) the provenance may be signed with;
+    /// repeatable (a service's current and retired keys). The signature's
+    /// key id picks which.
+    #[arg(long = "key", value_name = "PUB.pem", required_unless_present = "keys")]
+    key: Vec<PathBuf>,
+    /// The keys a service lists: the JSON `GET /api/v1/keys` returns
+    /// (current and retired), with or without `--key`.
+    #[arg(long, value_name = "KEYS.json")]
+    keys: Option<PathBuf>,
     /// Require this builder id (`runDetails.builder.id`).
     #[arg(long, value_name = "URI")]
     builder_id: Option<String>,
@@ -183,14 +189,38 @@ struct VerifyArgs {
 enum KeysCommand {
     /// Write a new key pair: `DIR/custody.key` (PKCS#8 PEM, mode 0600) and
     /// `DIR/custody.pub` (SPKI PEM). An existing key is never overwritten.
+    ///
+    /// With `--pkcs11 URI`, the key pair is made inside the token instead:
+    /// the private key sensitive and never extractable, labelled with the
+    /// URI's `object`. Prints the key id.
     Generate {
         /// Where to write the two files.
-        #[arg(long, value_name = "DIR")]
-        out: PathBuf,
-        /// `ecdsa-p256` (default) or `ed25519`.
+        #[arg(long, value_name = "DIR", required_unless_present = "pkcs11")]
+        out: Option<PathBuf>,
+        /// Make the key in this PKCS#11 token instead:
+        /// `pkcs11:token=T;object=K?module-path=/…so&pin-source=file:/…`.
+        #[arg(long, value_name = "URI", conflicts_with = "out")]
+        pkcs11: Option<custody_pkcs11::Pkcs11Uri>,
+        /// `ecdsa-p256` (default) or `ed25519` (in a token, where it offers
+        /// Ed25519).
         #[arg(long, default_value = "ecdsa-p256")]
         algorithm: custody_attest::keys::Algorithm,
-        /// Print the key id and both paths as JSON.
+        /// Print the key id (and the paths written) as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the public key (SPKI PEM) of a key pair in a PKCS#11 token,
+    /// for `custody verify --key` and serve's `retired_keys`. Prints the key
+    /// id.
+    Export {
+        /// The key pair:
+        /// `pkcs11:token=T;object=K?module-path=/…so&pin-source=file:/…`.
+        #[arg(long, value_name = "URI")]
+        pkcs11: custody_pkcs11::Pkcs11Uri,
+        /// Where to write the public key.
+        #[arg(long, value_name = "PUB.pem")]
+        out: PathBuf,
+        /// Print the key id and the path written as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -207,7 +237,9 @@ impl Command {
             Command::Verify(args) => args.json,
             Command::Submit(args) => args.json(),
             Command::Builds(command) => command.json(),
-            Command::Keys(KeysCommand::Generate { json, .. }) => *json,
+            Command::Keys(
+                KeysCommand::Generate { json, .. } | KeysCommand::Export { json, .. },
+            ) => *json,
             Command::Artifacts(command) => command.json(),
             Command::Serve(_) | Command::Runner(_) => false,
         }
@@ -372,7 +404,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Build(args) => build::build(args).await,
+        Command::Build(args) => build::build(*args).await,
         Command::Serve(args) => serve::serve(*args).await,
         Command::Submit(args) => serve::submit(args).await,
         Command::Builds(command) => serve::builds(command).await,
@@ -382,10 +414,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Runner(args) => runner(args).await,
         Command::Verify(args) => verify(args).await,
         Command::Keys(KeysCommand::Generate {
+            pkcs11: Some(uri),
+            algorithm,
+            json,
+            ..
+        }) => {
+            let public = tokio::task::spawn_blocking(move || {
+                custody_pkcs11::generate(&uri, algorithm)
+                    .map(|key| (key, uri))
+                    .map_err(|source| Pkcs11Failed {
+                        what: "generate a key in",
+                        source,
+                    })
+            })
+            .await
+            .expect("generating a key does not panic");
+            let (key, uri) = public?;
+            if json {
+                return print_line(&serde_json::json!({ "key_id": key.key_id() }).to_string());
+            }
+            say!(
+                "made a {algorithm} key pair in `{uri}`; write its public key with `custody keys export --pkcs11 URI --out PUB.pem`"
+            );
+            print_line(key.key_id())
+        }
+        Command::Keys(KeysCommand::Generate {
             out,
             algorithm,
             json,
+            ..
         }) => {
+            let out = out.expect("clap requires --out without --pkcs11");
             let (private, public, key) = custody_attest::keys::generate_files(&out, algorithm)?;
             if json {
                 let report = serde_json::json!({
@@ -401,6 +460,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 public.display()
             );
             print_line(key.verifying_key().key_id())
+        }
+        Command::Keys(KeysCommand::Export { pkcs11, out, json }) => {
+            let key = tokio::task::spawn_blocking(move || custody_pkcs11::public_key(&pkcs11))
+                .await
+                .expect("reading a key does not panic")
+                .map_err(|source| Pkcs11Failed {
+                    what: "read the public key from",
+                    source,
+                })?;
+            fs_err::write(&out, key.to_pem())?;
+            if json {
+                let report = serde_json::json!({ "key_id": key.key_id(), "public": out });
+                return print_line(&report.to_string());
+            }
+            say!("wrote the public key to `{}`", out.display());
+            print_line(key.key_id())
         }
     }
 }
@@ -588,11 +663,55 @@ fn parse_host_pattern(text: &str) -> Result<custody_provenance::policy::HostPatt
     custody_provenance::policy::HostPattern::parse(text)
 }
 
+/// The keys `verify` trusts: each `--key` file and each key of a
+/// `--keys` file (a service's `/api/v1/keys` answer).
+fn keyring(
+    files: &[PathBuf],
+    list: Option<&std::path::Path>,
+) -> anyhow::Result<custody_attest::keys::Keyring> {
+    use custody_attest::keys::{Keyring, VerifyingKey};
+    let mut ring = Keyring::default();
+    for path in files {
+        ring.add(VerifyingKey::from_pem_file(path)?);
+    }
+    if let Some(path) = list {
+        let bad = |reason: String| custody_attest::Error::KeyFile {
+            path: path.display().to_string(),
+            reason,
+        };
+        let text = fs_err::read(path)?;
+        let listed: custody_server::api::KeyList = serde_json::from_slice(&text).map_err(|e| {
+            bad(format!(
+                "not the JSON `GET /api/v1/keys` returns ({e}); save it with `curl -H 'Authorization: Bearer …' https://HOST/api/v1/keys`"
+            ))
+        })?;
+        for listed in listed.keys {
+            let key = VerifyingKey::from_pem(listed.pem.as_bytes())
+                .map_err(|e| bad(format!("key `{}`: {e}", listed.key_id)))?;
+            // The id is recomputed from the key: a list cannot make a key
+            // answer to another key's id.
+            if key.key_id() != listed.key_id {
+                return Err(bad(format!(
+                    "it lists key `{}` with a public key whose id is `{}`",
+                    listed.key_id,
+                    key.key_id()
+                ))
+                .into());
+            }
+            ring.add(key);
+        }
+        if ring.is_empty() {
+            return Err(bad("it lists no keys".into()).into());
+        }
+    }
+    Ok(ring)
+}
+
 async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     let location = parse_location(&args.image)?;
     let named = registry_host(&location).into_iter().collect();
     let options = registry_options(&args.registry, creds::Bare::NamedHere(named))?;
-    let key = custody_attest::keys::VerifyingKey::from_pem_file(&args.key)?;
+    let keys = keyring(&args.key, args.keys.as_deref())?;
     let (source_repository, source_commit) = match &args.source {
         // A commit is 40 (or 64) hex digits after the last `@`.
         Some(source) => match source.rsplit_once('@') {
@@ -616,7 +735,7 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
         allowed_egress: (args.no_egress || !args.allow_egress.is_empty())
             .then(|| args.allow_egress.clone()),
     };
-    let verified = custody_provenance::verify::verify(&location, &options, &key, &policy).await?;
+    let verified = custody_provenance::verify::verify(&location, &options, &keys, &policy).await?;
     if args.json {
         let report = serde_json::json!({
             "verified": true,
@@ -723,6 +842,15 @@ pub(crate) fn print_line(line: &str) -> anyhow::Result<()> {
     }
 }
 
+/// A `custody keys … --pkcs11` that the token refused.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {what} the PKCS#11 token")]
+struct Pkcs11Failed {
+    what: &'static str,
+    #[source]
+    source: custody_pkcs11::Error,
+}
+
 /// Whether errors go to stderr as one JSON object: the command was given
 /// `--json`, so whoever reads it reads JSON.
 static JSON_ERRORS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -747,7 +875,12 @@ fn report(err: &anyhow::Error) -> ExitCode {
         .chain()
         .find_map(registry_error)
         .and_then(custody_oci::Error::hint)
-        .or_else(|| unscoped.map(creds::Unscoped::hint));
+        .or_else(|| unscoped.map(creds::Unscoped::hint))
+        .or_else(|| {
+            err.chain()
+                .find_map(|c| c.downcast_ref::<custody_pkcs11::Error>())
+                .and_then(custody_pkcs11::Error::hint)
+        });
     let exit = exit_code(err);
     let text = if JSON_ERRORS.load(std::sync::atomic::Ordering::Relaxed) {
         let api = err
@@ -816,11 +949,26 @@ fn registry_error<'a>(
 /// cannot start here, 1 for everything else (a failed build, a refused
 /// verification, a registry that said no).
 fn exit_code(err: &anyhow::Error) -> u8 {
-    let key_problem = err.downcast_ref::<custody_attest::Error>().is_some()
-        || matches!(
-            err.downcast_ref::<custody_daemon::embedded::Error>(),
-            Some(custody_daemon::embedded::Error::Key(_))
-        );
+    // A key or signer that cannot be used, however deep: the daemon
+    // refuses to start (exit 2) rather than fail builds later.
+    let key_problem = err.chain().any(|c| {
+        c.downcast_ref::<custody_attest::Error>().is_some()
+            || c.downcast_ref::<custody_pkcs11::Error>().is_some()
+            || matches!(
+                c.downcast_ref::<custody_server::serve::ServeError>(),
+                Some(custody_server::serve::ServeError::Daemon(
+                    custody_daemon::embedded::Error::Key(_)
+                        | custody_daemon::embedded::Error::Signer { .. }
+                ))
+            )
+            || matches!(
+                c.downcast_ref::<custody_daemon::embedded::Error>(),
+                Some(
+                    custody_daemon::embedded::Error::Key(_)
+                        | custody_daemon::embedded::Error::Signer { .. }
+                )
+            )
+    });
     let misused = err.downcast_ref::<build::Usage>().is_some()
         || err.downcast_ref::<creds::Unscoped>().is_some()
         || err
@@ -852,7 +1000,7 @@ fn exit_code(err: &anyhow::Error) -> u8 {
 fn cannot_start(err: &anyhow::Error) -> bool {
     use custody_daemon::embedded::Error as Daemon;
     use custody_server::serve::ServeError;
-    let daemon = |e: &Daemon| !matches!(e, Daemon::Key(_));
+    let daemon = |e: &Daemon| !matches!(e, Daemon::Key(_) | Daemon::Signer { .. });
     err.downcast_ref::<Daemon>().is_some_and(daemon)
         || err.downcast_ref::<ServeError>().is_some_and(|e| match e {
             ServeError::Daemon(e) => daemon(e),

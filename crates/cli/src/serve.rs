@@ -41,10 +41,19 @@ pub struct ServeArgs {
     /// daemons [default: SQLite at DATA_DIR/custody.db].
     #[arg(long, value_name = "URL", env = "CUSTODY_DATABASE_URL")]
     database_url: Option<String>,
-    /// The PKCS#8 PEM key that signs provenance [default:
-    /// DATA_DIR/keys/custody.key, created on first use].
-    #[arg(long, value_name = "PEM")]
-    signing_key: Option<PathBuf>,
+    /// The key that signs provenance: a PKCS#8 PEM file, or a key in a
+    /// PKCS#11 token as an RFC 7512 URI
+    /// (`pkcs11:token=T;object=K?module-path=/…so&pin-source=file:/…`; keep
+    /// the PIN in a file, not in the URI) [default:
+    /// DATA_DIR/keys/custody.key, created on first use]. The daemon signs
+    /// a probe with it before it starts.
+    #[arg(long, value_name = "PEM|URI")]
+    signing_key: Option<custody_daemon::signer::KeySource>,
+    /// A public key (SPKI PEM) that signed before the current one;
+    /// repeatable. Listed by `GET /api/v1/keys` with `signs: false`, so
+    /// `custody verify --keys` still accepts what it signed.
+    #[arg(long = "retired-key", value_name = "PUB.pem")]
+    retired_keys: Vec<PathBuf>,
     /// Recorded as `runDetails.builder.id` [default: custody+serve://HOSTNAME].
     #[arg(long, value_name = "URI", env = "CUSTODY_BUILDER_ID")]
     builder_id: Option<String>,
@@ -170,7 +179,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listeners = Listeners::bind(&settings).await?;
     serve::run(settings, listeners, serve::shutdown_signal(), |started| {
         if started.key_created {
-            tracing::info!(path = %started.key_path.display(), "created a signing key");
+            tracing::info!(path = %started.key_source, "created a signing key");
         }
         tracing::info!(
             api = %format!("http://{}/api/v1", started.api),
@@ -191,6 +200,7 @@ impl ServeArgs {
             data_dir: self.data_dir.clone(),
             database_url: self.database_url.clone(),
             signing_key: self.signing_key.clone(),
+            retired_keys: self.retired_keys.clone(),
             builder_id: self.builder_id.clone(),
             tokens: Vec::new(),
             daemon_name: self.daemon_name.clone(),

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use custody_attest::keys::{self, Algorithm, SigningKey};
+use custody_attest::keys::{self, Algorithm, Signer, SigningKey, VerifyingKey};
 use custody_oci::registry::RegistryOptions;
 use custody_wire::{Connector, DaemonIdentity};
 use tokio::net::TcpListener;
@@ -20,13 +20,17 @@ use crate::dispatch::Dispatcher;
 use crate::executor::ExecutorSettings;
 use crate::policy::ServicePolicy;
 use crate::record::BuildId;
+use crate::signer::KeySource;
 use crate::store::{Store, StoreError};
 
 /// How to set the embedded daemon up.
 pub struct Config {
     pub data_dir: PathBuf,
-    /// A PKCS#8 PEM key; `None` uses (or creates) `DATA_DIR/keys/custody.key`.
-    pub signing_key: Option<PathBuf>,
+    /// A PKCS#8 PEM key file or a key in a PKCS#11 token; `None` uses (or
+    /// creates) `DATA_DIR/keys/custody.key`.
+    pub signing_key: Option<KeySource>,
+    /// Public keys that signed before the current one: listed, never used.
+    pub retired_keys: Vec<PathBuf>,
     pub builder_id: String,
     pub registry: RegistryOptions,
     /// The `custody` binary runners start from.
@@ -61,6 +65,7 @@ impl Config {
         Self {
             data_dir,
             signing_key: None,
+            retired_keys: Vec::new(),
             builder_id,
             registry,
             executor_settings: ExecutorSettings {
@@ -91,6 +96,14 @@ pub enum Error {
     },
     #[error(transparent)]
     Key(#[from] custody_attest::Error),
+    /// The PKCS#11 signer did not open (module, token, PIN, key): the
+    /// daemon does not start rather than fail every build later.
+    #[error("cannot sign with `{source_uri}`")]
+    Signer {
+        source_uri: String,
+        #[source]
+        source: custody_pkcs11::Error,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("cannot start the runner connector: {0}")]
@@ -102,8 +115,12 @@ pub enum Error {
 /// A running embedded daemon.
 pub struct Embedded {
     pub service: BuildService,
-    /// Where the signing key is, and whether it was created just now.
-    pub key_path: PathBuf,
+    /// Where the signing key is (a file, or a token's URI without its
+    /// PIN), and whether it was created just now (a file in the data
+    /// directory).
+    pub key_source: String,
+    /// Public keys that no longer sign, whose signatures still verify.
+    pub retired_keys: Vec<VerifyingKey>,
     pub key_created: bool,
     pub public_key_path: Option<PathBuf>,
     _stop: tokio::sync::oneshot::Sender<()>,
@@ -137,7 +154,11 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Embedded, Er
             path: data_dir.clone(),
             source,
         })?;
-    let (key, key_path, key_created, public_key_path) = load_or_create_key(&config)?;
+    let (key, key_created, public_key_path) = load_or_create_key(&config).await?;
+    let retired_keys = crate::signer::read_retired(&config.retired_keys)?
+        .into_iter()
+        .filter(|retired| retired.key_id() != key.key_id())
+        .collect();
     let executor = crate::executor::build(&config.executor, &config.executor_settings)?;
     let store = match &config.database_url {
         Some(url) => Store::open(url).await?,
@@ -179,7 +200,10 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Embedded, Er
     };
     // Steps see the host read-only: everything secret the daemon reads must
     // be hidden from them (registry credentials and client keys too).
-    let mut hidden_paths = vec![data_dir.clone(), key_path.clone()];
+    let mut hidden_paths = vec![data_dir.clone()];
+    if let Some(source) = &config.signing_key {
+        hidden_paths.extend(source.secret_files().into_iter().map(Path::to_owned));
+    }
     hidden_paths.extend(config.hidden_paths.iter().cloned());
     hidden_paths.extend(config.registry.certs_dirs.iter().cloned());
     // Every credential file the daemon would read, not only `--authfile`.
@@ -194,7 +218,7 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Embedded, Er
             dispatcher: Arc::new(dispatcher),
             executor_kind: config.executor.clone(),
             registry: config.registry,
-            key: Arc::new(key),
+            key: key.clone(),
             builder_id: config.builder_id,
             runner_digest,
             hidden_paths,
@@ -203,29 +227,41 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Embedded, Er
             policy: config.policy.map(Arc::new),
             max_build: config.max_build,
         },
-        key_path,
+        key_source: match &config.signing_key {
+            Some(source) => source.to_string(),
+            None => config
+                .data_dir
+                .join("keys/custody.key")
+                .display()
+                .to_string(),
+        },
+        retired_keys,
         key_created,
         public_key_path,
         _stop: stop,
     })
 }
 
-fn load_or_create_key(
+/// The signer `config` names, opened and proven (off the runtime: a token
+/// may block), or the data directory's key file, made on first use.
+async fn load_or_create_key(
     config: &Config,
-) -> Result<(SigningKey, PathBuf, bool, Option<PathBuf>), Error> {
-    if let Some(path) = &config.signing_key {
-        let key = SigningKey::from_pem_file(path)?;
-        return Ok((key, path.clone(), false, None));
+) -> Result<(Arc<dyn Signer>, bool, Option<PathBuf>), Error> {
+    if let Some(source) = config.signing_key.clone() {
+        let key = tokio::task::spawn_blocking(move || source.open())
+            .await
+            .expect("opening a signer does not panic")?;
+        return Ok((key, false, None));
     }
     let dir = config.data_dir.join("keys");
     let private = dir.join("custody.key");
     let public = dir.join("custody.pub");
     if private.exists() {
         let key = SigningKey::from_pem_file(&private)?;
-        return Ok((key, private, false, Some(public)));
+        return Ok((Arc::new(key), false, Some(public)));
     }
-    let (private, public, key) = keys::generate_files(&dir, Algorithm::EcdsaP256)?;
-    Ok((key, private, true, Some(public)))
+    let (_, public, key) = keys::generate_files(&dir, Algorithm::EcdsaP256)?;
+    Ok((Arc::new(key), true, Some(public)))
 }
 
 /// The SQLite database and its journal files: 0600.

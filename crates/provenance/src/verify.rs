@@ -1,10 +1,11 @@
 //! Checking an image or layout against its attestations: find every DSSE
 //! envelope attached to it (referrers, cosign tags, layout referrers),
-//! and accept it if one of them is signed by the key, is a statement about
+//! and accept it if one of them is signed by a key of the keyring (the one
+//! its signature's key id names), is a statement about
 //! this very digest, carries SLSA provenance and passes the policy.
 
 use custody_attest::dsse::Envelope;
-use custody_attest::keys::VerifyingKey;
+use custody_attest::keys::Keyring;
 use custody_attest::statement::{Provenance, VerifiedStatement};
 use custody_oci::layout::Layout;
 use custody_oci::registry::{Client, RegistryOptions};
@@ -75,7 +76,7 @@ pub enum Rejection {
 pub async fn verify(
     location: &Location,
     options: &RegistryOptions,
-    key: &VerifyingKey,
+    keys: &Keyring,
     policy: &Policy,
 ) -> Result<Verified, VerifyError> {
     let name = crate::build_type::subject_name(location);
@@ -126,7 +127,7 @@ pub async fn verify(
     let count = envelopes.len();
     let mut reasons = Vec::new();
     for bytes in &envelopes {
-        match check(bytes, key, &name, &digest, policy) {
+        match check(bytes, keys, &name, &digest, policy) {
             Ok((statement, provenance)) => {
                 return Ok(Verified {
                     target,
@@ -149,14 +150,14 @@ pub async fn verify(
 /// One envelope through every stage; the rejection names the stage it failed.
 fn check(
     bytes: &[u8],
-    key: &VerifyingKey,
+    keys: &Keyring,
     name: &str,
     digest: &Digest,
     policy: &Policy,
 ) -> Result<(VerifiedStatement, Provenance), Rejection> {
     let envelope: Envelope =
         serde_json::from_slice(bytes).map_err(|e| Rejection::Envelope(e.to_string()))?;
-    let statement = VerifiedStatement::verify(&envelope, key)
+    let statement = VerifiedStatement::verify_keyring(&envelope, keys)
         .map_err(|e| Rejection::Signature(e.to_string()))?;
     // Only a manifest the build pushed, to this very repository (or
     // layout), vouches for an image: a file whose bytes happen to be some

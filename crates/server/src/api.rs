@@ -216,8 +216,19 @@ pub struct PublicKey {
     pub algorithm: String,
     /// SubjectPublicKeyInfo PEM, for `custody verify --key`.
     pub pem: String,
+    /// Whether the service signs with it now; a retired key (`false`) is
+    /// listed so what it signed still verifies.
+    #[serde(default = "signs_by_default")]
+    pub signs: bool,
 }
 
+/// A list from before rotation listed only the signing key.
+fn signs_by_default() -> bool {
+    true
+}
+
+/// Every key the service signs or signed with: `custody verify --keys`
+/// takes this document as it is.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct KeyList {
     pub keys: Vec<PublicKey>,

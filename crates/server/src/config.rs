@@ -35,7 +35,14 @@ pub struct Config {
     /// `postgres://…` to share the queue between daemons; default SQLite
     /// in the data directory.
     pub database_url: Option<String>,
-    pub signing_key: Option<PathBuf>,
+    /// The key that signs provenance: a PKCS#8 PEM file, or a key in a
+    /// PKCS#11 token (`pkcs11:token=…;object=…?module-path=…&pin-source=file:…`).
+    pub signing_key: Option<custody_daemon::signer::KeySource>,
+    /// Public keys (SPKI PEM) that signed before `signing_key`: listed by
+    /// `GET /api/v1/keys` with `signs: false` so what they signed still
+    /// verifies after a rotation.
+    #[serde(default)]
+    pub retired_keys: Vec<PathBuf>,
     pub builder_id: Option<String>,
     /// Bearer tokens the API accepts.
     #[serde(default)]
@@ -223,6 +230,7 @@ impl Config {
             data_dir: over.data_dir.or(self.data_dir),
             database_url: over.database_url.or(self.database_url),
             signing_key: over.signing_key.or(self.signing_key),
+            retired_keys: join(self.retired_keys, over.retired_keys),
             builder_id: over.builder_id.or(self.builder_id),
             tokens: join(self.tokens, over.tokens),
             daemon_name: over.daemon_name.or(self.daemon_name),
@@ -325,6 +333,7 @@ impl Config {
         let mut daemon =
             embedded::Config::local(data_dir, builder_id, registry, runner_program.clone());
         daemon.signing_key = self.signing_key;
+        daemon.retired_keys = self.retired_keys;
         daemon.database_url = self.database_url;
         daemon.executor = self.executor.kind.unwrap_or_else(|| "local".to_owned());
         daemon.executor_settings = ExecutorSettings {

@@ -72,7 +72,8 @@ pub enum ServeError {
 /// What a started service tells its caller.
 pub struct Started {
     pub api: SocketAddr,
-    pub key_path: PathBuf,
+    /// The signing key's file or token URI (never its PIN).
+    pub key_source: String,
     pub public_key_path: Option<PathBuf>,
     pub key_created: bool,
 }
@@ -90,17 +91,21 @@ pub async fn run(
     let listener = listeners.api;
     let api = listener.local_addr().map_err(ServeError::Http)?;
 
-    let verifying = daemon.service.key.verifying_key();
+    let signing = daemon.service.key.verifying_key();
+    let listed = |key: &custody_attest::keys::VerifyingKey, signs| PublicKey {
+        key_id: key.key_id().to_owned(),
+        algorithm: key.algorithm().to_string(),
+        pem: key.to_pem(),
+        signs,
+    };
     let keys = KeyList {
-        keys: vec![PublicKey {
-            key_id: verifying.key_id().to_owned(),
-            algorithm: daemon.service.key.algorithm().to_string(),
-            pem: verifying.to_pem(),
-        }],
+        keys: std::iter::once(listed(signing, true))
+            .chain(daemon.retired_keys.iter().map(|key| listed(key, false)))
+            .collect(),
     };
     started(&Started {
         api,
-        key_path: daemon.key_path.clone(),
+        key_source: daemon.key_source.clone(),
         public_key_path: daemon.public_key_path.clone(),
         key_created: daemon.key_created,
     });

@@ -15,6 +15,7 @@ pub mod postgres;
 mod proxy;
 mod registry;
 pub mod slurm;
+pub mod softhsm;
 mod token;
 
 use std::path::{Path, PathBuf};
@@ -22,6 +23,7 @@ use std::path::{Path, PathBuf};
 pub use postgres::Postgres;
 pub use proxy::FaultProxy;
 pub use registry::{RedirectRequest, Registry, RegistryBuilder};
+pub use softhsm::SoftHsm;
 pub use token::TokenRequest;
 
 /// A port on 127.0.0.1 that was free a moment ago.

@@ -34,6 +34,8 @@ pub struct DaemonOptions<'a> {
     pub config_path: Option<PathBuf>,
     /// The daemon's open-file limit (`ulimit -n`), when given.
     pub open_files: Option<u32>,
+    /// More environment for the daemon (`SOFTHSM2_CONF` for a token).
+    pub env: Vec<(String, std::ffi::OsString)>,
 }
 
 impl<'a> DaemonOptions<'a> {
@@ -49,6 +51,7 @@ impl<'a> DaemonOptions<'a> {
             config: "[sources]\nschemes = [\"file\"]\n".to_owned(),
             config_path: None,
             open_files: None,
+            env: Vec::new(),
         }
     }
 }
@@ -82,6 +85,7 @@ impl Daemon {
             .args(&options.extra)
             .env("CUSTODY_TOKEN", TOKEN)
             .env("CUSTODY_LOG", "info")
+            .envs(options.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(fs_err::File::create(&log).unwrap().into_parts().0);
         if let Some(url) = options.database_url {

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use custody_attest::keys::SigningKey;
+use custody_attest::keys::Signer;
 use custody_attest::statement::{
     BuildDefinition, BuildMetadata, Builder, Provenance, ResourceDescriptor, RunDetails,
 };
@@ -172,7 +172,7 @@ pub struct BuildService {
     /// How the daemon reaches registries; the runner gets what it needs of
     /// this for one job.
     pub registry: RegistryOptions,
-    pub key: Arc<SigningKey>,
+    pub key: Arc<dyn Signer>,
     pub builder_id: String,
     /// The runner binary's digest, when the daemon can read it.
     pub runner_digest: Option<custody_oci::Digest>,
@@ -435,7 +435,7 @@ impl BuildService {
             .await?;
         let provenance = self.provenance(id, request, plan, ran, started_on);
         self.ensure_claim(id, owner).await?;
-        let signed = publish::sign(checked, &provenance, &self.key)?;
+        let signed = publish::sign(checked, &provenance, self.key.as_ref())?;
         let attached = stop
             .guard(
                 "attaching the provenance",

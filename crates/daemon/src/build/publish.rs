@@ -4,7 +4,7 @@
 //! statement is **attached**, and only then are the **tags** written. A
 //! failure anywhere before the tags leaves every tag where it was.
 
-use custody_attest::keys::SigningKey;
+use custody_attest::keys::Signer;
 use custody_attest::statement::{Provenance, ResourceDescriptor, SLSA_PROVENANCE_V1, Statement};
 use custody_oci::Location;
 use custody_oci::digest::{self, Digest};
@@ -179,7 +179,7 @@ async fn check_pushed_by_steps(
 pub(crate) fn sign(
     checked: Checked,
     provenance: &Provenance,
-    key: &SigningKey,
+    key: &dyn Signer,
 ) -> Result<Signed, BuildError> {
     let statement = Statement::provenance(checked.subjects.clone(), provenance);
     let envelope = statement.sign(key).map_err(BuildError::Sign)?;
