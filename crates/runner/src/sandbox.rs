@@ -12,6 +12,12 @@
 //! runs with host privileges or outside its limits. The step's environment
 //! reaches bubblewrap as its environment, never in its arguments (which any
 //! local user can read in `/proc`).
+//!
+//! A step that asked for secrets gets a tmpfs of its own at `/run/secrets`
+//! holding exactly those, each a file of mode 0400 owned by the step's
+//! root: bubblewrap copies each value from a pipe the runner writes
+//! (`--file FD`), so it is in neither the arguments nor on the build's
+//! disk. A secret asked for as a variable is in the step's environment.
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -38,6 +44,10 @@ const OWN_TOP: &[&str] = &["proc", "dev", "workspace", "output"];
 /// The descriptors bubblewrap reports on and waits on, in the child.
 const INFO_FD: i32 = 3;
 const BLOCK_FD: i32 = 4;
+/// The first descriptor a secret's value is read from, in the child.
+const FIRST_SECRET_FD: i32 = 5;
+/// Where a step finds the secrets it asked for.
+pub const SECRETS_DIR: &str = "/run/secrets";
 /// How long bubblewrap may take to set its namespaces up.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -88,6 +98,7 @@ impl Sandbox {
             .env("HOME", "/workspace")
             .envs(extra_env.iter().map(|(k, v)| (k, v)))
             .envs(&step.env)
+            .envs(secret_env(step))
             .current_dir("/")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -95,17 +106,24 @@ impl Sandbox {
             // Its own process group, so everything the step starts can be killed.
             .process_group(0)
             .kill_on_drop(true);
+        let mut mappings = vec![
+            FdMapping {
+                parent_fd: OwnedFd::from(info_child),
+                child_fd: INFO_FD,
+            },
+            FdMapping {
+                parent_fd: OwnedFd::from(block_child),
+                child_fd: BLOCK_FD,
+            },
+        ];
+        for (secret, child_fd) in file_secrets(step).zip(FIRST_SECRET_FD..) {
+            mappings.push(FdMapping {
+                parent_fd: secret_pipe(&secret.value)?,
+                child_fd,
+            });
+        }
         command
-            .fd_mappings(vec![
-                FdMapping {
-                    parent_fd: OwnedFd::from(info_child),
-                    child_fd: INFO_FD,
-                },
-                FdMapping {
-                    parent_fd: OwnedFd::from(block_child),
-                    child_fd: BLOCK_FD,
-                },
-            ])
+            .fd_mappings(mappings)
             .map_err(std::io::Error::other)?;
         if self.ids.privileged {
             // Dropping from root also drops every supplementary group.
@@ -221,8 +239,19 @@ impl Sandbox {
             &"/output",
             &"--chdir",
             &"/workspace",
-            &"--",
         ]);
+        let mut secrets = file_secrets(step).zip(FIRST_SECRET_FD..).peekable();
+        if secrets.peek().is_some() {
+            // A tmpfs of this step's own, whatever the root: nothing of it
+            // reaches the build's disk or outlives the step.
+            push(&[&"--perms", &"0500", &"--tmpfs", &SECRETS_DIR]);
+            for (secret, fd) in secrets {
+                let fd = fd.to_string();
+                let path = format!("{SECRETS_DIR}/{}", secret.name);
+                push(&[&"--perms", &"0400", &"--file", &fd, &path]);
+            }
+        }
+        push(&[&"--"]);
         if step.args.is_empty() {
             push(&[&"/bin/sh", &"-c", &step.run]);
         } else {
@@ -295,6 +324,42 @@ impl Sandbox {
                 || (meta.uid() == self.ids.uid && mode & 0o100 != 0)
         })
     }
+}
+
+/// The secrets `step` gets as files under [`SECRETS_DIR`].
+fn file_secrets(step: &proto::Step) -> impl Iterator<Item = &proto::StepSecret> {
+    step.secrets.iter().filter(|secret| {
+        secret.file
+            && !secret.name.is_empty()
+            && !secret.name.contains('/')
+            && secret.name != "."
+            && secret.name != ".."
+    })
+}
+
+/// The variables `step` gets a secret in.
+fn secret_env(step: &proto::Step) -> impl Iterator<Item = (&str, OsString)> {
+    use std::os::unix::ffi::OsStringExt;
+    step.secrets.iter().flat_map(|secret| {
+        secret
+            .env
+            .iter()
+            .map(|var| (var.as_str(), OsString::from_vec(secret.value.clone())))
+    })
+}
+
+/// A pipe that holds `value` and then ends, for bubblewrap's `--file`: a
+/// thread writes it, since a value may be larger than the pipe's buffer.
+fn secret_pipe(value: &[u8]) -> std::io::Result<OwnedFd> {
+    let (reader, mut writer) = std::io::pipe()?;
+    let value = value.to_vec();
+    std::thread::Builder::new()
+        .name("secret-pipe".into())
+        .spawn(move || {
+            // A sandbox that failed to start closes its end: nothing to do.
+            let _ = writer.write_all(&value);
+        })?;
+    Ok(OwnedFd::from(reader))
 }
 
 /// bubblewrap gave up before its sandbox existed: say what it said.

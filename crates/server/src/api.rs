@@ -161,7 +161,8 @@ pub struct ErrorDetail {
     pub code: ErrorCode,
     /// For people.
     pub message: String,
-    /// For `invalid_spec`: where in the spec (1-based).
+    /// For `invalid_spec`, `unknown_secret` and `secret_not_allowed`:
+    /// where in the spec (1-based).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub line: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -181,6 +182,12 @@ pub enum ErrorCode {
     /// 400: the service's policy refuses it (a source, a destination, an
     /// inline spec); the message names the rule.
     RefusedByPolicy,
+    /// 400: the spec names a secret the service does not define; `line`
+    /// and `column` say where.
+    UnknownSecret,
+    /// 400: the spec names a secret the build's source may not use (not
+    /// in the secret's `sources`); `line` and `column` say where.
+    SecretNotAllowed,
     /// 404: no such build or route.
     NotFound,
     /// 404: the build exists but published no provenance.
@@ -204,7 +211,11 @@ impl ErrorCode {
     /// The HTTP status the server answers this code with.
     pub fn http_status(self) -> u16 {
         match self {
-            ErrorCode::InvalidRequest | ErrorCode::InvalidSpec | ErrorCode::RefusedByPolicy => 400,
+            ErrorCode::InvalidRequest
+            | ErrorCode::InvalidSpec
+            | ErrorCode::RefusedByPolicy
+            | ErrorCode::UnknownSecret
+            | ErrorCode::SecretNotAllowed => 400,
             ErrorCode::Unauthorized => 401,
             ErrorCode::NotFound | ErrorCode::NoProvenance => 404,
             ErrorCode::MethodNotAllowed => 405,
