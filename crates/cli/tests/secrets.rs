@@ -312,6 +312,20 @@ async fn serve_gives_secrets_only_to_allowed_sources_and_never_keeps_them(backen
         }
         other => panic!("{other:?}"),
     }
+    // An inline spec naming the allowed repository is the submitter's
+    // commands all the same: refused too.
+    match client.submit(&request(&team, Some(spec.clone()))).await {
+        Err(ClientError::Api {
+            status: 400,
+            code,
+            message,
+            ..
+        }) => {
+            assert_eq!(code, ErrorCode::SecretNotAllowed);
+            assert!(message.contains("came with the request"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
     match client
         .submit(&request(
             &team,

@@ -164,6 +164,16 @@ pub enum SecretRefusal {
         line: u64,
         column: u64,
     },
+    /// The spec came with the request: its commands are the submitter's,
+    /// not the source's, whatever source it names.
+    #[error(
+        "the secret `{name}` is only for specs read from an allowed source; this spec came with the request"
+    )]
+    InlineSpec {
+        name: String,
+        line: u64,
+        column: u64,
+    },
 }
 
 fn known_list(known: &[String]) -> String {
@@ -186,13 +196,16 @@ impl SecretRefusal {
     pub fn location(&self) -> (u64, u64) {
         match self {
             SecretRefusal::Unknown { line, column, .. }
-            | SecretRefusal::NotAllowed { line, column, .. } => (*line, *column),
+            | SecretRefusal::NotAllowed { line, column, .. }
+            | SecretRefusal::InlineSpec { line, column, .. } => (*line, *column),
         }
     }
 
     pub fn name(&self) -> &str {
         match self {
-            SecretRefusal::Unknown { name, .. } | SecretRefusal::NotAllowed { name, .. } => name,
+            SecretRefusal::Unknown { name, .. }
+            | SecretRefusal::NotAllowed { name, .. }
+            | SecretRefusal::InlineSpec { name, .. } => name,
         }
     }
 }
@@ -236,8 +249,16 @@ impl Secrets {
 
     /// Whether every secret `spec` names is defined and allowed for a
     /// build of `source` (`None`: a local directory, allowed only where
-    /// secrets have no allow-list).
-    pub fn check(&self, spec: &Spec, source: Option<&GitUrl>) -> Result<(), SecretRefusal> {
+    /// secrets have no allow-list). A secret with an allow-list is never
+    /// for an `inline` spec: whoever submits one writes the commands that
+    /// get it, and naming an allowed repository as the source would be
+    /// enough to read the organisation's token.
+    pub fn check(
+        &self,
+        spec: &Spec,
+        source: Option<&GitUrl>,
+        inline: bool,
+    ) -> Result<(), SecretRefusal> {
         for used in spec.secret_uses() {
             let Some(definition) = self.defined.get(&used.name) else {
                 return Err(SecretRefusal::Unknown {
@@ -247,6 +268,13 @@ impl Secrets {
                     known: self.defined.keys().cloned().collect(),
                 });
             };
+            if definition.allowed.is_some() && inline {
+                return Err(SecretRefusal::InlineSpec {
+                    name: used.name.clone(),
+                    line: used.line,
+                    column: used.column,
+                });
+            }
             let allowed = match (&definition.allowed, source) {
                 (None, _) => true,
                 (Some(patterns), Some(url)) => patterns.allows(url),

@@ -447,7 +447,7 @@ async fn submit(
         // plans, before any runner starts.
         service
             .secrets
-            .check(spec, Some(&source.git))
+            .check(spec, Some(&source.git), true)
             .map_err(secret_refused)?;
     }
     let id = service

@@ -136,7 +136,7 @@ impl BuildService {
             BuildSource::Directory(_) => None,
         };
         self.secrets
-            .check(&spec.spec, url)
+            .check(&spec.spec, url, spec.inline)
             .map_err(|refusal| BuildError::SecretRefused {
                 spec: request.spec_path.clone(),
                 refusal,
