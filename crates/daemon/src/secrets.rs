@@ -341,6 +341,56 @@ mod tests {
     }
 
     #[test]
+    fn a_spec_gets_only_defined_secrets_its_source_may_use() {
+        let text = "steps:\n  - name: a\n    secrets: [npm]\n    env: { T: { secret: npm }, P: plain }\n    run: true\n";
+        let spec = crate::spec::parse(text, Path::new("custody.yaml")).unwrap();
+        assert_eq!(spec.steps[0].secret_names(), ["npm"]);
+        assert_eq!(spec.steps[0].env["P"], "plain");
+        let mut secrets = Secrets::default();
+        let team = url("https://git.example.org/team/app.git");
+        match secrets.check(&spec, Some(&team), false) {
+            Err(SecretRefusal::Unknown { line, column, .. }) => assert_eq!((line, column), (3, 15)),
+            other => panic!("{other:?}"),
+        }
+        secrets
+            .define(
+                "npm",
+                SecretDefinition {
+                    source: SecretSource::Env("NPM".into()),
+                    allowed: Some(
+                        SourcePatterns::new(&["https://git.example.org/team/*".into()]).unwrap(),
+                    ),
+                },
+            )
+            .unwrap();
+        assert_eq!(secrets.check(&spec, Some(&team), false), Ok(()));
+        let outsider = url("https://git.example.org/me/app.git");
+        assert!(matches!(
+            secrets.check(&spec, Some(&outsider), false),
+            Err(SecretRefusal::NotAllowed { .. })
+        ));
+        assert!(matches!(
+            secrets.check(&spec, Some(&team), true),
+            Err(SecretRefusal::InlineSpec { .. })
+        ));
+        assert!(matches!(
+            secrets.check(&spec, None, false),
+            Err(SecretRefusal::NotAllowed { .. })
+        ));
+        for bad in [
+            "secrets: [../etc]",
+            "secrets: [a, a]",
+            "env: { T: { secret: npm, other: 1 } }",
+        ] {
+            let text = format!("steps:\n  - name: a\n    {bad}\n    run: true\n");
+            assert!(
+                crate::spec::parse(&text, Path::new("c.yaml")).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
     fn sources_parse() {
         assert_eq!(
             SecretSource::parse("file:/etc/custody/npm").unwrap(),

@@ -385,3 +385,39 @@ pub fn hostname() -> String {
         .and_then(|h| h.into_string().ok())
         .unwrap_or_else(|| "localhost".to_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use custody_wire::events::{Egress, JobEnd, RunnerEvent};
+
+    use super::*;
+
+    /// A step can put a secret in a URL it reaches or in why it failed,
+    /// not only in its output: those leave masked too.
+    #[test]
+    fn secrets_are_masked_in_egress_urls_and_failures() {
+        let redactor = redact::Redactor::new(&[b"T0KEN-abc123"]).unwrap();
+        let egress = redacted(
+            &redactor,
+            RunnerEvent::Egress(Egress {
+                step: 0,
+                uri: "http://evil.test/?t=T0KEN-abc123".into(),
+                sha256: None,
+                bytes_sent: 1,
+                bytes_received: 1,
+            }),
+        );
+        let RunnerEvent::Egress(egress) = egress else {
+            panic!("{egress:?}")
+        };
+        assert_eq!(egress.uri, "http://evil.test/?t=***");
+        let failed = redacted(
+            &redactor,
+            RunnerEvent::Finished(JobEnd::Failed("bad T0KEN-abc123".into())),
+        );
+        assert_eq!(
+            failed,
+            RunnerEvent::Finished(JobEnd::Failed("bad ***".into()))
+        );
+    }
+}

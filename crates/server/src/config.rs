@@ -592,6 +592,55 @@ mod tests {
     }
 
     #[test]
+    fn secrets_need_one_value_source_and_their_allowed_sources() {
+        let resolve = |text: &str| {
+            Config::parse(
+                &format!("data_dir = \"/srv/custody\"\ntokens = [\"t\"]\n{text}"),
+                Path::new("s.toml"),
+            )
+            .unwrap()
+            .resolve(env(), RegistryOptions::default(), StepBounds::default())
+        };
+        let settings = resolve(
+            "[secrets.npm]\nfile = \"/etc/custody/npm\"\nsources = [\"https://git.example.org/team/*\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            settings.daemon.secrets.files().collect::<Vec<_>>(),
+            [Path::new("/etc/custody/npm")]
+        );
+        for (text, says) in [
+            (
+                "[secrets.npm]\nsources = [\"x\"]\n",
+                "give either `file` or `env`",
+            ),
+            (
+                "[secrets.npm]\nfile = \"/a\"\nenv = \"A\"\nsources = [\"x\"]\n",
+                "give either `file` or `env`",
+            ),
+            (
+                "[secrets.npm]\nfile = \"rel\"\nsources = [\"x\"]\n",
+                "absolute",
+            ),
+            (
+                "[secrets.npm]\nenv = \"A\"\nsources = []\n",
+                "`secrets.npm.sources` is empty",
+            ),
+            (
+                "[secrets.\"../x\"]\nenv = \"A\"\nsources = [\"x\"]\n",
+                "not a secret name",
+            ),
+        ] {
+            match resolve(text) {
+                Err(SettingsError::Secret(message)) => {
+                    assert!(message.contains(says), "{text}: {message}");
+                }
+                other => panic!("{text}: {:?}", other.err()),
+            }
+        }
+    }
+
+    #[test]
     fn the_example_configuration_parses() {
         let path = Path::new(concat!(
             env!("CARGO_MANIFEST_DIR"),
