@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .skip_debug([
             "custody.runner.v1.RegistryCredential",
             "custody.runner.v1.HostTls",
+            "custody.runner.v1.StepSecret",
         ])
         .compile_fds(descriptors)?;
     Ok(())

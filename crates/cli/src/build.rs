@@ -49,6 +49,12 @@ pub struct BuildArgs {
     /// as a JSON object on stderr.
     #[arg(long)]
     json: bool,
+    /// A secret steps may ask for by NAME (`secrets: [NAME]`, or
+    /// `env: { VAR: { secret: NAME } }`), its value read from a file or
+    /// from this environment's variable; never stored, logged or signed.
+    /// Repeatable.
+    #[arg(long = "secret", value_name = "NAME=file:PATH|env:VAR")]
+    secrets: Vec<String>,
     #[command(flatten)]
     registry: RegistryArgs,
     #[command(flatten)]
@@ -87,6 +93,7 @@ pub struct Usage(pub String);
 
 pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
     let request = read_request(&args)?;
+    let secrets = secrets(&args.secrets, &request)?;
     let bounds = args.bounds.resolve(Default::default())?;
     let data_dir = match args.data_dir.clone() {
         Some(dir) => dir,
@@ -109,6 +116,7 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
     );
     config.signing_key = args.signing_key.clone();
     config.bounds = bounds;
+    config.secrets = secrets;
     let connector = embedded::bind_connector(&config).await?;
     let daemon = embedded::start(config, connector).await?;
     if daemon.key_created {
@@ -232,6 +240,60 @@ fn read_request(args: &BuildArgs) -> anyhow::Result<BuildRequest> {
         spec_bytes,
         &args.dir,
     )?)
+}
+
+/// The `--secret` definitions, checked against the spec: a secret the
+/// spec names that is not defined is a spec error at its line (exit 2),
+/// and one that cannot be read is said now, before anything runs.
+fn secrets(
+    definitions: &[String],
+    request: &BuildRequest,
+) -> anyhow::Result<custody_daemon::secrets::Secrets> {
+    use custody_daemon::build::SpecInput;
+    use custody_daemon::secrets::{SecretDefinition, SecretSource, Secrets};
+    let mut secrets = Secrets::default();
+    for definition in definitions {
+        let (name, source) = definition.split_once('=').ok_or_else(|| {
+            Usage(format!(
+                "`--secret {definition}`: write `NAME=file:PATH` or `NAME=env:VAR`"
+            ))
+        })?;
+        let source =
+            SecretSource::parse(source).map_err(|e| Usage(format!("`--secret {name}`: {e}")))?;
+        secrets
+            .define(
+                name,
+                SecretDefinition {
+                    source,
+                    allowed: None,
+                },
+            )
+            .map_err(|e| Usage(format!("`--secret`: {e}")))?;
+    }
+    let SpecInput::Given { bytes, spec, .. } = &request.spec else {
+        return Ok(secrets);
+    };
+    // No allow-lists here: the user's own secrets, for the user's own spec.
+    if let Err(refusal) = secrets.check(spec, None, false) {
+        let (line, column) = refusal.location();
+        let text = String::from_utf8_lossy(bytes);
+        return Err(custody_daemon::spec::error_at(
+            &text,
+            &request.spec_path,
+            line,
+            column,
+            format!(
+                "{refusal}; define it with `--secret NAME=file:PATH` or `--secret NAME=env:VAR`"
+            ),
+        )
+        .into());
+    }
+    for used in spec.secret_uses() {
+        secrets
+            .read(used)
+            .map_err(|e| Usage(format!("the secret `{}` cannot be read: {e}", used.name)))?;
+    }
+    Ok(secrets)
 }
 
 /// Prints what happens: the daemon's progress on stderr, the steps' output

@@ -52,6 +52,8 @@ pub struct Config {
     pub policy: Option<ServicePolicy>,
     /// The longest a build may take.
     pub max_build: Option<Duration>,
+    /// The secrets steps may ask for (their files are hidden from steps).
+    pub secrets: crate::secrets::Secrets,
 }
 
 impl Config {
@@ -82,6 +84,7 @@ impl Config {
             bounds: StepBounds::default(),
             policy: None,
             max_build: None,
+            secrets: crate::secrets::Secrets::default(),
         }
     }
 }
@@ -208,6 +211,8 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Embedded, Er
     hidden_paths.extend(config.registry.certs_dirs.iter().cloned());
     // Every credential file the daemon would read, not only `--authfile`.
     hidden_paths.extend(config.registry.credentials.files());
+    // And every file a secret is read from.
+    hidden_paths.extend(config.secrets.files().map(Path::to_owned));
     // The sandbox needs absolute paths; what does not exist needs no hiding.
     let hidden_paths = hidden_paths
         .iter()
@@ -226,6 +231,7 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Embedded, Er
             store,
             policy: config.policy.map(Arc::new),
             max_build: config.max_build,
+            secrets: Arc::new(config.secrets),
         },
         key_source: match &config.signing_key {
             Some(source) => source.to_string(),

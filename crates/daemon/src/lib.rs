@@ -36,6 +36,7 @@ pub mod local;
 pub mod policy;
 pub mod queue;
 pub mod record;
+pub mod secrets;
 pub mod signer;
 pub mod slurm;
 pub mod source;

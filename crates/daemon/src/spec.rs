@@ -11,7 +11,8 @@
 //!   - name: build
 //!     image: registry.example.org/tools/builder@sha256:…   # omitted: the host's root, read-only
 //!     run: make image OUT=/output/app                        # or args: [make, image]
-//!     env: { KEY: value }
+//!     env: { KEY: value, NPM_TOKEN: { secret: npm_token } }        # a secret as a variable
+//!     secrets: [npm_token]                                   # `/run/secrets/npm_token`, this step only
 //!     network: false                                         # default: only `lo`; true: the egress proxy
 //!                                                            # or a host list: ["pypi.org", "*.pythonhosted.org"]
 //!     timeout: 10m                                           # seconds, or 90s / 10m / 2h
@@ -167,6 +168,10 @@ pub struct Step {
     pub image: Option<Reference>,
     pub command: Command,
     pub env: BTreeMap<String, String>,
+    /// Secrets the step gets as files, `/run/secrets/NAME`.
+    pub secrets: Vec<SecretUse>,
+    /// Environment variables whose value is a secret: `VAR → secret`.
+    pub secret_env: BTreeMap<String, SecretUse>,
     /// Whether the step gets the egress proxy (`network: true`, or a list).
     pub network: bool,
     /// With `network` as a list: the only hosts the proxy connects to.
@@ -176,6 +181,40 @@ pub struct Step {
     pub memory: Option<u64>,
     /// Process limit; `None` leaves the runner's default.
     pub pids: Option<u32>,
+}
+
+/// A secret a step names, and where, for errors found later (an unknown
+/// secret, one the build's source may not use).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretUse {
+    pub name: String,
+    pub line: u64,
+    pub column: u64,
+}
+
+impl Spec {
+    /// Every secret the spec names, in the order written.
+    pub fn secret_uses(&self) -> impl Iterator<Item = &SecretUse> {
+        self.steps
+            .iter()
+            .flat_map(|step| step.secrets.iter().chain(step.secret_env.values()))
+    }
+}
+
+impl Step {
+    /// The names of the secrets the step receives, as a file or a
+    /// variable, sorted, each once.
+    pub fn secret_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self
+            .secrets
+            .iter()
+            .chain(self.secret_env.values())
+            .map(|used| used.name.as_str())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -270,6 +309,12 @@ impl SpecError {
         }
         text
     }
+}
+
+/// An error at `line:column` of the spec `text` read from `file`, with
+/// the line shown (for what is found wrong after parsing).
+pub fn error_at(text: &str, file: &Path, line: u64, column: u64, message: String) -> SpecError {
+    at(text, file, line, column, message)
 }
 
 /// Reads `file`.
@@ -497,11 +542,50 @@ fn parse_step(
             (true, hosts)
         }
     };
+    let secret = |spanned: &Spanned<String>| {
+        if crate::secrets::valid_name(&spanned.value) {
+            Ok(SecretUse {
+                name: spanned.value.clone(),
+                line: spanned.referenced.line(),
+                column: spanned.referenced.column(),
+            })
+        } else {
+            Err(at.located(
+                spanned,
+                format!(
+                    "`{}` is not a secret name: use letters, digits, `-`, `_` or `.`",
+                    spanned.value
+                ),
+            ))
+        }
+    };
+    let mut secrets: Vec<SecretUse> = Vec::new();
+    for name in &step.secrets {
+        let used = secret(name)?;
+        if secrets.iter().any(|s| s.name == used.name) {
+            return Err(at.located(name, format!("the secret `{}` is listed twice", used.name)));
+        }
+        secrets.push(used);
+    }
+    let mut env = BTreeMap::new();
+    let mut secret_env = BTreeMap::new();
+    for (key, value) in step.env {
+        match value {
+            RawEnvValue::Plain(value) => {
+                env.insert(key, value);
+            }
+            RawEnvValue::Secret(name) => {
+                secret_env.insert(key, secret(&name)?);
+            }
+        }
+    }
     Ok(Step {
         name: name.value.clone(),
         image,
         command,
-        env: step.env,
+        env,
+        secrets,
+        secret_env,
         network,
         hosts,
         timeout,
@@ -856,7 +940,9 @@ struct RawStep {
     #[serde(default)]
     args: Option<Vec<String>>,
     #[serde(default)]
-    env: BTreeMap<String, String>,
+    env: BTreeMap<String, RawEnvValue>,
+    #[serde(default)]
+    secrets: Vec<Spanned<String>>,
     #[serde(default)]
     network: Option<Spanned<RawNetwork>>,
     #[serde(default)]
@@ -865,6 +951,66 @@ struct RawStep {
     memory: Option<Spanned<String>>,
     #[serde(default)]
     pids: Option<Spanned<u32>>,
+}
+
+/// An environment variable's value: text, or `{ secret: NAME }`.
+enum RawEnvValue {
+    Plain(String),
+    Secret(Spanned<String>),
+}
+
+impl<'de> Deserialize<'de> for RawEnvValue {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawEnvValue;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string or `{ secret: NAME }`")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<RawEnvValue, E> {
+                Ok(RawEnvValue::Plain(value.to_owned()))
+            }
+
+            fn visit_bool<E: serde::de::Error>(self, value: bool) -> Result<RawEnvValue, E> {
+                Ok(RawEnvValue::Plain(value.to_string()))
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<RawEnvValue, E> {
+                Ok(RawEnvValue::Plain(value.to_string()))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<RawEnvValue, E> {
+                Ok(RawEnvValue::Plain(value.to_string()))
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, value: f64) -> Result<RawEnvValue, E> {
+                Ok(RawEnvValue::Plain(value.to_string()))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RawEnvValue, A::Error> {
+                let mut secret = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    if key != "secret" || secret.is_some() {
+                        return Err(serde::de::Error::custom(format!(
+                            "unexpected `{key}`: an environment variable is a string or `{{ secret: NAME }}`"
+                        )));
+                    }
+                    secret = Some(map.next_value::<Spanned<String>>()?);
+                }
+                secret.map(RawEnvValue::Secret).ok_or_else(|| {
+                    serde::de::Error::custom(
+                        "an environment variable is a string or `{ secret: NAME }`",
+                    )
+                })
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 /// `network: true | false | [HOST-PATTERN, …]`; anything else is told

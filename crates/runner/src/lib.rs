@@ -13,6 +13,7 @@
 //! - [`cgroup`]: memory and process limits, and nothing left running after;
 //! - [`jobdir`]: the job's directories, 0710 to the step's group, on a disk
 //!   of the build's size; [`logs`]: a log that stays within its budget;
+//!   [`redact`]: the job's secrets masked in everything sent back;
 //! - [`rootfs`]: step images within limits, checked layer by layer;
 //! - [`outputs`] and `push`: what steps produced, read without following
 //!   anything they planted (`custody_oci::beneath`), pushed by the runner;
@@ -33,6 +34,7 @@ pub mod logs;
 pub mod netns;
 pub mod outputs;
 mod push;
+pub mod redact;
 pub mod rootfs;
 pub mod sandbox;
 mod steps;
@@ -279,7 +281,7 @@ impl custody_wire::rpc::Runner for JobService {
         }
         let job = request.into_inner();
         let (sender, receiver) = mpsc::channel(256);
-        let events = EventSink(sender);
+        let events = EventSink::new(sender, redact::Redactor::for_job(&job));
         events
             .send(RunnerEvent::Hello {
                 hostname: hostname(),
@@ -325,13 +327,55 @@ impl custody_wire::rpc::Runner for JobService {
 
 /// Where the runner's events go: turned into the wire's `proto::Event`
 /// here, the one place the runner touches the generated types for them.
+/// Every event passes the job's [`redact::Redactor`]: log lines, egress
+/// URLs and failure messages leave the runner with secrets masked.
 #[derive(Clone)]
-pub(crate) struct EventSink(mpsc::Sender<Result<Event, Status>>);
+pub(crate) struct EventSink {
+    sender: mpsc::Sender<Result<Event, Status>>,
+    redactor: Option<Arc<redact::Redactor>>,
+}
 
 impl EventSink {
+    pub(crate) fn new(
+        sender: mpsc::Sender<Result<Event, Status>>,
+        redactor: Option<redact::Redactor>,
+    ) -> Self {
+        Self {
+            sender,
+            redactor: redactor.map(Arc::new),
+        }
+    }
+
     /// Sends `event`; `false` once the daemon stopped listening.
     pub(crate) async fn send(&self, event: RunnerEvent) -> bool {
-        self.0.send(Ok(Event::from(event))).await.is_ok()
+        let event = match &self.redactor {
+            Some(redactor) => redacted(redactor, event),
+            None => event,
+        };
+        self.sender.send(Ok(Event::from(event))).await.is_ok()
+    }
+}
+
+/// `event` with the job's secrets masked wherever a step's doing can put
+/// text: its output, the URLs it reached, why it failed.
+fn redacted(redactor: &redact::Redactor, event: RunnerEvent) -> RunnerEvent {
+    use custody_wire::events::JobEnd;
+    match event {
+        RunnerEvent::Log(mut line) => {
+            line.line = redactor.redact(&line.line);
+            RunnerEvent::Log(line)
+        }
+        RunnerEvent::Egress(mut egress) => {
+            egress.uri = redactor.redact_str(&egress.uri);
+            RunnerEvent::Egress(egress)
+        }
+        RunnerEvent::Finished(JobEnd::Failed(why)) => {
+            RunnerEvent::Finished(JobEnd::Failed(redactor.redact_str(&why)))
+        }
+        RunnerEvent::Finished(JobEnd::Cancelled(why)) => {
+            RunnerEvent::Finished(JobEnd::Cancelled(redactor.redact_str(&why)))
+        }
+        other => other,
     }
 }
 
@@ -341,4 +385,40 @@ pub fn hostname() -> String {
         .ok()
         .and_then(|h| h.into_string().ok())
         .unwrap_or_else(|| "localhost".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use custody_wire::events::{Egress, JobEnd, RunnerEvent};
+
+    use super::*;
+
+    /// A step can put a secret in a URL it reaches or in why it failed,
+    /// not only in its output: those leave masked too.
+    #[test]
+    fn secrets_are_masked_in_egress_urls_and_failures() {
+        let redactor = redact::Redactor::new(&[b"T0KEN-abc123"]).unwrap();
+        let egress = redacted(
+            &redactor,
+            RunnerEvent::Egress(Egress {
+                step: 0,
+                uri: "http://evil.test/?t=T0KEN-abc123".into(),
+                sha256: None,
+                bytes_sent: 1,
+                bytes_received: 1,
+            }),
+        );
+        let RunnerEvent::Egress(egress) = egress else {
+            panic!("{egress:?}")
+        };
+        assert_eq!(egress.uri, "http://evil.test/?t=***");
+        let failed = redacted(
+            &redactor,
+            RunnerEvent::Finished(JobEnd::Failed("bad T0KEN-abc123".into())),
+        );
+        assert_eq!(
+            failed,
+            RunnerEvent::Finished(JobEnd::Failed("bad ***".into()))
+        );
+    }
 }

@@ -328,8 +328,16 @@ mod tests {
     /// Feeds `chunks` of stdout through a log of `limit` and collects what
     /// the daemon would get.
     async fn through(limit: u64, chunks: Vec<Vec<u8>>) -> (Vec<Vec<u8>>, BTreeMap<u32, Cut>) {
+        through_redacted(limit, chunks, None).await
+    }
+
+    async fn through_redacted(
+        limit: u64,
+        chunks: Vec<Vec<u8>>,
+        redactor: Option<crate::redact::Redactor>,
+    ) -> (Vec<Vec<u8>>, BTreeMap<u32, Cut>) {
         let (events, mut received) = mpsc::channel(1 << 16);
-        let mut log = Log::new(limit, EventSink(events));
+        let mut log = Log::new(limit, EventSink::new(events, redactor));
         let (mut writer, reader) = tokio::io::duplex(1 << 20);
         let feeder = tokio::spawn(async move {
             use tokio::io::AsyncWriteExt;
@@ -418,5 +426,19 @@ mod tests {
                 bytes: dropped
             }
         );
+    }
+
+    /// A secret a step prints a byte at a time, each byte its own read of
+    /// the pipe, is still masked: lines are joined before they are sent.
+    #[tokio::test]
+    async fn a_secret_split_across_reads_is_masked() {
+        let secret = b"s3cr3t-T0KEN-value";
+        let mut chunks: Vec<Vec<u8>> = vec![b"before ".to_vec()];
+        chunks.extend(secret.iter().map(|b| vec![*b]));
+        chunks.push(b" after\nnext line\n".to_vec());
+        let redactor = crate::redact::Redactor::new(&[secret]);
+        let (lines, _) = through_redacted(DEFAULT_LOG_LIMIT, chunks, redactor).await;
+        assert_eq!(lines[0], b"before *** after");
+        assert_eq!(lines[1], b"next line");
     }
 }

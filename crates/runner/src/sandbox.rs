@@ -15,6 +15,12 @@
 //! step's environment reaches it through a pipe (`--args`: `--clearenv`,
 //! then `--setenv` for each variable), never in its arguments (which any
 //! local user can read in `/proc`).
+//!
+//! A step that asked for secrets gets a tmpfs of its own at `/run/secrets`
+//! holding exactly those, each a file of mode 0400 owned by the step's
+//! root: bubblewrap copies each value from a pipe the runner writes
+//! (`--file FD`), so it is in neither the arguments nor on the build's
+//! disk. A secret asked for as a variable is in the step's environment.
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -43,6 +49,10 @@ const INFO_FD: i32 = 3;
 const BLOCK_FD: i32 = 4;
 /// The descriptor bubblewrap reads the step's environment from (`--args`).
 const ENV_FD: i32 = 5;
+/// The first descriptor a secret's value is read from, in the child.
+const FIRST_SECRET_FD: i32 = 6;
+/// Where a step finds the secrets it asked for.
+pub const SECRETS_DIR: &str = "/run/secrets";
 /// How long bubblewrap may take to set its namespaces up.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -85,19 +95,15 @@ impl Sandbox {
     ) -> std::io::Result<(Child, SpawnGuard)> {
         let (mut info, info_child) = std::io::pipe()?;
         let (block_child, mut block) = std::io::pipe()?;
-        let (env_child, env_writer) = std::io::pipe()?;
+        let secret_env: Vec<(&str, Vec<u8>)> = secret_env(step).collect();
         let environment = environment_arguments(
             [("PATH", STEP_PATH), ("HOME", "/workspace")]
                 .into_iter()
                 .chain(extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-                .chain(step.env.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
+                .chain(step.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .map(|(k, v)| (k, v.as_bytes()))
+                .chain(secret_env.iter().map(|(k, v)| (*k, v.as_slice()))),
         )?;
-        // Written while bubblewrap reads it: an environment may be larger
-        // than a pipe holds. A bubblewrap that died first closes the pipe.
-        std::thread::spawn(move || {
-            let mut env_writer = env_writer;
-            let _ = env_writer.write_all(&environment);
-        });
         let mut command = Command::new(BWRAP);
         command.args(["--args", &ENV_FD.to_string()]);
         if network.made_by_sandbox_itself() {
@@ -113,21 +119,28 @@ impl Sandbox {
             // Its own process group, so everything the step starts can be killed.
             .process_group(0)
             .kill_on_drop(true);
+        let mut mappings = vec![
+            FdMapping {
+                parent_fd: OwnedFd::from(info_child),
+                child_fd: INFO_FD,
+            },
+            FdMapping {
+                parent_fd: OwnedFd::from(block_child),
+                child_fd: BLOCK_FD,
+            },
+            FdMapping {
+                parent_fd: pipe_holding(environment)?,
+                child_fd: ENV_FD,
+            },
+        ];
+        for (secret, child_fd) in file_secrets(step).zip(FIRST_SECRET_FD..) {
+            mappings.push(FdMapping {
+                parent_fd: pipe_holding(secret.value.clone())?,
+                child_fd,
+            });
+        }
         command
-            .fd_mappings(vec![
-                FdMapping {
-                    parent_fd: OwnedFd::from(info_child),
-                    child_fd: INFO_FD,
-                },
-                FdMapping {
-                    parent_fd: OwnedFd::from(block_child),
-                    child_fd: BLOCK_FD,
-                },
-                FdMapping {
-                    parent_fd: OwnedFd::from(env_child),
-                    child_fd: ENV_FD,
-                },
-            ])
+            .fd_mappings(mappings)
             .map_err(std::io::Error::other)?;
         if self.ids.privileged {
             // Dropping from root also drops every supplementary group.
@@ -181,11 +194,11 @@ impl Sandbox {
 /// ones win): NUL-separated, so a NUL inside a name or value would be an
 /// argument of its own and is refused, as is a name with `=`.
 fn environment_arguments<'a>(
-    variables: impl Iterator<Item = (&'a str, &'a str)>,
+    variables: impl Iterator<Item = (&'a str, &'a [u8])>,
 ) -> std::io::Result<Vec<u8>> {
     let mut bytes = b"--clearenv\0".to_vec();
     for (name, value) in variables {
-        if name.is_empty() || name.contains(['=', '\0']) || value.contains('\0') {
+        if name.is_empty() || name.contains(['=', '\0']) || value.contains(&0) {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 format!(
@@ -194,8 +207,8 @@ fn environment_arguments<'a>(
                 ),
             ));
         }
-        for part in ["--setenv", name, value] {
-            bytes.extend_from_slice(part.as_bytes());
+        for part in [b"--setenv".as_slice(), name.as_bytes(), value] {
+            bytes.extend_from_slice(part);
             bytes.push(0);
         }
     }
@@ -274,8 +287,19 @@ impl Sandbox {
             &"/output",
             &"--chdir",
             &start,
-            &"--",
         ]);
+        let mut secrets = file_secrets(step).zip(FIRST_SECRET_FD..).peekable();
+        if secrets.peek().is_some() {
+            // A tmpfs of this step's own, whatever the root: nothing of it
+            // reaches the build's disk or outlives the step.
+            push(&[&"--perms", &"0500", &"--tmpfs", &SECRETS_DIR]);
+            for (secret, fd) in secrets {
+                let fd = fd.to_string();
+                let path = format!("{SECRETS_DIR}/{}", secret.name);
+                push(&[&"--perms", &"0400", &"--file", &fd, &path]);
+            }
+        }
+        push(&[&"--"]);
         if step.args.is_empty() {
             push(&[&"/bin/sh", &"-c", &step.run]);
         } else {
@@ -348,6 +372,41 @@ impl Sandbox {
                 || (meta.uid() == self.ids.uid && mode & 0o100 != 0)
         })
     }
+}
+
+/// The secrets `step` gets as files under [`SECRETS_DIR`].
+fn file_secrets(step: &proto::Step) -> impl Iterator<Item = &proto::StepSecret> {
+    step.secrets.iter().filter(|secret| {
+        secret.file
+            && !secret.name.is_empty()
+            && !secret.name.contains('/')
+            && secret.name != "."
+            && secret.name != ".."
+    })
+}
+
+/// The variables `step` gets a secret in.
+fn secret_env(step: &proto::Step) -> impl Iterator<Item = (&str, Vec<u8>)> {
+    step.secrets.iter().flat_map(|secret| {
+        secret
+            .env
+            .iter()
+            .map(|var| (var.as_str(), secret.value.clone()))
+    })
+}
+
+/// A pipe that holds `bytes` and then ends, for bubblewrap to read (the
+/// step's environment for `--args`, a secret for `--file`): a thread
+/// writes it, since it may be larger than the pipe's buffer.
+fn pipe_holding(bytes: Vec<u8>) -> std::io::Result<OwnedFd> {
+    let (reader, mut writer) = std::io::pipe()?;
+    std::thread::Builder::new()
+        .name("sandbox-pipe".into())
+        .spawn(move || {
+            // A sandbox that failed to start closes its end: nothing to do.
+            let _ = writer.write_all(&bytes);
+        })?;
+    Ok(OwnedFd::from(reader))
 }
 
 /// bubblewrap gave up before its sandbox existed: say what it said.

@@ -246,7 +246,8 @@ pub struct ErrorDetail {
     pub code: ErrorCode,
     /// For people.
     pub message: String,
-    /// For `invalid_spec`: where in the spec (1-based).
+    /// For `invalid_spec`, `unknown_secret` and `secret_not_allowed`:
+    /// where in the spec (1-based).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub line: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -266,6 +267,12 @@ pub enum ErrorCode {
     /// 400: the service's policy refuses it (a source, a destination, an
     /// inline spec); the message names the rule.
     RefusedByPolicy,
+    /// 400: the spec names a secret the service does not define; `line`
+    /// and `column` say where.
+    UnknownSecret,
+    /// 400: the spec names a secret the build's source may not use (not
+    /// in the secret's `sources`); `line` and `column` say where.
+    SecretNotAllowed,
     /// 404: no such build or route.
     NotFound,
     /// 400: a shortened build id that more than one build begins with; the
@@ -295,7 +302,9 @@ impl ErrorCode {
             ErrorCode::InvalidRequest
             | ErrorCode::InvalidSpec
             | ErrorCode::RefusedByPolicy
-            | ErrorCode::AmbiguousId => 400,
+            | ErrorCode::AmbiguousId
+            | ErrorCode::UnknownSecret
+            | ErrorCode::SecretNotAllowed => 400,
             ErrorCode::Unauthorized => 401,
             ErrorCode::NotFound | ErrorCode::NoProvenance => 404,
             ErrorCode::MethodNotAllowed => 405,

@@ -88,6 +88,12 @@ pub struct Config {
     /// When set, `/metrics` answers only requests carrying
     /// `Authorization: Bearer` this; unset, it is open.
     pub metrics_token: Option<String>,
+    /// Build secrets steps may ask for, by name:
+    /// `[secrets.NAME] file = "/etc/custody/NAME"` (or `env = "VAR"`) and
+    /// `sources = ["https://git.example.org/team/*"]`, the git URLs
+    /// (globs) whose builds may use it.
+    #[serde(default)]
+    pub secrets: std::collections::BTreeMap<String, SecretConfig>,
     /// Open API connections at most (never more than the open-file limit
     /// leaves room for).
     pub max_connections: Option<usize>,
@@ -111,6 +117,20 @@ pub struct Sources {
     /// host whose address is public.
     #[serde(default)]
     pub hosts: Vec<String>,
+}
+
+/// One build secret: where its value is read from when a build needs it,
+/// and the sources whose builds may have it.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretConfig {
+    /// A file the value is read from (hidden from every step).
+    pub file: Option<PathBuf>,
+    /// Or an environment variable of the daemon.
+    pub env: Option<String>,
+    /// Git URL glob patterns (`*` within a path segment, `**` across):
+    /// only builds of a matching source may use the secret.
+    pub sources: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -209,6 +229,8 @@ pub enum SettingsError {
     NoRunnerProgram,
     #[error("{0}")]
     Policy(String),
+    #[error("{0}")]
+    Secret(String),
     #[error("`metrics_token` is empty: remove it to leave /metrics open, or set a token")]
     EmptyMetricsToken,
     #[error(
@@ -279,6 +301,11 @@ impl Config {
                 .max_connections_per_address
                 .or(self.max_connections_per_address),
             max_streams_per_token: over.max_streams_per_token.or(self.max_streams_per_token),
+            secrets: {
+                let mut secrets = self.secrets;
+                secrets.extend(over.secrets);
+                secrets
+            },
         }
     }
 
@@ -358,6 +385,7 @@ impl Config {
             .map_err(SettingsError::Policy)?,
             allow_inline_specs: self.allow_inline_specs.unwrap_or(false),
         });
+        daemon.secrets = secrets(self.secrets).map_err(SettingsError::Secret)?;
         daemon.max_build = Some(Duration::from_secs(
             self.max_build_seconds
                 .filter(|s| *s > 0)
@@ -410,6 +438,49 @@ impl Config {
 }
 
 /// `value`, refused when it is zero.
+/// The `secrets` table as the daemon's secrets: each with one source of
+/// its value and at least one source pattern.
+fn secrets(
+    table: std::collections::BTreeMap<String, SecretConfig>,
+) -> Result<custody_daemon::secrets::Secrets, String> {
+    use custody_daemon::secrets::{SecretDefinition, SecretSource, Secrets, SourcePatterns};
+    let mut secrets = Secrets::default();
+    for (name, config) in table {
+        let source = match (config.file, config.env) {
+            (Some(file), None) if file.is_absolute() => SecretSource::File(file),
+            (Some(file), None) => {
+                return Err(format!(
+                    "`secrets.{name}.file`: `{}` is not an absolute path",
+                    file.display()
+                ));
+            }
+            (None, Some(var)) if !var.is_empty() => SecretSource::Env(var),
+            _ => {
+                return Err(format!(
+                    "`secrets.{name}`: give either `file` or `env`, where its value is read from"
+                ));
+            }
+        };
+        if config.sources.is_empty() {
+            return Err(format!(
+                "`secrets.{name}.sources` is empty: list the git URLs (globs) whose builds may use it"
+            ));
+        }
+        let allowed = SourcePatterns::new(&config.sources)
+            .map_err(|e| format!("`secrets.{name}.sources`: {e}"))?;
+        secrets
+            .define(
+                &name,
+                SecretDefinition {
+                    source,
+                    allowed: Some(allowed),
+                },
+            )
+            .map_err(|e| format!("`secrets`: {e}"))?;
+    }
+    Ok(secrets)
+}
+
 fn positive(key: &'static str, value: Option<usize>) -> Result<Option<usize>, SettingsError> {
     match value {
         Some(0) => Err(SettingsError::ZeroLimit(key)),
@@ -527,6 +598,55 @@ mod tests {
             resolve("metrics_token = \" \"\n").err(),
             Some(SettingsError::EmptyMetricsToken)
         );
+    }
+
+    #[test]
+    fn secrets_need_one_value_source_and_their_allowed_sources() {
+        let resolve = |text: &str| {
+            Config::parse(
+                &format!("data_dir = \"/srv/custody\"\ntokens = [\"t\"]\n{text}"),
+                Path::new("s.toml"),
+            )
+            .unwrap()
+            .resolve(env(), RegistryOptions::default(), StepBounds::default())
+        };
+        let settings = resolve(
+            "[secrets.npm]\nfile = \"/etc/custody/npm\"\nsources = [\"https://git.example.org/team/*\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            settings.daemon.secrets.files().collect::<Vec<_>>(),
+            [Path::new("/etc/custody/npm")]
+        );
+        for (text, says) in [
+            (
+                "[secrets.npm]\nsources = [\"x\"]\n",
+                "give either `file` or `env`",
+            ),
+            (
+                "[secrets.npm]\nfile = \"/a\"\nenv = \"A\"\nsources = [\"x\"]\n",
+                "give either `file` or `env`",
+            ),
+            (
+                "[secrets.npm]\nfile = \"rel\"\nsources = [\"x\"]\n",
+                "absolute",
+            ),
+            (
+                "[secrets.npm]\nenv = \"A\"\nsources = []\n",
+                "`secrets.npm.sources` is empty",
+            ),
+            (
+                "[secrets.\"../x\"]\nenv = \"A\"\nsources = [\"x\"]\n",
+                "not a secret name",
+            ),
+        ] {
+            match resolve(text) {
+                Err(SettingsError::Secret(message)) => {
+                    assert!(message.contains(says), "{text}: {message}");
+                }
+                other => panic!("{text}: {:?}", other.err()),
+            }
+        }
     }
 
     #[test]

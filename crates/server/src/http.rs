@@ -407,7 +407,7 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Api
     responses(
         (status = 201, description = "Queued", body = Build,
             headers(("Location" = String, description = "The build's URL: `/api/v1/builds/{id}`"))),
-        (status = 400, description = "Bad request or spec, or refused by policy", body = ErrorBody),
+        (status = 400, description = "Bad request or spec, refused by policy, or a secret the spec names that the service does not define (`unknown_secret`) or the source may not use (`secret_not_allowed`)", body = ErrorBody),
         (status = 401, description = "No or wrong token", body = ErrorBody),
         (status = 408, description = "The body did not arrive in time", body = ErrorBody),
     )
@@ -483,6 +483,12 @@ async fn submit(
     }
     if let Some(spec) = &inline {
         check_destinations(&policy.destinations, spec)?;
+        // A spec from the source is checked the same way when the build
+        // plans, before any runner starts.
+        service
+            .secrets
+            .check(spec, Some(&source.git), true)
+            .map_err(secret_refused)?;
     }
     let id = service
         .enqueue(
@@ -574,6 +580,20 @@ async fn retry(
         )
         .await?;
     created(&app, &new).await
+}
+
+/// A secret the spec may not have, located in the spec.
+fn secret_refused(refusal: custody_daemon::secrets::SecretRefusal) -> ApiError {
+    use custody_daemon::secrets::SecretRefusal;
+    let code = match &refusal {
+        SecretRefusal::Unknown { .. } => ErrorCode::UnknownSecret,
+        _ => ErrorCode::SecretNotAllowed,
+    };
+    let (line, column) = refusal.location();
+    let mut error = ApiError::new(code, refusal.to_string());
+    error.detail.line = (line > 0).then_some(line);
+    error.detail.column = (line > 0).then_some(column);
+    error
 }
 
 /// How long a submission waits for its source's name to resolve before

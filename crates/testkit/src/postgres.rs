@@ -169,6 +169,21 @@ impl Postgres {
             .to_owned()
     }
 
+    /// `pg_dump` of `database` (plain SQL, data included), as bytes.
+    pub fn dump(&self, database: &str) -> Vec<u8> {
+        let mut dump = Command::new(self.bin.join("pg_dump"));
+        dump.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "postgres",
+            database,
+        ]);
+        run(&mut dump).stdout
+    }
+
     /// The cluster's data directory (inside the temp dir removed on drop).
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")

@@ -47,6 +47,17 @@ impl std::fmt::Debug for proto::HostTls {
     }
 }
 
+impl std::fmt::Debug for proto::StepSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StepSecret")
+            .field("name", &self.name)
+            .field("value", &"***")
+            .field("file", &self.file)
+            .field("env", &self.env)
+            .finish()
+    }
+}
+
 pub use proto::runner_client::RunnerClient as GeneratedClient;
 pub use proto::runner_server::{Runner, RunnerServer};
 
@@ -168,10 +179,19 @@ mod tests {
                 }],
                 ..Default::default()
             }),
+            steps: vec![proto::Step {
+                secrets: vec![proto::StepSecret {
+                    name: "npm".into(),
+                    value: b"s3cr3t-value".to_vec(),
+                    file: true,
+                    env: vec!["NPM_TOKEN".into()],
+                }],
+                ..Default::default()
+            }],
             ..Default::default()
         };
         let shown = format!("{job:?}");
-        for secret in ["pa55word", "t0ken", "PRIVATE KEY"] {
+        for secret in ["pa55word", "t0ken", "PRIVATE KEY", "s3cr3t-value"] {
             assert!(!shown.contains(secret), "{shown}");
         }
         assert!(shown.contains("r.example"), "{shown}");

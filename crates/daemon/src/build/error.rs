@@ -65,6 +65,16 @@ pub enum BuildError {
         column: u64,
         reason: String,
     },
+    /// A secret the spec names is not defined, or not for this source:
+    /// found before any step ran.
+    #[error("{}:{}:{}: {refusal}", spec.display(), refusal.location().0, refusal.location().1)]
+    SecretRefused {
+        spec: PathBuf,
+        refusal: crate::secrets::SecretRefusal,
+    },
+    /// A secret's value could not be read (its file, its variable).
+    #[error("the secret `{name}` could not be read: {reason}")]
+    SecretUnreadable { name: String, reason: String },
     /// The build ran past the service's `max_build_seconds`.
     #[error("the build ran past its limit of {}s while {phase}", limit.as_secs())]
     TimedOut {

@@ -186,6 +186,8 @@ pub struct BuildService {
     pub policy: Option<Arc<ServicePolicy>>,
     /// The longest a build may take, from planning to publishing.
     pub max_build: Option<Duration>,
+    /// The secrets steps may ask for, and which sources may use each.
+    pub secrets: Arc<crate::secrets::Secrets>,
 }
 
 /// What happens, for whoever watches.
@@ -561,6 +563,8 @@ impl BuildService {
                     "timeoutSeconds": step.timeout.map(|t| t.as_secs()),
                     "memoryBytes": step.memory.unwrap_or(spec::DEFAULT_MEMORY_BYTES),
                     "pids": step.pids.unwrap_or(spec::DEFAULT_PIDS),
+                    // Names only: never a value, never a digest of one.
+                    "secrets": step.secret_names(),
                 })).collect::<Vec<_>>(),
             },
         });

@@ -132,6 +132,18 @@ impl BuildService {
             self.store.record_commit(id, &source.commit).await?;
         }
         let spec = self.load_spec(request, &source).await?;
+        // Before anything else is asked of the network: a spec naming a
+        // secret its source may not have fails here, naming the line.
+        let url = match &request.source {
+            BuildSource::Git(git) => Some(&git.git),
+            BuildSource::Directory(_) => None,
+        };
+        self.secrets
+            .check(&spec.spec, url, spec.inline)
+            .map_err(|refusal| BuildError::SecretRefused {
+                spec: request.spec_path.clone(),
+                refusal,
+            })?;
         let step_images = resolve_step_images(&spec.spec, clients, progress).await?;
         let planned_steps: Vec<_> = spec
             .spec
@@ -262,8 +274,12 @@ impl BuildService {
                 .steps
                 .iter()
                 .zip(pinned_images(spec, step_images))
-                .map(|(step, image)| job_step(step, image))
-                .collect(),
+                .map(|(step, image)| {
+                    let mut job_step = job_step(step, image);
+                    job_step.secrets = self.step_secrets(step)?;
+                    Ok(job_step)
+                })
+                .collect::<Result<_, BuildError>>()?,
             registries: Some(self.registry_access(&hosts).await?),
             images: spec
                 .images
@@ -308,6 +324,45 @@ impl BuildService {
                 })
                 .collect(),
         })
+    }
+
+    /// The values of the secrets `step` asked for, read now: the runner
+    /// gets them for this step only. They leave their redacting type here,
+    /// onto the wire.
+    fn step_secrets(&self, step: &spec::Step) -> Result<Vec<proto::StepSecret>, BuildError> {
+        let mut given: Vec<proto::StepSecret> = Vec::new();
+        for used in step.secrets.iter().chain(step.secret_env.values()) {
+            let file = step.secrets.iter().any(|s| s.name == used.name);
+            let env: Vec<String> = step
+                .secret_env
+                .iter()
+                .filter(|(_, s)| s.name == used.name)
+                .map(|(var, _)| var.clone())
+                .collect();
+            if given.iter().any(|g| g.name == used.name) {
+                continue;
+            }
+            let value = self
+                .secrets
+                .read(used)
+                .map_err(|reason| BuildError::SecretUnreadable {
+                    name: used.name.clone(),
+                    reason,
+                })?;
+            if !env.is_empty() && value.expose().contains(&0) {
+                return Err(BuildError::SecretUnreadable {
+                    name: used.name.clone(),
+                    reason: "it holds a NUL byte, which an environment variable cannot".into(),
+                });
+            }
+            given.push(proto::StepSecret {
+                name: used.name.clone(),
+                value: value.expose().to_vec(),
+                file,
+                env,
+            });
+        }
+        Ok(given)
     }
 
     /// The registry access the runner gets for this job: credentials and TLS
@@ -655,6 +710,7 @@ fn job_step(step: &spec::Step, image: Option<&str>) -> proto::Step {
             memory_bytes: step.memory.unwrap_or(spec::DEFAULT_MEMORY_BYTES),
             pids: step.pids.unwrap_or(spec::DEFAULT_PIDS),
         }),
+        secrets: Vec::new(),
     }
 }
 
