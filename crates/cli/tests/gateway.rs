@@ -222,7 +222,9 @@ fn a_later_failing_step_leaves_nothing_at_the_destination() {
     assert!(!dir.path().join("provenance.json").exists());
 }
 
-/// What the registry keeps of upload sessions still open in `repository`.
+/// The upload sessions in `repository` that still hold bytes. (A
+/// cancelled one is gone but for an empty hash state distribution 2.8
+/// writes as it closes it.)
 fn open_uploads(registry: &Registry, repository: &str) -> Vec<String> {
     let uploads = registry
         .storage_dir()
@@ -231,19 +233,22 @@ fn open_uploads(registry: &Registry, repository: &str) -> Vec<String> {
         .join("_uploads");
     match fs_err::read_dir(&uploads) {
         Ok(entries) => entries
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .map(|e| e.unwrap().path())
+            .filter(|session| session.join("data").exists())
+            .map(|session| session.display().to_string())
             .collect(),
         Err(_) => Vec::new(),
     }
 }
 
 /// The gateway streams a step's upload to the destination while the step
-/// runs (the registry's log shows the runner's PATCHes), but never
+/// runs (the bytes cross a fault proxy in front of it), but never
 /// completes it before every step succeeded: a later failing step leaves
 /// no blob there, asked directly, and the sessions are cancelled.
 #[test]
 fn a_later_failing_step_leaves_no_streamed_blob_at_the_destination() {
     let registry = registry();
+    let proxy = FaultProxy::start(registry.addr());
     let dir = tempfile::tempdir().unwrap();
     let image = Image::random(21, &[1 << 20, 3 << 20]);
     let src = source_with_layout(dir.path(), &image);
@@ -251,17 +256,18 @@ fn a_later_failing_step_leaves_no_streamed_blob_at_the_destination() {
         "  - name: image\n    run: {}\n  - name: test\n    run: echo tests failed; exit 3\n",
         push_to("app:v1")
     );
-    let output = build(
+    let output = build_via(
         &registry,
+        &proxy.host(),
         dir.path(),
         &src,
-        &spec(registry.host(), &steps, &["app"]),
+        &spec(&proxy.host(), &steps, &["app"]),
     );
     assert_eq!(output.status.code(), Some(1), "{}", text(&output));
-    let log = registry.log();
     assert!(
-        log.contains("PATCH") && log.contains("/v2/team/app/blobs/uploads/"),
-        "the step's upload was not streamed to the destination:\n{log}"
+        proxy.bytes_up() > 4 << 20,
+        "the step's upload was not streamed to the destination: {} bytes went up",
+        proxy.bytes_up()
     );
     for blob in image.blobs() {
         assert!(
@@ -281,6 +287,7 @@ fn a_later_failing_step_leaves_no_streamed_blob_at_the_destination() {
 #[test]
 fn eight_parallel_uploads_streamed_through_the_gateway_are_published() {
     let registry = registry();
+    let proxy = FaultProxy::start(registry.addr());
     let dir = tempfile::tempdir().unwrap();
     let sizes: Vec<usize> = (0..7).map(|i| 300_000 + i * 77_777).collect();
     let image = Image::random(22, &sizes);
@@ -302,18 +309,21 @@ fn eight_parallel_uploads_streamed_through_the_gateway_are_published() {
     fs_err::write(src.join("upload.sh"), script).unwrap();
     let steps =
         "  - name: image\n    run: sh upload.sh\n  - name: test\n    run: echo tests passed\n";
-    let output = build(
+    let output = build_via(
         &registry,
+        &proxy.host(),
         dir.path(),
         &src,
-        &spec(registry.host(), steps, &["app"]),
+        &spec(&proxy.host(), steps, &["app"]),
     );
     assert!(output.status.success(), "{}", text(&output));
-    let log = registry.log();
+    // Each blob went up once, streamed: the onward copy found them all
+    // present and sent only the manifest and the attestation.
+    let total: u64 = blobs.iter().map(|b| b.size).sum();
+    let up = proxy.bytes_up();
     assert!(
-        log.matches("\"PATCH /v2/team/app/blobs/uploads/").count() >= 8
-            || log.matches("PATCH").count() >= 8,
-        "the uploads were not streamed to the destination:\n{log}"
+        up > total && up < total + 300_000,
+        "{up} bytes went up for {total} bytes of blobs"
     );
     let inspected = registry
         .skopeo(&["inspect", "--raw"])
