@@ -482,12 +482,12 @@ async fn start_upload(
         // Monolithic: the whole blob in this POST.
         let digest = upload_digest(digest)?;
         refuse_over_limit(shared, headers)?;
-        let upload = shared.store.new_upload(repository)?;
+        let upload = shared.new_upload(repository).await?;
         let upload = shared.store.append(upload, body.into_data_stream()).await?;
         shared.store.finish(upload, &digest).await?;
         return Ok(blob_created(repository, &digest));
     }
-    let upload = shared.store.new_upload(repository)?;
+    let upload = shared.new_upload(repository).await?;
     let id = shared.store.open_session(upload)?.to_string();
     Ok(upload_status(StatusCode::ACCEPTED, repository, &id, 0))
 }

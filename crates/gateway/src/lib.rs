@@ -67,6 +67,34 @@ pub trait Destination: Send + Sync {
         repository: &'a Repository,
         digest: &'a Digest,
     ) -> BoxFuture<'a, Result<Option<u64>, BoxError>>;
+
+    /// Opens an upload session at the destination of `repository`, which
+    /// the bytes of a step's upload stream to while the gateway stores
+    /// them, so the onward push overlaps the step. The session is only
+    /// ever completed by [`Gateway::complete_onward`], which the platform
+    /// calls once every step has succeeded; until then the destination
+    /// holds no blob. `None`: nothing is streamed (the onward push sends
+    /// the blob afterwards).
+    fn open_upload<'a>(
+        &'a self,
+        _repository: &'a Repository,
+    ) -> BoxFuture<'a, Result<Option<Box<dyn OnwardUpload>>, BoxError>> {
+        Box::pin(async { Ok(None) })
+    }
+}
+
+/// An upload session open at a destination (see
+/// [`Destination::open_upload`]): appended to as the step's bytes arrive,
+/// then completed or cancelled, never both.
+pub trait OnwardUpload: Send + Sync {
+    /// Streams `body` into the session, which stays open.
+    fn append(&mut self, body: BlobBody) -> BoxFuture<'_, Result<(), BoxError>>;
+
+    /// Makes the session's bytes the blob `digest` at the destination.
+    fn complete(self: Box<Self>, digest: Digest) -> BoxFuture<'static, Result<(), BoxError>>;
+
+    /// Ends the session; the destination keeps nothing of it.
+    fn cancel(self: Box<Self>) -> BoxFuture<'static, Result<(), BoxError>>;
 }
 
 /// A destination that holds nothing: every blob a manifest names must be
@@ -244,6 +272,23 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// A new upload for `repository`, streaming to a session at its
+    /// destination when the destination opens one.
+    async fn new_upload(&self, repository: &Repository) -> Result<store::Upload, Refusal> {
+        let mut upload = self.store.new_upload(repository)?;
+        match self.destination.open_upload(repository).await {
+            Ok(Some(onward)) => upload.stream_to(onward),
+            Ok(None) => {}
+            // Pushed onward from the gateway's copy after the last step.
+            Err(e) => {
+                tracing::warn!(%repository, error = %e, "no upload could be opened at the destination")
+            }
+        }
+        Ok(upload)
+    }
+}
+
 impl Gateway {
     /// Opens (creating it if missing) the storage directory as an OCI
     /// layout.
@@ -302,5 +347,37 @@ impl Gateway {
     /// The layout the gateway writes.
     pub fn storage(&self) -> &std::path::Path {
         self.shared.store.root()
+    }
+
+    /// Completes the destination session of every blob steps uploaded
+    /// whole and verified (see [`Destination::open_upload`]), all at once;
+    /// each blob with how that went. Call it only once every step has
+    /// succeeded: from here on the destination holds these blobs. A blob
+    /// whose session failed is simply absent there, and an onward push
+    /// sends it as it would have without streaming.
+    pub async fn complete_onward(&self) -> Vec<(Repository, Digest, Result<(), BoxError>)> {
+        let pending = self.shared.store.take_onward();
+        futures_util::future::join_all(pending.into_iter().map(
+            |(repository, digest, onward)| async move {
+                let result = onward.complete(digest.clone()).await;
+                (repository, digest, result)
+            },
+        ))
+        .await
+    }
+
+    /// Cancels every destination session not completed: of blobs waiting
+    /// for [`Gateway::complete_onward`] and of uploads still open. For a
+    /// build that failed (nothing may reach a destination) and, after the
+    /// onward push, for what is left. Failures are logged: an upload never
+    /// completed is no blob at the destination either way.
+    pub async fn cancel_onward(&self) {
+        let sessions = self.shared.store.take_all_onward();
+        futures_util::future::join_all(sessions.into_iter().map(|onward| async move {
+            if let Err(e) = onward.cancel().await {
+                tracing::warn!(error = %e, "cancelling a destination upload failed");
+            }
+        }))
+        .await;
     }
 }

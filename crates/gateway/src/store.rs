@@ -28,6 +28,7 @@ use crate::error::{Code, Error, Refusal};
 use crate::manifest::Manifest;
 use crate::name::{Repository, Tag};
 use crate::pushed::{Pushed, PushedRepository};
+use crate::{BlobBody, OnwardUpload};
 
 /// Upload sessions open at once, at most: builders upload a handful of
 /// blobs in parallel, and every session holds a file descriptor.
@@ -55,6 +56,9 @@ struct State {
     held: HashMap<Digest, u64>,
     repositories: BTreeMap<Repository, Repo>,
     sessions: HashMap<Uuid, Slot>,
+    /// Destination sessions of blobs uploaded whole and verified, waiting
+    /// to be completed once every step has succeeded (or cancelled).
+    pending: HashMap<(Repository, Digest), Onward>,
 }
 
 /// What one repository was given.
@@ -126,20 +130,59 @@ impl Drop for Charge {
 }
 
 /// An upload in progress: a temporary file, the hash of what it holds so
-/// far, and the budget it has taken.
+/// far, the budget it has taken, and the destination session its bytes
+/// also stream to, if any.
 pub(crate) struct Upload {
     repository: Repository,
     file: TempFile,
     hasher: Hasher,
     written: u64,
     charge: Charge,
+    onward: Option<Onward>,
 }
 
 impl Upload {
     pub(crate) fn written(&self) -> u64 {
         self.written
     }
+
+    /// Streams what this upload receives from now on to `onward` too.
+    pub(crate) fn stream_to(&mut self, onward: Box<dyn OnwardUpload>) {
+        self.onward = Some(Onward(Some(onward)));
+    }
 }
+
+/// A destination session; cancelled when dropped (a refused, broken or
+/// abandoned upload leaves nothing at the destination) unless taken out to
+/// be completed or cancelled and awaited.
+struct Onward(Option<Box<dyn OnwardUpload>>);
+
+impl Onward {
+    fn take(mut self) -> Box<dyn OnwardUpload> {
+        self.0.take().expect("an onward session is taken once")
+    }
+}
+
+impl Drop for Onward {
+    fn drop(&mut self) {
+        let Some(onward) = self.0.take() else { return };
+        // Dropped outside a runtime (the process ending), the session is
+        // left to the registry's expiry of unfinished uploads: never
+        // completed, it is no blob there.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = onward.cancel().await {
+                    tracing::warn!(error = %e, "cancelling a destination upload failed");
+                }
+            });
+        }
+    }
+}
+
+/// How long the gateway waits for a destination to take the next piece of
+/// a streamed upload before it gives up streaming that upload (it is then
+/// pushed onward from the gateway's copy after the last step).
+const ONWARD_STALL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// An upload session taken out of the table by the request working on it.
 /// Dropped without [`Store::put_back`], the session ends: its temporary file
@@ -282,6 +325,7 @@ impl Store {
             hasher: Hasher::new(&DigestAlgorithm::Sha256).expect("sha256 is supported"),
             written: 0,
             charge: Charge::new(&self.budget),
+            onward: None,
         })
     }
 
@@ -358,10 +402,27 @@ impl Store {
         S: Stream<Item = Result<Bytes, E>> + Send,
         E: std::fmt::Display,
     {
+        let mut upload = upload;
+        // The destination gets each piece as the disk does: one streamed
+        // request per request of the step's client.
+        let mut onward = upload.onward.take().map(|onward| {
+            let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+            let task = tokio::spawn(async move {
+                let mut onward = onward;
+                let body: BlobBody = Box::pin(
+                    tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, crate::BoxError>),
+                );
+                let result = match onward.0.as_mut() {
+                    Some(session) => session.append(body).await,
+                    None => Ok(()),
+                };
+                (onward, result)
+            });
+            (Some(tx), task)
+        });
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(8);
         let budget = self.budget.clone();
         let writer = tokio::task::spawn_blocking(move || {
-            let mut upload = upload;
             while let Some(piece) = rx.blocking_recv() {
                 budget.reserve(&mut upload.charge, piece.len() as u64)?;
                 upload.hasher.update(&piece);
@@ -376,6 +437,22 @@ impl Store {
             match piece {
                 Ok(piece) if piece.is_empty() => {}
                 Ok(piece) => {
+                    if let Some((sender @ Some(_), task)) = &mut onward {
+                        let to = sender.as_ref().expect("matched as some");
+                        let sent = tokio::time::timeout(ONWARD_STALL, to.send(piece.clone())).await;
+                        match sent {
+                            Ok(Ok(())) => {}
+                            // The destination failed: its answer says why.
+                            Ok(Err(_)) => *sender = None,
+                            Err(_) => {
+                                tracing::warn!(
+                                    "the destination stalled; the upload is pushed onward after the last step instead"
+                                );
+                                task.abort();
+                                onward = None;
+                            }
+                        }
+                    }
                     if tx.send(piece).await.is_err() {
                         break; // the writer refused: its answer says why
                     }
@@ -387,9 +464,24 @@ impl Store {
             }
         }
         drop(tx);
-        let upload = writer
-            .await
-            .map_err(|e| Refusal::internal(format!("upload writer: {e}")))??;
+        let written = writer.await;
+        let onward = match onward {
+            Some((sender, task)) => {
+                drop(sender);
+                match task.await {
+                    Ok((onward, Ok(()))) => Some(onward),
+                    Ok((_cancelled_on_drop, Err(e))) => {
+                        tracing::warn!(error = %e, "streaming an upload to its destination failed; it is pushed onward after the last step instead");
+                        None
+                    }
+                    Err(_) => None,
+                }
+            }
+            None => None,
+        };
+        let mut upload =
+            written.map_err(|e| Refusal::internal(format!("upload writer: {e}")))??;
+        upload.onward = onward;
         match broken {
             // Part of the body came and part did not: what was written
             // cannot be trusted to be a prefix the client knows about.
@@ -410,6 +502,7 @@ impl Store {
             hasher,
             written,
             charge,
+            onward,
         } = upload;
         let actual = hasher.finish();
         if &actual != expected {
@@ -423,6 +516,14 @@ impl Store {
         self.commit_file(file, expected, charge).await?;
         let mut state = self.lock();
         state.held.insert(expected.clone(), written);
+        if let Some(onward) = onward {
+            // A second session for the same blob is not needed: dropped,
+            // it is cancelled.
+            state
+                .pending
+                .entry((repository.clone(), expected.clone()))
+                .or_insert(onward);
+        }
         state
             .repositories
             .entry(repository)
@@ -461,6 +562,30 @@ impl Store {
             charge.keep();
         }
         Ok(())
+    }
+
+    /// The destination sessions of verified blobs, to be completed.
+    pub(crate) fn take_onward(&self) -> Vec<(Repository, Digest, Box<dyn OnwardUpload>)> {
+        self.lock()
+            .pending
+            .drain()
+            .map(|((repository, digest), onward)| (repository, digest, onward.take()))
+            .collect()
+    }
+
+    /// Every destination session still open: of verified blobs and of
+    /// uploads not finished.
+    pub(crate) fn take_all_onward(&self) -> Vec<Box<dyn OnwardUpload>> {
+        let mut state = self.lock();
+        let mut sessions: Vec<_> = state.pending.drain().map(|(_, o)| o.take()).collect();
+        for slot in state.sessions.values_mut() {
+            if let Slot::Idle(upload) = slot
+                && let Some(onward) = upload.onward.take()
+            {
+                sessions.push(onward.take());
+            }
+        }
+        sessions
     }
 
     // --- manifests ---

@@ -36,6 +36,12 @@ pub use custody_net::{HostPattern, Policy};
 
 /// The most a request head may take.
 const MAX_HEAD: usize = 64 * 1024;
+/// The most one read of a forwarded stream takes: large, so a fast
+/// download costs few system calls.
+const CHUNK: usize = 256 * 1024;
+/// Chunks a response may be ahead of its hash: the hash runs on its own
+/// thread, beside the copy, and this bounds what waits for it.
+const HASH_QUEUE: usize = 8;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -236,7 +242,7 @@ async fn handle(
             bytes_sent: 0,
             bytes_received: 0,
         },
-        body: forwarded_head.is_some().then(ResponseBody::default),
+        body: forwarded_head.is_some().then(BodyHasher::start),
         record,
     };
     let leftover = &buffer[head_end..];
@@ -270,17 +276,13 @@ async fn handle(
         &mut client_read,
         &mut upstream_write,
         &mut contact.bytes_sent,
-        |_| {},
+        None,
     );
     let down = pump(
         &mut upstream_read,
         &mut client_write,
         &mut contact.bytes_received,
-        |chunk| {
-            if let Some(body) = body.as_mut() {
-                body.feed(chunk);
-            }
-        },
+        body.as_ref().map(|b| &b.feed),
     );
     tokio::join!(up, down);
     Ok(())
@@ -291,37 +293,87 @@ async fn handle(
 struct Recording {
     contact: Contact,
     /// The response being hashed, for plain HTTP.
-    body: Option<ResponseBody>,
+    body: Option<BodyHasher>,
     record: Arc<dyn Fn(Contact) + Send + Sync>,
 }
 
 impl Drop for Recording {
     fn drop(&mut self) {
         let mut contact = self.contact.clone();
-        contact.sha256 = self.body.take().map(ResponseBody::finish);
+        contact.sha256 = self.body.take().map(BodyHasher::finish);
         (self.record)(contact);
     }
 }
 
+/// A response body hashed on a thread of its own, so hashing overlaps the
+/// copy instead of taking turns with it; it is at most [`HASH_QUEUE`]
+/// chunks behind what went to the step.
+struct BodyHasher {
+    feed: tokio::sync::mpsc::Sender<bytes::Bytes>,
+    thread: Option<std::thread::JoinHandle<ResponseBody>>,
+}
+
+impl BodyHasher {
+    fn start() -> Self {
+        let (feed, mut chunks) = tokio::sync::mpsc::channel::<bytes::Bytes>(HASH_QUEUE);
+        let thread = std::thread::Builder::new()
+            .name("egress-hash".into())
+            .spawn(move || {
+                let mut body = ResponseBody::default();
+                while let Some(chunk) = chunks.blocking_recv() {
+                    body.feed(&chunk);
+                }
+                body
+            })
+            .ok();
+        Self { feed, thread }
+    }
+
+    /// The digest of everything fed. Waits for the thread, which has at
+    /// most [`HASH_QUEUE`] chunks left: `feed` is the only sender (the copy
+    /// borrows it), so dropping it ends the thread's loop.
+    fn finish(self) -> String {
+        let Self { feed, thread } = self;
+        drop(feed);
+        match thread.map(std::thread::JoinHandle::join) {
+            Some(Ok(body)) => body.finish(),
+            // No thread could be started, or it panicked: no digest of the
+            // bytes is known, and an empty string matches none.
+            _ => String::new(),
+        }
+    }
+}
+
 /// Copies `from` to `to` until either ends, counting into `count` and
-/// showing each chunk to `observe`; then closes `to` for writing.
+/// sending each chunk to `hash` once it was written; then closes `to` for
+/// writing.
 async fn pump(
     from: &mut (impl AsyncRead + Unpin),
     to: &mut (impl AsyncWrite + Unpin),
     count: &mut u64,
-    mut observe: impl FnMut(&[u8]),
+    mut hash: Option<&tokio::sync::mpsc::Sender<bytes::Bytes>>,
 ) {
-    let mut chunk = vec![0u8; 64 * 1024];
+    let mut buffer = bytes::BytesMut::new();
     loop {
-        let n = match from.read(&mut chunk).await {
+        if hash.is_none() {
+            // Nothing keeps a chunk: the one buffer is reused.
+            buffer.clear();
+        }
+        buffer.reserve(CHUNK);
+        let n = match from.read_buf(&mut buffer).await {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if to.write_all(&chunk[..n]).await.is_err() {
+        if to.write_all(&buffer[..n]).await.is_err() {
             break;
         }
         *count += n as u64;
-        observe(&chunk[..n]);
+        if let Some(feed) = &hash {
+            let chunk = buffer.split().freeze();
+            if feed.send(chunk).await.is_err() {
+                hash = None;
+            }
+        }
     }
     let _ = to.shutdown().await;
 }

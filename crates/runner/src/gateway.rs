@@ -6,6 +6,13 @@
 //! every step succeeded, then goes out like an `images:` output (see
 //! `push.rs`), each manifest credited to the step that pushed it.
 //!
+//! So that the onward push overlaps the step, each blob upload also
+//! streams into an upload session at its destination ([`RegistryUpload`])
+//! while the step sends it; the session is completed (the blob made to
+//! exist there) only after every step succeeded
+//! ([`BuildGateway::complete_onward`]) and cancelled otherwise
+//! ([`BuildGateway::cancel_onward`]).
+//!
 //! The gateway asks each push's destination, with the job's registry
 //! access, whether it already holds a blob ([`Destinations`]): a builder
 //! then skips uploading it, and the onward push (sparse: the copy finds
@@ -20,7 +27,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use custody_gateway::{
-    BlobBody, BoxError, Config, Destination, Gateway, Pulled, Pushed,
+    BlobBody, BoxError, Config, Destination, Gateway, OnwardUpload, Pulled, Pushed,
     Reference as GatewayReference, Repository, Tag, Upstream, UpstreamManifest,
 };
 use custody_oci::oci_spec::image::{Descriptor, MediaType};
@@ -142,6 +149,24 @@ impl BuildGateway {
                 credits.seen.insert(place, digest);
             }
         }
+    }
+
+    /// Makes the blobs steps uploaded exist at their destinations (their
+    /// bytes went there while the steps uploaded them): only once every
+    /// step has succeeded and everything to push was read. One that
+    /// cannot be completed is pushed by the onward copy instead.
+    pub(crate) async fn complete_onward(&self) {
+        for (repository, digest, result) in self.gateway.complete_onward().await {
+            if let Err(e) = result {
+                tracing::warn!(%repository, %digest, error = %e, "completing a streamed upload failed; the onward push sends the blob");
+            }
+        }
+    }
+
+    /// Cancels every destination session left: all of them when the build
+    /// failed, so its destinations hold nothing of it.
+    pub(crate) async fn cancel_onward(&self) {
+        self.gateway.cancel_onward().await;
     }
 
     /// Every manifest steps read from `pulls` repositories.
@@ -278,6 +303,66 @@ impl Destination for Destinations {
             };
             let client = self.registries.client(to).await?;
             Ok(client.blob_size(to.repository(), digest).await?)
+        })
+    }
+
+    fn open_upload<'a>(
+        &'a self,
+        repository: &'a Repository,
+    ) -> BoxFuture<'a, Result<Option<Box<dyn OnwardUpload>>, BoxError>> {
+        Box::pin(async move {
+            let Some(to) = self.to.get(repository) else {
+                return Ok(None);
+            };
+            let client = self.registries.client(to).await?;
+            let location = client.open_upload(to.repository()).await?;
+            let upload: Box<dyn OnwardUpload> = Box::new(RegistryUpload {
+                client,
+                repository: to.repository().to_owned(),
+                location,
+            });
+            Ok(Some(upload))
+        })
+    }
+}
+
+/// An upload session open in a `pushes` destination, with the job's
+/// registry access: it receives a step's blob while the step uploads it,
+/// and is completed only after every step succeeded (the gateway's
+/// `complete_onward`, called by `push.rs`), else cancelled.
+struct RegistryUpload {
+    client: Arc<Client>,
+    repository: String,
+    /// Where the session stands: registries move it with every request.
+    location: url::Url,
+}
+
+impl OnwardUpload for RegistryUpload {
+    fn append(&mut self, body: BlobBody) -> BoxFuture<'_, Result<(), BoxError>> {
+        Box::pin(async move {
+            self.location = self
+                .client
+                .append_upload(&self.repository, self.location.clone(), body)
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn complete(self: Box<Self>, digest: Digest) -> BoxFuture<'static, Result<(), BoxError>> {
+        Box::pin(async move {
+            self.client
+                .commit_upload(&self.repository, self.location, &digest)
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn cancel(self: Box<Self>) -> BoxFuture<'static, Result<(), BoxError>> {
+        Box::pin(async move {
+            self.client
+                .cancel_upload(&self.repository, self.location)
+                .await?;
+            Ok(())
         })
     }
 }

@@ -117,6 +117,10 @@ pub(crate) async fn push_outputs(
                 .await;
         }
         ready.extend(pushed_by_steps(gateway).await?);
+        // Every step succeeded and everything is read: the blobs steps
+        // streamed through the gateway may now exist at the destinations,
+        // and the copy below finds them there.
+        gateway.complete_onward().await;
     }
     for output in ready {
         let report = copy_to(&output.source, &output.to, &options)

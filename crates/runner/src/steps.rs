@@ -96,14 +96,21 @@ pub(crate) async fn run_all(
     }
     // The log's kept tail goes out before anything else happens.
     log.finish().await;
-    if let Some(finished) = outcome {
-        return finished;
+    let end = match outcome {
+        Some(finished) => finished,
+        // The runner, not the steps, reads what they produced and pushes it.
+        None => match crate::push::push_outputs(job, boundary, events).await {
+            Ok(()) => JobEnd::Succeeded,
+            Err(error) => JobEnd::Failed(error),
+        },
+    };
+    // Destination sessions the gateway streamed steps' uploads to and that
+    // were not completed go, whatever the end: a failed build leaves no
+    // blob at a destination.
+    if let Some(gateway) = &boundary.gateway {
+        gateway.cancel_onward().await;
     }
-    // The runner, not the steps, reads what they produced and pushes it.
-    if let Err(error) = crate::push::push_outputs(job, boundary, events).await {
-        return JobEnd::Failed(error);
-    }
-    JobEnd::Succeeded
+    end
 }
 
 /// One step, from its image to its end; `Err` ends the job.

@@ -412,6 +412,108 @@ impl Client {
         self.location(&response, action)
     }
 
+    /// Opens an upload session in `repository` and returns its location,
+    /// for a blob whose bytes arrive later ([`Client::append_upload`]) and
+    /// which exists only once [`Client::commit_upload`] names its digest.
+    /// Until then the registry shows it nowhere (OCI distribution spec,
+    /// "Pushing blobs": a blob exists once the closing `PUT` succeeded).
+    pub async fn open_upload(&self, repository: &str) -> Result<Url, Error> {
+        let action = format!("starting an upload to `{repository}`");
+        let scope = Scope::push(repository);
+        self.exchange(&action, || self.start_upload(repository, &action, &scope))
+            .await
+    }
+
+    /// Streams `body` into the open upload at `location` as one `PATCH`
+    /// without `Content-Range` (distribution's streamed upload: appended
+    /// where the upload stands); returns the location to use next. The
+    /// body is sent once, so nothing is retried.
+    pub async fn append_upload<S>(
+        &self,
+        repository: &str,
+        location: Url,
+        body: S,
+    ) -> Result<Url, Error>
+    where
+        S: futures_util::TryStream + Send + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        Bytes: From<S::Ok>,
+    {
+        let action = format!("streaming an upload to `{repository}`");
+        let scope = Scope::push(repository);
+        let body = std::sync::Mutex::new(Some(reqwest::Body::wrap_stream(body)));
+        let response = self
+            .send(&action, &scope, || {
+                let mut request = self
+                    .http
+                    .patch(location.clone())
+                    .header(CONTENT_TYPE, "application/octet-stream");
+                // `send` has pinged, so auth is known and a second attempt
+                // (after a 401) sends an empty body the registry refuses.
+                if let Some(body) = body.lock().expect("body lock").take() {
+                    request = request.body(body);
+                }
+                request
+            })
+            .await?;
+        let response = self
+            .expect(
+                response,
+                &action,
+                &[StatusCode::ACCEPTED, StatusCode::NO_CONTENT],
+            )
+            .await?;
+        self.location(&response, &action)
+    }
+
+    /// Closes the upload at `location` as blob `digest` (`PUT ?digest=`,
+    /// no body): from here on the blob exists in `repository`.
+    pub async fn commit_upload(
+        &self,
+        repository: &str,
+        location: Url,
+        digest: &Digest,
+    ) -> Result<(), Error> {
+        let action = format!("completing the upload of blob `{digest}`");
+        let scope = Scope::push(repository);
+        let mut url = location;
+        url.query_pairs_mut().append_pair("digest", digest.as_ref());
+        self.exchange(&action, || async {
+            let response = self
+                .send(&action, &scope, || {
+                    self.http.put(url.clone()).header(CONTENT_LENGTH, 0)
+                })
+                .await?;
+            self.expect(response, &action, &[StatusCode::CREATED])
+                .await
+                .map(|_| ())
+        })
+        .await
+    }
+
+    /// Cancels the upload at `location` (`DELETE`): what it received goes.
+    pub async fn cancel_upload(&self, repository: &str, location: Url) -> Result<(), Error> {
+        let action = format!("cancelling an upload to `{repository}`");
+        let scope = Scope::push(repository);
+        self.exchange(&action, || async {
+            let response = self
+                .send(&action, &scope, || self.http.delete(location.clone()))
+                .await?;
+            self.expect(
+                response,
+                &action,
+                &[
+                    StatusCode::NO_CONTENT,
+                    StatusCode::OK,
+                    StatusCode::NOT_FOUND,
+                ],
+            )
+            .await
+            .map(|_| ())
+        })
+        .await
+    }
+
     /// Asks the registry to mount `digest` from `from` into `repository`.
     pub async fn mount_blob(
         &self,
