@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::Context as _;
 use clap::Args;
@@ -135,6 +136,7 @@ pub async fn build(args: BuildArgs) -> anyhow::Result<()> {
         .unwrap_or_default();
     let mut printer = Printer {
         step_names,
+        pushes: Default::default(),
         json: args.json,
     };
     let cancel = async {
@@ -300,6 +302,8 @@ fn secrets(
 /// prefixed with the step's name on stdout or stderr as they wrote it.
 struct Printer {
     step_names: Vec<String>,
+    /// When each push was first heard of, for its rate.
+    pushes: std::collections::HashMap<String, Instant>,
     /// Log lines as JSON objects on stdout (`--json`).
     json: bool,
 }
@@ -357,8 +361,31 @@ impl Printer {
                 } => {
                     say!("==> step {index} timed out");
                 }
+                RunnerEvent::Pushing {
+                    destination,
+                    bytes,
+                    total,
+                } => {
+                    // Plain lines every few seconds (the runner's pace),
+                    // readable in a CI log as on a terminal.
+                    let began = *self
+                        .pushes
+                        .entry(destination.clone())
+                        .or_insert_with(Instant::now);
+                    let seconds = began.elapsed().as_secs_f64().max(0.001);
+                    say!(
+                        "==> pushing {destination}: {} of {} ({}/s)",
+                        crate::progress::size(bytes),
+                        crate::progress::size(total),
+                        crate::progress::size((bytes as f64 / seconds) as u64)
+                    );
+                }
                 RunnerEvent::Pushed(pushed) => {
-                    say!("==> pushed {} ({} bytes)", pushed.reference, pushed.size);
+                    say!(
+                        "==> pushed {} ({} of blobs sent)",
+                        pushed.reference,
+                        crate::progress::size(pushed.bytes_sent)
+                    );
                 }
                 _ => {}
             },

@@ -169,6 +169,15 @@ fn build_json_prints_the_log_and_the_result_as_json() {
         fs_err::read_to_string(&digestfile).unwrap(),
         pushed.concat()
     );
+    // The push says how far it got and what it sent: the file (5 bytes)
+    // and the artifact's empty config (2), not the manifest's size.
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let destination = format!("oci:{}:v1", work.join("out/art").display());
+    assert!(
+        stderr.contains(&format!("==> pushing {destination}: 7 B of 7 B (")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("(7 B of blobs sent)"), "{stderr}");
 
     // A spec error after --json: one JSON object on stderr, exit 2.
     fs_err::write(work.join("custody.yaml"), "steps: 3\n").unwrap();

@@ -250,8 +250,20 @@ impl Queue {
                         tracing::info!(%id, step = index, end = ?end, "step finished");
                         push_began = Some(Instant::now());
                     }
+                    RunnerEvent::Pushing {
+                        destination,
+                        bytes,
+                        total,
+                    } => {
+                        tracing::info!(%id, %destination, bytes, total, "pushing");
+                    }
                     RunnerEvent::Pushed(pushed) => {
-                        tracing::info!(%id, reference = %pushed.reference, "pushed");
+                        tracing::info!(
+                            %id,
+                            reference = %pushed.reference,
+                            bytes_sent = pushed.bytes_sent,
+                            "pushed"
+                        );
                     }
                     RunnerEvent::Finished(_) => {
                         push_took = push_began.map(|b| b.elapsed());

@@ -346,6 +346,16 @@ impl EventSink {
         }
     }
 
+    /// Sends `event` unless the queue to the daemon is full, without
+    /// waiting: for progress, which the next report replaces.
+    pub(crate) fn offer(&self, event: RunnerEvent) {
+        let event = match &self.redactor {
+            Some(redactor) => redacted(redactor, event),
+            None => event,
+        };
+        let _ = self.sender.try_send(Ok(Event::from(event)));
+    }
+
     /// Sends `event`; `false` once the daemon stopped listening.
     pub(crate) async fn send(&self, event: RunnerEvent) -> bool {
         let event = match &self.redactor {

@@ -1,7 +1,8 @@
 //! After the last step: read the declared outputs (runner code, not step
 //! code), push them, and report each pushed descriptor to the daemon.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use custody_oci::Location;
 use custody_oci::copy::{self, CopyOptions, Destination, Source};
@@ -123,12 +124,66 @@ pub(crate) async fn push_outputs(
         gateway.complete_onward().await;
     }
     for output in ready {
-        let report = copy_to(&output.source, &output.to, &options)
+        let progress = Arc::new(Progress::new(events.clone(), output.to.to_string()));
+        let report = copy_to(&output.source, &output.to, &options, progress.clone())
             .await
             .map_err(|e| format!("pushing {} to `{}`: {e}", output.what, output.to))?;
+        progress.report();
         send_output(events, report, output.gateway).await;
     }
     Ok(())
+}
+
+/// How often a push says how far it got.
+const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+
+/// One output's push as the daemon hears of it: bytes of blobs sent of
+/// those that must be, every [`PROGRESS_EVERY`] and once at the end.
+struct Progress {
+    events: EventSink,
+    destination: String,
+    /// When it last said, bytes sent, bytes to send.
+    state: Mutex<(Instant, u64, u64)>,
+}
+
+impl Progress {
+    fn new(events: EventSink, destination: String) -> Self {
+        Self {
+            events,
+            destination,
+            state: Mutex::new((Instant::now(), 0, 0)),
+        }
+    }
+
+    fn report(&self) {
+        let (_, bytes, total) = *self.state.lock().expect("not poisoned");
+        self.events.offer(RunnerEvent::Pushing {
+            destination: self.destination.clone(),
+            bytes,
+            total,
+        });
+    }
+}
+
+impl copy::Progress for Progress {
+    fn blob_started(&self, descriptor: &custody_oci::oci_spec::image::Descriptor) {
+        self.state.lock().expect("not poisoned").2 += descriptor.size();
+    }
+
+    fn blob_bytes(&self, _digest: &custody_oci::Digest, bytes: u64) {
+        let due = {
+            let mut state = self.state.lock().expect("not poisoned");
+            state.1 += bytes;
+            let due = state.0.elapsed() >= PROGRESS_EVERY;
+            if due {
+                state.0 = Instant::now();
+            }
+            due
+        };
+        if due {
+            self.report();
+        }
+    }
 }
 
 /// What steps pushed through the gateway, each manifest from the
@@ -208,13 +263,14 @@ async fn copy_to(
     source: &Source,
     to: &Location,
     options: &RegistryOptions,
+    progress: Arc<dyn copy::Progress>,
 ) -> Result<copy::CopyReport, custody_oci::Error> {
     let destination = Destination::open_untagged(to, options).await?;
     copy::copy(
         source,
         &destination,
         &CopyOptions {
-            progress: Arc::new(copy::NoProgress),
+            progress,
             ..CopyOptions::default()
         },
     )
@@ -227,6 +283,7 @@ async fn send_output(events: &EventSink, report: copy::CopyReport, gateway: Opti
             reference: report.pinned,
             digest: report.descriptor.digest().to_string(),
             size: report.descriptor.size(),
+            bytes_sent: report.bytes_copied,
             gateway,
         }))
         .await;

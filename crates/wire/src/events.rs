@@ -37,6 +37,12 @@ pub enum RunnerEvent {
     Egress(Egress),
     /// An output the runner pushed (by digest).
     Pushed(Pushed),
+    /// How far the push of one output has got (every few seconds).
+    Pushing {
+        destination: String,
+        bytes: u64,
+        total: u64,
+    },
     /// A manifest a step read from a `pulls` repository through the gateway.
     Pulled(Pulled),
     /// The last event.
@@ -96,7 +102,10 @@ pub struct Pushed {
     /// Pinned: `REGISTRY/REPO@sha256:…` or `oci:PATH@sha256:…`.
     pub reference: String,
     pub digest: String,
+    /// The manifest's size.
     pub size: u64,
+    /// Bytes of blobs sent (what the destination held already was not).
+    pub bytes_sent: u64,
     /// `Some` when a step pushed it through the gateway; `None` for the
     /// spec's `images` and `artifacts`.
     pub gateway: Option<GatewayPushed>,
@@ -203,10 +212,20 @@ impl From<RunnerEvent> for proto::Event {
                 bytes_sent: e.bytes_sent,
                 bytes_received: e.bytes_received,
             }),
+            RunnerEvent::Pushing {
+                destination,
+                bytes,
+                total,
+            } => Kind::Pushing(proto::Pushing {
+                destination,
+                bytes,
+                total,
+            }),
             RunnerEvent::Pushed(p) => Kind::Output(proto::Output {
                 reference: p.reference,
                 digest: p.digest,
                 size: p.size,
+                bytes_sent: p.bytes_sent,
                 gateway: p.gateway.map(|g| proto::GatewayOutput {
                     push: g.push,
                     tag: g.tag.unwrap_or_default(),
@@ -293,10 +312,16 @@ impl TryFrom<proto::Event> for RunnerEvent {
                 bytes_sent: e.bytes_sent,
                 bytes_received: e.bytes_received,
             }),
+            Kind::Pushing(p) => RunnerEvent::Pushing {
+                destination: p.destination,
+                bytes: p.bytes,
+                total: p.total,
+            },
             Kind::Output(o) => RunnerEvent::Pushed(Pushed {
                 reference: o.reference,
                 digest: o.digest,
                 size: o.size,
+                bytes_sent: o.bytes_sent,
                 gateway: o.gateway.map(|g| GatewayPushed {
                     push: g.push,
                     tag: (!g.tag.is_empty()).then_some(g.tag),
@@ -373,15 +398,22 @@ mod tests {
                 bytes_sent: 0,
                 bytes_received: 2,
             }),
+            RunnerEvent::Pushing {
+                destination: "r:v1".into(),
+                bytes: 5,
+                total: 9,
+            },
             RunnerEvent::Pushed(Pushed {
                 reference: "r@sha256:0".into(),
                 digest: "sha256:0".into(),
                 size: 1,
+                bytes_sent: 7,
                 gateway: None,
             }),
             RunnerEvent::Pushed(Pushed {
                 reference: "r@sha256:1".into(),
                 digest: "sha256:1".into(),
+                bytes_sent: 0,
                 size: 2,
                 gateway: Some(GatewayPushed {
                     push: "app".into(),
