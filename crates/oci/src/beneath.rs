@@ -301,27 +301,20 @@ impl TempFile {
 
     /// Moves the file to `name` in its directory, replacing what was there
     /// (a symlink is replaced, not followed).
-    pub fn persist(mut self, name: &str) -> Result<(), Error> {
-        let target = Path::new(name);
-        if target.components().count() != 1 || name == ".." || name == "." {
-            return Err(Error::Io(io::Error::other(format!(
-                "`{name}` is not a plain file name"
-            ))));
-        }
-        let temp = self
-            .name
-            .take()
-            .expect("a temporary file is persisted once");
-        rfs::renameat(self.dir.fd.as_fd(), &temp, self.dir.fd.as_fd(), target).map_err(|e| {
-            let _ = rfs::unlinkat(self.dir.fd.as_fd(), &temp, AtFlags::empty());
-            error(&self.dir.display_path(target), e)
-        })
+    pub fn persist(self, name: &str) -> Result<(), Error> {
+        self.rename_to(name, rfs::RenameFlags::empty())
     }
 
     /// Moves the file to `name` in its directory only if nothing is there
     /// (`RENAME_NOREPLACE`): an existing name is an `AlreadyExists` error
     /// and the temporary file goes.
-    pub fn persist_new(mut self, name: &str) -> Result<(), Error> {
+    pub fn persist_new(self, name: &str) -> Result<(), Error> {
+        self.rename_to(name, rfs::RenameFlags::NOREPLACE)
+    }
+
+    /// Renames the temporary file to the plain file name `name` beside it;
+    /// on failure the temporary file goes.
+    fn rename_to(mut self, name: &str, flags: rfs::RenameFlags) -> Result<(), Error> {
         let target = Path::new(name);
         if target.components().count() != 1 || name == ".." || name == "." {
             return Err(Error::Io(io::Error::other(format!(
@@ -337,7 +330,7 @@ impl TempFile {
             &temp,
             self.dir.fd.as_fd(),
             target,
-            rfs::RenameFlags::NOREPLACE,
+            flags,
         )
         .map_err(|e| {
             let _ = rfs::unlinkat(self.dir.fd.as_fd(), &temp, AtFlags::empty());
