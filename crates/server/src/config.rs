@@ -46,7 +46,7 @@ pub struct Config {
     pub builder_id: Option<String>,
     /// Bearer tokens the API accepts.
     #[serde(default)]
-    pub tokens: Vec<String>,
+    pub tokens: Vec<ApiToken>,
     /// This daemon's name in the store.
     pub daemon_name: Option<String>,
     /// Builds this daemon runs at once.
@@ -87,7 +87,7 @@ pub struct Config {
     pub max_build_seconds: Option<u64>,
     /// When set, `/metrics` answers only requests carrying
     /// `Authorization: Bearer` this; unset, it is open.
-    pub metrics_token: Option<String>,
+    pub metrics_token: Option<ApiToken>,
     /// Build secrets steps may ask for, by name:
     /// `[secrets.NAME] file = "/etc/custody/NAME"` (or `env = "VAR"`) and
     /// `sources = ["https://git.example.org/team/*"]`, the git URLs
@@ -103,6 +103,24 @@ pub struct Config {
     /// Log streams (`GET /api/v1/builds/{id}/logs`) one API token may hold
     /// open at once; past it, `too_many_streams` (429).
     pub max_streams_per_token: Option<usize>,
+}
+
+/// A bearer token from the configuration file: compared, never shown (a
+/// `Config` printed for debugging says `***`).
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct ApiToken(String);
+
+impl From<&str> for ApiToken {
+    fn from(token: &str) -> Self {
+        Self(token.to_owned())
+    }
+}
+
+impl std::fmt::Debug for ApiToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -319,7 +337,7 @@ impl Config {
         registry: RegistryOptions,
         bounds: StepBounds,
     ) -> Result<Settings, SettingsError> {
-        let mut tokens = self.tokens;
+        let mut tokens: Vec<String> = self.tokens.into_iter().map(|t| t.0).collect();
         tokens.extend(env.token.filter(|t| !t.is_empty()));
         if tokens.iter().any(|t| t.trim().is_empty()) {
             return Err(SettingsError::EmptyToken);
@@ -329,8 +347,8 @@ impl Config {
         }
         if self
             .metrics_token
-            .as_deref()
-            .is_some_and(|t| t.trim().is_empty())
+            .as_ref()
+            .is_some_and(|t| t.0.trim().is_empty())
         {
             return Err(SettingsError::EmptyMetricsToken);
         }
@@ -405,7 +423,7 @@ impl Config {
                 clock: std::sync::Arc::new(custody_daemon::queue::SystemClock),
             },
             grace: Duration::from_secs(self.grace_seconds.unwrap_or(DEFAULT_GRACE_SECONDS)),
-            metrics_token: self.metrics_token,
+            metrics_token: self.metrics_token.map(|t| t.0),
             connections,
             max_streams_per_token,
         })
@@ -500,6 +518,21 @@ mod tests {
             hostname: "builder".into(),
             pid: 7,
         }
+    }
+
+    #[test]
+    fn a_printed_configuration_shows_no_token() {
+        let config = Config::parse(
+            "tokens = [\"api-token-3f9a\"]\nmetrics_token = \"metrics-token-77c1\"\n",
+            Path::new("serve.toml"),
+        )
+        .unwrap();
+        let printed = format!("{config:?}");
+        assert!(
+            !printed.contains("api-token-3f9a") && !printed.contains("metrics-token-77c1"),
+            "{printed}"
+        );
+        assert!(printed.contains("tokens: [***]"), "{printed}");
     }
 
     #[test]
