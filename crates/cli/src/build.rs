@@ -372,19 +372,16 @@ impl Printer {
                         .pushes
                         .entry(destination.clone())
                         .or_insert_with(Instant::now);
-                    let seconds = began.elapsed().as_secs_f64().max(0.001);
                     say!(
-                        "==> pushing {destination}: {} of {} ({}/s)",
-                        crate::progress::size(bytes),
-                        crate::progress::size(total),
-                        crate::progress::size((bytes as f64 / seconds) as u64)
+                        "==> pushing {destination}: {}",
+                        crate::progress::how_far(bytes, total, began)
                     );
                 }
                 RunnerEvent::Pushed(pushed) => {
                     say!(
                         "==> pushed {} ({} of blobs sent)",
                         pushed.reference,
-                        crate::progress::size(pushed.bytes_sent)
+                        custody_runner::human_bytes(pushed.bytes_sent)
                     );
                 }
                 _ => {}

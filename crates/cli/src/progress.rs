@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use custody_oci::Digest;
 use custody_oci::copy::{BlobOutcome, Progress};
 use custody_oci::oci_spec::image::Descriptor;
+use custody_runner::human_bytes;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 pub struct Bars {
@@ -121,29 +122,22 @@ impl Progress for Lines {
             return;
         }
         state.last = now;
-        let seconds = now.duration_since(state.began).as_secs_f64().max(0.001);
         say!(
-            "{}: {} of {} ({}/s)",
+            "{}: {}",
             self.verb,
-            size(state.moved),
-            size(state.total),
-            size((state.moved as f64 / seconds) as u64)
+            how_far(state.moved, state.total, state.began)
         );
     }
 }
 
-/// `bytes` for people: B, KiB, MiB or GiB with one decimal.
-pub fn size(bytes: u64) -> String {
-    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
+/// `MOVED of TOTAL (RATE/s)`, sizes as the runner writes them, the rate
+/// since `began`.
+pub fn how_far(moved: u64, total: u64, began: Instant) -> String {
+    let seconds = began.elapsed().as_secs_f64().max(0.001);
+    format!(
+        "{} of {} ({}/s)",
+        human_bytes(moved),
+        human_bytes(total),
+        human_bytes((moved as f64 / seconds) as u64)
+    )
 }

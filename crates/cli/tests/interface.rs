@@ -174,10 +174,10 @@ fn build_json_prints_the_log_and_the_result_as_json() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     let destination = format!("oci:{}:v1", work.join("out/art").display());
     assert!(
-        stderr.contains(&format!("==> pushing {destination}: 7 B of 7 B (")),
+        stderr.contains(&format!("==> pushing {destination}: 7 bytes of 7 bytes (")),
         "{stderr}"
     );
-    assert!(stderr.contains("(7 B of blobs sent)"), "{stderr}");
+    assert!(stderr.contains("(7 bytes of blobs sent)"), "{stderr}");
 
     // A spec error after --json: one JSON object on stderr, exit 2.
     fs_err::write(work.join("custody.yaml"), "steps: 3\n").unwrap();
