@@ -687,13 +687,19 @@ async fn follow(client: &Client, id: &str, follow: bool, lines: Lines) -> anyhow
     // record, asked again when a step it did not list yet speaks.
     let print = async {
         let mut names: Vec<String> = Vec::new();
+        // The highest step the record was asked about: once per new step,
+        // not once per line of a build whose record has no steps.
+        let mut asked: Option<usize> = None;
         while let Some(event) = events.recv().await {
             let step = event.step as usize;
             if matches!(lines, Lines::Text)
                 && step >= names.len()
-                && let Ok(build) = client.show(id).await
+                && asked.is_none_or(|a| step > a)
             {
-                names = build.steps.into_iter().map(|s| s.name).collect();
+                asked = Some(step);
+                if let Ok(build) = client.show(id).await {
+                    names = build.steps.into_iter().map(|s| s.name).collect();
+                }
             }
             let (text, to_stderr) = match lines {
                 Lines::Json => (
