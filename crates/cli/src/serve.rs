@@ -692,9 +692,7 @@ async fn follow(client: &Client, id: &str, follow: bool, lines: Lines) -> anyhow
         let mut asked: Option<usize> = None;
         while let Some(event) = events.recv().await {
             let step = event.step as usize;
-            if matches!(lines, Lines::Text)
-                && step >= names.len()
-                && asked.is_none_or(|a| step > a)
+            if matches!(lines, Lines::Text) && step >= names.len() && asked.is_none_or(|a| step > a)
             {
                 asked = Some(step);
                 if let Ok(build) = client.show(id).await {

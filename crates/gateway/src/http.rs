@@ -62,9 +62,11 @@ pub(crate) async fn serve(
                     let served = hyper::server::conn::http1::Builder::new()
                         .timer(hyper_util::rt::TokioTimer::new())
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .without_shutdown()
                         .await;
-                    if let Err(e) = served {
-                        tracing::debug!(error = %e, "gateway connection ended");
+                    match served {
+                        Ok(parts) => linger(parts.io.into_inner()).await,
+                        Err(e) => tracing::debug!(error = %e, "gateway connection ended"),
                     }
                 });
             }
@@ -72,6 +74,31 @@ pub(crate) async fn serve(
         }
     }
     connections.shutdown().await;
+}
+
+/// How long, and for how many bytes, a closed connection's unread request
+/// is still read and thrown away.
+const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+const LINGER_BYTES: u64 = 64 << 20;
+
+/// Closes a connection the way that lets its client read the answer: a
+/// refusal sent before the request's body was read (over the limit, a
+/// wrong digest) is followed by closing. Closing a socket with unread
+/// bytes in it resets the connection, and a reset can throw away the
+/// answer before the client read it — it then reports "broken pipe", not
+/// why. So the write side is shut first and what the client still sends
+/// is read and dropped, for a bounded time and size (a lingering close).
+async fn linger(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    if stream.shutdown().await.is_err() {
+        return;
+    }
+    let drain = async {
+        let mut sink = tokio::io::sink();
+        let mut limited = tokio::io::AsyncReadExt::take(&mut stream, LINGER_BYTES);
+        tokio::io::copy(&mut limited, &mut sink).await
+    };
+    let _ = tokio::time::timeout(LINGER_TIME, drain).await;
 }
 
 async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response {
