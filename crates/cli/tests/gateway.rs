@@ -345,6 +345,43 @@ fn eight_parallel_uploads_streamed_through_the_gateway_are_published() {
     assert_eq!(open_uploads(&registry, "team/app"), Vec::<String>::new());
 }
 
+/// A step that uploads a blob no pushed manifest names (data smuggled
+/// into the destination, outside every subject of the provenance) sees
+/// its upload accepted by the gateway, but once the build succeeded the
+/// destination holds only the image's blobs: the stray session was
+/// cancelled, not completed.
+#[test]
+fn a_blob_no_pushed_manifest_names_never_reaches_the_destination() {
+    let registry = registry();
+    let dir = tempfile::tempdir().unwrap();
+    let image = Image::random(23, &[50_000]);
+    let src = source_with_layout(dir.path(), &image);
+    let stray = custody_testkit::image::random_bytes(24, 200_000);
+    let stray_digest = custody_testkit::image::sha256(&stray);
+    fs_err::write(src.join("stray.bin"), &stray).unwrap();
+    let steps = format!(
+        "  - name: image\n    run: |\n      set -e\n      {}\n      curl -sS --fail-with-body -X POST -H 'Content-Type: application/octet-stream' --data-binary @stray.bin \"http://$CUSTODY_REGISTRY/v2/app/blobs/uploads/?digest={stray_digest}\"\n      echo stray uploaded\n",
+        push_to("app:v1")
+    );
+    let output = build(
+        &registry,
+        dir.path(),
+        &src,
+        &spec(registry.host(), &steps, &["app"]),
+    );
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(text(&output).contains("stray uploaded"), "{}", text(&output));
+    assert!(registry.has_manifest("team/app", "v1"));
+    for blob in image.blobs() {
+        assert!(registry.has_blob("team/app", &blob.digest), "{}", blob.digest);
+    }
+    assert!(
+        !registry.has_blob("team/app", &stray_digest),
+        "a blob no manifest names was completed at the destination"
+    );
+    assert_eq!(open_uploads(&registry, "team/app"), Vec::<String>::new());
+}
+
 #[test]
 fn a_push_to_an_undeclared_repository_fails_the_step() {
     let registry = registry();

@@ -77,6 +77,34 @@ struct ManifestRecord {
     by_digest: bool,
     /// The manifests it lists, for an index.
     children: Vec<Digest>,
+    /// The blobs it names (config and layers), for an image manifest.
+    blobs: Vec<Digest>,
+}
+
+impl Repo {
+    /// The blobs the manifests it would push onward name: those of every
+    /// tagged or by-digest manifest and of the manifests they list.
+    fn referenced_blobs(&self) -> HashSet<&Digest> {
+        let mut stack: Vec<&Digest> = self.tags.values().collect();
+        stack.extend(
+            self.manifests
+                .iter()
+                .filter(|(_, record)| record.by_digest)
+                .map(|(digest, _)| digest),
+        );
+        let mut seen = HashSet::new();
+        let mut blobs = HashSet::new();
+        while let Some(digest) = stack.pop() {
+            if !seen.insert(digest) {
+                continue;
+            }
+            if let Some(record) = self.manifests.get(digest) {
+                blobs.extend(record.blobs.iter());
+                stack.extend(record.children.iter());
+            }
+        }
+        blobs
+    }
 }
 
 enum Slot {
@@ -564,12 +592,32 @@ impl Store {
         Ok(())
     }
 
-    /// The destination sessions of verified blobs, to be completed.
+    /// The destination sessions of verified blobs that a manifest to be
+    /// pushed onward names, to be completed. The others stay pending, for
+    /// [`Store::take_all_onward`] to cancel: a blob no pushed manifest
+    /// names (data a step would slip into the destination beside the
+    /// image) never exists there.
     pub(crate) fn take_onward(&self) -> Vec<(Repository, Digest, Box<dyn OnwardUpload>)> {
-        self.lock()
-            .pending
-            .drain()
-            .map(|((repository, digest), onward)| (repository, digest, onward.take()))
+        let mut state = self.lock();
+        let state = &mut *state;
+        let referenced: HashMap<&Repository, HashSet<&Digest>> = state
+            .repositories
+            .iter()
+            .map(|(name, repo)| (name, repo.referenced_blobs()))
+            .collect();
+        let named = |(repository, digest): &(Repository, Digest)| {
+            referenced
+                .get(repository)
+                .is_some_and(|blobs| blobs.contains(digest))
+        };
+        let keys: Vec<(Repository, Digest)> =
+            state.pending.keys().filter(|k| named(k)).cloned().collect();
+        keys.into_iter()
+            .filter_map(|key| {
+                let onward = state.pending.remove(&key)?;
+                let (repository, digest) = key;
+                Some((repository, digest, onward.take()))
+            })
             .collect()
     }
 
@@ -623,6 +671,7 @@ impl Store {
                 size,
                 by_digest: false,
                 children: manifest.children,
+                blobs: manifest.blobs,
             });
         match tag {
             Some(tag) => {
