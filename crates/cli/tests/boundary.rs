@@ -445,6 +445,67 @@ fn what_steps_fetch_is_in_the_provenance_and_verify_holds_builds_to_it() {
     );
 }
 
+/// A step that makes more distinct requests than a provenance keeps
+/// (1,100 URLs, one query each) cannot grow the provenance with them:
+/// the first 1,000 are recorded exactly, the rest folded into one
+/// `tcp://HOST:PORT` record that counts them, and `verify` still holds the
+/// build to its destinations.
+#[test]
+fn a_step_making_a_flood_of_requests_gets_them_folded_not_recorded_one_by_one() {
+    let internet = Internet::start(&[("file", "from the internet\n")]);
+    let server = format!("{}:{}", internet.server_addr, internet.port);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = format!(
+        "steps:\n  - name: flood\n    network: true\n    run: |\n\
+         \x20     curl -sS -f --noproxy '' -o /dev/null 'http://{server}/file?n=[1-1100]'\n\
+         \x20     echo flooded\n\
+         artifacts:\n  - paths: [custody.yaml]\n    to: oci:out/files:v1\n"
+    );
+    let output = build(
+        dir.path(),
+        &spec,
+        &["--egress-allow", &internet.server_addr.to_string()],
+    );
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(
+        stdout(&output).contains("[flood] flooded"),
+        "{}",
+        text(&output)
+    );
+    let byproducts = egress_byproducts(dir.path(), &output);
+    assert_eq!(
+        byproducts.len(),
+        1001,
+        "one record per URL, then one folded"
+    );
+    let folded: Vec<_> = byproducts
+        .iter()
+        .filter(|b| b["annotations"].get("folded").is_some())
+        .collect();
+    assert_eq!(folded.len(), 1, "{folded:#?}");
+    assert_eq!(folded[0]["uri"], format!("tcp://{server}"));
+    assert_eq!(folded[0]["annotations"]["folded"], 100);
+    assert!(
+        folded[0]
+            .get("digest")
+            .is_none_or(|d| d.as_object().unwrap().is_empty())
+    );
+
+    let artifact = format!("oci:{}:v1", dir.path().join("out/files").display());
+    let key = dir.path().join("data/keys/custody.pub");
+    let verify = |extra: &[&str]| {
+        let mut args = vec!["verify", artifact.as_str(), "--key", key.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        custody(&args)
+    };
+    let hermetic = verify(&["--no-egress"]);
+    assert_eq!(hermetic.status.code(), Some(1), "{}", text(&hermetic));
+    let allowed = verify(&["--allow-egress", &internet.server_addr.to_string()]);
+    assert!(allowed.status.success(), "{}", text(&allowed));
+    let elsewhere = verify(&["--allow-egress", "pypi.org"]);
+    assert_eq!(elsewhere.status.code(), Some(1), "{}", text(&elsewhere));
+}
+
 #[test]
 fn a_step_with_a_host_list_reaches_only_what_it_lists() {
     let mut internet = Internet::start(&[("file", "from the internet\n")]);

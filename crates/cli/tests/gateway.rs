@@ -370,10 +370,18 @@ fn a_blob_no_pushed_manifest_names_never_reaches_the_destination() {
         &spec(registry.host(), &steps, &["app"]),
     );
     assert!(output.status.success(), "{}", text(&output));
-    assert!(text(&output).contains("stray uploaded"), "{}", text(&output));
+    assert!(
+        text(&output).contains("stray uploaded"),
+        "{}",
+        text(&output)
+    );
     assert!(registry.has_manifest("team/app", "v1"));
     for blob in image.blobs() {
-        assert!(registry.has_blob("team/app", &blob.digest), "{}", blob.digest);
+        assert!(
+            registry.has_blob("team/app", &blob.digest),
+            "{}",
+            blob.digest
+        );
     }
     assert!(
         !registry.has_blob("team/app", &stray_digest),

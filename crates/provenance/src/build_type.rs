@@ -204,6 +204,10 @@ pub struct EgressRecord {
     pub sha256: Option<String>,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// Contacts folded into this record by their host and port alone
+    /// (then `uri` is `tcp://HOST:PORT`): the build had already recorded
+    /// as many exact URLs and digests as it keeps. 0 for an exact record.
+    pub folded: u64,
 }
 
 impl EgressRecord {
@@ -236,6 +240,9 @@ impl EgressRecord {
         annotations.insert("step".into(), self.step.clone().into());
         annotations.insert("bytesSent".into(), self.bytes_sent.into());
         annotations.insert("bytesReceived".into(), self.bytes_received.into());
+        if self.folded > 0 {
+            annotations.insert("folded".into(), self.folded.into());
+        }
         ResourceDescriptor {
             name: Some(format!("{EGRESS_PREFIX}{}", self.step)),
             uri: Some(self.uri.clone()),
@@ -264,6 +271,7 @@ impl EgressRecord {
             sha256: descriptor.digest.get("sha256").cloned(),
             bytes_sent: number("bytesSent"),
             bytes_received: number("bytesReceived"),
+            folded: number("folded"),
         })
     }
 }

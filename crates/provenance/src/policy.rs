@@ -186,6 +186,7 @@ mod tests {
                     sha256: None,
                     bytes_sent: 1,
                     bytes_received: 2,
+                    folded: 0,
                 }
                 .descriptor()
             })

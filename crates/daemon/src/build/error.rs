@@ -90,6 +90,9 @@ pub enum BuildError {
     /// The runner ran the job and says it failed (a step, a push).
     #[error("{0}")]
     Runner(String),
+    /// A step reached destinations the provenance could not all record.
+    #[error("{0}")]
+    EgressUnrecorded(String),
     /// Cancelled, with the reason.
     #[error("{0}")]
     Cancelled(String),
@@ -141,6 +144,9 @@ impl BuildError {
             BuildError::Destination { source, .. }
             | BuildError::StepImage { source, .. }
             | BuildError::RegistryAccess(source) => source.hint(),
+            BuildError::EgressUnrecorded(_) => Some(
+                "give the step a `network:` list of the hosts it needs, or fetch through fewer of them".into(),
+            ),
             BuildError::LostClaim => {
                 Some("the build was ended by another daemon; see its record".into())
             }

@@ -36,36 +36,114 @@ pub(crate) struct Ran {
     pub egress: Egress,
 }
 
+/// Exact egress records (URL and digest) a build keeps, and the bytes
+/// their URIs may take: past either, a contact is folded into one record
+/// per step and `tcp://HOST:PORT`.
+const MAX_EXACT_EGRESS: usize = 1000;
+const MAX_EXACT_EGRESS_URI_BYTES: usize = 256 * 1024;
+/// Folded records a build keeps; a step that reaches more hosts than that
+/// fails the build, since its provenance could not name them all.
+const MAX_FOLDED_EGRESS: usize = 1000;
+
 /// The destinations steps reached, as the runner reported them: one entry
-/// per step, URI and digest, its bytes summed over every connection.
+/// per step, URI and digest, its bytes summed over every connection —
+/// within bounds, so a step that makes a million distinct requests
+/// cannot make the provenance (and the daemon's memory) grow with them.
 #[derive(Default)]
 pub(crate) struct Egress {
     records: Vec<EgressRecord>,
     /// `(step index, uri, sha256)` to its place in `records`.
     index: std::collections::HashMap<(u32, String, Option<String>), usize>,
+    uri_bytes: usize,
+    folded_records: usize,
+    /// Why a destination could not be recorded: the build fails.
+    unrecorded: Option<String>,
 }
 
 impl Egress {
     fn add(&mut self, spec: &Spec, reported: &custody_wire::events::Egress) {
+        let step_name = || {
+            spec.steps
+                .get(reported.step as usize)
+                .map_or_else(|| reported.step.to_string(), |s| s.name.clone())
+        };
         let key = (reported.step, reported.uri.clone(), reported.sha256.clone());
-        let at = *self.index.entry(key).or_insert_with(|| {
-            self.records.push(EgressRecord {
-                step: spec
-                    .steps
-                    .get(reported.step as usize)
-                    .map_or_else(|| reported.step.to_string(), |s| s.name.clone()),
-                uri: reported.uri.clone(),
-                sha256: reported.sha256.clone(),
-                bytes_sent: 0,
-                bytes_received: 0,
-            });
-            self.records.len() - 1
-        });
+        let exact_room = self.records.len() < MAX_EXACT_EGRESS
+            && self.uri_bytes + reported.uri.len() <= MAX_EXACT_EGRESS_URI_BYTES;
+        let at = match self.index.get(&key) {
+            Some(&at) => at,
+            None if exact_room => {
+                self.uri_bytes += reported.uri.len();
+                self.insert(key, step_name(), reported.sha256.clone())
+            }
+            None => {
+                let record = EgressRecord {
+                    step: String::new(),
+                    uri: reported.uri.clone(),
+                    sha256: None,
+                    bytes_sent: 0,
+                    bytes_received: 0,
+                    folded: 0,
+                };
+                let Some((host, port)) = record.host_port() else {
+                    self.unrecorded.get_or_insert_with(|| {
+                        format!(
+                            "step `{}` reached `{}`, which names no host and port",
+                            step_name(),
+                            reported.uri
+                        )
+                    });
+                    return;
+                };
+                let host = if host.contains(':') {
+                    format!("[{host}]")
+                } else {
+                    host
+                };
+                let key = (reported.step, format!("tcp://{host}:{port}"), None);
+                let at = match self.index.get(&key) {
+                    Some(&at) => at,
+                    None if self.folded_records < MAX_FOLDED_EGRESS => {
+                        self.folded_records += 1;
+                        self.insert(key, step_name(), None)
+                    }
+                    None => {
+                        self.unrecorded.get_or_insert_with(|| {
+                            format!(
+                                "step `{}` reached more destinations through its egress proxy than a provenance records ({MAX_EXACT_EGRESS} URLs, then {MAX_FOLDED_EGRESS} hosts); no provenance is published for a build whose destinations cannot all be named",
+                                step_name()
+                            )
+                        });
+                        return;
+                    }
+                };
+                self.records[at].folded += 1;
+                at
+            }
+        };
         let record = &mut self.records[at];
         record.bytes_sent = record.bytes_sent.saturating_add(reported.bytes_sent);
         record.bytes_received = record
             .bytes_received
             .saturating_add(reported.bytes_received);
+    }
+
+    fn insert(
+        &mut self,
+        key: (u32, String, Option<String>),
+        step: String,
+        sha256: Option<String>,
+    ) -> usize {
+        self.records.push(EgressRecord {
+            step,
+            uri: key.1.clone(),
+            sha256,
+            bytes_sent: 0,
+            bytes_received: 0,
+            folded: 0,
+        });
+        self.index.insert(key, self.records.len() - 1);
+        self.records.len() - 1
     }
 
     /// The `egress:STEP` byproducts.
@@ -186,6 +264,10 @@ impl BuildService {
             )
             .await?;
         match report.end {
+            // Steps succeeded, but where they went cannot all be recorded.
+            JobEnd::Succeeded if egress.unrecorded.is_some() => Err(BuildError::EgressUnrecorded(
+                egress.unrecorded.take().unwrap_or_default(),
+            )),
             JobEnd::Succeeded => Ok(Ran {
                 outputs: report.outputs,
                 pulled: report.pulled,
@@ -229,5 +311,59 @@ fn note(step: u32, text: String) -> LogLine {
         stream: Stream::Stderr,
         line: text.into_bytes(),
         unix_millis: Timestamp::now().unix_millis(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reached(step: u32, uri: String) -> custody_wire::events::Egress {
+        custody_wire::events::Egress {
+            step,
+            uri,
+            sha256: Some("ab".repeat(32)),
+            bytes_sent: 10,
+            bytes_received: 20,
+        }
+    }
+
+    /// Past the exact records, contacts fold per host and port; past the
+    /// folded ones, the build cannot be recorded and says which step.
+    #[test]
+    fn egress_past_its_bounds_is_folded_then_refused_never_kept_whole() {
+        let spec = crate::spec::parse(
+            "steps:\n  - name: fetch\n    network: true\n    run: x\n",
+            std::path::Path::new("custody.yaml"),
+        )
+        .unwrap();
+        let mut egress = Egress::default();
+        for n in 0..MAX_EXACT_EGRESS + 5 {
+            egress.add(&spec, &reached(0, format!("http://a.example/{n}")));
+        }
+        // The same URL again adds to its record, never a new one.
+        egress.add(&spec, &reached(0, "http://a.example/0".into()));
+        assert_eq!(egress.records.len(), MAX_EXACT_EGRESS + 1);
+        let folded = egress.records.last().unwrap();
+        assert_eq!(folded.uri, "tcp://a.example:80");
+        assert_eq!((folded.folded, folded.sha256.as_ref()), (5, None));
+        assert_eq!(folded.bytes_received, 5 * 20);
+        assert_eq!(egress.records[0].bytes_received, 2 * 20);
+        assert!(egress.unrecorded.is_none());
+
+        // One folded record is a.example's; the rest of the room goes to ports.
+        for port in 1..MAX_FOLDED_EGRESS {
+            egress.add(&spec, &reached(0, format!("tcp://[::1]:{port}")));
+        }
+        assert_eq!(egress.records.len(), MAX_EXACT_EGRESS + MAX_FOLDED_EGRESS);
+        assert_eq!(egress.records.last().unwrap().uri, "tcp://[::1]:999");
+        assert!(egress.unrecorded.is_none());
+        egress.add(&spec, &reached(0, "http://b.example/".into()));
+        assert_eq!(egress.records.len(), MAX_EXACT_EGRESS + MAX_FOLDED_EGRESS);
+        let why = egress.unrecorded.expect("the build cannot be recorded");
+        assert!(
+            why.starts_with("step `fetch` reached more destinations"),
+            "{why}"
+        );
     }
 }
