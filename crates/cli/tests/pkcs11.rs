@@ -157,6 +157,61 @@ fn a_key_made_in_softhsm_signs_a_build_that_independent_tools_verify() {
     );
 }
 
+/// A careless operator keeps the token where any user may read it
+/// (`/var/tmp`, world-readable). A step that goes looking for the token's
+/// files (the key, wrapped by the PIN: worth trying PINs on offline) finds
+/// the directory empty, and the PIN file too.
+#[test]
+fn a_step_cannot_read_the_token_that_holds_the_signing_key() {
+    let hsm = SoftHsm::token_in(Path::new("/var/tmp"), "custody", PIN);
+    let (uri, _, _) = make_key(&hsm, "provenance", "ecdsa-p256");
+    let pin = hsm.pin_file();
+    let opened = Command::new("chmod")
+        .args(["-R", "a+rX"])
+        .arg(hsm.dir())
+        .status()
+        .unwrap();
+    assert!(opened.success());
+    let tokens = hsm.tokens();
+    let token_files = walk_files(&tokens);
+    assert!(!token_files.is_empty(), "SoftHSM wrote no token files");
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("thief");
+    fs_err::create_dir_all(&src).unwrap();
+    fs_err::write(
+        src.join("custody.yaml"),
+        format!(
+            "steps:\n  - name: steal\n    run: |\n\
+             \x20     echo \"token files: $(find {tokens} -type f | wc -l)\"\n\
+             \x20     echo \"token bytes: $(cat {tokens}/*/* 2>/dev/null | wc -c)\"\n\
+             \x20     echo \"pin: $(cat {pin} 2>/dev/null)\"\n",
+            tokens = tokens.display(),
+            pin = pin.display(),
+        ),
+    )
+    .unwrap();
+    let (output, _) = build(&hsm, &src, &uri);
+    assert!(output.status.success(), "{}", text(&output));
+    let out = text(&output);
+    assert!(out.contains("[steal] token files: 0"), "{out}");
+    assert!(out.contains("[steal] token bytes: 0"), "{out}");
+    assert!(out.lines().any(|l| l.trim_end() == "[steal] pin:"), "{out}");
+    assert!(!out.contains(PIN), "{out}");
+}
+
+fn walk_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in fs_err::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(walk_files(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
 /// What each unusable signer must say, and a URI that makes it.
 fn unusable_signers(hsm: &SoftHsm) -> Vec<(String, &'static str)> {
     let pin = hsm.pin_file();

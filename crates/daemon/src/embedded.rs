@@ -205,7 +205,7 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Embedded, Er
     // be hidden from them (registry credentials and client keys too).
     let mut hidden_paths = vec![data_dir.clone()];
     if let Some(source) = &config.signing_key {
-        hidden_paths.extend(source.secret_files().into_iter().map(Path::to_owned));
+        hidden_paths.extend(source.secret_files());
     }
     hidden_paths.extend(config.hidden_paths.iter().cloned());
     hidden_paths.extend(config.registry.certs_dirs.iter().cloned());

@@ -35,11 +35,17 @@ impl KeySource {
         })
     }
 
-    /// Files a step must not see: the key file, or the token's PIN file.
-    pub fn secret_files(&self) -> Vec<&Path> {
+    /// Files a step must not see: the key file, or the token's PIN file
+    /// and the directories the module keeps its tokens in.
+    pub fn secret_files(&self) -> Vec<PathBuf> {
         match self {
-            KeySource::File(path) => vec![path],
-            KeySource::Pkcs11(uri) => uri.pin_file().into_iter().collect(),
+            KeySource::File(path) => vec![path.clone()],
+            KeySource::Pkcs11(uri) => uri
+                .pin_file()
+                .map(Path::to_owned)
+                .into_iter()
+                .chain(uri.token_storage())
+                .collect(),
         }
     }
 }

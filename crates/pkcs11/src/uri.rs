@@ -57,6 +57,30 @@ impl Pkcs11Uri {
         }
     }
 
+    /// Where the module keeps its tokens on disk, for a module custody
+    /// knows (to hide it from steps too: a token's files hold the key,
+    /// wrapped by the PIN, and a step could try PINs offline). SoftHSM 2:
+    /// `directories.tokendir` of the file `SOFTHSM2_CONF` names, or of
+    /// `/etc/softhsm/softhsm2.conf`. Empty for any other module.
+    pub fn token_storage(&self) -> Vec<PathBuf> {
+        let is_softhsm = self
+            .module_path
+            .file_name()
+            .and_then(|name| name.to_str())
+            .is_some_and(|name| name.contains("softhsm"));
+        if !is_softhsm {
+            return Vec::new();
+        }
+        let conf = std::env::var_os("SOFTHSM2_CONF").map_or_else(
+            || PathBuf::from("/etc/softhsm/softhsm2.conf"),
+            PathBuf::from,
+        );
+        let Ok(text) = fs_err::read_to_string(&conf) else {
+            return Vec::new();
+        };
+        softhsm_token_dirs(&text)
+    }
+
     /// How the key is named in messages: its label, else its id.
     pub fn object_name(&self) -> String {
         match (&self.object, &self.id) {
@@ -65,6 +89,18 @@ impl Pkcs11Uri {
             (None, None) => String::new(),
         }
     }
+}
+
+/// The `directories.tokendir` values of a SoftHSM 2 configuration
+/// (`key = value` lines, `#` comments).
+fn softhsm_token_dirs(conf: &str) -> Vec<PathBuf> {
+    conf.lines()
+        .filter_map(|line| {
+            let (key, value) = line.split_once('=')?;
+            (key.trim() == "directories.tokendir").then(|| PathBuf::from(value.trim()))
+        })
+        .filter(|path| path.is_absolute())
+        .collect()
 }
 
 impl FromStr for Pkcs11Uri {
@@ -222,6 +258,15 @@ fn encode(bytes: &[u8], all: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn softhsm_token_directories_are_read_from_its_configuration() {
+        let conf = "# SoftHSM v2\ndirectories.tokendir = /var/lib/softhsm/tokens/\nobjectstore.backend=file\n#directories.tokendir = /commented\ndirectories.tokendir=relative\n";
+        assert_eq!(
+            softhsm_token_dirs(conf),
+            vec![PathBuf::from("/var/lib/softhsm/tokens/")]
+        );
+    }
 
     #[test]
     fn uris_parse_and_print_without_their_pin() {

@@ -23,11 +23,16 @@ pub struct SoftHsm {
 impl SoftHsm {
     /// Initialises a token labelled `label` with user PIN `pin`.
     pub fn token(label: &str, pin: &str) -> Self {
+        Self::token_in(&std::env::temp_dir(), label, pin)
+    }
+
+    /// [`SoftHsm::token`] in a new directory under `parent`.
+    pub fn token_in(parent: &Path, label: &str, pin: &str) -> Self {
         assert!(
             Path::new(MODULE).is_file(),
             "SoftHSM is not installed at {MODULE} (run scripts/setup)"
         );
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir_in(parent).unwrap();
         let tokens = dir.path().join("tokens");
         fs_err::create_dir(&tokens).unwrap();
         fs_err::write(
@@ -56,6 +61,11 @@ impl SoftHsm {
             String::from_utf8_lossy(&output.stderr)
         );
         hsm
+    }
+
+    /// The directory the token's files are in.
+    pub fn tokens(&self) -> PathBuf {
+        self.root.join("tokens")
     }
 
     /// The configuration file to pass as `SOFTHSM2_CONF`.
