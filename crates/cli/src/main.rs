@@ -364,6 +364,7 @@ struct ReferrersArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if matches!(cli.command, Command::Runner(_)) {
+        custody_runner::close_inherited_descriptors();
         // Before any thread exists: the build's disk is mounted in a mount
         // namespace of the runner's own.
         if let Err(e) = custody_runner::isolate_mounts() {

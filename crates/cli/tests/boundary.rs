@@ -321,6 +321,38 @@ fn network_steps_reach_only_public_or_allowed_destinations_never_the_host() {
     assert_eq!(sandbox["egressAllow"][0], internet.server_addr.to_string());
 }
 
+/// Whoever starts custody may leave descriptors open (a shell's, a
+/// service manager's): here a file the operator opened, inherited as fd 9.
+/// A step that reads fd 9, or lists its descriptors, finds nothing of it.
+#[test]
+fn a_descriptor_custody_inherited_never_reaches_a_step() {
+    use command_fds::{CommandFdExt, FdMapping};
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("operator-secret");
+    fs_err::write(&secret, "the operator's secret\n").unwrap();
+    let spec = "steps:\n  - name: fds\n    run: |\n\
+                \x20     echo \"fd 9: $(cat <&9 2>&1 || true)\"\n\
+                \x20     ls -l /proc/self/fd/\n";
+    fs_err::write(dir.path().join("custody.yaml"), spec).unwrap();
+    let data = dir.path().join("data");
+    let mut command = std::process::Command::new(support::CUSTODY);
+    command
+        .args(["build", dir.path().to_str().unwrap(), "--data-dir"])
+        .arg(&data)
+        .fd_mappings(vec![FdMapping {
+            parent_fd: fs_err::File::open(&secret).unwrap().into_parts().0.into(),
+            child_fd: 9,
+        }])
+        .unwrap();
+    let output = command.output().unwrap();
+    assert!(output.status.success(), "{}", text(&output));
+    let out = stdout(&output);
+    assert!(out.contains("[fds] fd 9: "), "{out}");
+    assert!(!out.contains("the operator's secret"), "{out}");
+    assert!(!out.contains("operator-secret"), "{out}");
+    assert!(!out.contains(" 9 -> "), "{out}");
+}
+
 /// The `egress:STEP` byproducts of the build `output` made in `dir`.
 fn egress_byproducts(dir: &Path, output: &Output) -> Vec<serde_json::Value> {
     let statement = payload(&dir.join(format!("data/provenance/{}.dsse.json", build_id(output))));

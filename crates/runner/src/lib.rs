@@ -78,6 +78,14 @@ pub enum Error {
 
 static MOUNTS_ISOLATED: AtomicBool = AtomicBool::new(false);
 
+/// Keeps every descriptor the runner inherited (whatever its starter
+/// left open: a shell's, a service manager's, the daemon's) from reaching
+/// a step: each is marked close-on-exec, so bubblewrap, and the step after
+/// it, get only the descriptors the runner hands them. Call it first.
+pub fn close_inherited_descriptors() {
+    close_fds::set_fds_cloexec_threadsafe(3, &[]);
+}
+
 /// Gives the runner a mount namespace of its own (root only; call it
 /// before any other thread exists): the build's disk is mounted there,
 /// invisible to the rest of the host and gone when the runner is, however
