@@ -192,6 +192,73 @@ fn build_gives_a_secret_to_the_step_that_asked_and_masks_it_everywhere() {
     assert_eq!(steps[1]["secrets"], serde_json::json!([]), "{steps}");
 }
 
+/// A secret that is a key file (many lines) printed through tools that
+/// wrap their output (`base64`, `openssl base64`, `xxd -p`) and as is:
+/// every whole line of each shows as `***`; only a last line too short
+/// to tell apart (under 16 characters) may stay.
+#[test]
+fn a_key_file_secret_printed_through_wrapping_encoders_is_masked_line_by_line() {
+    let dir = tempfile::Builder::new()
+        .prefix("custody-secrets")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let key: String = (0..12)
+        .map(|i| {
+            let line: String = (0..64)
+                .map(|j| (b'A' + ((i * 64 + j) * 7 % 26) as u8) as char)
+                .collect();
+            format!("{line}\n")
+        })
+        .collect();
+    let key = format!("-----BEGIN TEST KEY-----\n{key}-----END TEST KEY-----\n");
+    let path = dir.path().join("key.pem");
+    fs_err::write(&path, &key).unwrap();
+    let src = dir.path().join("src");
+    fs_err::create_dir_all(&src).unwrap();
+    fs_err::write(
+        src.join("custody.yaml"),
+        "steps:\n  - name: leak\n    secrets: [key]\n    run: |\n\
+         \x20     for tool in 'cat' 'base64' 'openssl base64 -in' 'xxd -p'; do\n\
+         \x20       echo \"== $tool\"; $tool /run/secrets/key\n\
+         \x20     done\n\
+         \x20     echo '== end'\n",
+    )
+    .unwrap();
+    let output = custody(&[
+        "build",
+        src.to_str().unwrap(),
+        "--data-dir",
+        dir.path().join("data").to_str().unwrap(),
+        "--secret",
+        &format!("key=file:{}", path.display()),
+    ]);
+    assert!(output.status.success(), "{}", text(&output));
+    let log: Vec<String> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("[leak] ").map(str::to_owned))
+        .collect();
+    let starts: Vec<usize> = (0..log.len())
+        .filter(|&i| log[i].starts_with("== "))
+        .collect();
+    assert_eq!(starts.len(), 5, "{log:#?}");
+    for pair in starts.windows(2) {
+        let block = &log[pair[0] + 1..pair[1]];
+        assert!(block.len() > 4, "{}: {block:#?}", log[pair[0]]);
+        for (n, line) in block.iter().enumerate() {
+            let last = n + 1 == block.len();
+            assert!(
+                line == "***" || (last && line.len() < 16),
+                "{}: line {n} shows `{line}`",
+                log[pair[0]]
+            );
+        }
+    }
+    let all = log.join("\n");
+    for secret_line in key.lines().filter(|l| l.len() >= 16) {
+        assert!(!all.contains(secret_line), "{all}");
+    }
+}
+
 #[test]
 fn an_unknown_secret_is_exit_2_at_its_line() {
     let dir = tempfile::tempdir().unwrap();

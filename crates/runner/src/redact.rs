@@ -1,7 +1,9 @@
 //! Secrets out of the log: every form of a job's secret values a step is
 //! likely to print — as is, base64 (standard and URL-safe, padded or not,
-//! and inside a longer base64 text), URL-encoded — is replaced by `***` in
-//! what the runner sends the daemon, before it is stored or streamed.
+//! inside a longer base64 text, and each line of it wrapped at 76 or 64
+//! columns), hex (on one line, or wrapped as `xxd -p` does), URL-encoded —
+//! is replaced by `***` in what the runner sends the daemon, before it is
+//! stored or streamed.
 //!
 //! The log reaches here as whole lines (`logs.rs` joins what a step wrote
 //! across reads of its pipes before sending a line), so a value split
@@ -19,6 +21,13 @@ pub const MASK: &[u8] = b"***";
 /// Parts of a value shorter than this are not searched for on their own
 /// (a line of a multi-line value, the base64 core of a short one).
 const MIN_PART: usize = 4;
+/// Lines of a wrapped encoding shorter than this (the last one) are not
+/// searched for: they are too likely to be something else.
+const MIN_WRAPPED_LINE: usize = 16;
+/// Where encoders wrap: `base64` (coreutils) at 76, `openssl base64` and
+/// PEM at 64, `xxd -p` at 60 hex digits.
+const BASE64_WRAPS: [usize; 2] = [76, 64];
+const HEX_WRAP: usize = 60;
 
 /// RFC 3986's unreserved characters stay as they are (what most encoders,
 /// `encodeURIComponent`, Python's `quote(safe="")`, leave alone).
@@ -103,6 +112,24 @@ fn forms(value: &[u8]) -> Vec<Vec<u8>> {
             .filter(|line| line.len() >= MIN_PART),
     );
     let mut forms = Vec::new();
+    // Encodings printed over several lines: each line of the value's
+    // base64 as `base64` or `openssl base64` wraps it, and of its hex as
+    // `xxd -p` does; the hex of the value on one line, either case.
+    let mut with_newline = trimmed.to_vec();
+    with_newline.push(b'\n');
+    for whole in [trimmed, with_newline.as_slice()] {
+        if trimmed.is_empty() {
+            break;
+        }
+        let encoded = STANDARD.encode(whole);
+        for width in BASE64_WRAPS {
+            forms.extend(wrapped(&encoded, width));
+        }
+        let hex: String = whole.iter().map(|b| format!("{b:02x}")).collect();
+        forms.extend(wrapped(&hex, HEX_WRAP));
+        forms.push(hex.to_ascii_uppercase().into_bytes());
+        forms.push(hex.into_bytes());
+    }
     for variant in variants {
         if variant.is_empty() {
             continue;
@@ -140,6 +167,14 @@ fn forms(value: &[u8]) -> Vec<Vec<u8>> {
         }
     }
     forms
+}
+
+/// The lines of `text` wrapped at `width`, but for one too short to tell.
+fn wrapped(text: &str, width: usize) -> impl Iterator<Item = Vec<u8>> + '_ {
+    text.as_bytes()
+        .chunks(width)
+        .filter(|line| line.len() >= MIN_WRAPPED_LINE)
+        .map(<[u8]>::to_vec)
 }
 
 fn trim_newlines(bytes: &[u8]) -> &[u8] {
@@ -211,6 +246,33 @@ mod tests {
                 !String::from_utf8_lossy(&decoded).contains("T0ken/with+odd"),
                 "{shown}"
             );
+        }
+    }
+
+    /// A multi-line value (a key file) printed through encoders that wrap
+    /// their output: no line of it shows, nor any run of its bytes.
+    #[test]
+    fn wrapped_base64_and_hex_lines_are_masked() {
+        let key: Vec<u8> = (0..300u32)
+            .map(|i| b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789\n"[(i * 7 % 37) as usize])
+            .collect();
+        let redactor = Redactor::new(&[&key]).unwrap();
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        let printed = [
+            // `base64 key`, `openssl base64 -in key`, `xxd -p key`
+            STANDARD.encode(&key),
+            STANDARD.encode(&key),
+            hex.clone(),
+        ];
+        for (text, width) in printed.iter().zip([76, 64, 60]) {
+            let lines: Vec<&[u8]> = text.as_bytes().chunks(width).collect();
+            for line in &lines[..lines.len() - 1] {
+                let shown = redactor.redact(line);
+                assert_eq!(shown, MASK, "{}", String::from_utf8_lossy(line));
+            }
+        }
+        for one_line in [hex.clone(), hex.to_ascii_uppercase()] {
+            assert_eq!(redactor.redact_str(&format!("k={one_line}")), "k=***");
         }
     }
 
