@@ -390,6 +390,53 @@ fn a_blob_no_pushed_manifest_names_never_reaches_the_destination() {
     assert_eq!(open_uploads(&registry, "team/app"), Vec::<String>::new());
 }
 
+/// A builder that assembles a multi-platform index from images already
+/// at the destination (pushed there by earlier builds) pushes only the
+/// index: the gateway accepts it because the destination holds its
+/// children, and the runner's onward push sends the index alone, which
+/// is published under the step's tag and signed.
+#[test]
+fn an_index_over_images_only_the_destination_holds_is_published() {
+    let registry = registry();
+    let dir = tempfile::tempdir().unwrap();
+    let (amd, arm) = (Image::random(41, &[3000]), Image::random(42, &[4000]));
+    for (image, arch) in [(&amd, "amd64"), (&arm, "arm64")] {
+        let layout = dir.path().join(arch);
+        LayoutWriter::new(&layout)
+            .image(image)
+            .tag("v1", &image.manifest);
+        seed(&registry, &layout, &format!("team/app:{arch}"));
+    }
+    let index = custody_testkit::image::index_of(&[(&amd, "amd64"), (&arm, "arm64")]);
+    let src = dir.path().join("src");
+    fs_err::create_dir_all(&src).unwrap();
+    fs_err::write(src.join("index.json"), &index.bytes).unwrap();
+    let steps = "  - name: index\n    run: |\n      curl -sS --fail-with-body -X PUT -H 'Content-Type: application/vnd.oci.image.index.v1+json' --data-binary @index.json http://$CUSTODY_REGISTRY/v2/app/manifests/multi\n";
+    let output = build(
+        &registry,
+        dir.path(),
+        &src,
+        &spec(registry.host(), steps, &["app"]),
+    );
+    assert!(output.status.success(), "{}", text(&output));
+    let inspected = registry
+        .skopeo(&["inspect", "--raw"])
+        .arg(format!("docker://{}/team/app:multi", registry.host()))
+        .output()
+        .unwrap();
+    assert!(inspected.status.success(), "{}", text(&inspected));
+    assert_eq!(
+        custody_testkit::image::sha256(&inspected.stdout),
+        index.digest
+    );
+    let statement = payload(&dir.path().join("provenance.json"));
+    let subjects = statement["subject"].to_string();
+    assert!(
+        subjects.contains(index.digest.trim_start_matches("sha256:")),
+        "{subjects}"
+    );
+}
+
 #[test]
 fn a_push_to_an_undeclared_repository_fails_the_step() {
     let registry = registry();

@@ -718,7 +718,12 @@ async fn put_manifest(
         .missing(repository, &parsed.blobs, &parsed.children);
     let mut unknown = Vec::new();
     for digest in missing {
-        if shared.destination_size(repository, &digest).await.is_none() {
+        let held = if parsed.children.contains(&digest) {
+            shared.destination_has_manifest(repository, &digest).await
+        } else {
+            shared.destination_size(repository, &digest).await.is_some()
+        };
+        if !held {
             unknown.push(format!("`{digest}`"));
         }
     }

@@ -68,6 +68,18 @@ pub trait Destination: Send + Sync {
         digest: &'a Digest,
     ) -> BoxFuture<'a, Result<Option<u64>, BoxError>>;
 
+    /// Whether the destination of `repository` holds the manifest
+    /// `digest` (and so, by its registry's checks when it took it,
+    /// everything that manifest names): an index may then list it without
+    /// the step pushing it. The default holds none.
+    fn has_manifest<'a>(
+        &'a self,
+        _repository: &'a Repository,
+        _digest: &'a Digest,
+    ) -> BoxFuture<'a, Result<bool, BoxError>> {
+        Box::pin(async { Ok(false) })
+    }
+
     /// Opens an upload session at the destination of `repository`, which
     /// the bytes of a step's upload stream to while the gateway stores
     /// them, so the onward push overlaps the step. The session is only
@@ -273,6 +285,18 @@ impl Shared {
 }
 
 impl Shared {
+    /// Whether the destination holds the manifest `digest`; one that
+    /// cannot be asked holds none (the index naming it is refused).
+    async fn destination_has_manifest(&self, repository: &Repository, digest: &Digest) -> bool {
+        match self.destination.has_manifest(repository, digest).await {
+            Ok(held) => held,
+            Err(e) => {
+                tracing::warn!(%repository, %digest, error = %e, "the destination could not be asked about a manifest");
+                false
+            }
+        }
+    }
+
     /// A new upload for `repository`, streaming to a session at its
     /// destination when the destination opens one.
     async fn new_upload(&self, repository: &Repository) -> Result<store::Upload, Refusal> {

@@ -517,6 +517,7 @@ pub async fn copy(
     let mut blobs = Vec::new();
     collect(
         source,
+        destination,
         root.clone(),
         root_bytes,
         &mut manifests,
@@ -633,9 +634,12 @@ fn mount_candidates(source: &Source, destination: &Destination, named: &[String]
 }
 
 /// Walks the manifest tree: manifests in storing order (children first) and
-/// each distinct blob once.
+/// each distinct blob once. An index's child the destination already holds
+/// whole is neither read nor sent (the source need not have it: a builder
+/// may list images an earlier build published).
 async fn collect(
     source: &Source,
+    destination: &Destination,
     descriptor: Descriptor,
     bytes: Bytes,
     manifests: &mut Vec<(Descriptor, Bytes)>,
@@ -655,9 +659,13 @@ async fn collect(
             if !seen.insert(child.digest().clone()) {
                 continue;
             }
+            if destination.has_whole_image(child.digest()).await? {
+                continue;
+            }
             let child_bytes = source.manifest(child).await?;
             Box::pin(collect(
                 source,
+                destination,
                 child.clone(),
                 child_bytes,
                 manifests,

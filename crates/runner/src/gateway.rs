@@ -306,6 +306,22 @@ impl Destination for Destinations {
         })
     }
 
+    fn has_manifest<'a>(
+        &'a self,
+        repository: &'a Repository,
+        digest: &'a Digest,
+    ) -> BoxFuture<'a, Result<bool, BoxError>> {
+        Box::pin(async move {
+            let Some(to) = self.to.get(repository) else {
+                return Ok(false);
+            };
+            let client = self.registries.client(to).await?;
+            Ok(client
+                .has_manifest(to.repository(), digest.as_ref())
+                .await?)
+        })
+    }
+
     fn open_upload<'a>(
         &'a self,
         repository: &'a Repository,
