@@ -299,6 +299,25 @@ impl TempFile {
             .map_err(|e| Error::Io(io::Error::new(e.kind(), self.describe(e))))
     }
 
+    /// Writes all of `pieces`, in order, with as few system calls as the
+    /// kernel allows (`writev`).
+    pub fn write_all_vectored(&mut self, pieces: &[&[u8]]) -> Result<(), Error> {
+        let mut slices: Vec<io::IoSlice<'_>> = pieces.iter().map(|p| io::IoSlice::new(p)).collect();
+        let mut slices = &mut slices[..];
+        while !slices.is_empty() {
+            match self.file.write_vectored(slices) {
+                Ok(0) => {
+                    let e = io::Error::from(io::ErrorKind::WriteZero);
+                    return Err(Error::Io(io::Error::new(e.kind(), self.describe(e))));
+                }
+                Ok(n) => io::IoSlice::advance_slices(&mut slices, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::Io(io::Error::new(e.kind(), self.describe(e)))),
+            }
+        }
+        Ok(())
+    }
+
     /// Moves the file to `name` in its directory, replacing what was there
     /// (a symlink is replaced, not followed).
     pub fn persist(self, name: &str) -> Result<(), Error> {
