@@ -437,7 +437,18 @@ impl BuildService {
             .await?;
         let provenance = self.provenance(id, request, plan, ran, started_on);
         self.ensure_claim(id, owner).await?;
-        let signed = publish::sign(checked, &provenance, self.key.as_ref())?;
+        // A token may take its time (a network HSM): off the runtime, so
+        // the service's other builds and API answers go on meanwhile.
+        let key = self.key.clone();
+        let signed =
+            tokio::task::spawn_blocking(move || publish::sign(checked, &provenance, key.as_ref()))
+                .await
+                .map_err(|e| {
+                    BuildError::Sign(custody_attest::Error::Sign {
+                        signer: self.key.key_id().to_owned(),
+                        reason: format!("the signer stopped: {e}"),
+                    })
+                })??;
         let attached = stop
             .guard(
                 "attaching the provenance",
