@@ -365,6 +365,18 @@ fn egress_byproducts(dir: &Path, output: &Output) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// `custody verify` of the artifact a build in `dir` pushed to
+/// `oci:out/files:v1`, with the build's key and the extra arguments given.
+fn verifier(dir: &Path) -> impl Fn(&[&str]) -> Output {
+    let artifact = format!("oci:{}:v1", dir.join("out/files").display());
+    let key = dir.join("data/keys/custody.pub");
+    move |extra: &[&str]| {
+        let mut args = vec!["verify", artifact.as_str(), "--key", key.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        custody(&args)
+    }
+}
+
 /// The sha256 of `path`, by `sha256sum`, not by custody's code.
 fn sha256sum(path: &Path) -> String {
     let output = Command::new("sha256sum").arg(path).output().unwrap();
@@ -422,13 +434,7 @@ fn what_steps_fetch_is_in_the_provenance_and_verify_holds_builds_to_it() {
     assert!(plain["annotations"]["bytesReceived"].as_u64().unwrap() > served);
     assert!(plain["annotations"]["bytesSent"].as_u64().unwrap() > 0);
 
-    let artifact = format!("oci:{}:v1", dir.path().join("out/files").display());
-    let key = dir.path().join("data/keys/custody.pub");
-    let verify = |extra: &[&str]| {
-        let mut args = vec!["verify", artifact.as_str(), "--key", key.to_str().unwrap()];
-        args.extend_from_slice(extra);
-        custody(&args)
-    };
+    let verify = verifier(dir.path());
     let plain_verify = verify(&[]);
     assert!(plain_verify.status.success(), "{}", text(&plain_verify));
     // Verified, and the summary says where the steps went.
@@ -523,13 +529,7 @@ fn a_step_making_a_flood_of_requests_gets_them_folded_not_recorded_one_by_one() 
             .is_none_or(|d| d.as_object().unwrap().is_empty())
     );
 
-    let artifact = format!("oci:{}:v1", dir.path().join("out/files").display());
-    let key = dir.path().join("data/keys/custody.pub");
-    let verify = |extra: &[&str]| {
-        let mut args = vec!["verify", artifact.as_str(), "--key", key.to_str().unwrap()];
-        args.extend_from_slice(extra);
-        custody(&args)
-    };
+    let verify = verifier(dir.path());
     let hermetic = verify(&["--no-egress"]);
     assert_eq!(hermetic.status.code(), Some(1), "{}", text(&hermetic));
     let allowed = verify(&["--allow-egress", &internet.server_addr.to_string()]);

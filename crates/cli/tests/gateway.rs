@@ -99,6 +99,18 @@ fn spec(host: &str, steps: &str, pushes: &[&str]) -> String {
     format!("steps:\n{steps}pushes:\n{pushes}")
 }
 
+/// The manifest `registry` serves at `reference` (`REPOSITORY:TAG`), as
+/// skopeo reads it with the password.
+fn published(registry: &Registry, reference: &str) -> Vec<u8> {
+    let inspected = registry
+        .skopeo(&["inspect", "--raw"])
+        .arg(format!("docker://{}/{reference}", registry.host()))
+        .output()
+        .unwrap();
+    assert!(inspected.status.success(), "{}", text(&inspected));
+    inspected.stdout
+}
+
 /// Nothing of `image` reached `repository`: no tag, no manifest, no layer.
 fn assert_nothing_published(registry: &Registry, repository: &str, image: &Image) {
     let listed = registry
@@ -153,14 +165,9 @@ fn skopeo_in_a_step_pushes_through_the_gateway_and_custody_publishes_it() {
     assert!(!text(&output).contains(PASSWORD), "{}", text(&output));
 
     // The destination holds the layout's image under the step's tag.
-    let inspected = registry
-        .skopeo(&["inspect", "--raw"])
-        .arg(format!("docker://{}/team/app:v1", registry.host()))
-        .output()
-        .unwrap();
-    assert!(inspected.status.success(), "{}", text(&inspected));
+    let manifest_bytes = published(&registry, "team/app:v1");
     assert_eq!(
-        custody_testkit::image::sha256(&inspected.stdout),
+        custody_testkit::image::sha256(&manifest_bytes),
         image.manifest.digest
     );
 
@@ -325,14 +332,9 @@ fn eight_parallel_uploads_streamed_through_the_gateway_are_published() {
         up > total && up < total + 300_000,
         "{up} bytes went up for {total} bytes of blobs"
     );
-    let inspected = registry
-        .skopeo(&["inspect", "--raw"])
-        .arg(format!("docker://{}/team/app:v1", registry.host()))
-        .output()
-        .unwrap();
-    assert!(inspected.status.success(), "{}", text(&inspected));
+    let manifest_bytes = published(&registry, "team/app:v1");
     assert_eq!(
-        custody_testkit::image::sha256(&inspected.stdout),
+        custody_testkit::image::sha256(&manifest_bytes),
         image.manifest.digest
     );
     for blob in &blobs {
@@ -419,14 +421,9 @@ fn an_index_over_images_only_the_destination_holds_is_published() {
         &spec(registry.host(), steps, &["app"]),
     );
     assert!(output.status.success(), "{}", text(&output));
-    let inspected = registry
-        .skopeo(&["inspect", "--raw"])
-        .arg(format!("docker://{}/team/app:multi", registry.host()))
-        .output()
-        .unwrap();
-    assert!(inspected.status.success(), "{}", text(&inspected));
+    let manifest_bytes = published(&registry, "team/app:multi");
     assert_eq!(
-        custody_testkit::image::sha256(&inspected.stdout),
+        custody_testkit::image::sha256(&manifest_bytes),
         index.digest
     );
     let statement = payload(&dir.path().join("provenance.json"));
@@ -546,14 +543,9 @@ fn a_layer_the_destination_holds_is_neither_uploaded_nor_pushed_again() {
     assert!(output.status.success(), "{}", text(&output));
 
     // The destination holds the new image under the step's tag, whole.
-    let inspected = registry
-        .skopeo(&["inspect", "--raw"])
-        .arg(format!("docker://{}/team/app:v1", registry.host()))
-        .output()
-        .unwrap();
-    assert!(inspected.status.success(), "{}", text(&inspected));
+    let manifest_bytes = published(&registry, "team/app:v1");
     assert_eq!(
-        custody_testkit::image::sha256(&inspected.stdout),
+        custody_testkit::image::sha256(&manifest_bytes),
         app.manifest.digest
     );
     for blob in app.blobs() {
@@ -657,13 +649,8 @@ fn oras_in_a_step_pushes_an_artifact_through_the_gateway() {
     assert!(output.status.success(), "{}", text(&output));
 
     // The destination holds oras's manifest, whose one layer is the file.
-    let inspected = registry
-        .skopeo(&["inspect", "--raw"])
-        .arg(format!("docker://{}/team/app:v1", registry.host()))
-        .output()
-        .unwrap();
-    assert!(inspected.status.success(), "{}", text(&inspected));
-    let manifest: serde_json::Value = serde_json::from_slice(&inspected.stdout).unwrap();
+    let manifest_bytes = published(&registry, "team/app:v1");
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest_bytes).unwrap();
     let layers = manifest["layers"].as_array().unwrap();
     assert_eq!(layers.len(), 1, "{manifest}");
     assert_eq!(
@@ -676,7 +663,7 @@ fn oras_in_a_step_pushes_an_artifact_through_the_gateway() {
     );
 
     // That manifest is the subject the step is credited with.
-    let digest = custody_testkit::image::sha256(&inspected.stdout);
+    let digest = custody_testkit::image::sha256(&manifest_bytes);
     let statement = payload(&dir.path().join("provenance.json"));
     let subject = statement["subject"]
         .as_array()
