@@ -354,6 +354,14 @@ impl EventSink {
         }
     }
 
+    /// `line`, cut at its end, with any secret the cut split masked.
+    pub(crate) fn redact_cut(&self, line: &[u8]) -> Vec<u8> {
+        match &self.redactor {
+            Some(redactor) => redactor.redact_cut(line),
+            None => line.to_vec(),
+        }
+    }
+
     /// Sends `event` unless the queue to the daemon is full, without
     /// waiting: for progress, which the next report replaces.
     pub(crate) fn offer(&self, event: RunnerEvent) {

@@ -171,6 +171,8 @@ impl Log {
         unix_millis: i64,
     ) {
         if dropped > 0 {
+            // The cut may have split a secret: what began of it goes too.
+            line = self.events.redact_cut(&line);
             line.extend_from_slice(
                 format!(" [custody: {dropped} more bytes of this line were cut]").as_bytes(),
             );
@@ -425,6 +427,24 @@ mod tests {
                 lines: 0,
                 bytes: dropped
             }
+        );
+    }
+
+    /// A line cut at the limit in the middle of a secret keeps none of it.
+    #[tokio::test]
+    async fn a_secret_cut_with_its_line_leaves_no_beginning() {
+        let secret = b"s3cr3t-T0KEN-value";
+        let mut line = vec![b'x'; MAX_LINE - 8];
+        line.extend_from_slice(secret);
+        line.extend_from_slice(b" tail\n");
+        let redactor = crate::redact::Redactor::new(&[secret]);
+        let (lines, _) = through_redacted(DEFAULT_LOG_LIMIT, vec![line], redactor).await;
+        let kept = String::from_utf8_lossy(&lines[0]).into_owned();
+        assert!(!kept.contains("s3cr3t"), "{}", &kept[MAX_LINE - 20..]);
+        assert!(
+            kept.contains("xxxx*** [custody: 15 more bytes of this line were cut]"),
+            "{}",
+            &kept[MAX_LINE - 20..]
         );
     }
 

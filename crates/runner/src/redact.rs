@@ -47,6 +47,8 @@ const COMPONENT: &AsciiSet = &UNRESERVED
 /// Replaces a job's secret values in text.
 pub struct Redactor {
     automaton: AhoCorasick,
+    /// Every form searched for, for [`Redactor::redact_cut`].
+    patterns: Vec<Vec<u8>>,
 }
 
 impl Redactor {
@@ -78,7 +80,28 @@ impl Redactor {
             .match_kind(MatchKind::LeftmostLongest)
             .build(&patterns)
             .expect("byte patterns always build");
-        Some(Self { automaton })
+        Some(Self {
+            automaton,
+            patterns,
+        })
+    }
+
+    /// [`Redactor::redact`] for text cut off at its end (a line past the
+    /// log's line limit): a value the cut split in two is not found whole,
+    /// so an end of `text` that begins a form ([`MIN_PART`] bytes or more)
+    /// is masked too.
+    pub fn redact_cut(&self, text: &[u8]) -> Vec<u8> {
+        let begun = self
+            .patterns
+            .iter()
+            .filter_map(|pattern| begun_at(text, pattern))
+            .min()
+            .unwrap_or(text.len());
+        let mut out = self.redact(&text[..begun]);
+        if begun < text.len() {
+            out.extend_from_slice(MASK);
+        }
+        out
     }
 
     /// `text` with every occurrence of a secret replaced by [`MASK`].
@@ -167,6 +190,23 @@ fn forms(value: &[u8]) -> Vec<Vec<u8>> {
         }
     }
     forms
+}
+
+/// Where the longest end of `text` that is a beginning of `pattern` (at
+/// least [`MIN_PART`] bytes, shorter than the pattern) starts, if any.
+fn begun_at(text: &[u8], pattern: &[u8]) -> Option<usize> {
+    let first = *pattern.first()?;
+    let window = text.len().saturating_sub(pattern.len() - 1);
+    let mut at = window;
+    while let Some(found) = memchr::memchr(first, &text[at..]) {
+        let start = at + found;
+        let end = &text[start..];
+        if end.len() >= MIN_PART && pattern.starts_with(end) {
+            return Some(start);
+        }
+        at = start + 1;
+    }
+    None
 }
 
 /// The lines of `text` wrapped at `width`, but for one too short to tell.
@@ -274,6 +314,17 @@ mod tests {
         for one_line in [hex.clone(), hex.to_ascii_uppercase()] {
             assert_eq!(redactor.redact_str(&format!("k={one_line}")), "k=***");
         }
+    }
+
+    /// A line cut in the middle of a value keeps no beginning of it.
+    #[test]
+    fn a_value_cut_off_at_the_end_is_masked() {
+        let redactor = Redactor::new(&[SECRET]).unwrap();
+        let text = b"npm_T0ken/with+odd=chars&more and then npm_T0ke";
+        assert_eq!(redactor.redact_cut(text), b"*** and then ***");
+        // An end too short to tell (`np`) stays, as does text with none.
+        assert_eq!(redactor.redact_cut(b"log np"), b"log np");
+        assert_eq!(redactor.redact_cut(b"nothing"), b"nothing");
     }
 
     #[test]
