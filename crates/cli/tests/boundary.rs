@@ -321,6 +321,35 @@ fn network_steps_reach_only_public_or_allowed_destinations_never_the_host() {
     assert_eq!(sandbox["egressAllow"][0], internet.server_addr.to_string());
 }
 
+/// User namespaces put a large part of the kernel (mounts, capabilities
+/// inside the namespace) in reach of whoever makes one. A step cannot,
+/// unless its spec says `user_namespaces: true`; the provenance records
+/// which steps could.
+#[test]
+fn a_step_makes_no_user_namespace_unless_its_spec_allows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let attempt = "unshare --user true 2>&1; echo \"userns exit $?\"; \
+                   echo 1 > /proc/sys/user/max_user_namespaces 2>&1 || echo raise-refused";
+    let spec = format!(
+        "steps:\n  - name: attacker\n    run: {attempt}\n  - name: builder\n    user_namespaces: true\n    run: unshare --user true; echo \"userns exit $?\"\n"
+    );
+    let output = build(dir.path(), &spec, &[]);
+    assert!(output.status.success(), "{}", text(&output));
+    let out = stdout(&output);
+    assert!(out.contains("[attacker] userns exit 1"), "{out}");
+    assert!(out.contains("No space left on device"), "{out}");
+    assert!(out.contains("[attacker] raise-refused"), "{out}");
+    assert!(out.contains("[builder] userns exit 0"), "{out}");
+    let statement = payload(
+        &dir.path()
+            .join(format!("data/provenance/{}.dsse.json", build_id(&output))),
+    );
+    let steps =
+        &statement["predicate"]["buildDefinition"]["internalParameters"]["sandbox"]["steps"];
+    assert_eq!(steps[0]["userNamespaces"], false, "{steps}");
+    assert_eq!(steps[1]["userNamespaces"], true, "{steps}");
+}
+
 /// Whoever starts custody may leave descriptors open (a shell's, a
 /// service manager's): here a file the operator opened, inherited as fd 9.
 /// A step that reads fd 9, or lists its descriptors, finds nothing of it.

@@ -18,6 +18,8 @@
 //!     timeout: 10m                                           # seconds, or 90s / 10m / 2h
 //!     memory: 2GiB                                           # cgroup limits (defaults 4GiB, 4096)
 //!     pids: 512
+//!     user_namespaces: false                                 # default: the step cannot make user namespaces;
+//!                                                            # true for rootless container builders (buildah, podman)
 //! images:
 //!   - from: oci:/output/app           # or docker-archive:/output/app.tar
 //!     to: registry.example.org/team/app:{revision}
@@ -181,6 +183,8 @@ pub struct Step {
     pub memory: Option<u64>,
     /// Process limit; `None` leaves the runner's default.
     pub pids: Option<u32>,
+    /// Whether the step may make user namespaces (`user_namespaces: true`).
+    pub user_namespaces: bool,
 }
 
 /// A secret a step names, and where, for errors found later (an unknown
@@ -591,6 +595,7 @@ fn parse_step(
         timeout,
         memory,
         pids,
+        user_namespaces: step.user_namespaces,
     })
 }
 
@@ -951,6 +956,8 @@ struct RawStep {
     memory: Option<Spanned<String>>,
     #[serde(default)]
     pids: Option<Spanned<u32>>,
+    #[serde(default)]
+    user_namespaces: bool,
 }
 
 /// An environment variable's value: text, or `{ secret: NAME }`.

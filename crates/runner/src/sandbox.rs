@@ -183,11 +183,42 @@ impl Sandbox {
             let _ = child.start_kill();
             return Err(e);
         }
+        if !step.user_namespaces
+            && let Err(e) = forbid_user_namespaces(inner).await
+        {
+            let _ = child.start_kill();
+            return Err(e);
+        }
         // Go on: the namespace is mapped and the cgroup joined.
         block.write_all(b"1")?;
         drop(block);
         Ok((child, guard))
     }
+}
+
+/// Keeps the step from making user namespaces of its own (the kernel code
+/// behind them — mounts, capabilities inside — is a large surface): the
+/// limit of the step's user namespace (`user.max_user_namespaces`) is set
+/// to 0 from inside it, by `nsenter` as the namespace's owner, before the
+/// step runs. The step, without capabilities, cannot raise it again.
+/// (bubblewrap's own `--disable-userns` cannot be combined with the
+/// `--userns-block-fd` the id mapping needs.)
+async fn forbid_user_namespaces(inner: u32) -> std::io::Result<()> {
+    let output = tokio::process::Command::new("nsenter")
+        .args(["--user", "--target", &inner.to_string(), "--"])
+        .args(["sysctl", "-q", "-w", "user.max_user_namespaces=0"])
+        .env_clear()
+        .env("PATH", STEP_PATH)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await?;
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(std::io::Error::other(format!(
+        "cannot keep the step from making user namespaces (`nsenter … sysctl user.max_user_namespaces=0` failed: {}); a step that needs them says `user_namespaces: true`",
+        String::from_utf8_lossy(&output.stderr).trim()
+    )))
 }
 
 /// bubblewrap's `--args` for an environment of exactly `variables` (later

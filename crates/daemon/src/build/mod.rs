@@ -574,6 +574,7 @@ impl BuildService {
                     "timeoutSeconds": step.timeout.map(|t| t.as_secs()),
                     "memoryBytes": step.memory.unwrap_or(spec::DEFAULT_MEMORY_BYTES),
                     "pids": step.pids.unwrap_or(spec::DEFAULT_PIDS),
+                    "userNamespaces": step.user_namespaces,
                     // Names only: never a value, never a digest of one.
                     "secrets": step.secret_names(),
                 })).collect::<Vec<_>>(),

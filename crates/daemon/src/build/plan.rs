@@ -711,6 +711,7 @@ fn job_step(step: &spec::Step, image: Option<&str>) -> proto::Step {
             pids: step.pids.unwrap_or(spec::DEFAULT_PIDS),
         }),
         secrets: Vec::new(),
+        user_namespaces: step.user_namespaces,
     }
 }
 
