@@ -1129,13 +1129,14 @@ fn a_runner_that_is_not_root_keeps_what_it_can_and_says_what_it_cannot() {
             .unwrap()
     };
     let output = run(
-        "steps:\n  - name: look\n    run: |\n      echo map $(cat /proc/self/uid_map)\n      head -1 /etc/shadow || echo shadow-refused\n      echo interfaces $(tail -n +3 /proc/net/dev | cut -d: -f1)\n",
+        "steps:\n  - name: look\n    run: |\n      echo map $(cat /proc/self/uid_map)\n      head -1 /etc/shadow || echo shadow-refused\n      echo interfaces $(tail -n +3 /proc/net/dev | cut -d: -f1)\n      unshare --user true || echo userns-refused\n",
     );
     assert!(output.status.success(), "{}", text(&output));
     let out = stdout(&output);
     assert!(out.contains("[look] map 0 65534 1"), "{out}");
     assert!(out.contains("[look] shadow-refused"), "{out}");
     assert!(out.contains("[look] interfaces lo"), "{out}");
+    assert!(out.contains("[look] userns-refused"), "{out}");
     let log = text(&output);
     assert!(
         log.contains("disk limit of 20 GiB is not enforced: the runner is not root"),

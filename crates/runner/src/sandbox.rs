@@ -184,7 +184,7 @@ impl Sandbox {
             return Err(e);
         }
         if !step.user_namespaces
-            && let Err(e) = forbid_user_namespaces(inner).await
+            && let Err(e) = forbid_user_namespaces(inner, self.ids.privileged).await
         {
             let _ = child.start_kill();
             return Err(e);
@@ -203,9 +203,15 @@ impl Sandbox {
 /// step runs. The step, without capabilities, cannot raise it again.
 /// (bubblewrap's own `--disable-userns` cannot be combined with the
 /// `--userns-block-fd` the id mapping needs.)
-async fn forbid_user_namespaces(inner: u32) -> std::io::Result<()> {
+async fn forbid_user_namespaces(inner: u32, privileged: bool) -> std::io::Result<()> {
     let output = tokio::process::Command::new("nsenter")
-        .args(["--user", "--target", &inner.to_string(), "--"])
+        .args(["--user", "--target", &inner.to_string()])
+        // A runner that is not root cannot change its groups there (the
+        // namespace denies `setgroups`); it keeps its ids, which the
+        // namespace maps. Root's own ids are not mapped there: it takes
+        // the namespace's root, as nsenter does by default.
+        .args((!privileged).then_some("--preserve-credentials"))
+        .arg("--")
         .args(["sysctl", "-q", "-w", "user.max_user_namespaces=0"])
         .env_clear()
         .env("PATH", STEP_PATH)
