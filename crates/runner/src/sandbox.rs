@@ -8,8 +8,10 @@
 //! runner is root, bubblewrap starts as the first id of the step's host range
 //! ([`crate::ids`]) and waits (`--userns-block-fd`) while the runner writes
 //! the namespace's `uid_map`/`gid_map` (`0 START COUNT`), moves it into the
-//! step's cgroup, and only then lets it go on — so nothing of the step ever
-//! runs with host privileges or outside its limits. bubblewrap itself starts
+//! step's cgroup, sets the namespace's `user.max_user_namespaces` to 0
+//! (unless the step says `user_namespaces: true`), and only then lets it go
+//! on — so nothing of the step ever runs with host privileges, outside its
+//! limits or with user namespaces of its own. bubblewrap itself starts
 //! with an empty environment, so nothing a step sets (`LD_PRELOAD`,
 //! `LD_DEBUG_OUTPUT`, …) acts on it while it still runs on the host; the
 //! step's environment reaches it through a pipe (`--args`: `--clearenv`,
