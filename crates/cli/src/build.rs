@@ -63,6 +63,13 @@ pub struct BuildArgs {
 }
 
 impl BuildArgs {
+    /// Warns when `--signing-key` carries the token's PIN.
+    pub fn warn_if_pin_in_arguments(&self) {
+        if let Some(custody_daemon::signer::KeySource::Pkcs11(uri)) = &self.signing_key {
+            crate::warn_if_pin_in_arguments(uri);
+        }
+    }
+
     pub fn json(&self) -> bool {
         self.json
     }

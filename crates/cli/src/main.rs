@@ -361,8 +361,27 @@ struct ReferrersArgs {
     reference: String,
 }
 
+/// Says that a PIN given in a command's arguments is readable by every
+/// local user (`/proc/PID/cmdline`, `ps`), and what to use instead.
+fn warn_if_pin_in_arguments(uri: &custody_pkcs11::Pkcs11Uri) {
+    if uri.pin_in_uri() {
+        say!(
+            "warning: the token's PIN is in custody's arguments, which every local user can read (ps, /proc); hint: use `pin-source=file:PATH` with a file only this user reads"
+        );
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    match &cli.command {
+        Command::Keys(KeysCommand::Generate {
+            pkcs11: Some(uri), ..
+        })
+        | Command::Keys(KeysCommand::Export { pkcs11: uri, .. }) => warn_if_pin_in_arguments(uri),
+        Command::Build(args) => args.warn_if_pin_in_arguments(),
+        Command::Serve(args) => args.warn_if_pin_in_arguments(),
+        _ => {}
+    }
     if matches!(cli.command, Command::Runner(_)) {
         custody_runner::close_inherited_descriptors();
         // Before any thread exists: the build's disk is mounted in a mount

@@ -193,6 +193,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 impl ServeArgs {
+    /// Warns when `--signing-key` carries the token's PIN.
+    pub fn warn_if_pin_in_arguments(&self) {
+        if let Some(custody_daemon::signer::KeySource::Pkcs11(uri)) = &self.signing_key {
+            crate::warn_if_pin_in_arguments(uri);
+        }
+    }
+
     /// The flags as a configuration layer over the file's.
     fn as_config(&self) -> Config {
         Config {

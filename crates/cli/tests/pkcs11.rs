@@ -144,6 +144,20 @@ fn a_key_made_in_softhsm_signs_a_build_that_independent_tools_verify() {
             .unwrap();
         assert!(verified.status.success(), "{}", text(&verified));
     }
+    // A PIN in the URI works, but custody says where it shows, never what it is.
+    let (src, _) = repository(dir.path(), "pin-value");
+    let uri = format!(
+        "pkcs11:token={};object=ecdsa-p256?module-path={MODULE}&pin-value={PIN}",
+        hsm.label
+    );
+    let (output, _) = build(&hsm, &src, &uri);
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(
+        text(&output).contains("warning: the token's PIN is in custody's arguments"),
+        "{}",
+        text(&output)
+    );
+    assert!(!text(&output).contains(PIN), "{}", text(&output));
     // A second key under a label the token already has is refused.
     let again = custody(
         &hsm,

@@ -49,6 +49,12 @@ impl Pkcs11Uri {
         }
     }
 
+    /// Whether the PIN is in the URI itself (`pin-value=`): wherever the
+    /// URI goes, the PIN goes (a command's arguments, a shared file).
+    pub fn pin_in_uri(&self) -> bool {
+        matches!(self.pin, Some(Pin::Value(_)))
+    }
+
     /// The file the PIN is read from, if any (to hide it from steps).
     pub fn pin_file(&self) -> Option<&Path> {
         match &self.pin {
