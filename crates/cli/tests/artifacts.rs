@@ -40,18 +40,7 @@ fn push_artifact(registry: &Registry, tag: &str, files: &[(&str, &[u8])]) -> Vec
         let upload = |blob: Blob| {
             let client = &client;
             async move {
-                let descriptor: Descriptor = serde_json::from_value(blob.descriptor()).unwrap();
-                let body = bytes::Bytes::from(blob.bytes.clone());
-                client
-                    .upload_blob("t/files", &descriptor, None, || {
-                        let body = body.clone();
-                        custody_oci::stream::verified(
-                            futures_util::stream::once(async move { Ok(body) }),
-                            descriptor.clone(),
-                        )
-                    })
-                    .await
-                    .unwrap();
+                support::upload_blob(client, "t/files", &blob).await;
                 blob
             }
         };

@@ -1020,18 +1020,7 @@ fn a_failure_while_attaching_moves_no_tag() {
         let mut descriptors = Vec::new();
         for bytes in [b"{}".to_vec(), b"a layer that will be deleted".to_vec()] {
             let blob = custody_testkit::image::Blob::new("application/octet-stream", bytes);
-            let descriptor: Descriptor = serde_json::from_value(blob.descriptor()).unwrap();
-            let body = bytes::Bytes::from(blob.bytes.clone());
-            client
-                .upload_blob("t/app", &descriptor, None, || {
-                    let body = body.clone();
-                    custody_oci::stream::verified(
-                        futures_util::stream::once(async move { Ok(body) }),
-                        descriptor.clone(),
-                    )
-                })
-                .await
-                .unwrap();
+            support::upload_blob(&client, "t/app", &blob).await;
             descriptors.push(blob);
         }
         let manifest = serde_json::json!({

@@ -92,3 +92,25 @@ where
         work(client).await
     })
 }
+
+/// Uploads `blob` to `repository` with `client`, checked against its digest
+/// as it streams (as custody's own pushes are).
+pub async fn upload_blob(
+    client: &custody_oci::registry::Client,
+    repository: &str,
+    blob: &custody_testkit::image::Blob,
+) {
+    let descriptor: custody_oci::oci_spec::image::Descriptor =
+        serde_json::from_value(blob.descriptor()).unwrap();
+    let body = bytes::Bytes::from(blob.bytes.clone());
+    client
+        .upload_blob(repository, &descriptor, None, || {
+            let body = body.clone();
+            custody_oci::stream::verified(
+                futures_util::stream::once(async move { Ok(body) }),
+                descriptor.clone(),
+            )
+        })
+        .await
+        .unwrap();
+}
