@@ -157,15 +157,7 @@ async fn the_api_refuses_what_it_cannot_serve(backend: Backend) {
         assert!(text.contains("carries credentials"), "{text}");
         assert!(!text.contains("tok3n-s3cret"), "{text}");
     }
-    let listed: serde_json::Value = http
-        .get(format!("{url}/api/v1/builds"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed = get_json(&url, "/api/v1/builds").await;
     assert_eq!(
         listed["builds"].as_array().map(Vec::len),
         Some(0),
@@ -230,15 +222,7 @@ async fn the_api_refuses_what_it_cannot_serve(backend: Backend) {
     }
 
     // The OpenAPI document describes the routes it serves.
-    let openapi: serde_json::Value = http
-        .get(format!("{url}/api/v1/openapi.json"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let openapi = get_json(&url, "/api/v1/openapi.json").await;
     assert!(openapi["openapi"].as_str().unwrap().starts_with("3."));
     for path in [
         "/api/v1/builds",
@@ -261,6 +245,19 @@ async fn the_api_refuses_what_it_cannot_serve(backend: Backend) {
     let text = front.text().await.unwrap();
     assert!(text.contains("/api/v1/openapi.json"), "{text}");
     service.stop().await;
+}
+
+/// GETs `path` with the token; the JSON it answers.
+async fn get_json(url: &str, path: &str) -> serde_json::Value {
+    reqwest::Client::new()
+        .get(format!("{url}{path}"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 /// POSTs `body` as a build; the status and the error body.
@@ -378,15 +375,7 @@ async fn what_the_policy_does_not_allow_is_refused_at_submit() {
     assert_eq!(status, 201, "{body}");
 
     for service in [&service, &open] {
-        let listed: serde_json::Value = reqwest::Client::new()
-            .get(format!("{}/api/v1/builds", service.url))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let listed = get_json(&service.url, "/api/v1/builds").await;
         let queued = listed["builds"].as_array().map_or(0, Vec::len);
         assert_eq!(
             queued,
@@ -405,15 +394,7 @@ async fn what_the_policy_does_not_allow_is_refused_at_submit() {
 #[tokio::test]
 async fn the_openapi_document_defines_what_it_references() {
     let service = Service::start(None, |_| {}).await;
-    let openapi: serde_json::Value = reqwest::Client::new()
-        .get(format!("{}/api/v1/openapi.json", service.url))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let openapi = get_json(&service.url, "/api/v1/openapi.json").await;
     fn references(value: &serde_json::Value, found: &mut Vec<String>) {
         match value {
             serde_json::Value::Object(map) => {
