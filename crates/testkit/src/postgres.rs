@@ -136,34 +136,15 @@ impl Postgres {
                     .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'),
             "database name {name:?}: use letters, digits, _ and - so the URL needs no escaping"
         );
-        let mut createdb = Command::new(self.bin.join("createdb"));
-        createdb
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-            ])
-            .arg(name);
-        run(&mut createdb);
+        run(self.client("createdb").arg(name));
         self.database_url(name)
     }
 
     /// Runs `sql` with `psql -Atc` in `database`, independently of the code
     /// under test; returns its output, trimmed. Panics when psql fails.
     pub fn psql(&self, database: &str, sql: &str) -> String {
-        let mut psql = Command::new(self.bin.join("psql"));
-        psql.args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &self.port.to_string(),
-            "-U",
-            "postgres",
-        ])
-        .args(["-d", database, "-v", "ON_ERROR_STOP=1", "-Atc", sql]);
+        let mut psql = self.client("psql");
+        psql.args(["-d", database, "-v", "ON_ERROR_STOP=1", "-Atc", sql]);
         String::from_utf8_lossy(&run(&mut psql).stdout)
             .trim()
             .to_owned()
@@ -171,17 +152,16 @@ impl Postgres {
 
     /// `pg_dump` of `database` (plain SQL, data included), as bytes.
     pub fn dump(&self, database: &str) -> Vec<u8> {
-        let mut dump = Command::new(self.bin.join("pg_dump"));
-        dump.args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &self.port.to_string(),
-            "-U",
-            "postgres",
-            database,
-        ]);
-        run(&mut dump).stdout
+        run(self.client("pg_dump").arg(database)).stdout
+    }
+
+    /// The PostgreSQL client program `tool`, connecting to this cluster as
+    /// `postgres`.
+    fn client(&self, tool: &str) -> Command {
+        let mut command = Command::new(self.bin.join(tool));
+        command.args(["-h", "127.0.0.1", "-p", &self.port.to_string()]);
+        command.args(["-U", "postgres"]);
+        command
     }
 
     /// The cluster's data directory (inside the temp dir removed on drop).
