@@ -213,24 +213,16 @@ pub struct EgressRecord {
 impl EgressRecord {
     /// The host and port it names, `None` for a URI that is neither form.
     pub fn host_port(&self) -> Option<(String, u16)> {
-        let (authority, default) = if let Some(rest) = self.uri.strip_prefix("tcp://") {
-            (rest, None)
+        uri_host_port(&self.uri)
+    }
+
+    /// The `uri` of a tunnel to `host:port`: `tcp://HOST:PORT`, an IPv6
+    /// address in brackets.
+    pub fn tunnel_uri(host: &str, port: u16) -> String {
+        if host.contains(':') {
+            format!("tcp://[{host}]:{port}")
         } else {
-            let rest = self.uri.strip_prefix("http://")?;
-            (rest.split(['/', '?', '#']).next()?, Some(80))
-        };
-        let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
-        if let Some(rest) = authority.strip_prefix('[') {
-            let (host, after) = rest.split_once(']')?;
-            let port = match after.strip_prefix(':') {
-                Some(port) => port.parse().ok()?,
-                None => default?,
-            };
-            return Some((host.to_owned(), port));
-        }
-        match authority.rsplit_once(':') {
-            Some((host, port)) => Some((host.to_owned(), port.parse().ok()?)),
-            None => Some((authority.to_owned(), default?)),
+            format!("tcp://{host}:{port}")
         }
     }
 
@@ -273,6 +265,30 @@ impl EgressRecord {
             bytes_received: number("bytesReceived"),
             folded: number("folded"),
         })
+    }
+}
+
+/// The host and port an egress `uri` names (`tcp://HOST:PORT`, or an
+/// `http://` URL, port 80 unless written); `None` for neither form.
+pub fn uri_host_port(uri: &str) -> Option<(String, u16)> {
+    let (authority, default) = if let Some(rest) = uri.strip_prefix("tcp://") {
+        (rest, None)
+    } else {
+        let rest = uri.strip_prefix("http://")?;
+        (rest.split(['/', '?', '#']).next()?, Some(80))
+    };
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    if let Some(rest) = authority.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        let port = match after.strip_prefix(':') {
+            Some(port) => port.parse().ok()?,
+            None => default?,
+        };
+        return Some((host.to_owned(), port));
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) => Some((host.to_owned(), port.parse().ok()?)),
+        None => Some((authority.to_owned(), default?)),
     }
 }
 

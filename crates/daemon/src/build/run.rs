@@ -77,15 +77,7 @@ impl Egress {
                 self.insert(key, step_name(), reported.sha256.clone())
             }
             None => {
-                let record = EgressRecord {
-                    step: String::new(),
-                    uri: reported.uri.clone(),
-                    sha256: None,
-                    bytes_sent: 0,
-                    bytes_received: 0,
-                    folded: 0,
-                };
-                let Some((host, port)) = record.host_port() else {
+                let Some((host, port)) = build_type::uri_host_port(&reported.uri) else {
                     self.unrecorded.get_or_insert_with(|| {
                         format!(
                             "step `{}` reached `{}`, which names no host and port",
@@ -95,12 +87,7 @@ impl Egress {
                     });
                     return;
                 };
-                let host = if host.contains(':') {
-                    format!("[{host}]")
-                } else {
-                    host
-                };
-                let key = (reported.step, format!("tcp://{host}:{port}"), None);
+                let key = (reported.step, EgressRecord::tunnel_uri(&host, port), None);
                 let at = match self.index.get(&key) {
                     Some(&at) => at,
                     None if self.folded_records < MAX_FOLDED_EGRESS => {
