@@ -491,7 +491,8 @@ impl Store {
                     break;
                 }
             };
-            if batched < BATCH && !(end && batched > 0) {
+            let flush = batched >= BATCH || (end && batched > 0);
+            if !flush {
                 if end {
                     break;
                 }
