@@ -311,6 +311,24 @@ fn is_private(ip: IpAddr) -> bool {
     }
 }
 
+/// `HOST:PORT` (or `[V6]:PORT`) split in two; `default` when the port is
+/// absent. `None` for a port that is not a number, or no port and no
+/// default.
+pub fn split_authority(authority: &str, default: Option<u16>) -> Option<(String, u16)> {
+    if let Some(rest) = authority.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        let port = match after.strip_prefix(':') {
+            Some(port) => port.parse().ok()?,
+            None => default?,
+        };
+        return Some((host.to_owned(), port));
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() => Some((host.to_owned(), port.parse().ok()?)),
+        _ => Some((authority.to_owned(), default?)),
+    }
+}
+
 /// This host's own addresses, on every interface.
 pub fn host_addresses() -> Vec<IpAddr> {
     let Ok(addresses) = nix::ifaddrs::getifaddrs() else {
@@ -331,6 +349,20 @@ pub fn host_addresses() -> Vec<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn authorities_split_into_host_and_port() {
+        assert_eq!(
+            split_authority("Example.org:8443", None),
+            Some(("Example.org".into(), 8443))
+        );
+        assert_eq!(split_authority("[::1]:80", None), Some(("::1".into(), 80)));
+        assert_eq!(split_authority("[::1]", Some(80)), Some(("::1".into(), 80)));
+        assert_eq!(split_authority("host", Some(80)), Some(("host".into(), 80)));
+        for bad in ["host", "host:x", ":80", "[::1]:x"] {
+            assert_eq!(split_authority(bad, None), None, "{bad}");
+        }
+    }
 
     fn addr(text: &str) -> SocketAddr {
         text.parse().unwrap()

@@ -278,18 +278,7 @@ pub fn uri_host_port(uri: &str) -> Option<(String, u16)> {
         (rest.split(['/', '?', '#']).next()?, Some(80))
     };
     let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
-    if let Some(rest) = authority.strip_prefix('[') {
-        let (host, after) = rest.split_once(']')?;
-        let port = match after.strip_prefix(':') {
-            Some(port) => port.parse().ok()?,
-            None => default?,
-        };
-        return Some((host.to_owned(), port));
-    }
-    match authority.rsplit_once(':') {
-        Some((host, port)) => Some((host.to_owned(), port.parse().ok()?)),
-        None => Some((authority.to_owned(), default?)),
-    }
+    custody_net::split_authority(authority, default)
 }
 
 /// Every destination the build's steps reached, in the order recorded.

@@ -31,8 +31,8 @@ use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use custody_net::host_addresses;
 pub use custody_net::{HostPattern, Policy};
+use custody_net::{host_addresses, split_authority};
 
 /// The most a request head may take.
 const MAX_HEAD: usize = 64 * 1024;
@@ -597,22 +597,6 @@ async fn read_head(client: &mut TcpStream, buffer: &mut Vec<u8>) -> std::io::Res
             return Ok(None);
         }
         buffer.extend_from_slice(&chunk[..n]);
-    }
-}
-
-/// `HOST:PORT` (or `[V6]:PORT`); `default` when the port is absent.
-fn split_authority(authority: &str, default: Option<u16>) -> Option<(String, u16)> {
-    if let Some(rest) = authority.strip_prefix('[') {
-        let (host, after) = rest.split_once(']')?;
-        let port = match after.strip_prefix(':') {
-            Some(port) => port.parse().ok()?,
-            None => default?,
-        };
-        return Some((host.to_owned(), port));
-    }
-    match authority.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() => Some((host.to_owned(), port.parse().ok()?)),
-        _ => Some((authority.to_owned(), default?)),
     }
 }
 
